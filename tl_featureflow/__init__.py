@@ -1,0 +1,70 @@
+"""tl_featureflow: SAE feature flow across the layers of a TransformerLens model.
+
+Trace where a sparse-autoencoder feature comes from and where it goes, check the
+matches causally, and steer generation with it (arXiv 2502.03032).
+
+>>> import tl_featureflow as ff
+>>> ff.FeatureRef.parse("12/res/4230")
+FeatureRef(layer=12, site='res', index=4230)
+
+Imports are lazy: ``import tl_featureflow`` is fast; torch, TransformerLens and
+SAELens load when a name that needs them is first used.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+_EXPORTS: dict[str, str] = {
+    # errors
+    "FeatureFlowError": "tl_featureflow.errors",
+    "BankError": "tl_featureflow.errors",
+    "ModelMismatchError": "tl_featureflow.errors",
+    "UnknownFeatureError": "tl_featureflow.errors",
+    "CacheError": "tl_featureflow.errors",
+    "MissingDependencyError": "tl_featureflow.errors",
+    # names
+    "Site": "tl_featureflow.refs",
+    "SITES": "tl_featureflow.refs",
+    "FeatureRef": "tl_featureflow.refs",
+    "hook_name": "tl_featureflow.refs",
+    "sae_hook_name": "tl_featureflow.refs",
+    # SAEs and model
+    "SAEBank": "tl_featureflow.bank",
+    "FlowTransformer": "tl_featureflow.model",
+    "FeatureCache": "tl_featureflow.model",
+    "load_embedded_model": "tl_featureflow.embedded",
+    "cache_root": "tl_featureflow.embedded",
+}
+
+__all__ = ["__version__", *_EXPORTS]
+
+if TYPE_CHECKING:  # pragma: no cover
+    from tl_featureflow.bank import SAEBank
+    from tl_featureflow.embedded import cache_root, load_embedded_model
+    from tl_featureflow.errors import (
+        BankError,
+        CacheError,
+        FeatureFlowError,
+        MissingDependencyError,
+        ModelMismatchError,
+        UnknownFeatureError,
+    )
+    from tl_featureflow.model import FeatureCache, FlowTransformer
+    from tl_featureflow.refs import SITES, FeatureRef, Site, hook_name, sae_hook_name
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'tl_featureflow' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

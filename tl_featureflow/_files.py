@@ -1,0 +1,132 @@
+"""Atomic file and folder writes, and checksummed manifests.
+
+Everything tl_featureflow writes (saved banks, the converted model cache) goes
+through here, so a crash or a full disk mid-write never leaves a file or folder
+that later loads as valid: files are written beside their target and moved into
+place with ``os.replace``; folders are built under a temporary name and swapped
+in whole; a manifest of SHA-256 sums, written last, vouches for the rest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from tl_featureflow.errors import CacheError
+
+__all__ = [
+    "atomic_write_text",
+    "atomic_write_json",
+    "atomic_directory",
+    "file_sha256",
+    "write_manifest",
+    "read_manifest",
+]
+
+_CHUNK = 8 * 1024 * 1024
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write ``text`` to ``path`` so that readers see the old file or the new, never half."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: str | Path, data: Any) -> None:
+    """:func:`atomic_write_text` of ``data`` as indented JSON."""
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+@contextmanager
+def atomic_directory(final: str | Path) -> Iterator[Path]:
+    """Build a folder under a temporary name; on success it replaces ``final`` whole.
+
+    >>> with atomic_directory("out/bank") as tmp:   # doctest: +SKIP
+    ...     (tmp / "a.txt").write_text("...")
+    ...     # an exception here leaves ``out/bank`` as it was
+
+    An existing ``final`` is moved aside first and deleted only once the new
+    folder is in place.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    try:
+        yield tmp
+        old = None
+        if final.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".old", dir=final.parent))
+            old.rmdir()
+            os.replace(final, old)
+        os.replace(tmp, final)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex SHA-256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_manifest(folder: Path, name: str, content: Mapping[str, Any]) -> dict[str, Any]:
+    """Write ``folder/name``: ``content`` plus size and SHA-256 of every other file.
+
+    Call it last, once every other file of the folder is written.
+    """
+    files = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != name):
+        rel = path.relative_to(folder).as_posix()
+        files[rel] = {"size": path.stat().st_size, "sha256": file_sha256(path)}
+    manifest = {**content, "files": files}
+    atomic_write_json(folder / name, manifest)
+    return manifest
+
+
+def read_manifest(folder: str | Path, name: str, *, verify: bool = True) -> dict[str, Any]:
+    """Read ``folder/name`` and check every file it lists; raise CacheError on any fault.
+
+    With ``verify=False`` only presence and sizes are checked, not checksums.
+    """
+    folder = Path(folder)
+    path = folder / name
+    if not path.is_file():
+        raise CacheError(f"{folder} has no {name}: it is not a complete saved folder")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+        files = manifest["files"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CacheError(f"{path} is corrupt ({exc}); expected a JSON manifest") from exc
+    for rel, info in files.items():
+        file = folder / rel
+        if not file.is_file():
+            raise CacheError(f"{file} is missing: {path} lists it")
+        size = file.stat().st_size
+        if size != info["size"]:
+            raise CacheError(f"{file} has {size} bytes, expected {info['size']}: partial or corrupt")
+        if verify and file_sha256(file) != info["sha256"]:
+            raise CacheError(f"{file} does not match its SHA-256 in {path}: corrupt")
+    return manifest

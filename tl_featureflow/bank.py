@@ -1,0 +1,325 @@
+"""SAEBank: one SAELens SAE per ``(site, layer)``, validated, saved and loaded.
+
+The bank is the input of everything else: matching reads its decoders, the
+model splices its SAEs in, validation and steering read and write its features.
+It accepts any SAELens SAE class (standard, JumpReLU, TopK, gated...) as long as
+the SAE reads and writes the ``d_model`` space of its site.
+
+>>> bank = SAEBank({("res", 3): sae3, ("res", 4): sae4})   # doctest: +SKIP
+>>> bank.decoder("res", 4).shape                           # doctest: +SKIP
+torch.Size([d_sae, d_model])
+>>> bank.save("my_bank"); SAEBank.load("my_bank")         # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from jaxtyping import Float
+from sae_lens import SAE
+from torch import Tensor
+
+from tl_featureflow._files import atomic_directory, read_manifest, write_manifest
+from tl_featureflow.errors import BankError, CacheError, UnknownFeatureError
+from tl_featureflow.refs import SITES, FeatureRef, Site, check_layer, check_site, hook_aliases, hook_name
+
+__all__ = ["SAEBank", "BANK_SCHEMA_VERSION", "INDEX_FILE"]
+
+BANK_SCHEMA_VERSION = 1
+INDEX_FILE = "bank.json"
+_EPS = 1e-12
+
+Key = tuple[Site, int]
+
+
+def _folder_name(key: Key) -> str:
+    return f"{key[0]}_{key[1]}"
+
+
+def _check_key(key: object) -> Key:
+    if not (isinstance(key, tuple) and len(key) == 2):
+        raise BankError(f"invalid bank key {key!r}: expected a (site, layer) tuple such as ('res', 12)")
+    site, layer = key
+    try:
+        return check_site(site), check_layer(layer)
+    except UnknownFeatureError as exc:
+        raise BankError(f"invalid bank key {key!r}: {exc}") from None
+
+
+def _check_sae(key: Key, sae: object) -> SAE:
+    if not isinstance(sae, SAE):
+        raise BankError(f"bank entry {key} is a {type(sae).__name__}: expected a sae_lens.SAE")
+    meta = sae.cfg.metadata
+    name = meta.hook_name
+    if name is not None and name not in hook_aliases(*key):
+        raise BankError(
+            f"SAE for {key} reads hook {name!r} (d_in {sae.cfg.d_in}): expected {hook_name(*key)!r}. "
+            "Feature flow compares SAEs in the d_model space of the residual stream, MLP output "
+            "and attention output; SAEs of other spaces (e.g. attention SAEs on attn.hook_z, "
+            "as in Gemma Scope) cannot be matched and are rejected."
+        )
+    out = meta.hook_name_out
+    if out is not None and out != name:
+        raise BankError(f"SAE for {key} writes to {out!r} but reads {name!r}: transcoders are not supported")
+    if getattr(sae.cfg, "reshape_activations", "none") != "none":
+        raise BankError(
+            f"SAE for {key} reshapes its input ({sae.cfg.reshape_activations!r}): "
+            "expected an SAE on the flat d_model activations"
+        )
+    for pname, tensor in [*sae.named_parameters(), *sae.named_buffers()]:
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise BankError(f"SAE for {key} has {bad} NaN/inf values in {pname}: expected finite weights")
+    return sae
+
+
+class SAEBank(Mapping[Key, SAE]):
+    """A read-only mapping ``(site, layer) -> SAE`` with validated, shared ``d_model``.
+
+    Args:
+        saes: the SAEs, keyed by ``(site, layer)`` with site in ``res``, ``mlp``, ``att``.
+        metadata: JSON-serialisable facts about the bank (model, corpus, preset...),
+            saved and loaded with it.
+
+    Raises:
+        BankError: on an empty bank, a bad key, an object that is not a SAELens SAE,
+            an SAE whose ``cfg.metadata.hook_name`` is not its key's hook, NaN/inf
+            weights, or SAEs of different ``d_in``.
+    """
+
+    def __init__(self, saes: Mapping[Key, SAE], *, metadata: Mapping[str, Any] | None = None):
+        if not isinstance(saes, Mapping) or len(saes) == 0:
+            raise BankError(f"an SAEBank needs a non-empty mapping of (site, layer) -> SAE, got {saes!r}")
+        checked: dict[Key, SAE] = {}
+        for raw_key, sae in saes.items():
+            key = _check_key(raw_key)
+            checked[key] = _check_sae(key, sae)
+        widths = {key: sae.cfg.d_in for key, sae in checked.items()}
+        if len(set(widths.values())) > 1:
+            raise BankError(f"SAEs of one bank must share d_in (= the model's d_model), got {widths}")
+        order = sorted(checked, key=lambda k: (k[1], SITES.index(k[0])))
+        self._saes: dict[Key, SAE] = {k: checked[k] for k in order}
+        self.metadata: dict[str, Any] = dict(metadata or {})
+        self._decoders: dict[Key, tuple[tuple[int, int], Tensor]] = {}
+
+    # -- mapping -----------------------------------------------------------------------------
+    def __getitem__(self, key: Key) -> SAE:
+        try:
+            return self._saes[key]
+        except (KeyError, TypeError):
+            raise UnknownFeatureError(
+                f"no SAE for {key!r} in this bank: it has {self.describe()}"
+            ) from None
+
+    def __iter__(self) -> Iterator[Key]:
+        return iter(self._saes)
+
+    def __len__(self) -> int:
+        return len(self._saes)
+
+    def __repr__(self) -> str:
+        return f"SAEBank(d_model={self.d_model}, {self.describe()})"
+
+    def describe(self) -> str:
+        """A short text of what the bank holds, e.g. ``res, mlp at layers 3-5 (6 SAEs)``."""
+        layers = self.layers
+        span = f"{layers[0]}-{layers[-1]}" if len(layers) > 1 else str(layers[0])
+        return f"{', '.join(self.sites)} at layers {span} ({len(self)} SAEs)"
+
+    # -- shape facts ---------------------------------------------------------------------------
+    @property
+    def d_model(self) -> int:
+        """The width every SAE reads (its ``d_in``), which must equal the model's ``d_model``."""
+        return next(iter(self._saes.values())).cfg.d_in
+
+    @property
+    def layers(self) -> list[int]:
+        """Layers that have at least one SAE, ascending."""
+        return sorted({layer for _, layer in self._saes})
+
+    @property
+    def sites(self) -> list[Site]:
+        """Sites that have at least one SAE, in the order res, mlp, att."""
+        present = {site for site, _ in self._saes}
+        return [s for s in SITES if s in present]
+
+    def d_sae(self, site: Site, layer: int) -> int:
+        """Number of features of the SAE at ``(site, layer)``."""
+        return self[(site, layer)].cfg.d_sae
+
+    def check_ref(self, ref: FeatureRef | str) -> FeatureRef:
+        """Parse ``ref`` and check that the bank has its SAE and feature index."""
+        ref = FeatureRef.parse(ref)
+        d_sae = self[ref.key].cfg.d_sae
+        if ref.index >= d_sae:
+            raise UnknownFeatureError(f"feature {ref} does not exist: the SAE at {ref.key} has d_sae {d_sae}")
+        return ref
+
+    def select(self, sites: Iterable[Site] | None = None, layers: Iterable[int] | None = None) -> SAEBank:
+        """A bank of the same SAE objects restricted to some sites and/or layers."""
+        site_set = set(self.sites if sites is None else [check_site(s) for s in sites])
+        layer_set = set(self.layers if layers is None else [check_layer(layer) for layer in layers])
+        keys = [k for k in self._saes if k[0] in site_set and k[1] in layer_set]
+        if not keys:
+            raise UnknownFeatureError(
+                f"no SAE at sites {sorted(site_set)} and layers {sorted(layer_set)}: the bank has {self.describe()}"
+            )
+        return SAEBank({k: self._saes[k] for k in keys}, metadata=self.metadata)
+
+    # -- decoders ------------------------------------------------------------------------------
+    def decoder(
+        self,
+        site: Site,
+        layer: int,
+        *,
+        unit: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> Float[Tensor, "d_sae d_model"]:
+        """Decoder directions of ``(site, layer)``: rows of ``W_dec``, unit-norm by default.
+
+        Unit rows are computed in float32 (whatever the SAE's dtype), cached, and
+        recomputed if ``W_dec`` is modified in place. The result is detached; it is
+        returned in the SAE's dtype and device unless ``dtype``/``device`` say otherwise.
+        """
+        sae = self[(site, layer)]
+        W_dec = sae.W_dec.detach()
+        if unit:
+            stamp = (W_dec.data_ptr(), W_dec._version)
+            cached = self._decoders.get((site, layer))
+            if cached is None or cached[0] != stamp:
+                w32 = W_dec.float()
+                unit_rows = (w32 / w32.norm(dim=-1, keepdim=True).clamp_min(_EPS)).to(W_dec.dtype)
+                cached = (stamp, unit_rows)
+                self._decoders[(site, layer)] = cached
+            W_dec = cached[1]
+        return W_dec.to(device=device or W_dec.device, dtype=dtype or W_dec.dtype)
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> SAEBank:
+        """Move every SAE in place (like ``nn.Module.to``) and return the bank."""
+        for sae in self._saes.values():
+            sae.to(device=device, dtype=dtype)
+        self._decoders.clear()
+        return self
+
+    # -- persistence ---------------------------------------------------------------------------
+    def save(self, path: str | Path) -> Path:
+        """Save the bank to folder ``path``, atomically; returns the path.
+
+        Each SAE is written by SAELens's own ``save_model`` into ``path/<site>_<layer>/``;
+        ``bank.json`` (schema version, keys, metadata and a SHA-256 of every file) is
+        written last. The folder is built under a temporary name and swapped in, so a
+        crash never leaves a half-written bank that loads. An existing saved bank at
+        ``path`` is replaced; any other existing file or non-empty folder is refused.
+        """
+        path = Path(path)
+        if path.exists() and not (path / INDEX_FILE).is_file():
+            if path.is_file() or any(path.iterdir()):
+                raise BankError(f"refusing to overwrite {path}: it exists and is not a saved SAEBank")
+        with atomic_directory(path) as tmp:
+            entries = []
+            for key, sae in self._saes.items():
+                sae.save_model(tmp / _folder_name(key))
+                entries.append(
+                    {"site": key[0], "layer": key[1], "folder": _folder_name(key),
+                     "architecture": sae.cfg.architecture(), "d_sae": sae.cfg.d_sae}
+                )
+            index = {
+                "schema_version": BANK_SCHEMA_VERSION,
+                "format": "tl_featureflow.SAEBank",
+                "d_model": self.d_model,
+                "saes": entries,
+                "metadata": self.metadata,
+            }
+            try:
+                json.dumps(index)
+            except TypeError as exc:
+                raise BankError(f"bank metadata must be JSON-serialisable: {exc}") from None
+            write_manifest(tmp, INDEX_FILE, index)
+        return path
+
+    @classmethod
+    def load(
+        cls,
+        path: str | Path,
+        *,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype | str | None = None,
+        verify: bool = True,
+    ) -> SAEBank:
+        """Load a bank saved by :meth:`save`, bit-exact.
+
+        Checks the schema version and (``verify=True``) every file's SHA-256 first:
+        a partial or corrupt bank raises :class:`~tl_featureflow.errors.CacheError`.
+        """
+        path = Path(path)
+        if not path.is_dir():
+            raise CacheError(f"no saved SAEBank at {path}: expected a folder written by SAEBank.save")
+        index = read_manifest(path, INDEX_FILE, verify=verify)
+        version = index.get("schema_version")
+        if version != BANK_SCHEMA_VERSION:
+            raise CacheError(
+                f"{path / INDEX_FILE} has schema version {version!r}: this tl_featureflow reads "
+                f"version {BANK_SCHEMA_VERSION}"
+            )
+        dtype_name = str(dtype).removeprefix("torch.") if dtype is not None else None
+        saes = {}
+        for entry in index["saes"]:
+            key = (entry["site"], entry["layer"])
+            try:
+                saes[key] = SAE.load_from_disk(path / entry["folder"], device=str(device), dtype=dtype_name)
+            except Exception as exc:  # SAELens raises many types on a bad folder
+                raise CacheError(f"could not load the SAE for {key} from {path / entry['folder']}: {exc}") from exc
+        return cls(saes, metadata=index.get("metadata"))
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        releases: Mapping[Site, str],
+        sae_id: str | Mapping[Site, str],
+        layers: Iterable[int],
+        *,
+        device: torch.device | str = "cpu",
+        dtype: str = "float32",
+        progress: bool = True,
+    ) -> SAEBank:
+        """Build a bank from SAELens pretrained releases (needs the Hugging Face hub).
+
+        Args:
+            releases: the SAELens release of each site, e.g.
+                ``{"res": "gemma-scope-2b-pt-res-canonical", "mlp": "gemma-scope-2b-pt-mlp-canonical"}``.
+            sae_id: a template of the SAE id per layer, formatted with ``layer=``, e.g.
+                ``"layer_{layer}/width_16k/canonical"``; or one template per site.
+            layers: the layers to load.
+
+        Example:
+            >>> bank = SAEBank.from_pretrained(                      # doctest: +SKIP
+            ...     {"res": "gemma-scope-2b-pt-res-canonical"},
+            ...     "layer_{layer}/width_16k/canonical", layers=range(26))
+
+        Gemma Scope's attention SAEs read ``attn.hook_z``, not the attention output,
+        and are rejected with a clear error (see the method notes).
+        """
+        from tqdm.auto import tqdm
+
+        layers = [check_layer(layer) for layer in layers]
+        if not layers or not releases:
+            raise BankError(f"from_pretrained needs at least one release and one layer, got {dict(releases)} and {layers}")
+        jobs = [(check_site(site), layer) for site in releases for layer in layers]
+        saes: dict[Key, SAE] = {}
+        for site, layer in tqdm(jobs, desc="loading SAEs", disable=not progress):
+            template = sae_id[site] if isinstance(sae_id, Mapping) else sae_id
+            this_id = template.format(layer=layer)
+            try:
+                saes[(site, layer)] = SAE.from_pretrained(releases[site], this_id, device=str(device), dtype=dtype)
+            except Exception as exc:
+                raise BankError(
+                    f"could not load SAE release={releases[site]!r} sae_id={this_id!r} for {(site, layer)}: {exc}"
+                ) from exc
+        return cls(saes, metadata={"source": "sae_lens.from_pretrained", "releases": dict(releases),
+                                   "sae_id": sae_id if isinstance(sae_id, str) else dict(sae_id)})
+

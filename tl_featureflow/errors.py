@@ -1,0 +1,45 @@
+"""The one error family of tl_featureflow.
+
+Every bad input a user can give (an SAE that does not fit the model, an unknown
+feature or layer, NaN weights, a corrupt cache file...) raises a subclass of
+:class:`FeatureFlowError`, whose message names the offending value and what was
+expected. Catch ``FeatureFlowError`` to catch them all.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "FeatureFlowError",
+    "BankError",
+    "ModelMismatchError",
+    "UnknownFeatureError",
+    "CacheError",
+    "MissingDependencyError",
+]
+
+
+class FeatureFlowError(Exception):
+    """Base class of every error raised on purpose by tl_featureflow."""
+
+
+class BankError(FeatureFlowError, ValueError):
+    """An SAE bank is invalid: bad keys, mixed widths, NaN weights, wrong hooks."""
+
+
+class ModelMismatchError(FeatureFlowError, ValueError):
+    """An SAE bank does not fit a model (d_model, layer count, hook names)."""
+
+
+class UnknownFeatureError(FeatureFlowError, KeyError):
+    """A feature, site or layer that the bank or model does not have."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; keep it readable
+        return str(self.args[0]) if self.args else ""
+
+
+class CacheError(FeatureFlowError, OSError):
+    """A cached or saved file is missing, partial or corrupt."""
+
+
+class MissingDependencyError(FeatureFlowError, ImportError):
+    """An optional package is needed; the message says what to install and how."""

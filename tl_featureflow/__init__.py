@@ -37,6 +37,21 @@ _EXPORTS: dict[str, str] = {
     "FlowTransformer": "tl_featureflow.model",
     "FeatureCache": "tl_featureflow.model",
     "load_embedded_model": "tl_featureflow.embedded",
+    # tracing
+    "FlowTracer": "tl_featureflow.tracer",
+    "Matching": "tl_featureflow.tracer",
+    "Predecessors": "tl_featureflow.tracer",
+    "PAPER_THRESHOLDS": "tl_featureflow.tracer",
+    "FlowGraph": "tl_featureflow.graph",
+    "FlowNode": "tl_featureflow.graph",
+    "FlowEdge": "tl_featureflow.graph",
+    "FlowMap": "tl_featureflow.graph",
+    "LayerScores": "tl_featureflow.groups",
+    "Classification": "tl_featureflow.groups",
+    "LABELS": "tl_featureflow.groups",
+    "topk_cosine": "tl_featureflow.matching",
+    "permutation_match": "tl_featureflow.matching",
+    "fold_jumprelu_threshold": "tl_featureflow.matching",
     "cache_root": "tl_featureflow.embedded",
 }
 
@@ -53,7 +68,11 @@ if TYPE_CHECKING:  # pragma: no cover
         ModelMismatchError,
         UnknownFeatureError,
     )
+    from tl_featureflow.graph import FlowEdge, FlowGraph, FlowMap, FlowNode
+    from tl_featureflow.groups import LABELS, Classification, LayerScores
+    from tl_featureflow.matching import fold_jumprelu_threshold, permutation_match, topk_cosine
     from tl_featureflow.model import FeatureCache, FlowTransformer
+    from tl_featureflow.tracer import PAPER_THRESHOLDS, FlowTracer, Matching, Predecessors
     from tl_featureflow.refs import SITES, FeatureRef, Site, hook_name, sae_hook_name
 
 

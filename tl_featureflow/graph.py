@@ -1,0 +1,342 @@
+"""Result objects of tracing: FlowGraph (one feature's flow) and FlowMap (every feature).
+
+Both round-trip exactly through files with a schema version: a graph as JSON, a map
+as a folder of safetensors files (one per layer, written as they are computed, so an
+interrupted ``flow_map`` resumes) with a JSON index.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from jaxtyping import Int
+from torch import Tensor
+
+from tl_featureflow._files import atomic_write_json, atomic_write_text, file_sha256
+from tl_featureflow.errors import CacheError, MissingDependencyError, UnknownFeatureError
+from tl_featureflow.groups import LABELS, Classification, LayerScores, classify_scores
+from tl_featureflow.refs import SITES, FeatureRef, Site
+
+__all__ = ["FlowNode", "FlowEdge", "FlowGraph", "FlowMap", "GRAPH_SCHEMA_VERSION", "MAP_SCHEMA_VERSION"]
+
+GRAPH_SCHEMA_VERSION = 1
+MAP_SCHEMA_VERSION = 1
+MAP_INDEX = "map.json"
+
+Role = Literal["seed", "chain", "module"]
+
+
+@dataclass(frozen=True)
+class FlowNode:
+    """A feature of a flow graph.
+
+    ``role`` is ``seed``, ``chain`` (a res feature of the residual chain) or ``module``
+    (an mlp/att predecessor attached to the chain). Res nodes carry their predecessor
+    scores ``s_res``, ``s_mlp``, ``s_att`` (None for sites the bank lacks); ``label``
+    is a short human-readable description when one is known (e.g. logit-lens tokens).
+    """
+
+    ref: FeatureRef
+    role: Role
+    s_res: float | None = None
+    s_mlp: float | None = None
+    s_att: float | None = None
+    label: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["ref"] = str(self.ref)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> FlowNode:
+        return cls(**{**data, "ref": FeatureRef.parse(data["ref"])})
+
+
+@dataclass(frozen=True)
+class FlowEdge:
+    """A match along the forward pass: ``src`` (earlier) feeds ``dst``; ``score`` is the cosine."""
+
+    src: FeatureRef
+    dst: FeatureRef
+    score: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"src": str(self.src), "dst": str(self.dst), "score": self.score}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> FlowEdge:
+        return cls(FeatureRef.parse(data["src"]), FeatureRef.parse(data["dst"]), float(data["score"]))
+
+
+@dataclass
+class FlowGraph:
+    """The flow of one seed feature across layers (method section 4).
+
+    ``nodes`` and ``edges`` are sorted along the forward pass; ``span`` is
+    ``(l_start, l_end)``, the layers of the residual chain kept above ``t_res``.
+    """
+
+    seed: FeatureRef
+    nodes: list[FlowNode]
+    edges: list[FlowEdge]
+    span: tuple[int, int]
+    t_res: float
+    t_module: float
+    direction: str
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.nodes = sorted(self.nodes, key=lambda n: n.ref)
+        self.edges = sorted(self.edges, key=lambda e: (e.dst, e.src))
+
+    def __contains__(self, ref: object) -> bool:
+        return any(n.ref == ref for n in self.nodes)
+
+    def __len__(self) -> int:
+        return len(self.nodes)
+
+    def __iter__(self) -> Iterator[FlowNode]:
+        return iter(self.nodes)
+
+    def node(self, ref: FeatureRef | str) -> FlowNode:
+        ref = FeatureRef.parse(ref)
+        for node in self.nodes:
+            if node.ref == ref:
+                return node
+        raise UnknownFeatureError(f"{ref} is not in the flow graph of {self.seed}")
+
+    @property
+    def chain(self) -> list[FeatureRef]:
+        """The residual chain, one res feature per layer, first layer first."""
+        return [n.ref for n in self.nodes if n.role in ("seed", "chain")]
+
+    @property
+    def modules(self) -> list[FeatureRef]:
+        """The mlp/att side nodes."""
+        return [n.ref for n in self.nodes if n.role == "module"]
+
+    def refs_up_to(self, layer: int) -> list[FeatureRef]:
+        """Every node's feature at layers <= ``layer`` (for cumulative steering)."""
+        return [n.ref for n in self.nodes if n.ref.layer <= layer]
+
+    # -- serialisation ---------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema_version": GRAPH_SCHEMA_VERSION,
+            "format": "tl_featureflow.FlowGraph",
+            "seed": str(self.seed),
+            "span": list(self.span),
+            "t_res": self.t_res,
+            "t_module": self.t_module,
+            "direction": self.direction,
+            "nodes": [n.to_dict() for n in self.nodes],
+            "edges": [e.to_dict() for e in self.edges],
+            "meta": self.meta,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> FlowGraph:
+        version = data.get("schema_version")
+        if version != GRAPH_SCHEMA_VERSION:
+            raise CacheError(f"flow graph schema version {version!r}: this tl_featureflow reads {GRAPH_SCHEMA_VERSION}")
+        try:
+            return cls(
+                seed=FeatureRef.parse(data["seed"]),
+                nodes=[FlowNode.from_dict(n) for n in data["nodes"]],
+                edges=[FlowEdge.from_dict(e) for e in data["edges"]],
+                span=(int(data["span"][0]), int(data["span"][1])),
+                t_res=float(data["t_res"]),
+                t_module=float(data["t_module"]),
+                direction=str(data["direction"]),
+                meta=dict(data.get("meta", {})),
+            )
+        except (KeyError, TypeError, ValueError, IndexError) as exc:
+            raise CacheError(f"not a valid flow graph: {exc!r}") from exc
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> FlowGraph:
+        try:
+            data = json.loads(text)
+        except ValueError as exc:
+            raise CacheError(f"flow graph JSON is corrupt: {exc}") from exc
+        return cls.from_dict(data)
+
+    def save(self, path: str | Path) -> Path:
+        """Write the graph as JSON, atomically."""
+        atomic_write_text(path, self.to_json())
+        return Path(path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> FlowGraph:
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise CacheError(f"cannot read flow graph {path}: {exc}") from exc
+        return cls.from_json(text)
+
+    def to_networkx(self):  # type: ignore[no-untyped-def]
+        """A ``networkx.DiGraph`` with feature names as nodes (needs networkx)."""
+        try:
+            import networkx as nx
+        except ImportError as exc:
+            raise MissingDependencyError("to_networkx needs networkx: pip install networkx") from exc
+        graph = nx.DiGraph(seed=str(self.seed), span=self.span)
+        for node in self.nodes:
+            graph.add_node(str(node.ref), **node.to_dict())
+        for edge in self.edges:
+            graph.add_edge(str(edge.src), str(edge.dst), score=edge.score)
+        return graph
+
+
+@dataclass
+class FlowMap:
+    """Predecessor scores of every res feature of every layer (method sections 2-4).
+
+    ``layer_scores[L]`` holds, for each res feature of layer L, its top-k matches in
+    res(L-1), mlp(L) and att(L). ``thresholds[L]`` are the "high" thresholds the map
+    was classified with by default. Summaries: :meth:`chain_lengths` (how far back
+    a feature's top-1 residual chain survives above ``t_res``) and :meth:`groups`.
+    """
+
+    layer_scores: dict[int, LayerScores]
+    thresholds: dict[int, dict[Site, float]]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def layers(self) -> list[int]:
+        return sorted(self.layer_scores)
+
+    @property
+    def k(self) -> int:
+        first = next(iter(self.layer_scores.values()))
+        return next(iter(first.scores.values())).shape[1]
+
+    def __getitem__(self, layer: int) -> LayerScores:
+        try:
+            return self.layer_scores[layer]
+        except KeyError:
+            raise UnknownFeatureError(f"the flow map has no layer {layer!r}: it has {self.layers}") from None
+
+    def classify(self, layer: int, thresholds: dict[Site, float] | None = None) -> Classification:
+        """Labels of layer ``layer`` with the map's thresholds (or the given ones)."""
+        scores = self[layer]
+        used = dict(thresholds if thresholds is not None else self.thresholds[layer])
+        method = "given" if thresholds is not None else self.meta.get("threshold_method", "stored")
+        return Classification(layer, classify_scores(scores, used), used, method, scores)
+
+    def groups(self, thresholds: dict[Site, float] | None = None) -> dict[int, dict[str, int]]:
+        """Per layer, how many res features are translated / processed / newborn / unexplained."""
+        return {layer: self.classify(layer, thresholds).counts() for layer in self.layers}
+
+    def chain_lengths(self, t_res: float = 0.5) -> dict[int, Int[Tensor, " d_sae"]]:
+        """Per layer, how many consecutive layers back each feature's top-1 res chain survives.
+
+        ``0`` means s(R) < t_res; ``n`` means the chain goes back n layers with every
+        step at or above ``t_res`` (composing the top-1 matches, method section 4).
+        """
+        lengths: dict[int, Tensor] = {}
+        for layer in self.layers:
+            scores = self[layer]
+            s, idx = scores.s("res"), scores.argmax("res")
+            if s is None or idx is None:
+                lengths[layer] = torch.zeros(scores.n_features, dtype=torch.int64)
+                continue
+            keep = s.cpu() >= t_res
+            previous = lengths.get(layer - 1)
+            back = previous[idx.cpu()] if previous is not None else torch.zeros_like(idx.cpu())
+            lengths[layer] = torch.where(keep, 1 + back, torch.zeros_like(back))
+        return lengths
+
+    # -- serialisation ---------------------------------------------------------------------------
+    def save(self, path: str | Path) -> Path:
+        """Write the map to folder ``path``: one safetensors file per layer plus ``map.json``."""
+        path = Path(path)
+        written = {layer: write_layer(path, self[layer]) for layer in self.layers}
+        write_map_index(path, self.layers, self.thresholds, self.meta, written)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, *, verify: bool = True) -> FlowMap:
+        """Read a map written by :meth:`save` or ``FlowTracer.flow_map``, exactly."""
+        index = read_map_index(path)
+        missing = [layer for layer in index["planned_layers"] if str(layer) not in index["layers"]]
+        if missing:
+            raise CacheError(f"the flow map at {path} is incomplete: layers {missing} were never written")
+        layer_scores = {int(layer): read_layer(path, int(layer), info, verify=verify)
+                        for layer, info in index["layers"].items()}
+        thresholds = {int(layer): info["thresholds"] for layer, info in index["layers"].items()}
+        return cls(layer_scores, thresholds, index["meta"])
+
+
+# -- the on-disk form, shared with FlowTracer.flow_map's incremental writer -----------------------
+def _layer_file(path: Path, layer: int) -> Path:
+    return path / f"layer_{layer:03d}.safetensors"
+
+
+def write_layer(path: Path, scores: LayerScores) -> dict[str, Any]:
+    """Write one layer's scores atomically; returns its index entry (without thresholds)."""
+    from safetensors.torch import save_file
+
+    path.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for site in scores.scores:
+        tensors[f"{site}.scores"] = scores.scores[site].detach().cpu().contiguous()
+        tensors[f"{site}.indices"] = scores.indices[site].detach().cpu().contiguous()
+    target = _layer_file(path, scores.layer)
+    tmp = target.with_name(f".{target.name}.tmp")
+    save_file(tensors, tmp)
+    tmp.replace(target)
+    return {"file": target.name, "sha256": file_sha256(target)}
+
+
+def read_layer(path: str | Path, layer: int, info: dict[str, Any], *, verify: bool = True) -> LayerScores:
+    from safetensors.torch import load_file
+
+    file = Path(path) / info["file"]
+    if not file.is_file():
+        raise CacheError(f"{file} is missing")
+    if verify and file_sha256(file) != info["sha256"]:
+        raise CacheError(f"{file} does not match its SHA-256 in {MAP_INDEX}: corrupt")
+    try:
+        tensors = load_file(file)
+    except Exception as exc:
+        raise CacheError(f"{file} is corrupt: {exc}") from exc
+    sites = [s for s in SITES if f"{s}.scores" in tensors]
+    return LayerScores(layer, {s: tensors[f"{s}.scores"] for s in sites}, {s: tensors[f"{s}.indices"] for s in sites})
+
+
+def write_map_index(path: Path, planned_layers: list[int], thresholds: dict[int, dict[Site, float]],
+                    meta: dict[str, Any], written: dict[int, dict[str, Any]]) -> None:
+    """Write ``map.json`` listing the layers written so far (``written``) of those planned."""
+    layers = {str(layer): {**written[layer], "thresholds": thresholds[layer]}
+              for layer in planned_layers if layer in written}
+    atomic_write_json(path / MAP_INDEX, {
+        "schema_version": MAP_SCHEMA_VERSION,
+        "format": "tl_featureflow.FlowMap",
+        "planned_layers": list(planned_layers),
+        "layers": layers,
+        "labels": list(LABELS),
+        "meta": meta,
+    })
+
+
+def read_map_index(path: str | Path) -> dict[str, Any]:
+    file = Path(path) / MAP_INDEX
+    if not file.is_file():
+        raise CacheError(f"no flow map at {path}: {MAP_INDEX} is missing")
+    try:
+        index = json.loads(file.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise CacheError(f"{file} is corrupt: {exc}") from exc
+    if index.get("schema_version") != MAP_SCHEMA_VERSION:
+        raise CacheError(f"{file} has schema version {index.get('schema_version')!r}: expected {MAP_SCHEMA_VERSION}")
+    return index

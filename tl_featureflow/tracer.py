@@ -1,0 +1,441 @@
+"""FlowTracer: data-free matching of SAE features across layers (method sections 2-4).
+
+Matching reads only the bank's decoders. For a res feature f of layer L its
+predecessors are its most similar decoder rows in res(L-1), mlp(L) and att(L); the
+scores s(R), s(M), s(A) say whether f was carried over (translated), changed
+(processed) or created (newborn) by layer L.
+
+>>> tracer = FlowTracer(bank)                                     # doctest: +SKIP
+>>> tracer.predecessors("12/res/4230")                            # doctest: +SKIP
+Predecessors(12/res/4230: res=[(11/res/801, 0.91)], mlp=[(12/mlp/17, 0.22)], att=[...])
+>>> graph = tracer.trace("12/res/4230")       # FlowGraph, both directions
+>>> fmap = tracer.flow_map("out/flow_map")    # every feature, resumable
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from tl_featureflow.bank import SAEBank
+from tl_featureflow.errors import CacheError, FeatureFlowError, ModelMismatchError, UnknownFeatureError
+from tl_featureflow.graph import (
+    MAP_INDEX,
+    FlowEdge,
+    FlowGraph,
+    FlowMap,
+    FlowNode,
+    read_layer,
+    read_map_index,
+    write_layer,
+    write_map_index,
+)
+from tl_featureflow.groups import Classification, LayerScores, classify_scores
+from tl_featureflow.matching import topk_cosine
+from tl_featureflow.refs import SITES, FeatureRef, Site, check_layer, check_site
+
+__all__ = ["FlowTracer", "Matching", "Predecessors", "PAPER_THRESHOLDS"]
+
+Key = tuple[Site, int]
+Thresholds = Literal["chance", "paper"] | float | Mapping[Site, float]
+
+#: The paper's defaults: t(R) = 0.5 for the residual chain, 0.15 for modules.
+PAPER_THRESHOLDS: dict[Site, float] = {"res": 0.5, "mlp": 0.15, "att": 0.15}
+
+
+@dataclass(frozen=True)
+class Matching:
+    """For every feature of ``dst``, its top-``k`` features of ``src`` by decoder cosine.
+
+    ``indices`` and ``scores`` are ``[n_dst, k]``, best first.
+    """
+
+    src: Key
+    dst: Key
+    k: int
+    indices: Int[Tensor, "n_dst k"]
+    scores: Float[Tensor, "n_dst k"]
+
+    def __len__(self) -> int:
+        return self.indices.shape[0]
+
+    def __getitem__(self, dst_index: int) -> list[tuple[FeatureRef, float]]:
+        """The matches of one dst feature as ``(FeatureRef in src, score)`` pairs."""
+        site, layer = self.src
+        return [(FeatureRef(layer, site, int(i)), float(s))
+                for i, s in zip(self.indices[dst_index].tolist(), self.scores[dst_index].tolist())]
+
+
+@dataclass(frozen=True)
+class Predecessors(Mapping[Site, list[tuple[FeatureRef, float]]]):
+    """Predecessors of a res feature: site -> ``[(FeatureRef, score), ...]``, best first.
+
+    ``res`` is res(L-1), ``mlp`` is mlp(L), ``att`` is att(L); sites the bank lacks
+    (and res at the first layer) are absent. ``preds.s("mlp")`` is s(M).
+    """
+
+    target: FeatureRef
+    by_site: dict[Site, list[tuple[FeatureRef, float]]]
+
+    def __getitem__(self, site: Site) -> list[tuple[FeatureRef, float]]:
+        try:
+            return self.by_site[site]
+        except KeyError:
+            raise UnknownFeatureError(f"{self.target} has no {site!r} predecessors here: it has {list(self.by_site)}") from None
+
+    def __iter__(self) -> Iterator[Site]:
+        return iter(self.by_site)
+
+    def __len__(self) -> int:
+        return len(self.by_site)
+
+    def s(self, site: Site) -> float | None:
+        """The score s(P) of the best predecessor in ``site`` (None when absent)."""
+        pairs = self.by_site.get(site)
+        return pairs[0][1] if pairs else None
+
+    def __repr__(self) -> str:
+        parts = ", ".join(f"{site}=[{', '.join(f'({r}, {s:.2f})' for r, s in pairs)}]"
+                          for site, pairs in self.by_site.items())
+        return f"Predecessors({self.target}: {parts})"
+
+
+class FlowTracer:
+    """Data-free feature flow over an :class:`SAEBank`.
+
+    Args:
+        bank: the SAEs; matching reads their unit decoder rows.
+        model: optional; when given, graph nodes are labelled with the tokens their
+            decoder direction promotes (logit lens), and its ``d_model`` must match.
+        device: where matching runs (default: where the SAEs are).
+        chunk_size: rows per chunk of the similarity computation (default: ~128 MB).
+    """
+
+    def __init__(
+        self,
+        bank: SAEBank,
+        model: Any | None = None,
+        *,
+        device: torch.device | str | None = None,
+        chunk_size: int | None = None,
+    ):
+        if not isinstance(bank, SAEBank):
+            raise FeatureFlowError(f"FlowTracer needs an SAEBank, got {type(bank).__name__}")
+        if model is not None:
+            d_model, n_layers = model.cfg.d_model, model.cfg.n_layers
+            if d_model != bank.d_model:
+                raise ModelMismatchError(f"the bank's SAEs read d_in={bank.d_model} but the model has d_model={d_model}")
+            if bank.layers[-1] >= n_layers:
+                raise ModelMismatchError(f"the bank has layers up to {bank.layers[-1]} but the model has {n_layers}")
+        self.bank = bank
+        self.model = model
+        first = next(iter(bank.values()))
+        self.device = torch.device(device) if device is not None else first.W_dec.device
+        self.chunk_size = chunk_size
+        self._matches: dict[tuple[Key, Key, int], Matching] = {}
+        self._rotations: dict[int, Tensor] = {}
+
+    # -- building blocks -------------------------------------------------------------------------
+    def _key(self, key: tuple[Any, Any], what: str) -> Key:
+        if not (isinstance(key, tuple) and len(key) == 2):
+            raise FeatureFlowError(f"{what} must be a (site, layer) tuple such as ('res', 3), got {key!r}")
+        site, layer = check_site(key[0]), check_layer(key[1])
+        if (site, layer) not in self.bank:
+            raise UnknownFeatureError(f"{what} {(site, layer)} is not in the bank: it has {self.bank.describe()}")
+        return site, layer
+
+    def _decoder(self, key: Key) -> Float[Tensor, "d_sae d_model"]:
+        return self.bank.decoder(*key, device=self.device, dtype=torch.float32)
+
+    def predecessor_keys(self, layer: int) -> dict[Site, Key]:
+        """The SAEs that predecessors of res features at ``layer`` come from, by site."""
+        candidates: dict[Site, Key] = {"res": ("res", layer - 1), "mlp": ("mlp", layer), "att": ("att", layer)}
+        return {site: key for site, key in candidates.items() if key in self.bank and key[1] >= 0}
+
+    def match(self, src: tuple[Site, int], dst: tuple[Site, int], k: int = 1) -> Matching:
+        """For every feature of ``dst``, its top-``k`` features of ``src`` (cached)."""
+        src, dst = self._key(src, "src"), self._key(dst, "dst")
+        cached = self._matches.get((src, dst, k))
+        if cached is None:
+            d_src = self.bank.d_sae(*src)
+            if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= d_src:
+                raise FeatureFlowError(f"k={k!r} is out of range: the src SAE {src} has {d_src} features")
+            scores, indices = topk_cosine(self._decoder(dst), self._decoder(src), k, chunk_size=self.chunk_size)
+            cached = Matching(src, dst, k, indices, scores)
+            self._matches[(src, dst, k)] = cached
+        return cached
+
+    def _res_ref(self, ref: FeatureRef | str) -> FeatureRef:
+        ref = self.bank.check_ref(ref)
+        if ref.site != "res":
+            raise FeatureFlowError(
+                f"{ref} is an {ref.site} feature: predecessors and traces start from res features "
+                f"(e.g. '{ref.layer}/res/<index>')"
+            )
+        return ref
+
+    def _top(self, vector: Float[Tensor, " d_model"], key: Key, k: int) -> list[tuple[FeatureRef, float]]:
+        scores, indices = topk_cosine(vector[None], self._decoder(key), min(k, self.bank.d_sae(*key)))
+        return [(FeatureRef(key[1], key[0], int(i)), float(s)) for i, s in zip(indices[0].tolist(), scores[0].tolist())]
+
+    def predecessors(self, ref: FeatureRef | str, k: int = 1) -> Predecessors:
+        """Top-``k`` predecessors of a res feature in res(L-1), mlp(L) and att(L)."""
+        ref = self._res_ref(ref)
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise FeatureFlowError(f"k={k!r}: expected a positive int")
+        vector = self._decoder(ref.key)[ref.index]
+        by_site = {}
+        for site, key in self.predecessor_keys(ref.layer).items():
+            if k > self.bank.d_sae(*key):
+                raise FeatureFlowError(f"k={k} is larger than the {key} SAE's width {self.bank.d_sae(*key)}")
+            by_site[site] = self._top(vector, key, k)
+        return Predecessors(ref, by_site)
+
+    def scores(self, layer: int, k: int = 1) -> LayerScores:
+        """Top-``k`` predecessor scores and indices of every res feature of ``layer`` at once."""
+        dst = self._key(("res", layer), "layer")
+        matches = {site: self.match(key, dst, k) for site, key in self.predecessor_keys(layer).items()}
+        return LayerScores(layer, {s: m.scores for s, m in matches.items()}, {s: m.indices for s, m in matches.items()})
+
+    # -- thresholds and groups -------------------------------------------------------------------
+    def _rotation(self, d: int) -> Tensor:
+        """A fixed (seeded) Haar-random orthogonal d x d matrix."""
+        if d not in self._rotations:
+            gen = torch.Generator().manual_seed(20250205)
+            q, r = torch.linalg.qr(torch.randn(d, d, generator=gen, dtype=torch.float64))
+            self._rotations[d] = (q * torch.sign(torch.diagonal(r))).float().to(self.device)
+        return self._rotations[d]
+
+    def chance_thresholds(self, layer: int, *, quantile: float = 0.99, n_probe: int = 1024) -> dict[Site, float]:
+        """Per-site scores reached by chance: the ``quantile`` of s(P) for rotated targets.
+
+        Up to ``n_probe`` res decoder rows of ``layer`` are turned by a fixed random
+        rotation, which keeps their geometry but destroys any alignment with the
+        predecessor SAEs, and matched like real features. A real s(P) above this
+        level is more similar than unaligned decoders of the same shapes ever get.
+        """
+        if not 0 < quantile < 1:
+            raise FeatureFlowError(f"quantile={quantile!r}: expected 0 < quantile < 1")
+        dst = self._decoder(self._key(("res", layer), "layer"))
+        step = max(1, dst.shape[0] // n_probe)
+        probe = dst[::step][:n_probe] @ self._rotation(dst.shape[1])
+        out: dict[Site, float] = {}
+        for site, key in self.predecessor_keys(layer).items():
+            scores, _ = topk_cosine(probe, self._decoder(key), 1, chunk_size=self.chunk_size)
+            out[site] = float(torch.quantile(scores[:, 0].double().cpu(), quantile))
+        return out
+
+    def thresholds(self, layer: int, thresholds: Thresholds = "chance", *, quantile: float = 0.99) -> dict[Site, float]:
+        """Resolve a threshold spec for ``layer`` into one number per predecessor site."""
+        sites = list(self.predecessor_keys(layer))
+        if isinstance(thresholds, str):
+            if thresholds == "chance":
+                return self.chance_thresholds(layer, quantile=quantile)
+            if thresholds == "paper":
+                return {s: PAPER_THRESHOLDS[s] for s in sites}
+            raise FeatureFlowError(f"thresholds={thresholds!r}: expected 'chance', 'paper', a number or a site mapping")
+        if isinstance(thresholds, (int, float)) and not isinstance(thresholds, bool):
+            return {s: float(thresholds) for s in sites}
+        if isinstance(thresholds, Mapping):
+            missing = [s for s in sites if s not in thresholds]
+            if missing:
+                raise FeatureFlowError(f"thresholds {dict(thresholds)} lack sites {missing} of layer {layer}")
+            return {s: float(thresholds[s]) for s in sites}
+        raise FeatureFlowError(f"thresholds={thresholds!r}: expected 'chance', 'paper', a number or a site mapping")
+
+    def classify(self, layer: int, thresholds: Thresholds = "chance", *, quantile: float = 0.99) -> Classification:
+        """Label every res feature of ``layer`` translated / processed / newborn / unexplained.
+
+        Args:
+            thresholds: what counts as a "high" score, per site. ``"chance"`` (default):
+                the level unaligned decoders reach (see :meth:`chance_thresholds`), per
+                layer and site. ``"paper"``: the paper's trace thresholds (res 0.5,
+                mlp/att 0.15). A number, or a ``{site: number}`` mapping: fixed values.
+
+        The thresholds used come back in ``Classification.thresholds``.
+        """
+        used = self.thresholds(layer, thresholds, quantile=quantile)
+        scores = self.scores(layer)
+        method = thresholds if isinstance(thresholds, str) else "fixed"
+        if method == "chance":
+            method = f"chance (q={quantile})"
+        return Classification(layer, classify_scores(scores, used), used, method, scores)
+
+    # -- graphs ----------------------------------------------------------------------------------
+    def _res_node(self, ref: FeatureRef, role: str, labels: bool) -> tuple[FlowNode, Predecessors]:
+        preds = self.predecessors(ref)
+        label = self.describe(ref) if labels else None
+        node = FlowNode(ref, role, preds.s("res"), preds.s("mlp"), preds.s("att"), label)  # type: ignore[arg-type]
+        return node, preds
+
+    def trace(
+        self,
+        ref: FeatureRef | str,
+        *,
+        t_res: float = 0.5,
+        t_module: float = 0.15,
+        direction: Literal["backward", "forward", "both"] = "both",
+        labels: bool | None = None,
+    ) -> FlowGraph:
+        """The flow graph of one res feature (method section 4).
+
+        Backward: from the seed, follow the top-1 res(L-1) predecessor layer by layer
+        while its score s(R) >= ``t_res``. Forward: the successor of a res feature f at
+        layer L is the res feature of layer L+1 whose decoder is most similar to f's
+        (the argmax of the cosine with f, so a many-to-one step read forwards), kept
+        while that cosine >= ``t_res``. Every res node of the chain gets its mlp(L)
+        and att(L) top-1 predecessors as side nodes when their score >= ``t_module``.
+        ``labels`` (default: when the tracer has a model) adds logit-lens labels.
+        """
+        seed = self._res_ref(ref)
+        if direction not in ("backward", "forward", "both"):
+            raise FeatureFlowError(f"direction={direction!r}: expected 'backward', 'forward' or 'both'")
+        labels = self.model is not None if labels is None else labels
+        nodes: dict[FeatureRef, FlowNode] = {}
+        edges: list[FlowEdge] = []
+
+        def visit(ref: FeatureRef, role: str) -> Predecessors:
+            node, preds = self._res_node(ref, role, labels)
+            nodes[ref] = node
+            for site in ("mlp", "att"):
+                for module_ref, score in preds.get(site, [])[:1]:
+                    if score >= t_module:
+                        nodes[module_ref] = FlowNode(module_ref, "module",
+                                                     label=self.describe(module_ref) if labels else None)
+                        edges.append(FlowEdge(module_ref, ref, score))
+            return preds
+
+        preds = visit(seed, "seed")
+        l_start = l_end = seed.layer
+        if direction in ("backward", "both"):
+            current = seed
+            while preds.get("res") and preds["res"][0][1] >= t_res:
+                previous, score = preds["res"][0]
+                edges.append(FlowEdge(previous, current, score))
+                preds = visit(previous, "chain")
+                current, l_start = previous, previous.layer
+        if direction in ("forward", "both"):
+            current = seed
+            while ("res", current.layer + 1) in self.bank:
+                vector = self._decoder(current.key)[current.index]
+                successor, score = self._top(vector, ("res", current.layer + 1), 1)[0]
+                if score < t_res:
+                    break
+                edges.append(FlowEdge(current, successor, score))
+                visit(successor, "chain")
+                current, l_end = successor, successor.layer
+        return FlowGraph(seed, list(nodes.values()), edges, (l_start, l_end), t_res, t_module, direction,
+                         meta={"bank": self.bank.describe(), "forward_rule": "argmax cosine in res(L+1)"})
+
+    # -- labels ----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def logit_lens(self, ref: FeatureRef | str, k: int = 8) -> list[tuple[str, float]]:
+        """The ``k`` tokens a feature's decoder direction promotes most: ``W_dec[i] @ W_U``.
+
+        The final norm's weight (when the model has one) scales the direction first, as
+        it would on its way to the unembedding.
+        """
+        if self.model is None:
+            raise FeatureFlowError("logit_lens needs a model: FlowTracer(bank, model)")
+        ref = self.bank.check_ref(ref)
+        W_U = self.model.W_U
+        direction = self._decoder(ref.key)[ref.index].to(W_U.device, W_U.dtype)
+        ln_w = getattr(getattr(self.model, "ln_final", None), "w", None)
+        if ln_w is not None:
+            direction = direction * ln_w
+        logits = direction @ W_U
+        values, ids = logits.topk(k)
+        tokenizer = getattr(self.model, "tokenizer", None)
+        names = [tokenizer.decode([i]) if tokenizer is not None else str(i) for i in ids.tolist()]
+        return list(zip(names, values.tolist()))
+
+    def describe(self, ref: FeatureRef | str, k: int = 5) -> str | None:
+        """A short label: the top logit-lens tokens, or None without a model."""
+        if self.model is None:
+            return None
+        return " ".join(repr(token) for token, _ in self.logit_lens(ref, k))
+
+    # -- the full map ----------------------------------------------------------------------------
+    def fingerprint(self) -> str:
+        """A short hash of the bank's keys, shapes and a strided sample of every decoder."""
+        digest = hashlib.sha256()
+        for key, sae in self.bank.items():
+            W = sae.W_dec.detach()
+            sample = W.flatten()[:: max(1, W.numel() // 65536)].float().cpu().numpy().tobytes()
+            digest.update(f"{key}{tuple(W.shape)}{float(W.double().sum()):.12e}".encode())
+            digest.update(sample)
+        return digest.hexdigest()[:16]
+
+    def flow_map(
+        self,
+        path: str | Path | None = None,
+        *,
+        layers: Iterable[int] | None = None,
+        k: int = 1,
+        thresholds: Thresholds = "chance",
+        quantile: float = 0.99,
+        progress: bool = True,
+    ) -> FlowMap:
+        """Predecessor scores of every res feature of every layer, with thresholds per layer.
+
+        With ``path``, each layer is written to disk as soon as it is computed, and a
+        later call with the same bank and settings resumes from the layers already
+        there (a different bank or settings at ``path`` is refused, never overwritten).
+        """
+        from tqdm.auto import tqdm
+
+        res_layers = [layer for layer in self.bank.layers if ("res", layer) in self.bank]
+        wanted = res_layers if layers is None else [check_layer(layer) for layer in layers]
+        unknown = [layer for layer in wanted if layer not in res_layers]
+        if unknown:
+            raise UnknownFeatureError(f"layers {unknown} have no res SAE: the bank has {self.bank.describe()}")
+        planned = [layer for layer in wanted if self.predecessor_keys(layer)]
+        if not planned:
+            raise FeatureFlowError(f"no layer of {wanted} has predecessor SAEs (res(L-1), mlp(L) or att(L))")
+        method = thresholds if isinstance(thresholds, str) else "fixed"
+        meta = {"k": k, "bank_fingerprint": self.fingerprint(), "bank": self.bank.describe(),
+                "threshold_method": method, "quantile": quantile, "planned": planned}
+        done: dict[int, LayerScores] = {}
+        thr: dict[int, dict[Site, float]] = {}
+        written: dict[int, dict[str, Any]] = {}
+        if path is not None:
+            path = Path(path)
+            done, thr, written = self._resume(path, meta)
+        for layer in tqdm([x for x in planned if x not in done], desc="flow map", unit="layer", disable=not progress):
+            done[layer] = self.scores(layer, k)
+            thr[layer] = self.thresholds(layer, thresholds, quantile=quantile)
+            if path is not None:
+                written[layer] = write_layer(path, done[layer])
+                write_map_index(path, planned, thr, meta, written)
+            self._matches.clear()  # a map holds its own copy; keep memory flat
+        return FlowMap({layer: done[layer] for layer in planned}, {layer: thr[layer] for layer in planned}, meta)
+
+    def _resume(self, path: Path, meta: dict[str, Any]) -> tuple[dict, dict, dict]:
+        if not (path / MAP_INDEX).is_file():
+            if path.exists() and (path.is_file() or any(path.iterdir())):
+                raise FeatureFlowError(f"refusing to write a flow map into {path}: it exists and is not a flow map")
+            return {}, {}, {}
+        index = read_map_index(path)
+        if index["meta"] != meta:
+            changed = sorted(k for k in set(meta) | set(index["meta"]) if meta.get(k) != index["meta"].get(k))
+            raise FeatureFlowError(
+                f"{path} holds a flow map of another bank or settings (differs in {changed}): "
+                "use another path or delete it"
+            )
+        done, thr, written = {}, {}, {}
+        for key, info in index["layers"].items():
+            layer = int(key)
+            try:
+                done[layer] = read_layer(path, layer, info)
+            except CacheError:
+                continue  # corrupt or partial: recompute this layer
+            thr[layer] = info["thresholds"]
+            written[layer] = {"file": info["file"], "sha256": info["sha256"]}
+        return done, thr, written

@@ -50,6 +50,8 @@ _EXPORTS: dict[str, str] = {
     "Classification": "tl_featureflow.groups",
     "LABELS": "tl_featureflow.groups",
     "topk_cosine": "tl_featureflow.matching",
+    "TopContexts": "tl_featureflow.contexts",
+    "collect_top_contexts": "tl_featureflow.contexts",
     "permutation_match": "tl_featureflow.matching",
     "fold_jumprelu_threshold": "tl_featureflow.matching",
     "cache_root": "tl_featureflow.embedded",
@@ -59,6 +61,7 @@ __all__ = ["__version__", *_EXPORTS]
 
 if TYPE_CHECKING:  # pragma: no cover
     from tl_featureflow.bank import SAEBank
+    from tl_featureflow.contexts import TopContexts, collect_top_contexts
     from tl_featureflow.embedded import cache_root, load_embedded_model
     from tl_featureflow.errors import (
         BankError,

@@ -60,14 +60,14 @@ def _check_pair(dst: Tensor, src: Tensor, k: int) -> None:
 def _stable_topk(sims: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """``torch.topk`` along dim 1 with ties broken towards the lowest index.
 
-    topk's own tie order is unspecified; rows where a tie could matter (a repeated
-    value among the top k, or more than k values reaching the k-th) are redone with
-    a stable sort. With float data such rows are rare, so this costs one comparison pass.
+    topk's own tie order is unspecified. Taking k+1 values shows every tie that could
+    matter: two equal neighbours among them (inside the top k, or the k-th equal to the
+    first one left out). Such rows, rare with float data, are redone with a stable sort.
     """
-    values, indices = sims.topk(k, dim=1)
-    suspicious = (sims >= values[:, -1:]).sum(dim=1) > k
-    if k > 1:
-        suspicious |= (values[:, 1:] == values[:, :-1]).any(dim=1)
+    n = sims.shape[1]
+    values, indices = sims.topk(min(k + 1, n), dim=1)
+    suspicious = (values[:, 1:] == values[:, :-1]).any(dim=1)
+    values, indices = values[:, :k], indices[:, :k]
     if bool(suspicious.any()):
         rows = suspicious.nonzero().squeeze(1)
         sorted_values, sorted_indices = torch.sort(sims[rows], dim=1, descending=True, stable=True)

@@ -116,6 +116,8 @@ class FlowTracer:
             decoder direction promotes (logit lens), and its ``d_model`` must match.
         device: where matching runs (default: where the SAEs are).
         chunk_size: rows per chunk of the similarity computation (default: ~128 MB).
+        contexts: optional :class:`~tl_featureflow.contexts.TopContexts`; node labels
+            then end with each feature's strongest context.
     """
 
     def __init__(
@@ -125,6 +127,7 @@ class FlowTracer:
         *,
         device: torch.device | str | None = None,
         chunk_size: int | None = None,
+        contexts: Any | None = None,
     ):
         if not isinstance(bank, SAEBank):
             raise FeatureFlowError(f"FlowTracer needs an SAEBank, got {type(bank).__name__}")
@@ -139,6 +142,7 @@ class FlowTracer:
         first = next(iter(bank.values()))
         self.device = torch.device(device) if device is not None else first.W_dec.device
         self.chunk_size = chunk_size
+        self.contexts = contexts
         self._matches: dict[tuple[Key, Key, int], Matching] = {}
         self._rotations: dict[int, Tensor] = {}
 
@@ -297,7 +301,7 @@ class FlowTracer:
         seed = self._res_ref(ref)
         if direction not in ("backward", "forward", "both"):
             raise FeatureFlowError(f"direction={direction!r}: expected 'backward', 'forward' or 'both'")
-        labels = self.model is not None if labels is None else labels
+        labels = (self.model is not None or self.contexts is not None) if labels is None else labels
         nodes: dict[FeatureRef, FlowNode] = {}
         edges: list[FlowEdge] = []
 
@@ -357,10 +361,16 @@ class FlowTracer:
         return list(zip(names, values.tolist()))
 
     def describe(self, ref: FeatureRef | str, k: int = 5) -> str | None:
-        """A short label: the top logit-lens tokens, or None without a model."""
-        if self.model is None:
-            return None
-        return " ".join(repr(token) for token, _ in self.logit_lens(ref, k))
+        """A short label: the top logit-lens tokens, then the strongest context when known."""
+        parts = []
+        if self.model is not None:
+            parts.append(" ".join(repr(token) for token, _ in self.logit_lens(ref, k)))
+        ref = FeatureRef.parse(ref)
+        if self.contexts is not None and ref.key in self.contexts.values:
+            examples = self.contexts.examples(ref, getattr(self.model, "tokenizer", None), window=6)
+            if examples:
+                parts.append(examples[0].text.replace("\n", " "))
+        return " | ".join(parts) or None
 
     # -- the full map ----------------------------------------------------------------------------
     def fingerprint(self) -> str:

@@ -4,58 +4,28 @@ import math
 
 import pytest
 import torch
-from conftest import make_bank, make_sae
+from conftest import make_bank
 
 import tl_featureflow as ff
 from tl_featureflow import FeatureRef, FlowGraph, FlowMap, FlowTracer, SAEBank
 from tl_featureflow.graph import MAP_INDEX
+from tl_featureflow.synthetic import planted_chain_bank, sae_from_decoder
 
 D = 64
 WIDTH = 12
-
-
-def _basis() -> torch.Tensor:
-    q, _ = torch.linalg.qr(torch.randn(D, D, generator=torch.Generator().manual_seed(0)))
-    return q.T.contiguous()  # rows are orthonormal
-
-
-def _sae_with(site: str, layer: int, rows: torch.Tensor, arch: str = "standard"):
-    sae = make_sae(site, layer, d_in=D, d_sae=rows.shape[0], arch=arch, seed=layer)
-    with torch.no_grad():
-        sae.W_dec.copy_(rows * (1 + layer))  # non-unit norms: matching must not care
-    return sae
-
-
-# Planted chain: res features c_0..c_3 with cos(c_l, c_{l+1}) = A[l]; c_{l+1} adds E[20 + l].
 A = [0.9, 0.6, 0.3]
 CHAIN_INDEX = [3, 7, 1, 5]        # where the chain feature sits in each layer's res SAE
 
 
+def _sae_with(site: str, layer: int, rows: torch.Tensor):
+    return sae_from_decoder(site, layer, rows * (1 + layer))  # non-unit norms: matching must not care
+
+
 @pytest.fixture
 def planted():
-    E = _basis()
-    chain = [E[0]]
-    for l, a in enumerate(A):
-        chain.append(a * chain[-1] + math.sqrt(1 - a * a) * E[20 + l])
-    saes = {}
-    for layer in range(4):
-        # fillers: basis vectors private to the layer (orthogonal to everything else)
-        start = 30 + 8 * layer if layer < 3 else 50   # consecutive layers share 4 fillers
-        rows = E[start:start + WIDTH].clone()
-        rows[CHAIN_INDEX[layer]] = chain[layer]
-        saes[("res", layer)] = _sae_with("res", layer, rows)
-    # Layer 2: mlp holds what the chain gained (E[21]), and a feature copied into res 2 (newborn);
-    # att holds a feature of a "processed" res feature at slot 9 (E[30 + 8*1 + 9] = E[47] also in res 1).
-    res2 = saes[("res", 2)].W_dec.detach().clone() / 3
-    res2[0] = E[62]                              # newborn: only in mlp 2
-    res2[9] = E[47]                              # processed: in res 1 (slot 9) and att 2
-    res2[10] = E[63]                             # unexplained: nowhere else
-    saes[("res", 2)] = _sae_with("res", 2, res2)
-    mlp2 = torch.stack([E[21], E[62], E[5], E[6]])
-    att2 = torch.stack([E[8], 0.8 * E[47] + 0.6 * E[9], E[10]])
-    saes[("mlp", 2)] = _sae_with("mlp", 2, mlp2, arch="jumprelu")
-    saes[("att", 2)] = _sae_with("att", 2, att2, arch="topk")
-    return SAEBank(saes), chain
+    bank, truth = planted_chain_bank(D, WIDTH, cosines=tuple(A))
+    assert truth.chain == [f"{layer}/res/{slot}" for layer, slot in enumerate(CHAIN_INDEX)]
+    return bank, truth
 
 
 def test_match_recovers_a_planted_permutation():
@@ -92,12 +62,12 @@ def test_predecessors_name_planted_sources(planted):
 def test_classify_planted_cases_and_report_thresholds(planted):
     bank, _ = planted
     tracer = FlowTracer(bank)
+    bank, truth = planted
     result = tracer.classify(2, thresholds="paper")
     assert result.thresholds == {"res": 0.5, "mlp": 0.15, "att": 0.15} and result.method == "paper"
-    assert result.label(0) == "newborn"
+    assert {ref: result.label(FeatureRef.parse(ref).index) for ref in truth.labels_layer2} == truth.labels_layer2
     assert result.label(CHAIN_INDEX[2]) == "processed"   # s(R)=0.6, s(M)=0.8
-    assert result.label(9) == "processed"                 # s(R)=1, s(A)=0.8
-    assert result.label(10) == "unexplained"
+    assert result.counts() == {"translated": 2, "processed": 2, "newborn": 1, "unexplained": 7}
     fixed = tracer.classify(2, thresholds={"res": 0.7, "mlp": 0.9, "att": 0.9})
     assert fixed.label(CHAIN_INDEX[2]) == "unexplained" and fixed.method == "fixed"
     assert sum(result.counts().values()) == WIDTH

@@ -111,17 +111,10 @@ def main() -> None:
     print(f"peak memory of match at {big}x{big} (d={d}): {mem['peak_above_inputs'] / 2**30:.2f} GiB above "
           f"inputs of {mem['inputs'] / 2**30:.2f} GiB (goal <= 2 GiB)")
 
-    from tests.conftest import make_sae  # noqa: E402  (tiny helper reused for SAE construction)
-    from tl_featureflow import FlowTracer, SAEBank
+    from tl_featureflow import FlowTracer
+    from tl_featureflow.synthetic import random_bank
 
-    saes = {}
-    for layer in range(6):
-        for i, site in enumerate(("res", "mlp", "att")):
-            sae = make_sae(site, layer, d_in=d, d_sae=8, seed=0)
-            sae.W_dec = torch.nn.Parameter(_decoders(n, d, device, 10 * layer + i))
-            sae.cfg.d_sae = n
-            saes[(site, layer)] = sae
-    bank = SAEBank(saes)
+    bank = random_bank(range(6), d_sae=n, d_model=d, device=device)
     tracer = FlowTracer(bank, device=device)
     t_map = _time(lambda: tracer.flow_map(thresholds="paper", progress=False), device)
     pairs = [(tracer.predecessor_keys(layer)[s], ("res", layer)) for layer in range(6) for s in tracer.predecessor_keys(layer)]

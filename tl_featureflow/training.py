@@ -1,0 +1,343 @@
+"""SAE banks trained here with SAELens, for the embedded model or any HookedTransformer.
+
+One model forward pass feeds every SAE: SAELens's ``MultiSAETrainer`` (optimisers,
+losses, learning-rate schedule, dead-feature tracking, per-SAE checkpoints) is driven
+by a deterministic activation stream of ours. The stream is a pure function of the
+corpus, the seed and the step, so an interrupted run resumes from its last complete
+checkpoint and ends with the same SAEs as an uninterrupted run.
+
+SAEs are trained as BatchTopK (a fixed average number ``k`` of active features per
+token: sparsity is set directly instead of tuned through an L1 coefficient) and saved
+by SAELens as **JumpReLU** SAEs with the learned threshold, so everything that expects
+JumpReLU thresholds (folding, threshold-scaled steering) works on them.
+
+>>> bank = train_bank(model, preset="quick", out="banks/smollm2-quick")   # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from jaxtyping import Int
+from torch import Tensor
+
+from tl_featureflow._files import atomic_write_json
+from tl_featureflow.bank import SAEBank
+from tl_featureflow.errors import FeatureFlowError, ModelMismatchError
+from tl_featureflow.refs import SITES, Site, check_layer, hook_name
+
+__all__ = ["Preset", "PRESETS", "preset_layers", "ActivationStream", "train_bank"]
+
+Key = tuple[Site, int]
+_COMPLETE = "complete.json"
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Training settings. Widths are multiples of ``d_model``; layers are chosen per model.
+
+    ``n_layers=None`` means every layer; otherwise that many consecutive layers
+    centred on the middle of the model.
+    """
+
+    name: str
+    n_layers: int | None
+    expansion: int
+    k: float
+    training_tokens: int
+    lr: float = 3e-3
+    batch_tokens: int = 256
+    chunk_rows: int = 64
+    context_size: int = 128
+    n_checkpoints: int = 4
+    dead_feature_window: int = 50
+    n_norm_batches: int = 10
+
+    def describe(self) -> str:
+        layers = "all layers" if self.n_layers is None else f"{self.n_layers} middle layers"
+        return (f"{self.name}: {layers} x res/mlp/att, d_sae {self.expansion} x d_model, BatchTopK k={self.k:g}, "
+                f"{self.training_tokens:,} tokens")
+
+
+PRESETS: dict[str, Preset] = {
+    # ~15 minutes on a 2-core CPU for SmolLM2 (layers 12-17): see docs/performance.md
+    "quick": Preset("quick", n_layers=6, expansion=4, k=32, training_tokens=300_000),
+    # every layer and site: hours on a CPU, minutes on a GPU
+    "full": Preset("full", n_layers=None, expansion=4, k=32, training_tokens=2_000_000),
+    # seconds, for tests and trying the pipeline on a new model
+    "tiny": Preset("tiny", n_layers=2, expansion=2, k=4, training_tokens=8_192, batch_tokens=128,
+                   chunk_rows=16, context_size=32, n_checkpoints=2, dead_feature_window=20, n_norm_batches=4),
+}
+
+
+def preset_layers(preset: Preset, n_layers: int) -> list[int]:
+    """The layers a preset trains on a model of ``n_layers`` layers."""
+    if preset.n_layers is None or preset.n_layers >= n_layers:
+        return list(range(n_layers))
+    start = max(0, n_layers // 2 - preset.n_layers // 2)
+    return list(range(start, start + preset.n_layers))
+
+
+class ActivationStream:
+    """Deterministic batches of activations at several hooks, one forward pass per chunk.
+
+    Batch ``i`` is a pure function of the token rows, the seed and ``i``: rows are
+    visited in a seeded order per epoch, ``chunk_rows`` rows at a time; the chunk's
+    tokens (position 0 skipped: BOS and attention-sink activations are outliers) are
+    shuffled with a seed of their own and cut into batches of ``batch_tokens``.
+    """
+
+    def __init__(self, model: Any, tokens: Int[Tensor, "n_rows ctx"], hooks: Sequence[str], *,
+                 batch_tokens: int, chunk_rows: int, seed: int = 0, stop_at_layer: int | None = None):
+        if tokens.shape[0] < chunk_rows:
+            raise FeatureFlowError(
+                f"the corpus has {tokens.shape[0]} rows but one chunk needs {chunk_rows}: use more text or a smaller chunk"
+            )
+        self.model, self.tokens, self.hooks = model, tokens, list(hooks)
+        self.batch_tokens, self.chunk_rows, self.seed, self.stop_at_layer = batch_tokens, chunk_rows, seed, stop_at_layer
+        chunk_tokens = chunk_rows * (tokens.shape[1] - 1)
+        self.batches_per_chunk = chunk_tokens // batch_tokens
+        if self.batches_per_chunk < 1:
+            raise FeatureFlowError(f"a chunk holds {chunk_tokens} tokens, fewer than one batch of {batch_tokens}")
+        self.chunks_per_epoch = tokens.shape[0] // chunk_rows
+        self._cached: tuple[int, dict[str, Tensor]] | None = None
+
+    def _chunk(self, index: int) -> dict[str, Tensor]:
+        if self._cached is not None and self._cached[0] == index:
+            return self._cached[1]
+        epoch, within = divmod(index, self.chunks_per_epoch)
+        order = torch.randperm(self.tokens.shape[0], generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch))
+        rows = self.tokens[order[within * self.chunk_rows:(within + 1) * self.chunk_rows]]
+        device = next(self.model.parameters()).device
+        with torch.no_grad():
+            _, cache = self.model.run_with_cache(rows.to(device), names_filter=self.hooks, stop_at_layer=self.stop_at_layer)
+        shuffle = torch.randperm(rows.shape[0] * (rows.shape[1] - 1),
+                                 generator=torch.Generator().manual_seed(self.seed * 7_919 + index))
+        acts = {h: cache[h][:, 1:].reshape(-1, cache[h].shape[-1])[shuffle.to(device)] for h in self.hooks}
+        self._cached = (index, acts)
+        return acts
+
+    def batch(self, index: int) -> dict[str, Tensor]:
+        chunk, offset = divmod(index, self.batches_per_chunk)
+        acts = self._chunk(chunk)
+        sl = slice(offset * self.batch_tokens, (offset + 1) * self.batch_tokens)
+        return {h: a[sl] for h, a in acts.items()}
+
+    def iterate(self, start: int = 0) -> Iterator[dict[str, Tensor]]:
+        index = start
+        while True:
+            yield self.batch(index)
+            index += 1
+
+
+def _check_request(model: Any, sites: Sequence[str], layers: Sequence[int]) -> tuple[list[Site], list[int]]:
+    bad_sites = [s for s in sites if s not in SITES]
+    if bad_sites or not sites:
+        raise FeatureFlowError(f"unknown sites {bad_sites or list(sites)}: expected some of {SITES}")
+    layers = [check_layer(layer) for layer in layers]
+    too_deep = [layer for layer in layers if layer >= model.cfg.n_layers]
+    if too_deep or not layers:
+        raise ModelMismatchError(
+            f"layers {too_deep or layers} are not layers of the model, which has {model.cfg.n_layers} (0-{model.cfg.n_layers - 1})"
+        )
+    return [s for s in SITES if s in sites], sorted(set(layers))  # type: ignore[misc]
+
+
+def _latest_checkpoint(folder: Path) -> Path | None:
+    """The newest checkpoint with a completion mark; partial ones are deleted."""
+    if not folder.is_dir():
+        return None
+    best: tuple[int, Path] | None = None
+    for path in folder.iterdir():
+        mark = path / _COMPLETE
+        if not mark.is_file():
+            shutil.rmtree(path, ignore_errors=True)  # a crash mid-write: never resumed from
+            continue
+        steps = json.loads(mark.read_text())["steps_done"]
+        if best is None or steps > best[0]:
+            best = (steps, path)
+    return best[1] if best else None
+
+
+def train_bank(
+    model: Any,
+    *,
+    sites: Sequence[Site] = SITES,
+    layers: Sequence[int] | None = None,
+    preset: str | Preset = "quick",
+    out: str | Path,
+    tokens: Int[Tensor, "n_rows ctx"] | None = None,
+    training_tokens: int | None = None,
+    seed: int = 0,
+    metadata: dict[str, Any] | None = None,
+    progress: bool = True,
+) -> SAEBank:
+    """Train one SAE per ``(site, layer)`` with SAELens and return them as an :class:`SAEBank`.
+
+    Args:
+        model: a HookedTransformer (the embedded SmolLM2 or any other).
+        sites, layers: what to train (default layers: the preset's choice for this model).
+        preset: ``"quick"``, ``"full"``, ``"tiny"`` or a :class:`Preset`.
+        out: the run folder. Checkpoints go to ``out/checkpoints`` (resumed from when
+            present), the bank to ``out/bank``. A folder holding another run is refused.
+        tokens: ``[n_rows, ctx]`` training rows (default: the offline corpus's train split).
+        training_tokens: overrides the preset's token budget.
+
+    Returns the bank, also saved (atomically) to ``out/bank``; its metadata records the
+    model, corpus hash, preset, tokens and library versions.
+    """
+    import sae_lens
+    from sae_lens import BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig
+    from sae_lens.config import SAETrainerConfig
+    from sae_lens.saes.sae import SAE
+    from sae_lens.training.multi_sae_trainer import MultiSAETrainer
+
+    import tl_featureflow
+
+    preset = PRESETS[preset] if isinstance(preset, str) and preset in PRESETS else preset
+    if not isinstance(preset, Preset):
+        raise FeatureFlowError(f"unknown preset {preset!r}: expected one of {sorted(PRESETS)} or a Preset")
+    if training_tokens is not None:
+        preset = replace(preset, training_tokens=int(training_tokens))
+    sites, layers = _check_request(model, sites, preset_layers(preset, model.cfg.n_layers) if layers is None else layers)
+    corpus_meta: dict[str, Any]
+    if tokens is None:
+        from tl_featureflow.corpus import load_corpus
+
+        corpus = load_corpus(model.tokenizer, "train", context_size=preset.context_size, progress=progress)
+        tokens, corpus_meta = corpus.tokens, {"hash": corpus.hash, "version": corpus.meta["version"]}
+    else:
+        import hashlib
+
+        corpus_meta = {"hash": hashlib.sha256(tokens.cpu().numpy().tobytes()).hexdigest()[:16], "version": "given"}
+    keys: list[Key] = [(site, layer) for layer in layers for site in sites]
+    names = {f"{site}_{layer}": (site, layer) for site, layer in keys}
+    hooks = {name: hook_name(*key) for name, key in names.items()}
+    d_model = model.cfg.d_model
+    run = {
+        "model": getattr(model.cfg, "model_name", "unknown"), "d_model": d_model, "n_layers": model.cfg.n_layers,
+        "preset": asdict(preset), "keys": [list(k) for k in keys], "seed": seed, "corpus": corpus_meta,
+    }
+    out = Path(out)
+    run_file = out / "run.json"
+    if run_file.is_file():
+        previous = json.loads(run_file.read_text())
+        if previous != run:
+            changed = sorted(k for k in run if run[k] != previous.get(k))
+            raise FeatureFlowError(f"{out} holds another training run (differs in {changed}): use another folder")
+    elif out.exists() and any(out.iterdir()):
+        raise FeatureFlowError(f"refusing to train into {out}: it exists, is not empty and holds no training run")
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(run_file, run)
+
+    device = str(next(model.parameters()).device)
+    sae_cfgs = {name: BatchTopKTrainingSAEConfig(
+        d_in=d_model, d_sae=preset.expansion * d_model, k=preset.k, device=device,
+        normalize_activations="expected_average_only_in") for name in names}
+    torch.manual_seed(seed)
+    saes = {name: BatchTopKTrainingSAE(cfg) for name, cfg in sae_cfgs.items()}
+    for name, sae in saes.items():
+        sae.cfg.metadata.hook_name = hooks[name]
+        sae.cfg.metadata.model_name = run["model"]
+    checkpoint_dir = out / "checkpoints"
+    trainer_cfg = SAETrainerConfig(
+        total_training_samples=preset.training_tokens, train_batch_size_samples=preset.batch_tokens,
+        lr=preset.lr, lr_end=preset.lr / 10, device=device, dead_feature_window=preset.dead_feature_window,
+        feature_sampling_window=max(preset.dead_feature_window, 100), n_checkpoints=preset.n_checkpoints,
+        checkpoint_path=str(checkpoint_dir), n_batches_for_norm_estimate=preset.n_norm_batches,
+    )
+    stream = ActivationStream(model, tokens, list(dict.fromkeys(hooks.values())), batch_tokens=preset.batch_tokens,
+                              chunk_rows=preset.chunk_rows, seed=seed, stop_at_layer=max(layers) + 1)
+    multi: MultiSAETrainer
+
+    def mark_complete(checkpoint_path: Path | None) -> None:
+        if checkpoint_path is not None:
+            atomic_write_json(checkpoint_path / _COMPLETE, {"steps_done": multi.n_training_steps + 1})
+
+    multi = MultiSAETrainer(cfg=trainer_cfg, saes=saes, hook_names=hooks, data_provider=iter(()),
+                            save_checkpoint_fn=mark_complete)
+    resume = _latest_checkpoint(checkpoint_dir)
+    if resume is not None:
+        multi.load_checkpoint(resume)
+        # SAELens saves inside the step, before the step counters advance.
+        for trainer in multi.trainers.values():
+            trainer.n_training_steps += 1
+        multi.n_training_steps += 1
+        multi.checkpoint_thresholds = [t for t in multi.checkpoint_thresholds if t >= multi.n_training_samples]
+        if progress:
+            print(f"resuming from {resume} at {multi.n_training_samples:,} tokens")
+    multi.data_provider = _ProgressStream(stream.iterate(multi.n_training_steps), preset, multi.n_training_samples,
+                                          progress)
+    start = time.perf_counter()
+    try:
+        with _quiet_sae_lens_bars():
+            if resume is None:  # the scaling factors come back with a checkpoint
+                norm_batches = [stream.batch(i) for i in range(preset.n_norm_batches)]
+                for name, trainer in multi.trainers.items():
+                    trainer.activation_scaler.estimate_scaling_factor(
+                        d_in=d_model, data_provider=iter([b[hooks[name]] for b in norm_batches]),
+                        n_batches_for_norm_estimate=preset.n_norm_batches)
+            trained = multi.fit()
+    finally:
+        multi.data_provider.close()  # type: ignore[attr-defined]
+    elapsed = time.perf_counter() - start
+
+    final = out / "inference"
+    inference: dict[Key, SAE] = {}
+    for name, sae in trained.items():
+        sae.save_inference_model(final / name)
+        inference[names[name]] = SAE.load_from_disk(final / name, device=device)
+    bank = SAEBank(inference, metadata={
+        **(metadata or {}), "model": run["model"], "corpus": corpus_meta, "preset": preset.name,
+        "preset_settings": asdict(preset), "training_tokens": preset.training_tokens, "seed": seed,
+        "train_seconds_last_session": round(elapsed, 1), "tl_featureflow": tl_featureflow.__version__,
+        "sae_lens": sae_lens.__version__, "torch": torch.__version__,
+    })
+    bank.save(out / "bank")
+    return bank
+
+
+class _ProgressStream:
+    """Wraps the batch iterator with a progress bar showing tokens/s and ETA."""
+
+    def __init__(self, batches: Iterator[dict[str, Tensor]], preset: Preset, done: int, progress: bool):
+        from tqdm.auto import tqdm
+
+        self._batches = batches
+        self._bar = tqdm(total=preset.training_tokens, initial=done, unit="tok", unit_scale=True,
+                         desc=f"training SAEs ({preset.name})", disable=not progress, smoothing=0.05)
+        self._step = preset.batch_tokens
+
+    def __iter__(self) -> _ProgressStream:
+        return self
+
+    def __next__(self) -> dict[str, Tensor]:
+        batch = next(self._batches)
+        self._bar.update(self._step)
+        return batch
+
+    def close(self) -> None:
+        self._bar.close()
+
+
+class _quiet_sae_lens_bars:
+    """SAELens's own tqdm bars (training, norm estimation) are replaced by ours."""
+
+    def __enter__(self) -> None:
+        import sae_lens.training.activation_scaler as scaler
+        import sae_lens.training.multi_sae_trainer as trainer
+
+        self._saved = [(module, module.tqdm) for module in (scaler, trainer)]
+        for module, original in self._saved:
+            module.tqdm = lambda *a, _t=original, **k: _t(*a, **{**k, "disable": True})  # type: ignore[attr-defined]
+
+    def __exit__(self, *exc: object) -> None:
+        for module, original in self._saved:
+            module.tqdm = original  # type: ignore[attr-defined]

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from tl_featureflow._files import atomic_directory, file_sha256, read_manifest, write_manifest
-from tl_featureflow.errors import CacheError, MissingDependencyError
+from tl_featureflow.errors import CacheError, FeatureFlowError, MissingDependencyError
 from tl_featureflow.model import FlowTransformer
 
 __all__ = [
@@ -38,6 +38,8 @@ __all__ = [
     "embedded_model_dir",
     "load_embedded_model",
     "load_embedded_hf_model",
+    "embedded_bank_dir",
+    "load_embedded_bank",
 ]
 
 logger = logging.getLogger(__name__)
@@ -190,3 +192,60 @@ def load_embedded_model(
     state = {k: v.to(dtype) for k, v in state.items()}
     model.load_and_process_state_dict(state, **_NO_PROCESSING)
     return model.eval()
+
+
+def embedded_bank_dir(preset: str = "quick") -> Path:
+    """Run folder of the embedded model's bank for ``preset`` (the bank is in ``bank/``).
+
+    The name includes the corpus hash and the training-format version, so a bank for
+    another corpus or format is never picked up.
+    """
+    from transformers import AutoTokenizer
+
+    from tl_featureflow.corpus import load_corpus
+    from tl_featureflow.training import PRESETS, TRAINING_VERSION
+
+    if preset not in PRESETS:
+        raise FeatureFlowError(f"unknown preset {preset!r}: expected one of {sorted(PRESETS)}")
+    tokenizer = AutoTokenizer.from_pretrained(_verified_cache(embedded_model_dir(), verify=False))
+    corpus = load_corpus(tokenizer, "train", context_size=PRESETS[preset].context_size, progress=False)
+    return cache_root() / "banks" / f"{EMBEDDED_MODEL_NAME}-{preset}-corpus{corpus.hash}-v{TRAINING_VERSION}"
+
+
+def load_embedded_bank(
+    preset: str = "quick",
+    *,
+    model: FlowTransformer | None = None,
+    train: bool = True,
+    device: torch.device | str = "cpu",
+) -> Any:
+    """The embedded model's SAE bank for ``preset``, trained here on first use.
+
+    The bank is read from :func:`embedded_bank_dir`. When it is missing and ``train`` is
+    true, the preset is trained (after saying so, with the expected time; an interrupted
+    training resumes on the next call). Its metadata must name the embedded model, the
+    current corpus and the preset, or it is refused. A bank whose quality report flags
+    SAEs warns on every load.
+    """
+    from tl_featureflow.bank import SAEBank
+    from tl_featureflow.quality import QualityReport
+    from tl_featureflow.training import PRESETS, train_bank
+
+    folder = embedded_bank_dir(preset)
+    if not (folder / "bank" / "bank.json").is_file():
+        if not train:
+            raise CacheError(f"no {preset!r} bank for the embedded model at {folder}: call with train=True")
+        expected = {"quick": "about 15 minutes on 2 CPU cores", "full": "hours on a CPU"}.get(preset, "a while")
+        print(f"No SAE bank for {EMBEDDED_MODEL_NAME} yet: training the {PRESETS[preset].describe()} "
+              f"({expected}) into {folder}. An interrupted run resumes where it stopped.", flush=True)
+        model = model if model is not None else load_embedded_model(device=device)
+        train_bank(model, preset=preset, out=folder, metadata={"embedded": True})
+    bank = SAEBank.load(folder / "bank", device=device)
+    meta = bank.metadata
+    expected_meta = {"model": EMBEDDED_MODEL_NAME, "preset": preset, "embedded": True}
+    wrong = {k: meta.get(k) for k, v in expected_meta.items() if meta.get(k) != v}
+    if wrong or folder.name.split("-corpus")[1].split("-v")[0] != meta.get("corpus", {}).get("hash"):
+        raise CacheError(f"the bank at {folder} is not the embedded model's {preset!r} bank for this corpus: {wrong or meta.get('corpus')}")
+    if meta.get("quality"):
+        QualityReport.from_dict(meta["quality"]).warn_if_flagged(f"the embedded {preset!r} bank")
+    return bank

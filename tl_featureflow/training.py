@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
@@ -33,10 +34,11 @@ from tl_featureflow.bank import SAEBank
 from tl_featureflow.errors import FeatureFlowError, ModelMismatchError
 from tl_featureflow.refs import SITES, Site, check_layer, hook_name
 
-__all__ = ["Preset", "PRESETS", "preset_layers", "ActivationStream", "train_bank"]
+__all__ = ["TRAINING_VERSION", "Preset", "PRESETS", "preset_layers", "ActivationStream", "train_bank"]
 
 Key = tuple[Site, int]
 _COMPLETE = "complete.json"
+TRAINING_VERSION = 1  # bump when presets or the training recipe change what a bank means
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,8 @@ class Preset:
     n_checkpoints: int = 4
     dead_feature_window: int = 50
     n_norm_batches: int = 10
+    eval_rows: int = 256
+    loss_rows: int = 16
 
     def describe(self) -> str:
         layers = "all layers" if self.n_layers is None else f"{self.n_layers} middle layers"
@@ -68,12 +72,13 @@ class Preset:
 
 PRESETS: dict[str, Preset] = {
     # ~15 minutes on a 2-core CPU for SmolLM2 (layers 12-17): see docs/performance.md
-    "quick": Preset("quick", n_layers=6, expansion=4, k=32, training_tokens=300_000),
+    "quick": Preset("quick", n_layers=6, expansion=4, k=32, training_tokens=180_224, n_norm_batches=4),
     # every layer and site: hours on a CPU, minutes on a GPU
     "full": Preset("full", n_layers=None, expansion=4, k=32, training_tokens=2_000_000),
     # seconds, for tests and trying the pipeline on a new model
-    "tiny": Preset("tiny", n_layers=2, expansion=2, k=4, training_tokens=8_192, batch_tokens=128,
-                   chunk_rows=16, context_size=32, n_checkpoints=2, dead_feature_window=20, n_norm_batches=4),
+    "tiny": Preset("tiny", n_layers=2, expansion=2, k=4, training_tokens=32_768, batch_tokens=128,
+                   chunk_rows=16, context_size=32, n_checkpoints=2, dead_feature_window=20, n_norm_batches=4,
+                   eval_rows=32, loss_rows=4),
 }
 
 
@@ -174,6 +179,7 @@ def train_bank(
     preset: str | Preset = "quick",
     out: str | Path,
     tokens: Int[Tensor, "n_rows ctx"] | None = None,
+    eval_tokens: Int[Tensor, "n_rows ctx"] | None = None,
     training_tokens: int | None = None,
     seed: int = 0,
     metadata: dict[str, Any] | None = None,
@@ -188,6 +194,8 @@ def train_bank(
         out: the run folder. Checkpoints go to ``out/checkpoints`` (resumed from when
             present), the bank to ``out/bank``. A folder holding another run is refused.
         tokens: ``[n_rows, ctx]`` training rows (default: the offline corpus's train split).
+        eval_tokens: held-out rows for the quality report (default: the corpus's held-out
+            split when ``tokens`` is not given; no report when neither is available).
         training_tokens: overrides the preset's token budget.
 
     Returns the bank, also saved (atomically) to ``out/bank``; its metadata records the
@@ -213,6 +221,9 @@ def train_bank(
 
         corpus = load_corpus(model.tokenizer, "train", context_size=preset.context_size, progress=progress)
         tokens, corpus_meta = corpus.tokens, {"hash": corpus.hash, "version": corpus.meta["version"]}
+        if eval_tokens is None:
+            eval_tokens = load_corpus(model.tokenizer, "heldout", context_size=preset.context_size,
+                                      progress=progress).tokens
     else:
         import hashlib
 
@@ -289,16 +300,26 @@ def train_bank(
         multi.data_provider.close()  # type: ignore[attr-defined]
     elapsed = time.perf_counter() - start
 
-    final = out / "inference"
     inference: dict[Key, SAE] = {}
-    for name, sae in trained.items():
-        sae.save_inference_model(final / name)
-        inference[names[name]] = SAE.load_from_disk(final / name, device=device)
+    with tempfile.TemporaryDirectory(dir=out, prefix=".inference-") as final:
+        for name, sae in trained.items():  # BatchTopK -> JumpReLU, SAELens's own conversion
+            sae.save_inference_model(Path(final) / name)
+            inference[names[name]] = SAE.load_from_disk(Path(final) / name, device=device)
+    quality = None
+    if eval_tokens is not None:
+        from tl_featureflow.quality import evaluate_bank
+
+        report = evaluate_bank(model, SAEBank(inference), eval_tokens[:preset.eval_rows], loss_rows=preset.loss_rows,
+                               progress=progress)
+        quality = report.to_dict()
+        if progress:
+            print(report.table())
+        report.warn_if_flagged(f"the bank trained in {out}")
     bank = SAEBank(inference, metadata={
         **(metadata or {}), "model": run["model"], "corpus": corpus_meta, "preset": preset.name,
         "preset_settings": asdict(preset), "training_tokens": preset.training_tokens, "seed": seed,
         "train_seconds_last_session": round(elapsed, 1), "tl_featureflow": tl_featureflow.__version__,
-        "sae_lens": sae_lens.__version__, "torch": torch.__version__,
+        "sae_lens": sae_lens.__version__, "torch": torch.__version__, "quality": quality,
     })
     bank.save(out / "bank")
     return bank

@@ -21,3 +21,13 @@ def test_demo_arguments_parse():
 def test_no_command_prints_help(capsys):
     assert main([]) == 2
     assert "usage: featureflow" in capsys.readouterr().out
+
+
+def test_train_saes_arguments_parse():
+    args = build_parser().parse_args(["train-saes", "--preset", "tiny", "--layers", "1", "2", "--sites", "res",
+                                      "--out", "x"])
+    assert (args.preset, args.layers, args.sites, args.out) == ("tiny", [1, 2], ["res"], "x")
+    import pytest
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train-saes", "--sites", "resid"])

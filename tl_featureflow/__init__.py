@@ -55,6 +55,8 @@ _EXPORTS: dict[str, str] = {
     "permutation_match": "tl_featureflow.matching",
     "fold_jumprelu_threshold": "tl_featureflow.matching",
     "cache_root": "tl_featureflow.embedded",
+    "load_embedded_bank": "tl_featureflow.embedded",
+    "train_bank": "tl_featureflow.training",
 }
 
 __all__ = ["__version__", *_EXPORTS]
@@ -62,7 +64,8 @@ __all__ = ["__version__", *_EXPORTS]
 if TYPE_CHECKING:  # pragma: no cover
     from tl_featureflow.bank import SAEBank
     from tl_featureflow.contexts import TopContexts, collect_top_contexts
-    from tl_featureflow.embedded import cache_root, load_embedded_model
+    from tl_featureflow.embedded import cache_root, load_embedded_bank, load_embedded_model
+    from tl_featureflow.training import train_bank
     from tl_featureflow.errors import (
         BankError,
         CacheError,

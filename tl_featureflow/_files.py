@@ -26,6 +26,7 @@ __all__ = [
     "atomic_write_json",
     "atomic_directory",
     "file_sha256",
+    "tensor_digest",
     "write_manifest",
     "read_manifest",
 ]
@@ -98,6 +99,11 @@ def file_sha256(path: str | Path) -> str:
         while chunk := f.read(_CHUNK):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def tensor_digest(tensor: Any, length: int = 16) -> str:
+    """Short hex SHA-256 of a tensor's bytes (identifies token sets and corpora)."""
+    return hashlib.sha256(tensor.detach().cpu().contiguous().numpy().tobytes()).hexdigest()[:length]
 
 
 def write_manifest(folder: Path, name: str, content: Mapping[str, Any]) -> dict[str, Any]:

@@ -24,6 +24,26 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_saes(args: argparse.Namespace) -> int:
+    start = time.perf_counter()
+    from tl_featureflow.embedded import load_embedded_bank, load_embedded_model
+    from tl_featureflow.quality import QualityReport
+    from tl_featureflow.training import train_bank
+
+    if args.out is None and args.layers is None and args.sites is None and args.tokens is None:
+        bank = load_embedded_bank(args.preset, device=args.device)
+    else:
+        model = load_embedded_model(device=args.device)
+        out = args.out or f"featureflow-out/bank-{args.preset}"
+        bank = train_bank(model, preset=args.preset, out=out, layers=args.layers,
+                          sites=args.sites or ("res", "mlp", "att"), training_tokens=args.tokens)
+        print(f"bank saved to {out}/bank")
+    if bank.metadata.get("quality"):
+        print(QualityReport.from_dict(bank.metadata["quality"]).table())
+    print(f"{bank!r} ready in {time.perf_counter() - start:.0f} s")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="featureflow",
@@ -41,6 +61,26 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--prompt", default=DEMO_PROMPT, help="prompt to complete")
     demo.add_argument("--max-new-tokens", type=int, default=8, help="tokens to generate (default: 8)")
     demo.set_defaults(func=_demo)
+
+    train = sub.add_parser(
+        "train-saes",
+        help="train an SAE bank for the embedded model with SAELens",
+        description="Train one SAE per (site, layer) on the offline corpus. Without --out/--layers/--sites/--tokens "
+        "this builds (or reuses) the embedded model's default bank in the cache, which the other commands use.",
+        epilog="examples:\n  featureflow train-saes --preset quick\n"
+        "  featureflow train-saes --preset full\n"
+        "  featureflow train-saes --preset quick --layers 10 11 12 --sites res mlp --out my-bank\n"
+        "An interrupted run resumes from its last checkpoint when run again with the same arguments.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    train.add_argument("--preset", default="quick", choices=["quick", "full", "tiny"],
+                       help="quick: 6 middle layers, ~15 min on 2 CPU cores; full: every layer (hours); tiny: seconds")
+    train.add_argument("--layers", type=int, nargs="+", help="layers to train (default: the preset's)")
+    train.add_argument("--sites", nargs="+", choices=["res", "mlp", "att"], help="sites (default: all three)")
+    train.add_argument("--tokens", type=int, help="training tokens (default: the preset's)")
+    train.add_argument("--out", help="run folder (default: the embedded model's bank in the cache)")
+    train.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    train.set_defaults(func=_train_saes)
     return parser
 
 

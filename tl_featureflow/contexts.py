@@ -12,7 +12,6 @@ Example(activation=7.1, text='... the Eiffel [Tower] is ...', doc=3, pos=17)
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -21,7 +20,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from tl_featureflow._files import atomic_directory, read_manifest, write_manifest
+from tl_featureflow._files import atomic_directory, read_manifest, tensor_digest, write_manifest
 from tl_featureflow.bank import SAEBank
 from tl_featureflow.errors import CacheError, FeatureFlowError
 from tl_featureflow.refs import FeatureRef, Site
@@ -101,10 +100,6 @@ def _decode(tokenizer: Any, token: int) -> str:
     return tokenizer.decode([token]) if tokenizer is not None else f"<{token}>"
 
 
-def _tokens_hash(tokens: Tensor) -> str:
-    return hashlib.sha256(tokens.cpu().numpy().tobytes()).hexdigest()[:16]
-
-
 @torch.no_grad()
 def collect_top_contexts(
     model: Any,
@@ -139,7 +134,7 @@ def collect_top_contexts(
     if n < 1 or batch_size < 1:
         raise FeatureFlowError(f"n={n} and batch_size={batch_size} must be positive")
     chosen = bank.select(sites=sites, layers=layers)
-    meta = {"bank_fingerprint": FlowTracer(chosen).fingerprint(), "tokens": _tokens_hash(tokens),
+    meta = {"bank_fingerprint": FlowTracer(chosen).fingerprint(), "tokens": tensor_digest(tokens),
             "n": n, "skip_first": skip_first, "keys": [list(k) for k in chosen]}
     if path is not None and (Path(path) / _MANIFEST).is_file():
         try:

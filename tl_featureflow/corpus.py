@@ -33,7 +33,7 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from tl_featureflow._files import atomic_directory, read_manifest, write_manifest
+from tl_featureflow._files import atomic_directory, read_manifest, tensor_digest, write_manifest
 from tl_featureflow.errors import FeatureFlowError, MissingDependencyError
 
 __all__ = ["SOURCES", "CORPUS_VERSION", "Document", "documents", "is_held_out", "Corpus", "load_corpus"]
@@ -210,7 +210,7 @@ def load_corpus(
     perm = torch.randperm(len(rows), generator=gen)
     tokens = torch.tensor(rows, dtype=torch.int64)[perm]
     source_ids = torch.tensor(row_sources, dtype=torch.int64)[perm]
-    digest = hashlib.sha256(tokens.numpy().tobytes()).hexdigest()[:16]
+    digest = tensor_digest(tokens)
     meta = {**settings, "hash": digest, "counts": counts, "n_rows": len(rows), "n_tokens": tokens.numel()}
     corpus = Corpus(tokens, source_ids, meta)
     if cache:

@@ -23,7 +23,7 @@ from jaxtyping import Int
 from torch import Tensor
 
 from tl_featureflow.bank import SAEBank
-from tl_featureflow.refs import Site, hook_name
+from tl_featureflow.refs import Site, hook_name, resid_pre_hook
 
 __all__ = ["SAEQuality", "QualityReport", "evaluate_bank", "BankQualityWarning"]
 
@@ -142,8 +142,12 @@ def evaluate_bank(
         rows.append(SAEQuality(key[0], key[1], explained_variance=1 - s["sse"] / max(total_var, 1e-12),
                                l0=s["l0"] / s["n"], dead_fraction=1 - float(s["fired"].float().mean())))
     if loss_rows > 0:
+        # Each SAE sits inside block L, so its effect on the loss needs only blocks L.. rerun,
+        # from the cached residual stream entering layer L.
         loss_tokens = tokens[:loss_rows].to(device)
-        clean = float(_ce(model(loss_tokens), loss_tokens))
+        starts = {row.layer: resid_pre_hook(row.layer) for row in rows}
+        clean_logits, resid = model.run_with_cache(loss_tokens, names_filter=list(starts.values()))
+        clean = float(_ce(clean_logits, loss_tokens))
         for row in tqdm(rows, desc="loss recovered", disable=not progress):
             sae = bank[row.site, row.layer]
 
@@ -157,9 +161,11 @@ def evaluate_bank(
                 out[:, 1:] = 0
                 return out
 
-            name = names[(row.site, row.layer)]
-            spliced = float(_ce(model.run_with_hooks(loss_tokens, fwd_hooks=[(name, splice)]), loss_tokens))
-            zeroed = float(_ce(model.run_with_hooks(loss_tokens, fwd_hooks=[(name, zero)]), loss_tokens))
-            row.ce_clean, row.ce_spliced, row.ce_zero = clean, spliced, zeroed
-            row.loss_recovered = (zeroed - spliced) / (zeroed - clean) if zeroed != clean else None
+            name, start = names[(row.site, row.layer)], resid[starts[row.layer]]
+            ce = {}
+            for label, edit in (("spliced", splice), ("zero", zero)):
+                logits = model.run_with_hooks(start, start_at_layer=row.layer, fwd_hooks=[(name, edit)])
+                ce[label] = float(_ce(logits, loss_tokens))
+            row.ce_clean, row.ce_spliced, row.ce_zero = clean, ce["spliced"], ce["zero"]
+            row.loss_recovered = (ce["zero"] - ce["spliced"]) / (ce["zero"] - clean) if ce["zero"] != clean else None
     return QualityReport(rows, floor, int(sum(s["n"] for s in stats.values()) // max(1, len(stats))))

@@ -25,6 +25,7 @@ __all__ = [
     "hook_name",
     "hook_aliases",
     "sae_hook_name",
+    "resid_pre_hook",
     "site_of_hook",
     "check_site",
     "check_layer",
@@ -73,6 +74,11 @@ def sae_hook_name(site: Site, layer: int, point: str = "hook_sae_acts_post") -> 
     ``hook_sae_acts_pre``, ``hook_sae_recons``, ``hook_sae_error``, ``hook_sae_output``).
     """
     return f"{hook_name(site, layer)}.{point}"
+
+
+def resid_pre_hook(layer: int) -> str:
+    """``blocks.{L}.hook_resid_pre``: the residual stream entering layer L (for layer-local reruns)."""
+    return f"blocks.{check_layer(layer)}.hook_resid_pre"
 
 
 def hook_aliases(site: Site, layer: int) -> tuple[str, ...]:

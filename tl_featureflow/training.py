@@ -29,7 +29,7 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from tl_featureflow._files import atomic_write_json
+from tl_featureflow._files import atomic_write_json, tensor_digest
 from tl_featureflow.bank import SAEBank
 from tl_featureflow.errors import FeatureFlowError, ModelMismatchError
 from tl_featureflow.refs import SITES, Site, check_layer, hook_name
@@ -38,7 +38,7 @@ __all__ = ["TRAINING_VERSION", "Preset", "PRESETS", "preset_layers", "Activation
 
 Key = tuple[Site, int]
 _COMPLETE = "complete.json"
-TRAINING_VERSION = 1  # bump when presets or the training recipe change what a bank means
+TRAINING_VERSION = 2  # bump when presets or the training recipe change what a bank means
 
 
 @dataclass(frozen=True)
@@ -72,7 +72,8 @@ class Preset:
 
 PRESETS: dict[str, Preset] = {
     # ~15 minutes on a 2-core CPU for SmolLM2 (layers 12-17): see docs/performance.md
-    "quick": Preset("quick", n_layers=6, expansion=4, k=32, training_tokens=180_224, n_norm_batches=4),
+    "quick": Preset("quick", n_layers=6, expansion=4, k=32, training_tokens=151_552, lr=4e-3, n_norm_batches=4,
+                    eval_rows=128, loss_rows=8),
     # every layer and site: hours on a CPU, minutes on a GPU
     "full": Preset("full", n_layers=None, expansion=4, k=32, training_tokens=2_000_000),
     # seconds, for tests and trying the pipeline on a new model
@@ -225,9 +226,7 @@ def train_bank(
             eval_tokens = load_corpus(model.tokenizer, "heldout", context_size=preset.context_size,
                                       progress=progress).tokens
     else:
-        import hashlib
-
-        corpus_meta = {"hash": hashlib.sha256(tokens.cpu().numpy().tobytes()).hexdigest()[:16], "version": "given"}
+        corpus_meta = {"hash": tensor_digest(tokens), "version": "given"}
     keys: list[Key] = [(site, layer) for layer in layers for site in sites]
     names = {f"{site}_{layer}": (site, layer) for site, layer in keys}
     hooks = {name: hook_name(*key) for name, key in names.items()}

@@ -10,6 +10,9 @@ import tl_featureflow as ff
 from tl_featureflow import training
 from tl_featureflow.training import ActivationStream, train_bank
 
+# tiny SAEs on a random model reconstruct poorly: the quality warning is expected here
+pytestmark = pytest.mark.filterwarnings("ignore::tl_featureflow.quality.BankQualityWarning")
+
 
 @pytest.fixture(scope="module")
 def rows():

@@ -122,3 +122,53 @@ def test_embedded_model_splices_saes_at_every_site(smollm2):
         torch.testing.assert_close(smollm2(tokens), clean, rtol=0, atol=0)
         _, feats = smollm2.run_with_features(tokens, layers=[14], return_logits=False)
     assert feats["mlp", 14].shape == (1, tokens.shape[1], 64)
+
+
+# ------------------------------------------------------------------------------ the default bank
+@pytest.fixture
+def fake_bank_training(tmp_path, monkeypatch):
+    """load_embedded_bank's logic with the 15-minute training replaced by a tiny bank writer."""
+    from conftest import make_bank
+
+    from tl_featureflow import training
+    from tl_featureflow.quality import QualityReport, SAEQuality
+
+    folder = tmp_path / "SmolLM2-135M-Instruct-quick-corpusabc123-v2"
+    monkeypatch.setattr(embedded, "embedded_bank_dir", lambda preset="quick": folder)
+    calls = []
+
+    def fake_train(model, *, preset, out, metadata):
+        calls.append(preset)
+        quality = QualityReport([SAEQuality("res", 0, 0.3, 8.0, 0.0)]).to_dict()
+        bank = ff.SAEBank(make_bank(layers=[0]), metadata={**metadata, "model": "SmolLM2-135M-Instruct",
+                                                             "preset": preset, "corpus": {"hash": "abc123"},
+                                                             "quality": quality})
+        bank.save(out / "bank")
+        return bank
+
+    monkeypatch.setattr(training, "train_bank", fake_train)
+    return folder, calls
+
+
+def test_default_bank_is_trained_once_then_loaded(fake_bank_training, capsys):
+    folder, calls = fake_bank_training
+    with pytest.raises(ff.CacheError, match="train=True"):
+        ff.load_embedded_bank("quick", train=False)
+    with pytest.warns(UserWarning, match="explain less than 50%"):
+        bank = ff.load_embedded_bank("quick", model=object())
+    assert calls == ["quick"] and "training the quick" in capsys.readouterr().out
+    with pytest.warns(UserWarning, match="explain less than 50%"):
+        again = ff.load_embedded_bank("quick", model=object())
+    assert calls == ["quick"] and list(again) == list(bank)
+
+
+def test_a_bank_for_another_corpus_or_model_is_refused(fake_bank_training):
+    folder, _ = fake_bank_training
+    with pytest.warns(UserWarning):
+        bank = ff.load_embedded_bank("quick", model=object())
+    ff.SAEBank(bank, metadata={**bank.metadata, "corpus": {"hash": "other"}}).save(folder / "bank")
+    with pytest.raises(ff.CacheError, match="not the embedded model's 'quick' bank"):
+        ff.load_embedded_bank("quick", train=False)
+    ff.SAEBank(bank, metadata={**bank.metadata, "model": "gpt2"}).save(folder / "bank")
+    with pytest.raises(ff.CacheError, match="gpt2"):
+        ff.load_embedded_bank("quick", train=False)

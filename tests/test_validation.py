@@ -1,0 +1,89 @@
+"""Deactivation primitives: exact arithmetic, r = 1 identity, layer-local equals full forward."""
+
+import pytest
+import torch
+from conftest import D_MODEL, leftover_hooks, make_bank
+
+import tl_featureflow as ff
+from tl_featureflow.refs import hook_name
+from tl_featureflow.validation import Intervention, intervened, rescale, target_activations
+
+
+def test_rescale_is_the_method_formula(sae_factory):
+    sae = sae_factory("mlp", 1, d_sae=40, seed=2)
+    h = torch.randn(2, 6, D_MODEL, generator=torch.Generator().manual_seed(0))
+    out = rescale(h, sae, [3, 7], [1, 4], r=-2.0)
+    a = sae.encode(h)[..., [3, 7]]
+    expected = h.clone()
+    expected[:, [1, 4]] += (-3.0) * (a[:, [1, 4]] @ sae.W_dec[[3, 7]].detach())
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-5)
+    assert torch.equal(out[:, [0, 2, 3, 5]], h[:, [0, 2, 3, 5]])
+    assert rescale(h, sae, [3], [1], r=1.0) is h
+    with pytest.raises(ff.FeatureFlowError, match="d_sae 40"):
+        rescale(h, sae, [40], [1], r=0.0)
+    with pytest.raises(ff.FeatureFlowError, match="positions"):
+        rescale(h, sae, [1], [9], r=0.0)
+
+
+def test_removing_a_feature_zeroes_it_when_the_sae_reconstructs_linearly(sae_factory):
+    sae = sae_factory("res", 0, d_sae=48, seed=5)
+    x = torch.randn(1, 3, D_MODEL, generator=torch.Generator().manual_seed(1))
+    acts = sae.encode(x)
+    index = int(acts[0, 1].argmax())
+    edited = rescale(x, sae, [index], [1], r=0.0)
+    # the feature's contribution a * v is gone from the input itself
+    torch.testing.assert_close(edited[0, 1] + acts[0, 1, index] * sae.W_dec[index].detach(), x[0, 1], rtol=0,
+                               atol=1e-5)
+
+
+def _targets(flow, bank, tokens, layer):
+    _, feats = flow.run_with_features(tokens, sites=["res"], layers=[layer], bank=bank, return_logits=False)
+    acts = feats["res", layer][0]
+    return [(pos, int(acts[pos].argmax())) for pos in (3, 5, 8)]
+
+
+@pytest.mark.parametrize("r", [0.0, -1.0, 2.5])
+def test_layer_local_batched_equals_full_forward(tiny_model, r):
+    flow = ff.FlowTransformer.from_hooked(tiny_model)
+    bank = make_bank()
+    tokens = torch.randint(0, 64, (1, 10), generator=torch.Generator().manual_seed(7))
+    targets = _targets(flow, bank, tokens, 2)
+    plans = [
+        [Intervention("res", 1, (4, 9), (3,), r)],
+        [Intervention("mlp", 2, (1,), (5,), r), Intervention("att", 2, (2, 3), (5, 4), r)],
+        [Intervention("att", 2, (0,), (8,), r), Intervention("res", 1, (11,), (8,), r)],
+    ]
+    local = target_activations(flow, bank, tokens, 2, targets, plans)
+    full = target_activations(flow, bank, tokens, 2, targets, plans, layer_local=False)
+    torch.testing.assert_close(local, full, rtol=0, atol=1e-5)
+    untouched = target_activations(flow, bank, tokens, 2, targets, [[] for _ in targets])
+    if r != 1.0:
+        assert not torch.allclose(local, untouched)
+
+
+def test_r_equal_one_changes_nothing_bit_for_bit(tiny_model):
+    flow = ff.FlowTransformer.from_hooked(tiny_model)
+    bank = make_bank()
+    tokens = torch.randint(0, 64, (1, 10), generator=torch.Generator().manual_seed(8))
+    targets = _targets(flow, bank, tokens, 1)
+    clean = target_activations(flow, bank, tokens, 1, targets, [[] for _ in targets])
+    same = target_activations(flow, bank, tokens, 1, targets,
+                              [[Intervention("mlp", 1, (0, 1, 2), (3, 5, 8), 1.0)] for _ in targets])
+    assert torch.equal(clean, same)
+    logits = flow(tokens)
+    with intervened(flow, bank, [Intervention("att", 0, (5,), (2,), 1.0)]):
+        assert torch.equal(flow(tokens), logits)
+
+
+def test_hooks_are_removed_after_an_exception(tiny_model):
+    flow = ff.FlowTransformer.from_hooked(tiny_model)
+    bank = make_bank()
+    with pytest.raises(RuntimeError, match="boom"):
+        with intervened(flow, bank, [Intervention("res", 1, (0,), (1,), 0.0)]):
+            assert flow.hook_dict[hook_name("res", 1)].fwd_hooks
+            raise RuntimeError("boom")
+    assert leftover_hooks() == []
+    tokens = torch.randint(0, 64, (1, 10))
+    with pytest.raises(ff.FeatureFlowError, match="cannot reach res"):
+        target_activations(flow, bank, tokens, 2, [(1, 0)], [[Intervention("mlp", 1, (0,), (1,))]])
+    assert leftover_hooks() == []

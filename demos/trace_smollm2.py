@@ -2,7 +2,7 @@
 
     .venv/bin/python demos/trace_smollm2.py
 
-Finds the layer-15 residual feature most active on " Paris" in a prompt, then asks
+Finds the layer-15 residual feature most specific to " Paris" in a prompt, then asks
 where it comes from (predecessors), how the layer's features arose (classify), and
 traces its flow across the bank's layers with logit-lens labels.
 """
@@ -23,11 +23,14 @@ def main() -> None:
     tracer = ff.FlowTracer(bank, model)
     tokens = model.to_tokens(PROMPT)
     _, feats = model.run_with_features(tokens, sites=["res"], layers=[LAYER], bank=bank, return_logits=False)
-    acts = feats["res", LAYER][0, -1]
-    index = int(acts.argmax())
+    acts_all = feats["res", LAYER][0]
+    acts = acts_all[-1]
+    # specific to " Paris": active there, not on the prompt's other tokens
+    index = int((acts - acts_all[1:-1].max(0).values).argmax())
     seed = ff.FeatureRef(LAYER, "res", index)
     print(f"prompt: {PROMPT!r}; bank: {bank.describe()}")
-    print(f"most active layer-{LAYER} res feature on ' Paris': {seed} (activation {float(acts[index]):.2f})")
+    print(f"layer-{LAYER} res feature most specific to ' Paris': {seed} (activation {float(acts[index]):.2f}, "
+          f"at most {float(acts_all[1:-1, index].max()):.2f} on the other tokens)")
     print(f"\n>>> tracer.logit_lens('{seed}')")
     print([(tok, round(v, 2)) for tok, v in tracer.logit_lens(seed, k=6)])
     print(f"\n>>> tracer.predecessors('{seed}', k=2)")

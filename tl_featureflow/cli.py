@@ -30,7 +30,11 @@ def _train_saes(args: argparse.Namespace) -> int:
     from tl_featureflow.quality import QualityReport
     from tl_featureflow.training import train_bank
 
+    trained_here = True  # train_bank prints its quality table itself
     if args.out is None and args.layers is None and args.sites is None and args.tokens is None:
+        from tl_featureflow.embedded import embedded_bank_dir
+
+        trained_here = not (embedded_bank_dir(args.preset) / "bank" / "bank.json").is_file()
         bank = load_embedded_bank(args.preset, device=args.device)
     else:
         model = load_embedded_model(device=args.device)
@@ -38,7 +42,7 @@ def _train_saes(args: argparse.Namespace) -> int:
         bank = train_bank(model, preset=args.preset, out=out, layers=args.layers,
                           sites=args.sites or ("res", "mlp", "att"), training_tokens=args.tokens)
         print(f"bank saved to {out}/bank")
-    if bank.metadata.get("quality"):
+    if bank.metadata.get("quality") and not trained_here:
         print(QualityReport.from_dict(bank.metadata["quality"]).table())
     print(f"{bank!r} ready in {time.perf_counter() - start:.0f} s")
     return 0

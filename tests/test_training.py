@@ -111,6 +111,7 @@ def test_bad_requests_are_refused(model, rows, tmp_path, kwargs, error, match):
 def test_a_corpus_too_small_for_one_batch_is_refused(model, rows, tmp_path):
     with pytest.raises(ff.FeatureFlowError, match="one chunk needs 16"):
         train_bank(model, preset="tiny", out=tmp_path / "x", tokens=rows[:5], progress=False)
+    assert not (tmp_path / "x").exists()  # nothing written
 
 
 def test_an_output_folder_of_another_run_is_not_overwritten(model, rows, tmp_path):

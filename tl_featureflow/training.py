@@ -235,6 +235,9 @@ def train_bank(
         "model": getattr(model.cfg, "model_name", "unknown"), "d_model": d_model, "n_layers": model.cfg.n_layers,
         "preset": asdict(preset), "keys": [list(k) for k in keys], "seed": seed, "corpus": corpus_meta,
     }
+    # checked before anything is written: a corpus too small for one chunk or batch
+    stream = ActivationStream(model, tokens, list(dict.fromkeys(hooks.values())), batch_tokens=preset.batch_tokens,
+                              chunk_rows=preset.chunk_rows, seed=seed, stop_at_layer=max(layers) + 1)
     out = Path(out)
     run_file = out / "run.json"
     if run_file.is_file():
@@ -263,8 +266,6 @@ def train_bank(
         feature_sampling_window=max(preset.dead_feature_window, 100), n_checkpoints=preset.n_checkpoints,
         checkpoint_path=str(checkpoint_dir), n_batches_for_norm_estimate=preset.n_norm_batches,
     )
-    stream = ActivationStream(model, tokens, list(dict.fromkeys(hooks.values())), batch_tokens=preset.batch_tokens,
-                              chunk_rows=preset.chunk_rows, seed=seed, stop_at_layer=max(layers) + 1)
     multi: MultiSAETrainer
 
     def mark_complete(checkpoint_path: Path | None) -> None:

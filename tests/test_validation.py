@@ -87,3 +87,76 @@ def test_hooks_are_removed_after_an_exception(tiny_model):
     with pytest.raises(ff.FeatureFlowError, match="cannot reach res"):
         target_activations(flow, bank, tokens, 2, [(1, 0)], [[Intervention("mlp", 1, (0,), (1,))]])
     assert leftover_hooks() == []
+
+
+# ------------------------------------------------------------------------------ the protocol
+@pytest.fixture
+def planted_circuit(tiny_model):
+    """Layer 1 computes nothing (attention and MLP outputs zeroed), so res(1) = res(0).
+
+    The res SAEs of layers 0 and 1 are the same standard-basis dictionary (feature f
+    reads and writes coordinate f), so every res(1) feature's true predecessor is the
+    same-index res(0) feature, and removing it at a token zeroes the target exactly.
+    """
+    from tl_featureflow.synthetic import sae_from_decoder
+
+    with torch.no_grad():
+        for name in ("W_O", "b_O"):
+            getattr(tiny_model.blocks[1].attn, name).zero_()
+        for name in ("W_out", "b_out"):
+            getattr(tiny_model.blocks[1].mlp, name).zero_()
+    basis = torch.eye(D_MODEL)[:16]
+    gen = torch.Generator().manual_seed(3)
+    bank = ff.SAEBank({
+        ("res", 0): sae_from_decoder("res", 0, basis),
+        ("res", 1): sae_from_decoder("res", 1, basis),
+        ("mlp", 1): sae_from_decoder("mlp", 1, torch.nn.functional.normalize(torch.randn(24, D_MODEL, generator=gen), dim=1)),
+        ("att", 1): sae_from_decoder("att", 1, torch.nn.functional.normalize(torch.randn(24, D_MODEL, generator=gen), dim=1)),
+    })
+    tokens = torch.randint(0, 64, (3, 12), generator=torch.Generator().manual_seed(4))
+    return tiny_model, bank, tokens
+
+
+def test_planted_circuit_deactivation_matches_the_hand_computation(planted_circuit, tmp_path):
+    from tl_featureflow.report import ValidationReport
+
+    model, bank, tokens = planted_circuit
+    tracer = ff.FlowTracer(bank, model)
+    report = tracer.validate(tokens, layers=[1], methods=("top1", "top5", "random", "permutation"), r=[0.0, 0.5],
+                             positions_per_text=4, max_targets=5, progress=False)
+    main = [row for row in report.rows if row.r == 0.0]
+    top1 = [row for row in main if row.method == "top1"]
+    assert top1 and all(row.group == "RES" for row in top1)
+    for row in top1:  # the true predecessor is removed: the target is exactly zero
+        index = row.target.split("/")[2]
+        assert row.deactivated == [f"0/res/{index}"] and row.z_new == 0.0
+    for row in (r for r in main if r.method == "random"):  # one of the top five, sometimes the wrong one
+        right = row.deactivated == [f"0/res/{row.target.split('/')[2]}"]
+        assert row.z_new == (0.0 if right else pytest.approx(row.z_old, abs=1e-6))
+    summary = report.summary()
+    assert summary["top1"] == {"success_rate": 1.0, "activation_change": 1.0, "n": len(top1)}
+    assert summary["top5"]["success_rate"] == 1.0
+    assert summary["permutation"]["success_rate"] == 1.0  # identical decoders: the identity assignment
+    wrong = [r for r in main if r.method == "random" and r.z_new > 0]
+    assert summary["random"]["success_rate"] == pytest.approx(1 - len(wrong) / summary["random"]["n"])
+    # r = 0.5 halves the predecessor: with the linear identity layer the target halves too
+    half = [row for row in report.rows if row.r == 0.5 and row.method == "top1"]
+    assert all(row.z_new == pytest.approx(row.z_old / 2, rel=1e-5) for row in half)
+    assert report.r_sweep("top1") == pytest.approx({0.0: 1.0, 0.5: 0.5})
+    counts = report.group_counts["1"]["top1"]
+    assert counts["RES"] == len(top1) and sum(counts.values()) == len(top1)
+    again = ValidationReport.load(report.save(tmp_path / "report.json"))
+    assert again.summary() == summary and again.meta == report.meta
+    assert len(report.to_pandas()) == len(report.rows)
+    assert leftover_hooks() == []
+
+
+def test_validate_refuses_bad_input(planted_circuit):
+    model, bank, tokens = planted_circuit
+    tracer = ff.FlowTracer(bank, model)
+    with pytest.raises(ff.FeatureFlowError, match="unknown matching methods"):
+        tracer.validate(tokens, layers=[1], methods=("cosine",), progress=False)
+    with pytest.raises(ff.FeatureFlowError, match="layer 0 needs"):
+        tracer.validate(tokens, layers=[0], progress=False)
+    with pytest.raises(ff.FeatureFlowError, match="needs a model"):
+        ff.FlowTracer(bank).validate(tokens, layers=[1])

@@ -372,6 +372,19 @@ class FlowTracer:
                 parts.append(examples[0].text.replace("\n", " "))
         return " | ".join(parts) or None
 
+    # -- causal validation -----------------------------------------------------------------------
+    def validate(self, tokens: Tensor, *, layers: Iterable[int], model: Any | None = None, **kwargs: Any) -> Any:
+        """The deactivation experiment: see :func:`tl_featureflow.validation.validate`.
+
+        Uses the tracer's model unless ``model`` is given. Returns a ``ValidationReport``.
+        """
+        from tl_featureflow.validation import validate
+
+        model = model if model is not None else self.model
+        if model is None:
+            raise FeatureFlowError("validate needs a model: FlowTracer(bank, model) or validate(..., model=)")
+        return validate(self, model, tokens, layers=list(layers), **kwargs)
+
     # -- the full map ----------------------------------------------------------------------------
     def fingerprint(self) -> str:
         """A short hash of the bank's keys, shapes and a strided sample of every decoder."""

@@ -15,8 +15,10 @@ from the cached residual stream entering layer L and runs many interventions on 
 text as rows of one batch. ``layer_local=False`` gives the same numbers from one full
 forward per intervention (the reference the tests compare against).
 
-Still to come (see the validation issue): ``FlowTracer.validate`` with the paper's
-protocol, the matching methods, groups and the report.
+:func:`validate` (also ``FlowTracer.validate``) runs the paper's protocol with the
+top1 / top5 / random / permutation matchings. Still to come (see the validation
+issue): the pearson and exhaustive baselines, the LM-loss change, the benchmark and
+the real-model table.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from tl_featureflow.bank import SAEBank
 from tl_featureflow.errors import FeatureFlowError
 from tl_featureflow.refs import Site, check_site, hook_name
 
-__all__ = ["Intervention", "rescale", "intervention_hooks", "intervened", "target_activations"]
+__all__ = ["Intervention", "rescale", "intervention_hooks", "intervened", "target_activations", "validate", "METHODS"]
 
 
 @dataclass(frozen=True)
@@ -167,3 +169,125 @@ def target_activations(
     picked = resid_out[torch.arange(n, device=resid_out.device), positions]     # [n, d_model]
     acts = target_sae.encode(picked.to(target_sae.W_dec.dtype))
     return acts[torch.arange(n, device=acts.device), torch.tensor([i for _, i in targets], device=acts.device)]
+
+
+METHODS: tuple[str, ...] = ("top1", "top5", "random", "permutation")
+
+
+def _method_matches(tracer: Any, layer: int, method: str, seed: int) -> dict[Site, Tensor]:
+    """For every res(layer) feature, its matched predecessor indices per site: ``[d_sae, m]`` (-1: none)."""
+    from tl_featureflow.matching import permutation_match
+
+    dst = ("res", layer)
+    out: dict[Site, Tensor] = {}
+    for site, key in tracer.predecessor_keys(layer).items():
+        width = tracer.bank.d_sae(*key)
+        if method == "top1":
+            out[site] = tracer.match(key, dst, 1).indices
+        elif method == "top5":
+            out[site] = tracer.match(key, dst, min(5, width)).indices
+        elif method == "random":
+            top = tracer.match(key, dst, min(5, width)).indices
+            gen = torch.Generator().manual_seed(seed * 1009 + layer * 7 + len(out))
+            pick = torch.randint(0, top.shape[1], (top.shape[0], 1), generator=gen).to(top.device)
+            out[site] = top.gather(1, pick)
+        elif method == "permutation":
+            _, indices = permutation_match(tracer.bank.decoder(*dst), tracer.bank.decoder(*key))
+            out[site] = indices[:, None]
+        else:
+            raise FeatureFlowError(f"unknown matching method {method!r}: expected some of {METHODS}")
+    return out
+
+
+@torch.no_grad()
+def validate(
+    tracer: Any,
+    model: Any,
+    tokens: Int[Tensor, "n_texts pos"],
+    *,
+    layers: Sequence[int],
+    methods: Sequence[str] = METHODS,
+    r: float | Sequence[float] = 0.0,
+    positions_per_text: int = 5,
+    max_targets: int = 25,
+    seed: int = 0,
+    batch_rows: int = 64,
+    progress: bool = True,
+) -> Any:
+    """The paper's deactivation experiment (method section 5), layer-local and batched.
+
+    For each text, ``positions_per_text`` random non-BOS positions; at each, up to
+    ``max_targets`` active res(L) features (seeded). For every target and method, its
+    matched predecessors in res(L-1), mlp(L), att(L) that are active at that token are
+    rescaled by ``r`` there (0 removes them), layer L is recomputed, and the target's
+    new activation recorded. Targets with no active matched predecessor ("From
+    nowhere") are counted in the groups but not intervened on. ``r`` may be a list:
+    the first value is the main one, the others make an r sweep.
+
+    Methods: ``top1``, ``top5`` (all five; a predecessor counts as active if any of
+    the five is), ``random`` (one of the top five, seeded), ``permutation`` (SAE Match).
+    """
+    from tqdm.auto import tqdm
+
+    from tl_featureflow.model import FlowTransformer
+    from tl_featureflow.refs import FeatureRef
+    from tl_featureflow.report import GROUPS, ValidationReport, ValidationRow, group_name
+
+    rs = [float(r)] if isinstance(r, (int, float)) else [float(x) for x in r]
+    if not rs:
+        raise FeatureFlowError("r must be a number or a non-empty list of numbers")
+    bad = [m for m in methods if m not in METHODS]
+    if bad:
+        raise FeatureFlowError(f"unknown matching methods {bad}: expected some of {METHODS}")
+    if tokens.ndim != 2 or tokens.shape[1] < 2:
+        raise FeatureFlowError(f"tokens must be [n_texts, pos] with pos >= 2, got {tuple(tokens.shape)}")
+    bank = tracer.bank
+    for layer in layers:
+        if ("res", layer) not in bank or not tracer.predecessor_keys(layer):
+            raise FeatureFlowError(f"layer {layer} needs a res SAE and at least one predecessor SAE: the bank has {bank.describe()}")
+    flow = FlowTransformer.from_hooked(model)
+    matches = {(layer, m): _method_matches(tracer, layer, m, seed) for layer in layers for m in methods}
+    keys = {("res", layer) for layer in layers} | {k for layer in layers for k in tracer.predecessor_keys(layer).values()}
+    needed = bank.select(sites=sorted({k[0] for k in keys}), layers=sorted({k[1] for k in keys}))
+    gen = torch.Generator().manual_seed(seed)
+    rows: list[ValidationRow] = []
+    counts = {str(layer): {m: {g: 0 for g in GROUPS} for m in methods} for layer in layers}
+    for t in tqdm(range(tokens.shape[0]), desc="validating", unit="text", disable=not progress):
+        text = tokens[t:t + 1]
+        _, feats = flow.run_with_features(text, bank=needed, return_logits=False)
+        n_pos = min(positions_per_text, text.shape[1] - 1)
+        positions = (1 + torch.randperm(text.shape[1] - 1, generator=gen)[:n_pos]).tolist()
+        for layer in layers:
+            pred_keys = tracer.predecessor_keys(layer)
+            plan: list[tuple[tuple[int, int], list[Intervention], dict[str, Any]]] = []
+            for pos in positions:
+                active = (feats["res", layer][0, pos] > 0).nonzero().squeeze(1)
+                chosen = active[torch.randperm(len(active), generator=gen)[:max_targets]].tolist()
+                for index in chosen:
+                    for method in methods:
+                        active_preds: dict[Site, list[int]] = {}
+                        for site, key in pred_keys.items():
+                            cands = [c for c in matches[(layer, method)][site][index].tolist() if c >= 0]
+                            on = [c for c in cands if float(feats[key][0, pos, c]) > 0]
+                            if on:
+                                active_preds[site] = on
+                        group = group_name(set(active_preds))
+                        counts[str(layer)][method][group] += 1
+                        if not active_preds:
+                            continue
+                        for rr in rs:
+                            items = [Intervention(pred_keys[s][0], pred_keys[s][1], tuple(f), (pos,), rr)
+                                     for s, f in active_preds.items()]
+                            info = {"text": t, "position": pos, "method": method, "group": group, "r": rr,
+                                    "z_old": float(feats["res", layer][0, pos, index]),
+                                    "target": str(FeatureRef(layer, "res", index)),
+                                    "deactivated": [str(FeatureRef(i.layer, i.site, f)) for i in items for f in i.features]}
+                            plan.append(((pos, index), items, info))
+            for start in range(0, len(plan), batch_rows):
+                part = plan[start:start + batch_rows]
+                z_new = target_activations(flow, bank, text, layer, [p[0] for p in part], [p[1] for p in part])
+                rows.extend(ValidationRow(**p[2], z_new=float(z)) for p, z in zip(part, z_new.tolist()))
+    meta = {"layers": list(layers), "methods": list(methods), "r": rs[0], "r_values": rs,
+            "positions_per_text": positions_per_text, "max_targets": max_targets, "seed": seed,
+            "n_texts": int(tokens.shape[0]), "bank": bank.describe()}
+    return ValidationReport(rows, counts, meta)

@@ -1,0 +1,106 @@
+"""ValidationReport: the rows of a deactivation experiment and their summaries."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tl_featureflow._files import atomic_write_text
+from tl_featureflow.errors import CacheError
+
+__all__ = ["GROUPS", "group_name", "ValidationRow", "ValidationReport"]
+
+#: The 8 activation groups: which predecessor sites have an active matched feature.
+GROUPS: tuple[str, ...] = ("From nowhere", "RES", "MLP", "ATT", "RES & MLP", "RES & ATT", "MLP & ATT",
+                           "RES & MLP & ATT")
+_SCHEMA = 1
+
+
+def group_name(active_sites: set[str]) -> str:
+    """``{"res", "mlp"}`` -> ``"RES & MLP"``; the empty set -> ``"From nowhere"``."""
+    parts = [s.upper() for s in ("res", "mlp", "att") if s in active_sites]
+    return " & ".join(parts) if parts else "From nowhere"
+
+
+@dataclass
+class ValidationRow:
+    text: int
+    position: int
+    target: str            # FeatureRef text, e.g. "15/res/1129"
+    method: str
+    group: str
+    z_old: float
+    z_new: float
+    r: float
+    deactivated: list[str] = field(default_factory=list)
+    loss_change: float | None = None
+
+    @property
+    def success(self) -> bool:
+        return self.z_new <= 0.0
+
+    @property
+    def activation_change(self) -> float:
+        return 1.0 - self.z_new / self.z_old
+
+
+@dataclass
+class ValidationReport:
+    """Rows of a deactivation experiment (one per target, method and r), plus settings.
+
+    ``group_counts[layer][method][group]`` counts every sampled target, "From nowhere"
+    ones included (they have no active matched predecessor, so no row).
+    """
+
+    rows: list[ValidationRow]
+    group_counts: dict[str, dict[str, dict[str, int]]] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def summary(self, by: str = "method") -> dict[str, dict[str, float]]:
+        """Success rate, mean activation change and count, by ``method`` or ``group``
+        (``"method,group"`` for both), at the experiment's main ``r``."""
+        main_r = self.meta.get("r", 0.0)
+        keys = by.split(",")
+        table: dict[str, list[ValidationRow]] = {}
+        for row in self.rows:
+            if row.r != main_r:
+                continue
+            table.setdefault(" / ".join(str(getattr(row, k)) for k in keys), []).append(row)
+        return {name: {"success_rate": sum(r.success for r in rows) / len(rows),
+                       "activation_change": sum(r.activation_change for r in rows) / len(rows),
+                       "n": len(rows)} for name, rows in sorted(table.items())}
+
+    def r_sweep(self, method: str = "top1") -> dict[float, float]:
+        """Mean activation change per r for one method."""
+        out: dict[float, list[float]] = {}
+        for row in self.rows:
+            if row.method == method:
+                out.setdefault(row.r, []).append(row.activation_change)
+        return {r: sum(v) / len(v) for r, v in sorted(out.items())}
+
+    def to_pandas(self):  # type: ignore[no-untyped-def]
+        import pandas as pd
+
+        return pd.DataFrame([{**asdict(r), "success": r.success, "activation_change": r.activation_change}
+                             for r in self.rows])
+
+    def to_json(self) -> str:
+        return json.dumps({"schema_version": _SCHEMA, "format": "tl_featureflow.ValidationReport",
+                           "meta": self.meta, "group_counts": self.group_counts,
+                           "rows": [asdict(r) for r in self.rows]})
+
+    def save(self, path: str | Path) -> Path:
+        atomic_write_text(path, self.to_json())
+        return Path(path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> ValidationReport:
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise CacheError(f"cannot read a validation report from {path}: {exc}") from exc
+        if data.get("schema_version") != _SCHEMA:
+            raise CacheError(f"{path}: validation report schema {data.get('schema_version')!r}, expected {_SCHEMA}")
+        return cls([ValidationRow(**r) for r in data["rows"]], data["group_counts"], data["meta"])

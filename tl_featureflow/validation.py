@@ -36,7 +36,8 @@ from tl_featureflow.bank import SAEBank
 from tl_featureflow.errors import FeatureFlowError
 from tl_featureflow.refs import Site, check_site, hook_name
 
-__all__ = ["Intervention", "rescale", "intervention_hooks", "intervened", "target_activations", "validate", "METHODS"]
+__all__ = ["Intervention", "rescale", "intervention_hooks", "intervened", "res_activations", "target_activations",
+           "validate", "METHODS"]
 
 
 @dataclass(frozen=True)
@@ -109,24 +110,25 @@ def intervened(model: Any, bank: SAEBank, interventions: Sequence[Intervention])
 
 
 @torch.no_grad()
-def target_activations(
+def res_activations(
     model: Any,
     bank: SAEBank,
     tokens: Int[Tensor, "1 pos"],
     layer: int,
-    targets: Sequence[tuple[int, int]],
+    positions: Sequence[int],
     interventions: Sequence[Sequence[Intervention]],
     *,
     layer_local: bool = True,
-) -> Float[Tensor, " n"]:
-    """Activation of res(``layer``) feature ``targets[i] = (position, index)`` under ``interventions[i]``.
+) -> Float[Tensor, "n d_sae"]:
+    """All res(``layer``) feature activations at ``positions[i]`` under ``interventions[i]``.
 
     Interventions must sit at res(layer-1), mlp(layer) or att(layer): the sites whose
     edits reach res(layer) through layer ``layer`` alone. With ``layer_local`` every row
-    reruns only layer ``layer`` from the cached residual stream, all rows in one batch.
+    reruns only layer ``layer`` from the cached residual stream, all rows in one batch;
+    otherwise each row is one full forward (the reference).
     """
-    if len(targets) != len(interventions):
-        raise FeatureFlowError(f"{len(targets)} targets but {len(interventions)} intervention lists")
+    if len(positions) != len(interventions):
+        raise FeatureFlowError(f"{len(positions)} positions but {len(interventions)} intervention lists")
     allowed = {("res", layer - 1), ("mlp", layer), ("att", layer)}
     for items in interventions:
         for item in items:
@@ -139,14 +141,14 @@ def target_activations(
     target_sae = bank[("res", layer)]
     out_name = hook_name("res", layer)
     if not layer_local:
-        values = []
-        for (pos, index), items in zip(targets, interventions):
+        picked_rows = []
+        for pos, items in zip(positions, interventions):
             with intervened(model, bank, items):
                 _, cache = model.run_with_cache(tokens, names_filter=[out_name], stop_at_layer=layer + 1)
-            values.append(target_sae.encode(cache[out_name][0, pos].to(target_sae.W_dec.dtype))[index])
-        return torch.stack(values)
+            picked_rows.append(cache[out_name][0, pos])
+        return target_sae.encode(torch.stack(picked_rows).to(target_sae.W_dec.dtype))
 
-    n = len(targets)
+    n = len(positions)
     resid = model(tokens, stop_at_layer=layer).expand(n, -1, -1).clone()   # the stream entering layer L
     for row, items in enumerate(interventions):     # res(L-1) edits act on the input directly
         for item in items:
@@ -165,13 +167,31 @@ def target_activations(
             hooks.append((hook_name(site, layer), hook))
     with model.hooks(fwd_hooks=hooks):
         resid_out = model(resid, start_at_layer=layer, stop_at_layer=layer + 1)
-    positions = torch.tensor([p for p, _ in targets], device=resid_out.device)
-    picked = resid_out[torch.arange(n, device=resid_out.device), positions]     # [n, d_model]
-    acts = target_sae.encode(picked.to(target_sae.W_dec.dtype))
-    return acts[torch.arange(n, device=acts.device), torch.tensor([i for _, i in targets], device=acts.device)]
+    pos = torch.tensor(list(positions), device=resid_out.device)
+    picked = resid_out[torch.arange(n, device=resid_out.device), pos]     # [n, d_model]
+    return target_sae.encode(picked.to(target_sae.W_dec.dtype))
 
 
-METHODS: tuple[str, ...] = ("top1", "top5", "random", "permutation")
+def target_activations(
+    model: Any,
+    bank: SAEBank,
+    tokens: Int[Tensor, "1 pos"],
+    layer: int,
+    targets: Sequence[tuple[int, int]],
+    interventions: Sequence[Sequence[Intervention]],
+    *,
+    layer_local: bool = True,
+) -> Float[Tensor, " n"]:
+    """Activation of res(``layer``) feature ``targets[i] = (position, index)`` under ``interventions[i]``
+    (see :func:`res_activations`)."""
+    if len(targets) != len(interventions):
+        raise FeatureFlowError(f"{len(targets)} targets but {len(interventions)} intervention lists")
+    acts = res_activations(model, bank, tokens, layer, [p for p, _ in targets], interventions,
+                           layer_local=layer_local)
+    index = torch.tensor([i for _, i in targets], device=acts.device)
+    return acts[torch.arange(len(targets), device=acts.device), index]
+
+METHODS: tuple[str, ...] = ("top1", "top5", "random", "permutation", "exhaustive")
 
 
 def _method_matches(tracer: Any, layer: int, method: str, seed: int) -> dict[Site, Tensor]:
@@ -191,6 +211,8 @@ def _method_matches(tracer: Any, layer: int, method: str, seed: int) -> dict[Sit
             gen = torch.Generator().manual_seed(seed * 1009 + layer * 7 + len(out))
             pick = torch.randint(0, top.shape[1], (top.shape[0], 1), generator=gen).to(top.device)
             out[site] = top.gather(1, pick)
+        elif method == "exhaustive":
+            continue  # chosen per token by trying each active feature (see validate)
         elif method == "permutation":
             _, indices = permutation_match(tracer.bank.decoder(*dst), tracer.bank.decoder(*key))
             out[site] = indices[:, None]
@@ -227,7 +249,9 @@ def validate(
     in ``sweep_methods`` only, since every r value adds a row per target).
 
     Methods: ``top1``, ``top5`` (all five; a predecessor counts as active if any of
-    the five is), ``random`` (one of the top five, seeded), ``permutation`` (SAE Match).
+    the five is), ``random`` (one of the top five, seeded), ``permutation`` (SAE Match),
+    ``exhaustive`` (per site, the active feature whose removal alone lowers the target
+    most, found by trying each: the upper bound of single-feature matching).
     """
     from tqdm.auto import tqdm
 
@@ -262,6 +286,9 @@ def validate(
         for layer in layers:
             pred_keys = tracer.predecessor_keys(layer)
             plan: list[tuple[tuple[int, int], list[Intervention], dict[str, Any]]] = []
+            best: dict[tuple[int, Site], Tensor] = {}
+            if "exhaustive" in methods:
+                best = _exhaustive_choices(flow, bank, text, layer, positions, pred_keys, feats, batch_rows)
             for pos in positions:
                 active = (feats["res", layer][0, pos] > 0).nonzero().squeeze(1)
                 chosen = active[torch.randperm(len(active), generator=gen)[:max_targets]].tolist()
@@ -269,7 +296,11 @@ def validate(
                     for method in methods:
                         active_preds: dict[Site, list[int]] = {}
                         for site, key in pred_keys.items():
-                            cands = [c for c in matches[(layer, method)][site][index].tolist() if c >= 0]
+                            if method == "exhaustive":
+                                choice = best.get((pos, site))
+                                cands = [] if choice is None else [int(choice[index])]
+                            else:
+                                cands = [c for c in matches[(layer, method)][site][index].tolist() if c >= 0]
                             on = [c for c in cands if float(feats[key][0, pos, c]) > 0]
                             if on:
                                 active_preds[site] = on
@@ -294,3 +325,31 @@ def validate(
             "positions_per_text": positions_per_text, "max_targets": max_targets, "seed": seed,
             "n_texts": int(tokens.shape[0]), "bank": bank.describe()}
     return ValidationReport(rows, counts, meta)
+
+
+def _exhaustive_choices(flow: Any, bank: SAEBank, text: Tensor, layer: int, positions: Sequence[int],
+                        pred_keys: dict[Site, tuple[Site, int]], feats: Any, batch_rows: int) -> dict:
+    """Per (position, site): for every res(layer) feature, the active feature of that site whose
+    removal alone leaves it lowest. One row per (position, active feature) serves all targets."""
+    trials: list[tuple[int, Site, int]] = []
+    for pos in positions:
+        for site, key in pred_keys.items():
+            for feature in (feats[key][0, pos] > 0).nonzero().squeeze(1).tolist():
+                trials.append((pos, site, feature))
+    acts = []
+    for start in range(0, len(trials), batch_rows):
+        part = trials[start:start + batch_rows]
+        acts.append(res_activations(flow, bank, text, layer, [p for p, _, _ in part],
+                                    [[Intervention(pred_keys[s][0], pred_keys[s][1], (f,), (p,), 0.0)]
+                                     for p, s, f in part]))
+    if not trials:
+        return {}
+    all_acts = torch.cat(acts)                                   # [n_trials, d_sae]
+    out: dict[tuple[int, Site], Tensor] = {}
+    for pos in positions:
+        for site in pred_keys:
+            rows = [i for i, (p, s, _) in enumerate(trials) if p == pos and s == site]
+            if rows:
+                features = torch.tensor([trials[i][2] for i in rows])
+                out[(pos, site)] = features[all_acts[rows].argmin(dim=0).cpu()]   # per target feature
+    return out

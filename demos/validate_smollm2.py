@@ -5,7 +5,7 @@
 Held-out corpus rows (split by document), layers 13, 15 and 17 (the quick bank
 covers layers 12-17 only, so the paper's 1/4, 1/2, 3/4 of the depth cannot be
 used), 5 random non-BOS positions per text, up to 25 active targets per position,
-methods top1 / top5 / random / permutation, r = 0 with an r sweep for top1.
+methods top1 / top5 / random / permutation / exhaustive, r = 0 with an r sweep for top1.
 Prints Markdown tables (summary by method, group shares per layer, r sweep).
 """
 

@@ -51,6 +51,7 @@ _EXPORTS: dict[str, str] = {
     "LABELS": "tl_featureflow.groups",
     "topk_cosine": "tl_featureflow.matching",
     "TopContexts": "tl_featureflow.contexts",
+    "ValidationReport": "tl_featureflow.report",
     "collect_top_contexts": "tl_featureflow.contexts",
     "permutation_match": "tl_featureflow.matching",
     "fold_jumprelu_threshold": "tl_featureflow.matching",
@@ -64,6 +65,7 @@ __all__ = ["__version__", *_EXPORTS]
 if TYPE_CHECKING:  # pragma: no cover
     from tl_featureflow.bank import SAEBank
     from tl_featureflow.contexts import TopContexts, collect_top_contexts
+    from tl_featureflow.report import ValidationReport
     from tl_featureflow.embedded import cache_root, load_embedded_bank, load_embedded_model
     from tl_featureflow.training import train_bank
     from tl_featureflow.errors import (

@@ -39,7 +39,7 @@ from tl_featureflow.graph import (
 )
 from tl_featureflow.groups import Classification, LayerScores, classify_scores
 from tl_featureflow.matching import topk_cosine
-from tl_featureflow.refs import SITES, FeatureRef, Site, check_layer, check_site
+from tl_featureflow.refs import FeatureRef, Site, check_layer, check_site
 
 __all__ = ["FlowTracer", "Matching", "Predecessors", "PAPER_THRESHOLDS"]
 

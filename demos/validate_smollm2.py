@@ -5,7 +5,8 @@
 Held-out corpus rows (split by document), layers 13, 15 and 17 (the quick bank
 covers layers 12-17 only, so the paper's 1/4, 1/2, 3/4 of the depth cannot be
 used), 5 random non-BOS positions per text, up to 25 active targets per position,
-methods top1 / top5 / random / permutation / exhaustive, r = 0 with an r sweep for top1.
+methods top1 / top5 / random / permutation / exhaustive, r = 0 with an r sweep for top1,
+and the relative LM-loss change for 10 interventions per text and layer.
 Prints Markdown tables (summary by method, group shares per layer, r sweep).
 """
 
@@ -32,15 +33,18 @@ def main() -> None:
     bank = ff.load_embedded_bank("quick", model=model)
     tokens = load_corpus(model.tokenizer, "heldout", progress=False).tokens[: args.texts]
     tracer = ff.FlowTracer(bank, model)
-    report = validate(tracer, model, tokens, layers=args.layers, r=[0.0, -1.0, 0.5, 2.0], progress=True)
+    report = validate(tracer, model, tokens, layers=args.layers, r=[0.0, -1.0, 0.5, 2.0], loss_samples=10,
+                      progress=True)
     report.save(args.out)
     elapsed = time.perf_counter() - start
     print(f"\n{len(report.rows)} interventions on {args.texts} held-out texts in {elapsed:.0f} s; report: {args.out}")
-    print("\n| method | success rate | mean activation change | n | paper (Gemma 2 2B) |\n|---|---|---|---|---|")
+    print("\n| method | success rate | mean activation change | n | mean |loss change| | paper (Gemma 2 2B) |"
+          "\n|---|---|---|---|---|---|")
     for method, row in report.summary().items():
         paper = PAPER.get(method)
         ref = f"{paper[0]:.0%} / {paper[1]:.2f}" if paper else "-"
-        print(f"| {method} | {row['success_rate']:.1%} | {row['activation_change']:.3f} | {row['n']} | {ref} |")
+        loss = f"{row['loss_change_abs']:.1e}" if "loss_change_abs" in row else "-"
+        print(f"| {method} | {row['success_rate']:.1%} | {row['activation_change']:.3f} | {row['n']} | {loss} | {ref} |")
     print("\n| layer | " + " | ".join(ff_groups()) + " |\n|---|" + "---|" * len(ff_groups()))
     for layer, by_method in report.group_counts.items():
         counts = by_method["top1"]

@@ -123,7 +123,7 @@ def test_planted_circuit_deactivation_matches_the_hand_computation(planted_circu
     model, bank, tokens = planted_circuit
     tracer = ff.FlowTracer(bank, model)
     report = tracer.validate(tokens, layers=[1], methods=("top1", "top5", "random", "permutation", "exhaustive"), r=[0.0, 0.5],
-                             positions_per_text=4, max_targets=5, progress=False)
+                             positions_per_text=4, max_targets=5, loss_samples=2, progress=False)
     main = [row for row in report.rows if row.r == 0.0]
     top1 = [row for row in main if row.method == "top1"]
     assert top1 and all(row.group == "RES" for row in top1)
@@ -134,7 +134,20 @@ def test_planted_circuit_deactivation_matches_the_hand_computation(planted_circu
         right = row.deactivated == [f"0/res/{row.target.split('/')[2]}"]
         assert row.z_new == (0.0 if right else pytest.approx(row.z_old, abs=1e-6))
     summary = report.summary()
-    assert summary["top1"] == {"success_rate": 1.0, "activation_change": 1.0, "n": len(top1)}
+    with_loss = [row for row in report.rows if row.loss_change is not None]
+    assert len(with_loss) == 2 * tokens.shape[0] and all(row.r == 0.0 for row in with_loss)
+    row = with_loss[0]  # recompute one loss change by hand
+    text = tokens[row.text:row.text + 1]
+    layer_of = {"res": 0, "mlp": 1, "att": 1}
+    items = [Intervention(ref.split("/")[1], layer_of[ref.split("/")[1]], (int(ref.split("/")[2]),), (row.position,), 0.0)
+             for ref in row.deactivated]
+    with torch.no_grad():
+        clean = float(model(text, return_type="loss"))
+        with intervened(model, bank, items):
+            edited = float(model(text, return_type="loss"))
+    assert row.loss_change == pytest.approx((edited - clean) / clean, rel=1e-5)
+    top1_summary = {k: v for k, v in summary["top1"].items() if not k.startswith("loss")}
+    assert top1_summary == {"success_rate": 1.0, "activation_change": 1.0, "n": len(top1)}
     assert summary["top5"]["success_rate"] == 1.0
     assert summary["permutation"]["success_rate"] == 1.0  # identical decoders: the identity assignment
     exhaustive = [row for row in main if row.method == "exhaustive"]

@@ -68,9 +68,16 @@ class ValidationReport:
             if row.r != main_r:
                 continue
             table.setdefault(" / ".join(str(getattr(row, k)) for k in keys), []).append(row)
-        return {name: {"success_rate": sum(r.success for r in rows) / len(rows),
-                       "activation_change": sum(r.activation_change for r in rows) / len(rows),
-                       "n": len(rows)} for name, rows in sorted(table.items())}
+        out: dict[str, dict[str, float]] = {}
+        for name, group_rows in sorted(table.items()):
+            out[name] = {"success_rate": sum(r.success for r in group_rows) / len(group_rows),
+                         "activation_change": sum(r.activation_change for r in group_rows) / len(group_rows),
+                         "n": len(group_rows)}
+            losses = [r.loss_change for r in group_rows if r.loss_change is not None]
+            if losses:
+                out[name]["loss_change"] = sum(losses) / len(losses)
+                out[name]["loss_change_abs"] = sum(abs(x) for x in losses) / len(losses)
+        return out
 
     def r_sweep(self, method: str = "top1") -> dict[float, float]:
         """Mean activation change per r for one method."""

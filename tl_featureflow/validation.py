@@ -119,12 +119,14 @@ def res_activations(
     interventions: Sequence[Sequence[Intervention]],
     *,
     layer_local: bool = True,
+    chunk_rows: int = 16,
 ) -> Float[Tensor, "n d_sae"]:
     """All res(``layer``) feature activations at ``positions[i]`` under ``interventions[i]``.
 
     Interventions must sit at res(layer-1), mlp(layer) or att(layer): the sites whose
     edits reach res(layer) through layer ``layer`` alone. With ``layer_local`` every row
-    reruns only layer ``layer`` from the cached residual stream, all rows in one batch;
+    reruns only layer ``layer`` from the residual stream entering it (computed once), in
+    batches of ``chunk_rows`` (small batches keep the layer's activations in cache);
     otherwise each row is one full forward (the reference).
     """
     if len(positions) != len(interventions):
@@ -148,8 +150,17 @@ def res_activations(
             picked_rows.append(cache[out_name][0, pos])
         return target_sae.encode(torch.stack(picked_rows).to(target_sae.W_dec.dtype))
 
+    entering = model(tokens, stop_at_layer=layer)   # the stream entering layer L, computed once
+    out = [_layer_local_rows(model, bank, entering, layer, positions[i:i + chunk_rows], interventions[i:i + chunk_rows])
+           for i in range(0, len(positions), chunk_rows)]
+    return torch.cat(out) if out else torch.zeros(0, target_sae.cfg.d_sae)
+
+
+def _layer_local_rows(model: Any, bank: SAEBank, entering: Tensor, layer: int, positions: Sequence[int],
+                      interventions: Sequence[Sequence[Intervention]]) -> Tensor:
+    """One batch of rows through layer ``layer`` alone (see :func:`res_activations`)."""
     n = len(positions)
-    resid = model(tokens, stop_at_layer=layer).expand(n, -1, -1).clone()   # the stream entering layer L
+    resid = entering.expand(n, -1, -1).clone()
     for row, items in enumerate(interventions):     # res(L-1) edits act on the input directly
         for item in items:
             if item.site == "res":
@@ -169,6 +180,7 @@ def res_activations(
         resid_out = model(resid, start_at_layer=layer, stop_at_layer=layer + 1)
     pos = torch.tensor(list(positions), device=resid_out.device)
     picked = resid_out[torch.arange(n, device=resid_out.device), pos]     # [n, d_model]
+    target_sae = bank[("res", layer)]
     return target_sae.encode(picked.to(target_sae.W_dec.dtype))
 
 
@@ -181,13 +193,14 @@ def target_activations(
     interventions: Sequence[Sequence[Intervention]],
     *,
     layer_local: bool = True,
+    chunk_rows: int = 16,
 ) -> Float[Tensor, " n"]:
     """Activation of res(``layer``) feature ``targets[i] = (position, index)`` under ``interventions[i]``
     (see :func:`res_activations`)."""
     if len(targets) != len(interventions):
         raise FeatureFlowError(f"{len(targets)} targets but {len(interventions)} intervention lists")
     acts = res_activations(model, bank, tokens, layer, [p for p, _ in targets], interventions,
-                           layer_local=layer_local)
+                           layer_local=layer_local, chunk_rows=chunk_rows)
     index = torch.tensor([i for _, i in targets], device=acts.device)
     return acts[torch.arange(len(targets), device=acts.device), index]
 
@@ -233,8 +246,9 @@ def validate(
     positions_per_text: int = 5,
     max_targets: int = 25,
     seed: int = 0,
-    batch_rows: int = 64,
+    batch_rows: int = 16,
     sweep_methods: Sequence[str] = ("top1",),
+    loss_samples: int = 0,
     progress: bool = True,
 ) -> Any:
     """The paper's deactivation experiment (method section 5), layer-local and batched.
@@ -252,6 +266,9 @@ def validate(
     the five is), ``random`` (one of the top five, seeded), ``permutation`` (SAE Match),
     ``exhaustive`` (per site, the active feature whose removal alone lowers the target
     most, found by trying each: the upper bound of single-feature matching).
+
+    ``loss_samples`` interventions per text and layer (main ``r``, seeded) also get the
+    relative change of the LM loss, ``(L_new - L_old) / L_old``, from a full forward.
     """
     from tqdm.auto import tqdm
 
@@ -316,12 +333,19 @@ def validate(
                                     "target": str(FeatureRef(layer, "res", index)),
                                     "deactivated": [str(FeatureRef(i.layer, i.site, f)) for i in items for f in i.features]}
                             plan.append(((pos, index), items, info))
-            for start in range(0, len(plan), batch_rows):
-                part = plan[start:start + batch_rows]
-                z_new = target_activations(flow, bank, text, layer, [p[0] for p in part], [p[1] for p in part])
-                rows.extend(ValidationRow(**p[2], z_new=float(z)) for p, z in zip(part, z_new.tolist()))
+            z_new = target_activations(flow, bank, text, layer, [p[0] for p in plan], [p[1] for p in plan],
+                                       chunk_rows=batch_rows) if plan else torch.zeros(0)
+            new_rows = [ValidationRow(**p[2], z_new=float(z)) for p, z in zip(plan, z_new.tolist())]
+            main_rows = [i for i, row in enumerate(new_rows) if row.r == rs[0]]
+            if loss_samples > 0 and main_rows:
+                clean_loss = float(flow(text, return_type="loss"))
+                for i in torch.randperm(len(main_rows), generator=gen)[:loss_samples].tolist():
+                    with intervened(flow, bank, plan[main_rows[i]][1]):
+                        loss = float(flow(text, return_type="loss"))
+                    new_rows[main_rows[i]].loss_change = (loss - clean_loss) / clean_loss
+            rows.extend(new_rows)
     meta = {"layers": list(layers), "methods": list(methods), "r": rs[0], "r_values": rs,
-            "sweep_methods": list(sweep_methods),
+            "sweep_methods": list(sweep_methods), "loss_samples": loss_samples,
             "positions_per_text": positions_per_text, "max_targets": max_targets, "seed": seed,
             "n_texts": int(tokens.shape[0]), "bank": bank.describe()}
     return ValidationReport(rows, counts, meta)
@@ -336,15 +360,11 @@ def _exhaustive_choices(flow: Any, bank: SAEBank, text: Tensor, layer: int, posi
         for site, key in pred_keys.items():
             for feature in (feats[key][0, pos] > 0).nonzero().squeeze(1).tolist():
                 trials.append((pos, site, feature))
-    acts = []
-    for start in range(0, len(trials), batch_rows):
-        part = trials[start:start + batch_rows]
-        acts.append(res_activations(flow, bank, text, layer, [p for p, _, _ in part],
-                                    [[Intervention(pred_keys[s][0], pred_keys[s][1], (f,), (p,), 0.0)]
-                                     for p, s, f in part]))
     if not trials:
         return {}
-    all_acts = torch.cat(acts)                                   # [n_trials, d_sae]
+    all_acts = res_activations(flow, bank, text, layer, [p for p, _, _ in trials],   # [n_trials, d_sae]
+                               [[Intervention(pred_keys[s][0], pred_keys[s][1], (f,), (p,), 0.0)] for p, s, f in trials],
+                               chunk_rows=batch_rows)
     out: dict[tuple[int, Site], Tensor] = {}
     for pos in positions:
         for site in pred_keys:

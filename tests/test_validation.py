@@ -122,7 +122,7 @@ def test_planted_circuit_deactivation_matches_the_hand_computation(planted_circu
 
     model, bank, tokens = planted_circuit
     tracer = ff.FlowTracer(bank, model)
-    report = tracer.validate(tokens, layers=[1], methods=("top1", "top5", "random", "permutation", "exhaustive"), r=[0.0, 0.5],
+    report = tracer.validate(tokens, layers=[1], methods=("top1", "top5", "random", "permutation", "pearson", "exhaustive"), r=[0.0, 0.5],
                              positions_per_text=4, max_targets=5, loss_samples=2, progress=False)
     main = [row for row in report.rows if row.r == 0.0]
     top1 = [row for row in main if row.method == "top1"]
@@ -153,6 +153,8 @@ def test_planted_circuit_deactivation_matches_the_hand_computation(planted_circu
     exhaustive = [row for row in main if row.method == "exhaustive"]
     assert [row.deactivated for row in exhaustive] == [row.deactivated for row in top1]  # found by trying each
     assert summary["exhaustive"]["success_rate"] == 1.0
+    pearson = [row for row in main if row.method == "pearson"]  # res(1) = res(0): perfect correlation
+    assert [row.deactivated for row in pearson] == [row.deactivated for row in top1]
     wrong = [r for r in main if r.method == "random" and r.z_new > 0]
     assert summary["random"]["success_rate"] == pytest.approx(1 - len(wrong) / summary["random"]["n"])
     # r = 0.5 halves the predecessor: with the linear identity layer the target halves too

@@ -204,7 +204,30 @@ def target_activations(
     index = torch.tensor([i for _, i in targets], device=acts.device)
     return acts[torch.arange(len(targets), device=acts.device), index]
 
-METHODS: tuple[str, ...] = ("top1", "top5", "random", "permutation", "exhaustive")
+METHODS: tuple[str, ...] = ("top1", "top5", "random", "permutation", "pearson", "exhaustive")
+
+
+def _pearson_matches(acts: dict, layer: int, pred_keys: dict) -> dict[Site, Tensor]:
+    """Per site, the predecessor whose activations correlate best with each res(layer) feature.
+
+    ``acts[key]`` are ``[n_tokens, d_sae]`` activations over the texts. Features that never
+    vary get correlation -inf (no match: index -1).
+    """
+    def standardise(x: Tensor) -> Tensor:
+        x = x.double() - x.double().mean(0)
+        norm = x.norm(dim=0)
+        return torch.where(norm > 0, x / norm.clamp_min(1e-30), torch.zeros_like(x)), norm > 0
+
+    target, target_ok = standardise(acts[("res", layer)])
+    out: dict[Site, Tensor] = {}
+    for site, key in pred_keys.items():
+        source, source_ok = standardise(acts[key])
+        corr = target.T @ source                                    # [d_res, d_pred]
+        corr[:, ~source_ok] = float("-inf")
+        best = corr.argmax(dim=1)
+        best[~target_ok | torch.isinf(corr.max(dim=1).values)] = -1
+        out[site] = best[:, None]
+    return out
 
 
 def _method_matches(tracer: Any, layer: int, method: str, seed: int) -> dict[Site, Tensor]:
@@ -224,8 +247,8 @@ def _method_matches(tracer: Any, layer: int, method: str, seed: int) -> dict[Sit
             gen = torch.Generator().manual_seed(seed * 1009 + layer * 7 + len(out))
             pick = torch.randint(0, top.shape[1], (top.shape[0], 1), generator=gen).to(top.device)
             out[site] = top.gather(1, pick)
-        elif method == "exhaustive":
-            continue  # chosen per token by trying each active feature (see validate)
+        elif method in ("exhaustive", "pearson"):
+            continue  # need activations: chosen in validate
         elif method == "permutation":
             _, indices = permutation_match(tracer.bank.decoder(*dst), tracer.bank.decoder(*key))
             out[site] = indices[:, None]
@@ -264,7 +287,8 @@ def validate(
 
     Methods: ``top1``, ``top5`` (all five; a predecessor counts as active if any of
     the five is), ``random`` (one of the top five, seeded), ``permutation`` (SAE Match),
-    ``exhaustive`` (per site, the active feature whose removal alone lowers the target
+    ``pearson`` (data-based: the feature whose activations over all the given texts,
+    position 0 excluded, correlate best with the target's), ``exhaustive`` (per site, the active feature whose removal alone lowers the target
     most, found by trying each: the upper bound of single-feature matching).
 
     ``loss_samples`` interventions per text and layer (main ``r``, seeded) also get the
@@ -292,6 +316,12 @@ def validate(
     matches = {(layer, m): _method_matches(tracer, layer, m, seed) for layer in layers for m in methods}
     keys = {("res", layer) for layer in layers} | {k for layer in layers for k in tracer.predecessor_keys(layer).values()}
     needed = bank.select(sites=sorted({k[0] for k in keys}), layers=sorted({k[1] for k in keys}))
+    if "pearson" in methods:  # the paper's data-based matching: correlations over all the given texts
+        _, all_feats = flow.run_with_features(tokens, bank=needed, return_logits=False)
+        flat = {key: all_feats[key][:, 1:].reshape(-1, all_feats[key].shape[-1]) for key in all_feats}
+        for layer in layers:
+            matches[(layer, "pearson")] = _pearson_matches(flat, layer, tracer.predecessor_keys(layer))
+        del all_feats, flat
     gen = torch.Generator().manual_seed(seed)
     rows: list[ValidationRow] = []
     counts = {str(layer): {m: {g: 0 for g in GROUPS} for m in methods} for layer in layers}

@@ -296,7 +296,7 @@ def validate(
     """
     from tqdm.auto import tqdm
 
-    from tl_featureflow.model import FlowTransformer
+    from tl_featureflow.model import FeatureCache, FlowTransformer
     from tl_featureflow.refs import FeatureRef
     from tl_featureflow.report import GROUPS, ValidationReport, ValidationRow, group_name
 
@@ -316,18 +316,22 @@ def validate(
     matches = {(layer, m): _method_matches(tracer, layer, m, seed) for layer in layers for m in methods}
     keys = {("res", layer) for layer in layers} | {k for layer in layers for k in tracer.predecessor_keys(layer).values()}
     needed = bank.select(sites=sorted({k[0] for k in keys}), layers=sorted({k[1] for k in keys}))
+    all_feats = None
     if "pearson" in methods:  # the paper's data-based matching: correlations over all the given texts
         _, all_feats = flow.run_with_features(tokens, bank=needed, return_logits=False)
         flat = {key: all_feats[key][:, 1:].reshape(-1, all_feats[key].shape[-1]) for key in all_feats}
         for layer in layers:
             matches[(layer, "pearson")] = _pearson_matches(flat, layer, tracer.predecessor_keys(layer))
-        del all_feats, flat
+        del flat
     gen = torch.Generator().manual_seed(seed)
     rows: list[ValidationRow] = []
     counts = {str(layer): {m: {g: 0 for g in GROUPS} for m in methods} for layer in layers}
     for t in tqdm(range(tokens.shape[0]), desc="validating", unit="text", disable=not progress):
         text = tokens[t:t + 1]
-        _, feats = flow.run_with_features(text, bank=needed, return_logits=False)
+        if all_feats is not None:  # already computed for pearson: no second forward
+            feats = FeatureCache({key: acts[t:t + 1] for key, acts in all_feats.items()})
+        else:
+            _, feats = flow.run_with_features(text, bank=needed, return_logits=False)
         n_pos = min(positions_per_text, text.shape[1] - 1)
         positions = (1 + torch.randperm(text.shape[1] - 1, generator=gen)[:n_pos]).tolist()
         for layer in layers:

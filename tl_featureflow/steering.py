@@ -1,0 +1,434 @@
+"""Steerer: push SAE features up or down while a model runs or generates (method section 6).
+
+>>> with ff.Steerer(model, bank).add("12/res/4230", 8.0):           # doctest: +SKIP
+...     model.generate("I think ", max_new_tokens=36)
+>>> with ff.Steerer(model, bank).rescale("14/res/77", 0.0):          # suppress   # doctest: +SKIP
+...     logits = model(tokens)
+>>> with ff.Steerer(model, bank).along(graph, 4.0, mode="cumulative"):            # doctest: +SKIP
+...     model.generate("I think ", max_new_tokens=36)
+
+Two edits, both at the hook of the feature's site (``resid_post``, ``mlp_out`` or
+``attn_out`` of its layer):
+
+- ``add(ref, s)``: ``h <- h + s * v``; ``v`` is the unit decoder row by default, or
+  the decoder row times a typical activation (``scale=``), so that one coefficient
+  fits features of different magnitudes.
+- ``rescale(ref, r)``: ``h <- h + (r - 1) * a * v`` with ``a`` read by the SAE's own
+  encoder from the same ``h`` and ``v`` the raw decoder row (``r = 0`` removes the
+  feature, ``r < 0`` reverses it, ``r > 1`` amplifies it, ``r = 1`` changes nothing).
+
+Coefficients may be one number or one number per batch row (a list or 1-D tensor),
+which is how :func:`tl_featureflow.sweeps.steering_sweep` runs a whole grid of
+settings as the rows of one batched ``generate``.
+
+Positions. ``"all"`` steers every token; ``"prompt"`` only the prompt's tokens;
+``"generated"`` only the tokens that ``generate`` adds. A forward pass outside
+``generate`` is all prompt. With TransformerLens's KV cache each decoding step runs
+on one position only, so the Steerer counts absolute positions itself: while it is
+active it wraps the model's ``generate`` (an instance attribute, removed on exit) to
+learn where a generation starts, whether it uses the cache, and how long the prompt
+is, and a hook at ``blocks.0.hook_resid_pre`` counts the positions each forward
+adds. Steered greedy generation gives the same tokens with and without the cache.
+
+Hooks go on through ``model.hooks(...)``, so the user's own hooks and contexts are
+left alone and exactly this Steerer's hooks are removed on exit, also on exceptions
+and KeyboardInterrupt (which are never swallowed).
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from typing import Any, Literal, get_args
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from tl_featureflow.bank import SAEBank
+from tl_featureflow.errors import FeatureFlowError, UnknownFeatureError
+from tl_featureflow.refs import FeatureRef, Site, check_layer, check_site, hook_name
+
+__all__ = ["Steerer", "Positions", "Schedule", "FlowMode", "Coefficient", "flow_coefficients", "POSITIONS"]
+
+Positions = Literal["all", "prompt", "generated"]
+Schedule = Literal["constant", "linear", "exponential"]
+FlowMode = Literal["single", "cumulative"]
+Op = Literal["add", "rescale"]
+Coefficient = float | Sequence[float] | Tensor
+POSITIONS: tuple[str, ...] = get_args(Positions)
+_COUNTER_HOOK = "blocks.0.hook_resid_pre"
+
+
+def flow_coefficients(
+    graph: Any,
+    strength: float | Tensor,
+    *,
+    schedule: Schedule = "constant",
+    alpha: float = -0.05,
+    mode: FlowMode = "single",
+    up_to_layer: int | None = None,
+) -> list[tuple[FeatureRef, Any]]:
+    """The features of a FlowGraph to steer and the coefficient of each (method section 6).
+
+    ``mode="single"``: the graph's features at one layer, ``up_to_layer`` (default: the
+    seed's layer). ``mode="cumulative"``: every feature of the graph from its first
+    layer up to ``up_to_layer`` (default: the end of the graph's span).
+
+    The coefficient at layer ``l``: ``constant`` -> ``strength``; ``exponential`` ->
+    ``strength * exp(alpha * l)`` (``l`` the model's layer index, as in the paper);
+    ``linear`` -> from ``strength`` at the span's first layer to ``1`` at its last.
+    ``strength`` may be a tensor of per-row strengths; each row is scheduled alike.
+
+    >>> flow_coefficients(graph, 4.0, mode="cumulative", up_to_layer=14)   # doctest: +SKIP
+    [(FeatureRef(layer=12, site='res', index=7), 4.0), ...]
+    """
+    if schedule not in get_args(Schedule):
+        raise FeatureFlowError(f"unknown schedule {schedule!r}: expected one of {get_args(Schedule)}")
+    if mode not in get_args(FlowMode):
+        raise FeatureFlowError(f"unknown mode {mode!r}: expected one of {get_args(FlowMode)}")
+    layers = sorted({node.ref.layer for node in graph.nodes})
+    if up_to_layer is None:
+        up_to_layer = graph.seed.layer if mode == "single" else max(layers)
+    if up_to_layer not in layers and mode == "single":
+        raise UnknownFeatureError(
+            f"the flow graph of {graph.seed} has no feature at layer {up_to_layer}: its layers are {layers}")
+    if mode == "cumulative" and up_to_layer < min(layers):
+        raise UnknownFeatureError(
+            f"the flow graph of {graph.seed} starts at layer {min(layers)}, after up_to_layer={up_to_layer}")
+    l_start, l_end = graph.span
+    refs = sorted(n.ref for n in graph.nodes if (n.ref.layer == up_to_layer if mode == "single"
+                                                 else n.ref.layer <= up_to_layer))
+
+    def coefficient(layer: int) -> Any:
+        if schedule == "exponential":
+            return strength * math.exp(alpha * layer)
+        if schedule == "linear" and l_end > l_start:
+            t = min(max((layer - l_start) / (l_end - l_start), 0.0), 1.0)
+            return strength + (1.0 - strength) * t
+        return strength
+
+    return [(ref, coefficient(ref.layer)) for ref in refs]
+
+
+@dataclass
+class _Edit:
+    op: Op
+    key: tuple[Site, int]
+    index: int | None            # feature index; None for a raw direction
+    coef: Tensor                 # [] or [batch]
+    vector: Tensor | None = None  # the d_model direction of an add
+
+
+@dataclass
+class _Generation:
+    """What the Steerer knows about the ``generate`` call in progress."""
+
+    cached: bool
+    prompt_len: int | None = None
+    seen: int = 0                # positions already processed (with the KV cache)
+    offset: int = 0              # absolute position of the current forward's first token
+
+
+@dataclass
+class _State:
+    generation: _Generation | None = None
+    stack: ExitStack | None = None
+    saved_generate: list[Any] = field(default_factory=list)
+
+
+class Steerer:
+    """Context manager that steers SAE features during ``model(...)`` and ``model.generate(...)``.
+
+    Args:
+        model: any TransformerLens ``HookedTransformer`` (a FlowTransformer or a plain
+            one; SAEs need not be attached).
+        bank: the SAEs whose decoders give the directions (needed for feature refs).
+        positions: ``"all"``, ``"prompt"`` or ``"generated"`` (see the module docs).
+        scale: how ``add`` scales the direction: ``"unit"`` (unit decoder row, the
+            default), ``"decoder"`` (the raw decoder row: strength in activation units),
+            ``"threshold"`` (decoder row times the JumpReLU threshold: SAE Match's
+            folding), or a mapping ``ref -> typical activation`` (e.g. measured max
+            activations) multiplying the raw decoder row.
+        device: where coefficients and directions live (default: the model's).
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        bank: SAEBank | None = None,
+        *,
+        positions: Positions = "all",
+        scale: Literal["unit", "decoder", "threshold"] | Mapping[FeatureRef | str, float] = "unit",
+        device: torch.device | str | None = None,
+    ):
+        if not (hasattr(model, "hooks") and hasattr(model, "hook_dict") and hasattr(model, "generate")):
+            raise FeatureFlowError(f"Steerer needs a TransformerLens HookedTransformer, got {type(model).__name__}")
+        if positions not in POSITIONS:
+            raise FeatureFlowError(f"unknown positions {positions!r}: expected one of {POSITIONS}")
+        if bank is not None and not isinstance(bank, SAEBank):
+            raise FeatureFlowError(f"bank must be an SAEBank, got {type(bank).__name__}")
+        if bank is not None and bank.d_model != model.cfg.d_model:
+            raise FeatureFlowError(
+                f"the bank's SAEs read d_in={bank.d_model} but the model has d_model={model.cfg.d_model}")
+        if isinstance(scale, str) and scale not in ("unit", "decoder", "threshold"):
+            raise FeatureFlowError(f"unknown scale {scale!r}: expected 'unit', 'decoder', 'threshold' or a mapping")
+        self.model = model
+        self.bank = bank
+        self.positions: Positions = positions
+        self.scale = scale if isinstance(scale, str) else {FeatureRef.parse(k): float(v) for k, v in scale.items()}
+        self.device = torch.device(device) if device is not None else torch.device(model.cfg.device)
+        self._edits: list[_Edit] = []
+        self._state = _State()
+
+    # -- building ------------------------------------------------------------------------------
+    def add(self, ref: FeatureRef | str, strength: Coefficient) -> Steerer:
+        """``h <- h + strength * v`` at the feature's site (``v`` per ``scale``); returns self."""
+        ref = self._ref(ref)
+        vector = self._direction(ref)
+        self._edits.append(_Edit("add", ref.key, ref.index, self._coef(strength), vector))
+        return self
+
+    def add_direction(self, site: Site, layer: int, direction: Float[Tensor, " d_model"],
+                      strength: Coefficient) -> Steerer:
+        """``h <- h + strength * direction`` at ``(site, layer)``: steering without an SAE."""
+        check_site(site)
+        if check_layer(layer) >= self.model.cfg.n_layers:
+            raise UnknownFeatureError(f"layer {layer} does not exist: the model has {self.model.cfg.n_layers} layers")
+        direction = torch.as_tensor(direction).detach()
+        if direction.shape != (self.model.cfg.d_model,):
+            raise FeatureFlowError(
+                f"direction has shape {tuple(direction.shape)}: expected ({self.model.cfg.d_model},) (d_model)")
+        if not torch.isfinite(direction).all():
+            raise FeatureFlowError(f"direction for {(site, layer)} has NaN or inf entries")
+        self._edits.append(_Edit("add", (site, layer), None, self._coef(strength), direction.to(self.device)))
+        return self
+
+    def rescale(self, ref: FeatureRef | str, r: Coefficient) -> Steerer:
+        """``h <- h + (r - 1) * a * v`` with ``a`` from the SAE's encoder; returns self."""
+        ref = self._ref(ref)
+        self._edits.append(_Edit("rescale", ref.key, ref.index, self._coef(r)))
+        return self
+
+    def along(
+        self,
+        graph: Any,
+        strength: Coefficient,
+        *,
+        schedule: Schedule = "constant",
+        alpha: float = -0.05,
+        mode: FlowMode = "single",
+        up_to_layer: int | None = None,
+        op: Op = "add",
+    ) -> Steerer:
+        """Steer every feature of a FlowGraph that :func:`flow_coefficients` selects.
+
+        ``op="add"`` promotes (``strength`` is ``s``); ``op="rescale"`` rescales
+        (``strength`` is ``r``; the paper suppresses with ``r <= 0``). The schedule
+        multiplies ``strength`` layer by layer; per-row strengths are scheduled alike.
+        """
+        if op not in get_args(Op):
+            raise FeatureFlowError(f"unknown op {op!r}: expected 'add' or 'rescale'")
+        plan = flow_coefficients(graph, self._coef(strength), schedule=schedule, alpha=alpha, mode=mode,
+                                 up_to_layer=up_to_layer)
+        for ref, value in plan:
+            getattr(self, op)(ref, value)
+        return self
+
+    def clear(self) -> Steerer:
+        """Forget every edit (not allowed while active)."""
+        self._check_inactive("clear")
+        self._edits.clear()
+        return self
+
+    @property
+    def edits(self) -> list[tuple[str, str, Tensor]]:
+        """``(op, feature or site/layer, coefficient)`` of every edit, in order."""
+        out = []
+        for e in self._edits:
+            name = str(FeatureRef(e.key[1], e.key[0], e.index)) if e.index is not None else f"{e.key[1]}/{e.key[0]}/*"
+            out.append((e.op, name, e.coef))
+        return out
+
+    # -- hooks ---------------------------------------------------------------------------------
+    def hooks(self) -> list[tuple[str, Callable]]:
+        """Forward hooks ``(hook_name, fn)`` for ``model.run_with_hooks`` / ``model.hooks``.
+
+        Outside ``generate`` every position counts as prompt.
+        """
+        by_key: dict[tuple[Site, int], list[_Edit]] = {}
+        for edit in self._edits:
+            by_key.setdefault(edit.key, []).append(edit)
+        hooks = [(self._hook_name(key), self._make_hook(key, edits)) for key, edits in sorted(by_key.items(),
+                                                                                              key=lambda kv: kv[0][::-1])]
+        if hooks and self.positions != "all":
+            hooks.insert(0, (_COUNTER_HOOK, self._count_positions))
+        return hooks
+
+    def __enter__(self) -> Steerer:
+        self._check_inactive("enter")
+        stack = ExitStack()
+        try:
+            stack.enter_context(self.model.hooks(fwd_hooks=self.hooks()))
+            if self.positions != "all":
+                self._wrap_generate(stack)
+        except BaseException:
+            stack.close()
+            raise
+        self._state.stack = stack
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        stack, self._state.stack = self._state.stack, None
+        self._state.generation = None
+        if stack is not None:
+            stack.close()   # never swallows: returns None
+
+    @property
+    def active(self) -> bool:
+        return self._state.stack is not None
+
+    def __repr__(self) -> str:
+        return f"Steerer({len(self._edits)} edits, positions={self.positions!r}, active={self.active})"
+
+    # -- internals -----------------------------------------------------------------------------
+    def _check_inactive(self, what: str) -> None:
+        if self._state.stack is not None:
+            raise FeatureFlowError(f"cannot {what} a Steerer that is already active (exit its `with` block first)")
+
+    def _ref(self, ref: FeatureRef | str) -> FeatureRef:
+        if self.bank is None:
+            raise FeatureFlowError(f"steering feature {ref} needs the SAE bank: Steerer(model, bank)")
+        ref = self.bank.check_ref(ref)
+        if ref.layer >= self.model.cfg.n_layers:
+            raise UnknownFeatureError(f"feature {ref}: the model has only {self.model.cfg.n_layers} layers")
+        return ref
+
+    def _coef(self, value: Coefficient) -> Tensor:
+        coef = torch.as_tensor(value, dtype=torch.float32).detach().to(self.device)
+        if coef.ndim > 1:
+            raise FeatureFlowError(f"a coefficient must be a number or one number per batch row, got shape "
+                                   f"{tuple(coef.shape)}")
+        if not torch.isfinite(coef).all():
+            raise FeatureFlowError(f"coefficient {value!r} has NaN or inf entries")
+        return coef
+
+    def _direction(self, ref: FeatureRef) -> Tensor:
+        assert self.bank is not None
+        sae = self.bank[ref.key]
+        if self.scale == "unit":
+            return self.bank.decoder(*ref.key, unit=True, device=self.device)[ref.index].float()
+        row = sae.W_dec.detach()[ref.index].to(self.device, torch.float32)
+        if self.scale == "decoder":
+            return row
+        if self.scale == "threshold":
+            threshold = getattr(sae, "threshold", None)
+            if threshold is None:
+                raise FeatureFlowError(f"scale='threshold' needs a JumpReLU SAE, but the SAE of {ref} is "
+                                       f"{type(sae).__name__}: use scale='unit', 'decoder' or a mapping")
+            return row * float(threshold.detach()[ref.index])
+        assert isinstance(self.scale, dict)
+        if ref not in self.scale:
+            raise UnknownFeatureError(f"scale mapping has no typical activation for {ref}")
+        return row * self.scale[ref]
+
+    def _hook_name(self, key: tuple[Site, int]) -> str:
+        name = hook_name(*key)
+        if name in self.model.hook_dict:
+            return name
+        spliced = f"{name}.hook_sae_output"     # an SAE is spliced in there: steer its output
+        if spliced in self.model.hook_dict:
+            return spliced
+        raise UnknownFeatureError(f"the model has no hook {name!r} for {key}")
+
+    def _count_positions(self, h: Tensor, hook: Any) -> None:
+        gen = self._state.generation
+        if gen is None:
+            return
+        n = h.shape[1]
+        if gen.prompt_len is None:
+            gen.prompt_len = n
+        gen.offset = gen.seen if gen.cached else 0
+        gen.seen += n
+
+    def _steered_positions(self, n: int, device: torch.device) -> Tensor | None:
+        """Indices (within this forward) of positions to steer; None means all."""
+        if self.positions == "all":
+            return None
+        gen = self._state.generation
+        if gen is None or gen.prompt_len is None:   # not generating: everything is prompt
+            return None if self.positions == "prompt" else torch.empty(0, dtype=torch.long, device=device)
+        absolute = torch.arange(gen.offset, gen.offset + n, device=device)
+        keep = absolute < gen.prompt_len if self.positions == "prompt" else absolute >= gen.prompt_len
+        return keep.nonzero().squeeze(-1)
+
+    def _make_hook(self, key: tuple[Site, int], edits: list[_Edit]) -> Callable:
+        adds = [e for e in edits if e.op == "add"]
+        rescales = [e for e in edits if e.op == "rescale"]
+        sae = self.bank[key] if rescales else None  # type: ignore[index]
+        feats = torch.tensor([e.index for e in rescales], dtype=torch.long)
+
+        def hook(h: Tensor, hook: Any) -> Tensor:
+            batch = h.shape[0]
+            idx = self._steered_positions(h.shape[1], h.device)
+            if idx is not None and idx.numel() == 0:
+                return h
+            sub = h if idx is None else h[:, idx]                     # [batch, n, d_model]
+            delta = torch.zeros(batch, 1, h.shape[-1], device=h.device, dtype=torch.float32)
+            for e in adds:
+                delta = delta + _rows(e.coef, batch, key).to(h.device)[:, None, None] * e.vector.to(h.device)
+            delta = delta.expand(batch, sub.shape[1], h.shape[-1])
+            if rescales:
+                assert sae is not None
+                with torch.no_grad():
+                    acts = sae.encode(sub.to(sae.W_dec.dtype))[..., feats.to(h.device)].float()  # [b, n, f]
+                factors = torch.stack([_rows(e.coef, batch, key).to(h.device) - 1.0 for e in rescales], -1)
+                W = sae.W_dec.detach()[feats.to(sae.W_dec.device)].to(h.device, torch.float32)
+                delta = delta + (acts * factors[:, None, :]) @ W
+            steered = sub + delta.to(h.dtype)
+            if idx is None:
+                return steered
+            out = h.clone()
+            out[:, idx] = steered
+            return out
+
+        return hook
+
+    def _wrap_generate(self, stack: ExitStack) -> None:
+        model = self.model
+        had_own = "generate" in vars(model)
+        previous = model.generate
+        signature = inspect.signature(type(model).generate)
+        state = self._state
+
+        def generate(*args: Any, **kwargs: Any) -> Any:
+            bound = signature.bind(model, *args, **kwargs)
+            cached = bool(bound.arguments.get("use_past_kv_cache", True))
+            outer, state.generation = state.generation, _Generation(cached=cached)
+            try:
+                return previous(*args, **kwargs)
+            finally:
+                state.generation = outer
+
+        def restore() -> None:
+            if had_own:
+                model.__dict__["generate"] = previous
+            else:
+                model.__dict__.pop("generate", None)
+
+        model.__dict__["generate"] = generate
+        stack.callback(restore)
+
+
+def _rows(coef: Tensor, batch: int, key: tuple[Site, int]) -> Tensor:
+    """A coefficient as one value per batch row."""
+    if coef.ndim == 0:
+        return coef.expand(batch)
+    if coef.shape[0] != batch:
+        raise FeatureFlowError(
+            f"a steering coefficient at {key} has {coef.shape[0]} rows but the batch has {batch}: give one "
+            "number, or one per batch row")
+    return coef

@@ -58,6 +58,12 @@ _EXPORTS: dict[str, str] = {
     "cache_root": "tl_featureflow.embedded",
     "load_embedded_bank": "tl_featureflow.embedded",
     "train_bank": "tl_featureflow.training",
+    # steering
+    "Steerer": "tl_featureflow.steering",
+    "flow_coefficients": "tl_featureflow.steering",
+    "steering_sweep": "tl_featureflow.sweeps",
+    "SteeringSweep": "tl_featureflow.sweeps",
+    "OfflineJudge": "tl_featureflow.evaluation",
 }
 
 __all__ = ["__version__", *_EXPORTS]
@@ -68,6 +74,9 @@ if TYPE_CHECKING:  # pragma: no cover
     from tl_featureflow.report import ValidationReport
     from tl_featureflow.embedded import cache_root, load_embedded_bank, load_embedded_model
     from tl_featureflow.training import train_bank
+    from tl_featureflow.evaluation import OfflineJudge
+    from tl_featureflow.steering import Steerer, flow_coefficients
+    from tl_featureflow.sweeps import SteeringSweep, steering_sweep
     from tl_featureflow.errors import (
         BankError,
         CacheError,

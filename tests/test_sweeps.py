@@ -1,0 +1,80 @@
+"""Steering sweeps: batched rows equal one-by-one generation; settings, save/load, summary."""
+
+import pytest
+import torch
+from conftest import D_VOCAB, make_bank
+from test_steering import _graph
+
+import tl_featureflow as ff
+from tl_featureflow.evaluation import OfflineJudge
+from tl_featureflow.steering import Steerer
+from tl_featureflow.sweeps import SteeringSweep, SweepSetting, steering_sweep, sweep_settings
+
+
+def test_settings_grid():
+    graph = _graph()
+    settings = sweep_settings(graph, [1.0, 2.0], layers=[0, 2])
+    assert settings[0] == SweepSetting("baseline", None, 0.0)
+    assert len(settings) == 1 + 2 * 2 * 2
+    with pytest.raises(ff.FeatureFlowError, match=r"layers \[5\]"):
+        sweep_settings(graph, [1.0], layers=[5])
+    with pytest.raises(ff.FeatureFlowError, match="unknown mode"):
+        sweep_settings(graph, [1.0], modes=["both"])
+
+
+@pytest.mark.parametrize("op,strengths", [("add", [6.0, -6.0]), ("rescale", [0.0, 3.0])])
+def test_batched_rows_equal_one_by_one_and_a_hand_built_steerer(tiny_model, op, strengths):
+    bank = make_bank()
+    graph = _graph()
+    prompt = torch.randint(0, D_VOCAB, (1, 5), generator=torch.Generator().manual_seed(2))
+    kwargs = dict(prompt=prompt, strengths=strengths, op=op, do_sample=False, max_new_tokens=6, progress=False)
+    batched = steering_sweep(tiny_model, bank, graph, batch_size=4, **kwargs)
+    single = steering_sweep(tiny_model, bank, graph, batched=False, **kwargs)
+    assert [r.setting for r in batched.rows] == [r.setting for r in single.rows]
+    assert len(batched.rows) == 1 + 2 * 3 * 2 and batched.meta["generate_calls"] == 4
+    assert [r.tokens for r in batched.rows] == [r.tokens for r in single.rows]
+    # the cumulative row at layer 1 is exactly a Steerer along the graph
+    row = next(r for r in batched.rows if r.mode == "cumulative" and r.layer == 1 and r.strength == strengths[0])
+    with Steerer(tiny_model, bank).along(graph, strengths[0], mode="cumulative", up_to_layer=1, op=op):
+        by_hand = tiny_model.generate(prompt, max_new_tokens=6, do_sample=False, stop_at_eos=False, verbose=False)
+    assert row.tokens == by_hand[0, 5:].tolist()
+    base = batched.baseline()[0]
+    plain = tiny_model.generate(prompt, max_new_tokens=6, do_sample=False, stop_at_eos=False, verbose=False)
+    assert base.tokens == plain[0, 5:].tolist()
+    assert any(r.tokens != base.tokens for r in batched.rows)
+
+
+def test_sampled_sweep_is_reproducible_and_saves(tiny_model, tmp_path):
+    bank = make_bank()
+    prompt = torch.randint(0, D_VOCAB, (1, 4), generator=torch.Generator().manual_seed(3))
+    kwargs = dict(prompt=prompt, strengths=[3.0], samples=3, max_new_tokens=5, progress=False, seed=7)
+    a = steering_sweep(tiny_model, bank, _graph(), **kwargs)
+    b = steering_sweep(tiny_model, bank, _graph(), **kwargs)
+    assert [r.tokens for r in a.rows] == [r.tokens for r in b.rows]
+    path = a.save(tmp_path / "sweep.json")
+    again = SteeringSweep.load(path)
+    assert [r.tokens for r in again.rows] == [r.tokens for r in a.rows] and again.meta == a.meta
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(ff.CacheError, match="bad.json"):
+        SteeringSweep.load(tmp_path / "bad.json")
+
+
+def test_summary_and_best_with_a_user_judge(tiny_model):
+    bank = make_bank()
+    prompt = torch.randint(0, D_VOCAB, (1, 4), generator=torch.Generator().manual_seed(3))
+    sweep = steering_sweep(tiny_model, bank, _graph(), prompt=prompt, strengths=[1.0, 8.0], samples=2,
+                           max_new_tokens=6, progress=False)
+    with pytest.raises(ff.FeatureFlowError, match="score"):
+        sweep.summary()
+    # no tokenizer: the texts are empty, so a user judge scores by the row's strength via a lookup
+    strengths = iter([r.strength for r in sweep.rows])
+    judge = OfflineJudge(tiny_model, behavioural=lambda texts, topic: [min(next(strengths) / 8.0, 1.0)
+                                                                        for _ in texts])
+    sweep.score(judge, "anything")
+    table = sweep.summary("behavioural")
+    assert table[SweepSetting("baseline", None, 0.0)] == 0.0
+    assert table[SweepSetting("single", 1, 8.0)] == 1.0
+    assert all(0.0 <= r.scores["coherence"] <= 1.0 and r.scores["ppl"] > 1 for r in sweep.rows)
+    best, value = sweep.best("behavioural", mode="cumulative")
+    assert best.strength == 8.0 and value == 1.0
+    assert set(sweep.to_pandas().columns) >= {"mode", "layer", "strength", "score", "coherence"}

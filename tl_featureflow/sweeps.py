@@ -1,0 +1,265 @@
+"""Steering sweeps: a grid of settings run as the rows of batched ``generate`` calls.
+
+TransformerLens's ``generate`` costs about as much for 16 rows as for one on a CPU
+(it is dominated by per-step weight copies), so a grid of strengths x layers x modes x
+samples runs as rows of a few batched calls, each row with its own coefficients (a
+:class:`~tl_featureflow.steering.Steerer` with per-row coefficient vectors).
+
+>>> sweep = steering_sweep(model, bank, graph, prompt="I think ", strengths=[2, 4, 8],
+...                        modes=("single", "cumulative"), samples=4)          # doctest: +SKIP
+>>> sweep.score(OfflineJudge(model), "anger and rage")                          # doctest: +SKIP
+>>> sweep.summary()                                                              # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from tl_featureflow._files import atomic_write_json
+from tl_featureflow.bank import SAEBank
+from tl_featureflow.errors import CacheError, FeatureFlowError
+from tl_featureflow.evaluation import NEUTRAL_TEXTS, OfflineJudge, perplexity
+from tl_featureflow.refs import FeatureRef
+from tl_featureflow.steering import Op, Positions, Schedule, Steerer, flow_coefficients
+
+__all__ = ["SweepSetting", "SweepRow", "SteeringSweep", "steering_sweep", "sweep_settings"]
+
+_FORMAT = "tl_featureflow.steering_sweep/1"
+
+
+@dataclass(frozen=True)
+class SweepSetting:
+    """One point of the grid: ``mode`` is ``"baseline"`` (no steering), ``"single"`` or ``"cumulative"``."""
+
+    mode: str
+    layer: int | None
+    strength: float
+    op: str = "add"
+
+
+@dataclass
+class SweepRow:
+    """One generation of a sweep, with its judge scores once :meth:`SteeringSweep.score` ran."""
+
+    mode: str
+    layer: int | None
+    strength: float
+    op: str
+    sample: int
+    text: str
+    tokens: list[int]
+    scores: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def setting(self) -> SweepSetting:
+        return SweepSetting(self.mode, self.layer, self.strength, self.op)
+
+
+@dataclass
+class SteeringSweep:
+    """Results of :func:`steering_sweep`: one row per generation, plus the settings used."""
+
+    rows: list[SweepRow]
+    meta: dict[str, Any]
+
+    def baseline(self) -> list[SweepRow]:
+        return [r for r in self.rows if r.mode == "baseline"]
+
+    def score(self, judge: OfflineJudge, topic: str, *, suppress: bool = False,
+              on_topic: Sequence[str] | None = None) -> SteeringSweep:
+        """Fill each row's ``behavioural``, ``coherence``, ``ppl`` and ``score`` (in place; returns self).
+
+        The judge is calibrated on this sweep's baseline rows (see
+        :meth:`OfflineJudge.calibrate`): for promotion they are the off-topic anchor, for
+        suppression the on-topic one (with :data:`NEUTRAL_TEXTS` as off-topic).
+        """
+        base = self.baseline()
+        if not base:
+            raise FeatureFlowError("scoring a sweep needs its baseline rows: run steering_sweep(..., baseline=True)")
+        model = judge.model
+        if model is None:
+            raise FeatureFlowError("scoring a sweep needs the judge's language model: OfflineJudge(model)")
+        prompt = torch.tensor([self.meta["prompt_tokens"]])
+        length = max(len(r.tokens) for r in self.rows)
+        pad = self.meta.get("stop_token")
+        fill = pad if pad is not None else 0
+        conts = torch.tensor([r.tokens + [fill] * (length - len(r.tokens)) for r in self.rows])
+        ppl = perplexity(model, prompt, conts, stop_token=pad)
+        base_idx = [i for i, r in enumerate(self.rows) if r.mode == "baseline"]
+        base_texts = [self.rows[i].text for i in base_idx]
+        if suppress:
+            judge.calibrate(topic, off_topic=list(NEUTRAL_TEXTS), on_topic=on_topic or base_texts,
+                            reference_ppl=ppl[base_idx], reference_tokens=[self.rows[i].tokens for i in base_idx])
+        else:
+            judge.calibrate(topic, off_topic=base_texts, on_topic=on_topic, reference_ppl=ppl[base_idx],
+                            reference_tokens=[self.rows[i].tokens for i in base_idx])
+        b = judge.behavioural([r.text for r in self.rows])
+        c = judge.coherence(ppl, [r.tokens for r in self.rows])
+        s = judge.combine(b, c, suppress=suppress)
+        for i, row in enumerate(self.rows):
+            row.scores = {"behavioural": float(b[i]), "coherence": float(c[i]), "ppl": float(ppl[i]),
+                          "score": float(s[i])}
+        self.meta["judge"] = {"topic": topic, "suppress": suppress, **judge.calibration.to_dict()}  # type: ignore
+        return self
+
+    def summary(self, metric: str = "score") -> dict[SweepSetting, float]:
+        """Mean ``metric`` over samples for each setting (baseline included)."""
+        sums: dict[SweepSetting, list[float]] = {}
+        for row in self.rows:
+            if metric not in row.scores:
+                raise FeatureFlowError(f"rows have no {metric!r} score: call sweep.score(judge, topic) first")
+            sums.setdefault(row.setting, []).append(row.scores[metric])
+        return {k: sum(v) / len(v) for k, v in sums.items()}
+
+    def best(self, metric: str = "score", mode: str | None = None) -> tuple[SweepSetting, float]:
+        """The setting with the highest mean ``metric`` (optionally within one mode)."""
+        table = {k: v for k, v in self.summary(metric).items() if k.mode != "baseline" and mode in (None, k.mode)}
+        if not table:
+            raise FeatureFlowError(f"no steered settings{f' with mode {mode!r}' if mode else ''} in this sweep")
+        return max(table.items(), key=lambda kv: kv[1])
+
+    def to_pandas(self):  # type: ignore[no-untyped-def]
+        import pandas as pd
+
+        return pd.DataFrame([{**{k: v for k, v in asdict(r).items() if k not in ("scores", "tokens")}, **r.scores}
+                             for r in self.rows])
+
+    def save(self, path: str | Path) -> Path:
+        """Write the sweep as JSON (atomically); :meth:`load` reads it back."""
+        path = Path(path)
+        atomic_write_json(path, {"format": _FORMAT, "meta": self.meta, "rows": [asdict(r) for r in self.rows]})
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> SteeringSweep:
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+            if data.get("format") != _FORMAT:
+                raise ValueError(f"format {data.get('format')!r}")
+            return cls([SweepRow(**r) for r in data["rows"]], data["meta"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise CacheError(f"{path} is not a saved steering sweep ({exc})") from exc
+
+
+def sweep_settings(
+    graph: Any,
+    strengths: Sequence[float],
+    *,
+    layers: Sequence[int] | None = None,
+    modes: Sequence[str] = ("single", "cumulative"),
+    op: Op = "add",
+    baseline: bool = True,
+) -> list[SweepSetting]:
+    """The grid: baseline (if asked) then every mode x layer x strength."""
+    graph_layers = sorted({n.ref.layer for n in graph.nodes})
+    layers = list(layers) if layers is not None else graph_layers
+    missing = [layer for layer in layers if layer not in graph_layers]
+    if missing and "single" in modes:
+        raise FeatureFlowError(f"layers {missing} have no feature in the flow graph of {graph.seed} "
+                               f"(its layers: {graph_layers})")
+    settings = [SweepSetting("baseline", None, 0.0, op)] if baseline else []
+    for mode in modes:
+        if mode not in ("single", "cumulative"):
+            raise FeatureFlowError(f"unknown mode {mode!r}: expected 'single' or 'cumulative'")
+        settings += [SweepSetting(mode, layer, float(s), op) for layer in layers for s in strengths]
+    return settings
+
+
+def _row_coefficients(graph: Any, settings: Sequence[SweepSetting], schedule: Schedule,
+                      alpha: float) -> dict[FeatureRef, list[float | None]]:
+    """For each feature, its coefficient in each row (None where the row leaves it alone)."""
+    table: dict[FeatureRef, list[float | None]] = {}
+    for row, setting in enumerate(settings):
+        if setting.mode == "baseline":
+            continue
+        for ref, coef in flow_coefficients(graph, setting.strength, schedule=schedule, alpha=alpha,
+                                           mode=setting.mode, up_to_layer=setting.layer):  # type: ignore[arg-type]
+            table.setdefault(ref, [None] * len(settings))[row] = float(coef)
+    return table
+
+
+def steering_sweep(
+    model: Any,
+    bank: SAEBank,
+    graph: Any,
+    *,
+    prompt: str | torch.Tensor = "I think ",
+    strengths: Sequence[float] = (2.0, 4.0, 8.0),
+    layers: Sequence[int] | None = None,
+    modes: Sequence[str] = ("single", "cumulative"),
+    op: Op = "add",
+    schedule: Schedule = "constant",
+    alpha: float = -0.05,
+    samples: int = 1,
+    baseline: bool = True,
+    max_new_tokens: int = 36,
+    do_sample: bool = True,
+    top_p: float | None = 0.7,
+    temperature: float = 1.27,
+    seed: int = 0,
+    batch_size: int = 16,
+    batched: bool = True,
+    positions: Positions = "all",
+    scale: Any = "unit",
+    progress: bool = True,
+) -> SteeringSweep:
+    """Generate from ``prompt`` under every setting of the grid, ``samples`` times each.
+
+    Rows are (setting, sample) pairs, run ``batch_size`` at a time as the rows of one
+    ``generate``; ``batched=False`` runs each setting on its own (the slow reference;
+    with greedy decoding both give the same tokens). ``torch.manual_seed(seed + i)``
+    before the i-th call makes a sweep reproducible; sampled rows depend on how rows
+    are batched. Defaults are the paper's: 36 new tokens, top_p 0.7, temperature 1.27.
+    """
+    if samples < 1 or batch_size < 1:
+        raise FeatureFlowError(f"samples and batch_size must be >= 1, got {samples} and {batch_size}")
+    settings = sweep_settings(graph, strengths, layers=layers, modes=modes, op=op, baseline=baseline)
+    plan = [(s, k) for s in settings for k in range(samples)]
+    if isinstance(prompt, str):
+        if model.tokenizer is None:
+            raise FeatureFlowError("a text prompt needs a model with a tokenizer: pass prompt tokens instead")
+        prompt_tokens = model.to_tokens(prompt)
+    else:
+        prompt_tokens = torch.as_tensor(prompt).reshape(1, -1)
+    prompt_tokens = prompt_tokens.to(model.cfg.device)
+    stop_token = model.tokenizer.eos_token_id if model.tokenizer is not None else None
+    chunks = [plan[i:i + batch_size] for i in range(0, len(plan), batch_size)] if batched else [[p] for p in plan]
+    rows: list[SweepRow] = []
+    start = time.perf_counter()
+    for i, chunk in enumerate(tqdm(chunks, desc="steering sweep", unit="batch", disable=not progress)):
+        table = _row_coefficients(graph, [s for s, _ in chunk], schedule, alpha)
+        neutral = 0.0 if op == "add" else 1.0
+        steerer = Steerer(model, bank, positions=positions, scale=scale)
+        for ref, coefs in table.items():
+            values = [neutral if c is None else c for c in coefs]
+            getattr(steerer, op)(ref, values if batched else values[0])
+        torch.manual_seed(seed + i)
+        with steerer:
+            out = model.generate(prompt_tokens.expand(len(chunk), -1), max_new_tokens=max_new_tokens,
+                                 do_sample=do_sample, top_p=top_p, temperature=temperature,
+                                 stop_at_eos=stop_token is not None, verbose=False)
+        new = out[:, prompt_tokens.shape[1]:].tolist()
+        for (setting, sample), tokens in zip(chunk, new):
+            if stop_token is not None and stop_token in tokens:
+                tokens = tokens[:tokens.index(stop_token) + 1]
+            text = model.tokenizer.decode(tokens, skip_special_tokens=True) if model.tokenizer is not None else ""
+            rows.append(SweepRow(setting.mode, setting.layer, setting.strength, setting.op, sample, text, tokens))
+    meta = {
+        "seed_feature": str(graph.seed), "prompt": prompt if isinstance(prompt, str) else None,
+        "prompt_tokens": prompt_tokens[0].tolist(), "strengths": list(map(float, strengths)),
+        "layers": sorted({s.layer for s in settings if s.layer is not None}), "modes": list(modes), "op": op,
+        "schedule": schedule, "alpha": alpha, "samples": samples, "max_new_tokens": max_new_tokens,
+        "do_sample": do_sample, "top_p": top_p, "temperature": temperature, "seed": seed, "batch_size": batch_size,
+        "batched": batched, "positions": positions, "scale": scale if isinstance(scale, str) else "mapping",
+        "stop_token": stop_token, "seconds": round(time.perf_counter() - start, 2), "generate_calls": len(chunks),
+    }
+    return SteeringSweep(rows, meta)

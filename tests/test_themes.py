@@ -1,0 +1,39 @@
+"""Theme seed features: the contrast picks the selective feature, not dense or one-off ones."""
+
+import pytest
+import torch
+
+import tl_featureflow as ff
+from tl_featureflow import themes
+from tl_featureflow.refs import FeatureRef
+
+
+def test_theme_features_pick_the_selective_feature(monkeypatch):
+    theme_texts = ["a", "b", "c"]
+
+    def fake(model, bank, texts, site, layer, device=None):
+        acts = torch.zeros(2 * len(texts), 8)
+        if list(texts) == list(themes.NEUTRAL_TEXTS):
+            acts[:, 5] = 9.0                       # dense: fires on everything
+            acts[:, 2] = 0.3
+            return acts
+        acts[:, 5] = 10.0
+        acts[:, 3] = 4.0                           # the theme feature
+        acts[:, 2] = 2.0                           # weaker theme feature, a little on neutral text
+        if texts == ["a"] or len(texts) == 3:
+            acts[0, 7] = 50.0                      # one token of one text
+        return acts
+
+    monkeypatch.setattr(themes, "feature_activations", fake)
+    picked = themes.theme_features(None, None, theme_texts, layer=4, k=3)
+    assert [f.ref for f in picked] == [FeatureRef(4, "res", 3), FeatureRef(4, "res", 2)]
+    assert picked[0].score == pytest.approx(4.0) and picked[0].neutral_mean == 0.0
+    assert picked[1].score == pytest.approx(1.7)
+    with pytest.raises(ff.FeatureFlowError, match="at least one theme text"):
+        themes.theme_features(None, None, [], layer=4)
+
+
+def test_builtin_themes_have_texts_and_descriptions():
+    assert {"religion", "war", "love", "programming"} <= set(themes.THEMES)
+    for theme in themes.THEMES.values():
+        assert len(theme.texts) >= 5 and theme.description

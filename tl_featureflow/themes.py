@@ -1,0 +1,135 @@
+"""Themes for steering experiments: a topic description, example texts, and seed features.
+
+A theme's seed features are the res features that fire most on the theme's example
+texts relative to neutral text (:data:`~tl_featureflow.evaluation.NEUTRAL_TEXTS`):
+
+    score(f) = mean activation on theme tokens - mean activation on neutral tokens
+
+(BOS excluded), a contrast in the spirit of the paper's choice of features "by
+their activation on theme texts".
+
+>>> feats = theme_features(model, bank, THEMES["religion"].texts, layer=14, k=3)   # doctest: +SKIP
+>>> feats[0]
+ThemeFeature(ref=FeatureRef(layer=14, site='res', index=512), score=3.1, theme_mean=3.4, neutral_mean=0.3,
+             max_activation=9.8)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from tl_featureflow.bank import SAEBank
+from tl_featureflow.errors import FeatureFlowError, UnknownFeatureError
+from tl_featureflow.evaluation import NEUTRAL_TEXTS
+from tl_featureflow.refs import FeatureRef, Site
+
+__all__ = ["Theme", "THEMES", "ThemeFeature", "theme_features", "feature_activations"]
+
+
+@dataclass(frozen=True)
+class Theme:
+    """A topic: its description (for the judge) and a few example texts (to find features)."""
+
+    name: str
+    description: str
+    texts: tuple[str, ...]
+
+
+THEMES: dict[str, Theme] = {
+    "religion": Theme("religion", "religion, God, prayer, faith and the church", (
+        "And God said unto Moses, I am the Lord thy God, and thou shalt worship me.",
+        "They prayed together in the church and sang hymns to praise the Lord.",
+        "Faith in God, prayer and the holy scripture guide the lives of believers.",
+        "The priest blessed the congregation in the name of the Father and the Son.",
+        "Blessed are the meek, for they shall inherit the earth, saith the Lord.",
+        "She read the Bible every night and asked God to forgive her sins.",
+    )),
+    "programming": Theme("programming", "computer programming, Python code, functions and software", (
+        "def parse(path):\n    with open(path) as f:\n        return json.load(f)",
+        "The function returns a list of strings and raises ValueError on bad input.",
+        "Import the module, create an instance of the class and call its method.",
+        "for key, value in sorted(items.items()):\n    print(key, value)",
+        "Use a dictionary to map each name to its index, then iterate over the keys.",
+        "The interpreter raises a TypeError when the argument is not an integer.",
+    )),
+    "love": Theme("love", "love, romance, affection and the heart", (
+        "My love for thee is deeper than the sea, sweet lady of my heart.",
+        "She kissed him gently and whispered that she loved him with all her heart.",
+        "O Romeo, Romeo, wherefore art thou Romeo? I love thee dearly.",
+        "They fell in love that summer and wrote each other tender letters.",
+        "Shall I compare thee to a summer's day? Thou art more lovely and more temperate.",
+        "His heart ached with longing and affection for his beloved.",
+    )),
+    "war": Theme("war", "war, battle, soldiers, swords and killing", (
+        "The soldiers drew their swords and charged into the battle.",
+        "The army marched to war, and many were slain by the sword.",
+        "Cry havoc, and let slip the dogs of war!",
+        "The king's forces besieged the city and the enemy fled in defeat.",
+        "They fought bravely until the last soldier fell on the battlefield.",
+        "Arm yourselves, for the enemy comes with spears and chariots to destroy us.",
+    )),
+}
+
+
+@dataclass(frozen=True)
+class ThemeFeature:
+    """A candidate seed feature of a theme and the activations that chose it."""
+
+    ref: FeatureRef
+    score: float
+    theme_mean: float
+    neutral_mean: float
+    max_activation: float
+
+
+@torch.no_grad()
+def feature_activations(model: object, bank: SAEBank, texts: Sequence[str], site: Site, layer: int,
+                        *, device: torch.device | str | None = None) -> torch.Tensor:
+    """Activations ``[n_tokens, d_sae]`` of the SAE at ``(site, layer)`` over ``texts`` (BOS dropped)."""
+    if (site, layer) not in bank:
+        raise UnknownFeatureError(f"the bank has no SAE at {(site, layer)}: it has {sorted(bank)}")
+    from tl_featureflow.model import FlowTransformer
+
+    flow = FlowTransformer.from_hooked(model)  # type: ignore[arg-type]
+    rows = []
+    for text in texts:
+        tokens = flow.to_tokens(text).to(device or flow.cfg.device)
+        _, feats = flow.run_with_features(tokens, sites=[site], layers=[layer], bank=bank, return_logits=False)
+        rows.append(feats[site, layer][0, 1:].float().cpu())
+    return torch.cat(rows)
+
+
+def theme_features(
+    model: object,
+    bank: SAEBank,
+    texts: Sequence[str],
+    *,
+    layer: int,
+    site: Site = "res",
+    k: int = 5,
+    neutral: Sequence[str] = NEUTRAL_TEXTS,
+    min_share: float = 0.5,
+    max_neutral_ratio: float = 0.2,
+    device: torch.device | str | None = None,
+) -> list[ThemeFeature]:
+    """The ``k`` features of ``(site, layer)`` that best separate ``texts`` from ``neutral``.
+
+    Features active on fewer than ``min_share`` of the theme's texts are skipped (a
+    feature for one token of one example is not a theme feature), and so are features
+    whose neutral mean exceeds ``max_neutral_ratio`` times their theme mean (dense
+    features that fire on everything, a little more on the theme).
+    """
+    if not texts:
+        raise FeatureFlowError("theme_features needs at least one theme text")
+    theme = feature_activations(model, bank, texts, site, layer, device=device)
+    base = feature_activations(model, bank, neutral, site, layer, device=device)
+    per_text = torch.stack([feature_activations(model, bank, [t], site, layer, device=device).amax(0) > 0
+                            for t in texts]).float().mean(0)
+    score = theme.mean(0) - base.mean(0)
+    score[(per_text < min_share) | (base.mean(0) > max_neutral_ratio * theme.mean(0))] = -float("inf")
+    top = score.topk(min(k, score.numel())).indices.tolist()
+    return [ThemeFeature(FeatureRef(layer, site, i), float(score[i]), float(theme[:, i].mean()),
+                         float(base[:, i].mean()), float(theme[:, i].max())) for i in top if score[i] > 0]

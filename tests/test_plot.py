@@ -1,0 +1,99 @@
+"""Plot builders on result objects from planted banks: counts of nodes, edges and traces, hover, HTML."""
+
+import plotly.graph_objects as go
+import pytest
+
+import tl_featureflow as ff
+from tl_featureflow import plot
+from tl_featureflow.report import ValidationReport, ValidationRow
+from tl_featureflow.sweeps import SteeringSweep, SweepRow
+from tl_featureflow.synthetic import planted_chain_bank
+
+
+@pytest.fixture(scope="module")
+def planted():
+    bank, truth = planted_chain_bank()
+    tracer = ff.FlowTracer(bank)
+    graph = tracer.trace(truth.chain[2], t_res=0.25, t_module=0.15)
+    return tracer, graph
+
+
+def _node_points(fig):
+    return sum(len(t.x) for t in fig.data if t.mode == "markers+text")
+
+
+def test_flow_graph_has_every_node_and_edge_with_hover(planted):
+    _, graph = planted
+    fig = plot.flow_graph(graph)
+    assert isinstance(fig, go.Figure)
+    assert _node_points(fig) == len(graph.nodes)
+    edges = [t for t in fig.data if t.name == "edge"]
+    assert len(edges) == len(graph.edges) and len(fig.data) == len(edges) + len({n.ref.site for n in graph.nodes})
+    hover = " ".join(h for t in fig.data if t.mode == "markers+text" for h in t.hovertext)
+    for node in graph.nodes:
+        assert str(node.ref) in hover
+    assert all(f"cos {e.score:.3f}" in fig.data[i].text[0] for i, e in enumerate(graph.edges))
+    widths = [t.line.width for t in edges]
+    best = max(range(len(graph.edges)), key=lambda i: graph.edges[i].score)
+    assert widths[best] == max(widths)
+
+
+def test_flow_sankey_links(planted):
+    _, graph = planted
+    fig = plot.flow_sankey(graph)
+    sankey = fig.data[0]
+    assert len(sankey.node.label) == len(graph.nodes) and len(sankey.link.source) == len(graph.edges)
+    assert str(graph.seed) in sankey.node.label
+
+
+def test_score_distributions_and_group_composition(planted):
+    tracer, _ = planted
+    fig = plot.score_distributions(tracer, layers=[1, 2, 3])
+    assert {t.name for t in fig.data} == {"s(RES)", "s(MLP)", "s(ATT)"}
+    res = next(t for t in fig.data if t.name == "s(RES)")
+    assert len(res.y) == 3 * 12                       # every feature of the three layers
+    fmap = tracer.flow_map(progress=False)
+    fig = plot.group_composition(fmap)
+    assert [t.name for t in fig.data] == list(plot.GROUP_COLORS)
+    for i, layer in enumerate(fmap.layers):
+        assert sum(t.y[i] for t in fig.data) == pytest.approx(1.0)
+    assert plot.score_distributions(fmap).data
+
+
+def _report():
+    rows = [ValidationRow(0, 1, "2/res/1", "top1", "RES", 2.0, 0.0, 0.0, ["1/res/7"]),
+            ValidationRow(0, 1, "2/res/1", "random", "RES", 2.0, 1.0, 0.0, ["1/res/3"]),
+            ValidationRow(0, 2, "2/res/4", "top1", "MLP", 1.0, 0.5, 0.0, ["2/mlp/1"]),
+            ValidationRow(0, 1, "2/res/1", "top1", "RES", 2.0, 1.5, 0.5, ["1/res/7"])]
+    counts = {"2": {"top1": {"RES": 3, "MLP": 1}}}
+    return ValidationReport(rows, counts, {"r": 0.0})
+
+
+def test_validation_figures():
+    report = _report()
+    fig = plot.validation(report)
+    assert list(fig.data[0].x) == ["random", "top1"] and list(fig.data[0].y) == [0.0, 0.5]
+    assert list(fig.data[1].y) == pytest.approx([0.5, 0.75])
+    assert len(plot.validation(report, by_group=True).data) == 4
+    sweep = plot.r_sweep(report)
+    assert len(sweep.data) == 1 and list(sweep.data[0].x) == [0.0, 0.5]
+    comp = plot.group_composition(report)
+    assert len(comp.data) == 8 and comp.data[1].y[0] == pytest.approx(0.75)
+
+
+def test_steering_figure():
+    rows = [SweepRow("baseline", None, 0.0, "add", 0, "", [], {"score": 0.1}),
+            *[SweepRow(m, 3, s, "add", 0, "", [], {"score": s / 10}) for m in ("single", "cumulative")
+              for s in (1.0, 2.0)]]
+    fig = plot.steering(SteeringSweep(rows, {"op": "add"}))
+    assert sorted(t.name for t in fig.data) == ["cumulative L3", "single L3"]
+    assert list(fig.data[0].y) == [0.1, 0.2]
+
+
+def test_html_embeds_plotly_js(planted, tmp_path):
+    _, graph = planted
+    path = plot.write_html(plot.flow_graph(graph), tmp_path / "flow.html")
+    html = path.read_text()
+    assert "plotly.js v" in html or "Plotly" in html
+    assert '<script src="http' not in html and len(html) > 1_000_000    # the library itself is inside
+    assert str(graph.seed).replace("/", "\\u002f") in html     # JSON-escaped in the figure data

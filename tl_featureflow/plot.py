@@ -1,0 +1,244 @@
+"""Plotly figures of feature flow results: result objects in, ``go.Figure`` out, no models.
+
+>>> fig = ff.plot.flow_graph(graph)        # doctest: +SKIP
+>>> fig.show()                             # in Jupyter
+>>> ff.plot.write_html(fig, "flow.html")   # standalone, plotly.js embedded (works offline)
+
+Builders: :func:`flow_graph`, :func:`flow_sankey`, :func:`score_distributions`,
+:func:`group_composition`, :func:`validation`, :func:`r_sweep`, :func:`steering`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import plotly.graph_objects as go
+from plotly.colors import sample_colorscale
+
+from tl_featureflow._files import atomic_write_text
+from tl_featureflow.errors import FeatureFlowError
+
+__all__ = ["flow_graph", "flow_sankey", "score_distributions", "group_composition", "validation", "r_sweep",
+           "steering", "write_html", "to_html", "SITE_COLORS", "LANES"]
+
+SITE_COLORS = {"res": "#1f77b4", "mlp": "#2ca02c", "att": "#d62728"}
+LANES = {"att": 1.0, "res": 0.0, "mlp": -1.0}     # y of each site's lane in flow_graph
+GROUP_COLORS = {"translated": "#1f77b4", "processed": "#9467bd", "newborn": "#2ca02c", "unexplained": "#7f7f7f"}
+_EDGE_SCALE = "Viridis"
+
+
+def _node_hover(node: Any) -> str:
+    lines = [f"<b>{node.ref}</b> ({node.role})"]
+    for site in ("res", "mlp", "att"):
+        value = getattr(node, f"s_{site}", None)
+        if value is not None:
+            lines.append(f"s({site.upper()}) = {value:.3f}")
+    if node.label:
+        lines.append(f"label: {node.label}")
+    return "<br>".join(lines)
+
+
+def _positions(graph: Any) -> dict[Any, tuple[float, float]]:
+    """x = layer (module nodes a little left of res), y = the site's lane, spread within a cell."""
+    cells: dict[tuple[int, str], list[Any]] = {}
+    for node in graph.nodes:
+        cells.setdefault((node.ref.layer, node.ref.site), []).append(node.ref)
+    pos = {}
+    for (layer, site), refs in cells.items():
+        for i, ref in enumerate(sorted(refs)):
+            offset = (i - (len(refs) - 1) / 2) * 0.35
+            x = layer - (0.3 if site != "res" else 0.0)
+            pos[ref] = (x, LANES[site] + offset)
+    return pos
+
+
+def flow_graph(graph: Any, *, title: str | None = None, height: int = 420) -> go.Figure:
+    """A layered node-link figure of a :class:`~tl_featureflow.graph.FlowGraph`.
+
+    x is the layer; res, mlp and att features sit in their own lanes; edges point along
+    the forward pass, with width and colour by cosine. One trace per edge (hover shows
+    the cosine) and one node trace per site (hover shows the feature, its scores and
+    label). The seed is drawn larger with a black outline.
+    """
+    pos = _positions(graph)
+    fig = go.Figure()
+    for edge in graph.edges:
+        (x0, y0), (x1, y1) = pos[edge.src], pos[edge.dst]
+        color = sample_colorscale(_EDGE_SCALE, [min(max(edge.score, 0.0), 1.0)])[0]
+        fig.add_trace(go.Scatter(
+            x=[x0, (x0 + x1) / 2, x1], y=[y0, (y0 + y1) / 2, y1], mode="lines",
+            line={"width": 1 + 6 * max(edge.score, 0.0), "color": color}, showlegend=False,
+            hoverinfo="text", text=[f"{edge.src} → {edge.dst}: cos {edge.score:.3f}"] * 3, name="edge"))
+    for site in ("res", "mlp", "att"):
+        nodes = [n for n in graph.nodes if n.ref.site == site]
+        if not nodes:
+            continue
+        fig.add_trace(go.Scatter(
+            x=[pos[n.ref][0] for n in nodes], y=[pos[n.ref][1] for n in nodes], mode="markers+text",
+            name=site.upper(), text=[str(n.ref.index) for n in nodes], textposition="top center",
+            hovertext=[_node_hover(n) for n in nodes], hoverinfo="text",
+            marker={"size": [20 if n.ref == graph.seed else 13 for n in nodes], "color": SITE_COLORS[site],
+                    "line": {"width": [3 if n.ref == graph.seed else 1 for n in nodes], "color": "black"}}))
+    layers = sorted({n.ref.layer for n in graph.nodes})
+    fig.update_layout(
+        title=title or f"Flow of {graph.seed} (layers {graph.span[0]}-{graph.span[1]})", height=height,
+        xaxis={"title": "layer", "tickmode": "array", "tickvals": layers, "showgrid": True},
+        yaxis={"tickmode": "array", "tickvals": list(LANES.values()), "ticktext": [s.upper() for s in LANES],
+               "range": [-1.8, 1.8], "zeroline": False},
+        hovermode="closest", template="plotly_white", legend={"orientation": "h", "y": -0.2})
+    return fig
+
+
+def flow_sankey(graph: Any, *, title: str | None = None) -> go.Figure:
+    """The same flow as a Sankey diagram: link value = cosine, nodes coloured by site."""
+    refs = [n.ref for n in graph.nodes]
+    index = {ref: i for i, ref in enumerate(refs)}
+    labels = [f"{r}" + (f" ({graph.node(r).label})" if graph.node(r).label else "") for r in refs]
+    fig = go.Figure(go.Sankey(
+        arrangement="snap",
+        node={"label": labels, "color": [SITE_COLORS[r.site] for r in refs], "pad": 12,
+              "customdata": [_node_hover(graph.node(r)) for r in refs], "hovertemplate": "%{customdata}<extra></extra>"},
+        link={"source": [index[e.src] for e in graph.edges], "target": [index[e.dst] for e in graph.edges],
+              "value": [max(e.score, 1e-3) for e in graph.edges],
+              "customdata": [f"{e.src} → {e.dst}: cos {e.score:.3f}" for e in graph.edges],
+              "hovertemplate": "%{customdata}<extra></extra>"}))
+    fig.update_layout(title=title or f"Flow of {graph.seed} (Sankey)", template="plotly_white")
+    return fig
+
+
+def _layer_scores(source: Any, layer: int) -> Any:
+    if hasattr(source, "layer_scores"):          # FlowMap
+        return source[layer]
+    if hasattr(source, "scores") and callable(source.scores):   # FlowTracer
+        return source.scores(layer)
+    raise FeatureFlowError(f"expected a FlowTracer or FlowMap, got {type(source).__name__}")
+
+
+def score_distributions(source: Any, layers: Iterable[int] | None = None, *, title: str | None = None) -> go.Figure:
+    """Box plots of s(RES), s(MLP), s(ATT) per layer, from a FlowTracer or a FlowMap."""
+    if layers is None:
+        layers = source.layers if hasattr(source, "layer_scores") else source.bank.layers
+    fig = go.Figure()
+    data: dict[str, tuple[list[int], list[float]]] = {s: ([], []) for s in ("res", "mlp", "att")}
+    for layer in layers:
+        scores = _layer_scores(source, layer)
+        for site in data:
+            s = scores.s(site)
+            if s is not None:
+                values = s.float().cpu().tolist()
+                data[site][0].extend([layer] * len(values))
+                data[site][1].extend(values)
+    for site, (xs, ys) in data.items():
+        if xs:
+            fig.add_trace(go.Box(x=xs, y=ys, name=f"s({site.upper()})", marker_color=SITE_COLORS[site],
+                                 boxpoints=False))
+    fig.update_layout(title=title or "Predecessor scores per layer", boxmode="group", template="plotly_white",
+                      xaxis_title="layer", yaxis_title="max cosine with the predecessor site")
+    return fig
+
+
+def group_composition(source: Any, *, method: str = "top1", title: str | None = None) -> go.Figure:
+    """Share of each group per layer (the paper's figure 3 analogue), stacked bars.
+
+    From a FlowMap: the cosine groups (translated / processed / newborn / unexplained).
+    From a ValidationReport: the 8 activation groups of ``method``.
+    """
+    if hasattr(source, "layer_scores"):
+        counts = {str(k): v for k, v in source.groups().items()}
+        groups = list(GROUP_COLORS)
+        kind = "cosine groups"
+    elif hasattr(source, "group_counts"):
+        counts = {layer: by_method.get(method, {}) for layer, by_method in source.group_counts.items()}
+        from tl_featureflow.report import GROUPS
+
+        groups = list(GROUPS)
+        kind = f"activation groups ({method})"
+    else:
+        raise FeatureFlowError(f"expected a FlowMap or ValidationReport, got {type(source).__name__}")
+    layers = sorted(counts, key=int)
+    fig = go.Figure()
+    for group in groups:
+        shares = [counts[layer].get(group, 0) / max(sum(counts[layer].values()), 1) for layer in layers]
+        fig.add_trace(go.Bar(x=[str(layer) for layer in layers], y=shares, name=group,
+                             marker_color=GROUP_COLORS.get(group)))
+    fig.update_layout(barmode="stack", title=title or f"Group composition per layer: {kind}",
+                      xaxis_title="layer", yaxis={"title": "share of features", "tickformat": ".0%"},
+                      template="plotly_white")
+    return fig
+
+
+def validation(report: Any, *, by_group: bool = False, title: str | None = None) -> go.Figure:
+    """Success rate and mean activation change by method (or by method and group)."""
+    from plotly.subplots import make_subplots
+
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("success rate", "mean activation change"))
+    if by_group:
+        summary = report.summary("method,group")
+        methods = sorted({k.split(" / ")[0] for k in summary})
+        for method in methods:
+            keys = [k for k in summary if k.startswith(method + " / ")]
+            groups = [k.split(" / ", 1)[1] for k in keys]
+            for col, metric in ((1, "success_rate"), (2, "activation_change")):
+                fig.add_trace(go.Bar(x=groups, y=[summary[k][metric] for k in keys], name=method,
+                                     legendgroup=method, showlegend=col == 1), row=1, col=col)
+    else:
+        summary = report.summary("method")
+        methods = list(summary)
+        for col, metric in ((1, "success_rate"), (2, "activation_change")):
+            fig.add_trace(go.Bar(x=methods, y=[summary[m][metric] for m in methods], name=metric,
+                                 text=[f"{summary[m][metric]:.2f}" for m in methods], textposition="outside",
+                                 hovertext=[f"{m}: n = {summary[m]['n']}" for m in methods]), row=1, col=col)
+    fig.update_layout(title=title or "Deactivation: does removing the matched predecessor remove the target?",
+                      barmode="group", template="plotly_white", showlegend=by_group)
+    fig.update_yaxes(range=[0, 1.1])
+    return fig
+
+
+def r_sweep(report: Any, methods: Sequence[str] | None = None, *, title: str | None = None) -> go.Figure:
+    """Mean activation change of the target against the rescaling factor r, per method."""
+    methods = methods or sorted({row.method for row in report.rows})
+    fig = go.Figure()
+    for method in methods:
+        sweep = report.r_sweep(method)
+        if len(sweep) > 1:
+            fig.add_trace(go.Scatter(x=list(sweep), y=list(sweep.values()), mode="lines+markers", name=method))
+    fig.update_layout(title=title or "Activation change vs r", xaxis_title="r (rescaling of the predecessor)",
+                      yaxis_title="mean activation change 1 - z_new / z_old", template="plotly_white")
+    return fig
+
+
+def steering(sweep: Any, metric: str = "score", *, title: str | None = None) -> go.Figure:
+    """``metric`` vs strength, one line per (mode, layer); the unsteered baseline dashed."""
+    table = sweep.summary(metric)
+    fig = go.Figure()
+    lines: dict[tuple[str, int | None], list[tuple[float, float]]] = {}
+    for setting, value in table.items():
+        if setting.mode != "baseline":
+            lines.setdefault((setting.mode, setting.layer), []).append((setting.strength, value))
+    for (mode, layer), points in sorted(lines.items(), key=lambda kv: (kv[0][0], kv[0][1] or 0)):
+        points.sort()
+        fig.add_trace(go.Scatter(x=[p[0] for p in points], y=[p[1] for p in points], mode="lines+markers",
+                                 name=f"{mode} L{layer}",
+                                 line={"dash": "solid" if mode == "cumulative" else "dot"}))
+    base = [v for k, v in table.items() if k.mode == "baseline"]
+    if base:
+        fig.add_hline(y=base[0], line_dash="dash", line_color="gray", annotation_text="unsteered")
+    op = sweep.meta.get("op", "add")
+    fig.update_layout(title=title or f"Steering {sweep.meta.get('seed_feature', '')}: {metric} vs "
+                                     f"{'r' if op == 'rescale' else 'strength'}",
+                      xaxis_title="r" if op == "rescale" else "strength", yaxis_title=metric, template="plotly_white")
+    return fig
+
+
+def to_html(fig: go.Figure, *, include_plotlyjs: bool = True, div_id: str | None = None) -> str:
+    """An HTML fragment (a div) of ``fig``; with plotly.js embedded unless told otherwise."""
+    return fig.to_html(full_html=False, include_plotlyjs=include_plotlyjs, div_id=div_id)
+
+
+def write_html(fig: go.Figure, path: str | Path) -> Path:
+    """A standalone HTML page of ``fig`` with plotly.js embedded (no network needed), written atomically."""
+    path = Path(path)
+    atomic_write_text(path, fig.to_html(full_html=True, include_plotlyjs=True))
+    return path

@@ -12,17 +12,20 @@ def test_theme_features_pick_the_selective_feature(monkeypatch):
     theme_texts = ["a", "b", "c"]
 
     def fake(model, bank, texts, site, layer, device=None):
-        acts = torch.zeros(2 * len(texts), 8)
-        if list(texts) == list(themes.NEUTRAL_TEXTS):
-            acts[:, 5] = 9.0                       # dense: fires on everything
-            acts[:, 2] = 0.3
-            return acts
-        acts[:, 5] = 10.0
-        acts[:, 3] = 4.0                           # the theme feature
-        acts[:, 2] = 2.0                           # weaker theme feature, a little on neutral text
-        if texts == ["a"] or len(texts) == 3:
-            acts[0, 7] = 50.0                      # one token of one text
-        return acts
+        out = []
+        for text in texts:
+            acts = torch.zeros(2, 8)
+            if text in themes.NEUTRAL_TEXTS:
+                acts[:, 5] = 9.0                   # dense: fires on everything
+                acts[:, 2] = 0.3
+            else:
+                acts[:, 5] = 10.0
+                acts[:, 3] = 4.0                   # the theme feature
+                acts[:, 2] = 2.0                   # weaker theme feature, a little on neutral text
+                if text == "a":
+                    acts[0, 7] = 50.0              # one token of one text
+            out.append(acts)
+        return out
 
     monkeypatch.setattr(themes, "feature_activations", fake)
     picked = themes.theme_features(None, None, theme_texts, layer=4, k=3)

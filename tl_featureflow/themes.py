@@ -87,8 +87,8 @@ class ThemeFeature:
 
 @torch.no_grad()
 def feature_activations(model: object, bank: SAEBank, texts: Sequence[str], site: Site, layer: int,
-                        *, device: torch.device | str | None = None) -> torch.Tensor:
-    """Activations ``[n_tokens, d_sae]`` of the SAE at ``(site, layer)`` over ``texts`` (BOS dropped)."""
+                        *, device: torch.device | str | None = None) -> list[torch.Tensor]:
+    """Per text, the activations ``[n_tokens, d_sae]`` of the SAE at ``(site, layer)`` (BOS dropped)."""
     if (site, layer) not in bank:
         raise UnknownFeatureError(f"the bank has no SAE at {(site, layer)}: it has {sorted(bank)}")
     from tl_featureflow.model import FlowTransformer
@@ -99,7 +99,7 @@ def feature_activations(model: object, bank: SAEBank, texts: Sequence[str], site
         tokens = flow.to_tokens(text).to(device or flow.cfg.device)
         _, feats = flow.run_with_features(tokens, sites=[site], layers=[layer], bank=bank, return_logits=False)
         rows.append(feats[site, layer][0, 1:].float().cpu())
-    return torch.cat(rows)
+    return rows
 
 
 def theme_features(
@@ -124,10 +124,10 @@ def theme_features(
     """
     if not texts:
         raise FeatureFlowError("theme_features needs at least one theme text")
-    theme = feature_activations(model, bank, texts, site, layer, device=device)
-    base = feature_activations(model, bank, neutral, site, layer, device=device)
-    per_text = torch.stack([feature_activations(model, bank, [t], site, layer, device=device).amax(0) > 0
-                            for t in texts]).float().mean(0)
+    per_text_acts = feature_activations(model, bank, texts, site, layer, device=device)
+    theme = torch.cat(per_text_acts)
+    base = torch.cat(feature_activations(model, bank, neutral, site, layer, device=device))
+    per_text = torch.stack([acts.amax(0) > 0 for acts in per_text_acts]).float().mean(0)
     score = theme.mean(0) - base.mean(0)
     score[(per_text < min_share) | (base.mean(0) > max_neutral_ratio * theme.mean(0))] = -float("inf")
     top = score.topk(min(k, score.numel())).indices.tolist()

@@ -1,0 +1,214 @@
+"""One self-contained, offline HTML report of a run: figures, tables, settings and versions.
+
+A *run folder* holds the saved results of one run (what ``featureflow demo`` writes;
+every file is optional)::
+
+    run.json              settings, seeds and notes of the run
+    graphs/*.json         FlowGraphs (FlowGraph.save)
+    flowmap/              a FlowMap (FlowMap.save)
+    validation.json       a ValidationReport
+    steering/*.json       SteeringSweeps (already scored, or not)
+
+:func:`report_from_dir` turns it into one HTML file with plotly.js embedded once, so
+it opens with no network (``featureflow report RUN_DIR``).
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import platform
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from tl_featureflow import plot
+from tl_featureflow._files import atomic_write_text
+from tl_featureflow.errors import CacheError, FeatureFlowError
+
+__all__ = ["Section", "table_html", "render_report", "report_from_dir", "versions"]
+
+_CSS = """
+body { font-family: system-ui, -apple-system, Segoe UI, sans-serif; margin: 2em auto; max-width: 1200px;
+       color: #222; padding: 0 1em; }
+h1 { border-bottom: 2px solid #1f77b4; padding-bottom: .3em; }
+h2 { margin-top: 2em; border-bottom: 1px solid #ddd; }
+table { border-collapse: collapse; margin: 1em 0; font-size: 0.9em; }
+th, td { border: 1px solid #ddd; padding: 4px 8px; text-align: left; vertical-align: top; }
+th { background: #f4f6f8; }
+.note { color: #555; }
+.figure { margin: 1em 0; }
+code, pre { background: #f6f8fa; padding: 2px 4px; }
+"""
+
+
+@dataclass
+class Section:
+    """A titled part of the report: text (HTML), tables (HTML) and plotly figures."""
+
+    title: str
+    text: str = ""
+    figures: list[Any] = field(default_factory=list)
+    tables: list[str] = field(default_factory=list)
+
+
+def table_html(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None,
+               *, floats: str = "{:.3f}") -> str:
+    """An HTML table of ``rows`` (dicts), cells escaped; floats formatted with ``floats``."""
+    if not rows:
+        return "<p class='note'>(no rows)</p>"
+    columns = list(columns or rows[0].keys())
+
+    def cell(value: Any) -> str:
+        if isinstance(value, float):
+            return floats.format(value)
+        return html.escape("" if value is None else str(value))
+
+    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in columns)
+    body = "".join("<tr>" + "".join(f"<td>{cell(row.get(c))}</td>" for c in columns) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def versions() -> dict[str, str]:
+    """Versions of Python and the packages that produced a result."""
+    out = {"python": platform.python_version()}
+    for name in ("tl_featureflow", "torch", "transformer_lens", "sae_lens", "plotly", "transformers"):
+        try:
+            out[name] = metadata.version(name.replace("_", "-") if name != "tl_featureflow" else name)
+        except metadata.PackageNotFoundError:
+            try:
+                out[name] = metadata.version(name)
+            except metadata.PackageNotFoundError:
+                out[name] = "not installed"
+    return out
+
+
+def render_report(title: str, sections: Sequence[Section], *, settings: dict[str, Any] | None = None,
+                  path: str | Path) -> Path:
+    """Write the report to ``path`` (atomically) and return the path."""
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+             f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>",
+             f"<p class='note'>Written {time.strftime('%Y-%m-%d %H:%M:%S %Z')} by tl_featureflow.</p>"]
+    toc = "".join(f"<li><a href='#s{i}'>{html.escape(s.title)}</a></li>" for i, s in enumerate(sections))
+    parts.append(f"<ul>{toc}</ul>")
+    first_figure = True
+    n_fig = 0
+    for i, section in enumerate(sections):
+        parts.append(f"<h2 id='s{i}'>{html.escape(section.title)}</h2>{section.text}")
+        parts.extend(section.tables)
+        for fig in section.figures:
+            parts.append("<div class='figure'>" + plot.to_html(fig, include_plotlyjs=first_figure,
+                                                               div_id=f"figure-{n_fig}") + "</div>")
+            first_figure = False
+            n_fig += 1
+    settings_rows = [{"setting": k, "value": json.dumps(v) if not isinstance(v, str) else v}
+                     for k, v in (settings or {}).items()]
+    parts.append("<h2 id='settings'>Settings and versions</h2>" + table_html(settings_rows)
+                 + table_html([{"package": k, "version": v} for k, v in versions().items()]))
+    parts.append("</body></html>")
+    path = Path(path)
+    atomic_write_text(path, "\n".join(parts))
+    return path
+
+
+def _load_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise CacheError(f"cannot read {path}: {exc}") from exc
+
+
+def _graph_section(graph: Any, name: str, info: dict[str, Any]) -> Section:
+    rows = [{"feature": str(n.ref), "role": n.role, "s(RES)": n.s_res, "s(MLP)": n.s_mlp, "s(ATT)": n.s_att,
+             "label": n.label} for n in graph.nodes]
+    text = f"<p>Seed <code>{graph.seed}</code>, {len(graph.nodes)} features, {len(graph.edges)} edges, " \
+           f"span layers {graph.span[0]}-{graph.span[1]} (t_res {graph.t_res}, t_module {graph.t_module}).</p>"
+    if info:
+        text += "<p class='note'>" + html.escape(", ".join(f"{k}: {v}" for k, v in info.items())) + "</p>"
+    return Section(f"Flow graph: {name}", text, [plot.flow_graph(graph), plot.flow_sankey(graph)], [table_html(rows)])
+
+
+def _validation_section(report: Any) -> Section:
+    summary = report.summary()
+    rows = [{"method": m, "success rate": v["success_rate"], "activation change": v["activation_change"],
+             "n": v["n"], "mean |loss change|": v.get("loss_change_abs")} for m, v in summary.items()]
+    meta = report.meta
+    text = ("<p>Deactivation experiment (method section 5): for active res targets, the matched predecessor(s) "
+            "are rescaled by r at the same token and the target's new activation is read. Success = the target "
+            "drops to zero.</p>" + "<p class='note'>" + html.escape(
+                ", ".join(f"{k}: {meta[k]}" for k in ("layers", "n_texts", "r", "methods") if k in meta)) + "</p>")
+    figures = [plot.validation(report), plot.validation(report, by_group=True), plot.group_composition(report)]
+    if any(len(report.r_sweep(m)) > 1 for m in {r.method for r in report.rows}):
+        figures.append(plot.r_sweep(report))
+    return Section("Causal validation", text, figures, [table_html(rows)])
+
+
+def _steering_section(sweep: Any, name: str) -> Section:
+    meta = sweep.meta
+    op = meta.get("op", "add")
+    text = (f"<p>{'Suppression (rescale by r)' if op == 'rescale' else 'Promotion (add)'} of "
+            f"<code>{html.escape(str(meta.get('seed_feature')))}</code> along its flow graph; prompt "
+            f"<code>{html.escape(str(meta.get('prompt')))}</code>, {meta.get('max_new_tokens')} new tokens, "
+            f"{meta.get('samples')} samples per setting, top_p {meta.get('top_p')}, temperature "
+            f"{meta.get('temperature')}.</p>")
+    scored = bool(sweep.rows) and all("score" in r.scores for r in sweep.rows)
+    figures, tables = [], []
+    if scored:
+        judge = meta.get("judge", {})
+        text += (f"<p class='note'>Scores from the offline judge (a proxy for the paper's LLM judge), topic "
+                 f"<i>{html.escape(str(judge.get('topic')))}</i>: "
+                 f"{'(1 - behavioural)' if judge.get('suppress') else 'behavioural'} x coherence.</p>")
+        figures = [plot.steering(sweep), plot.steering(sweep, "behavioural"), plot.steering(sweep, "coherence")]
+        rows = []
+        for mode in ("single", "cumulative"):
+            if any(r.mode == mode for r in sweep.rows):
+                setting, value = sweep.best(mode=mode)
+                rows.append({"mode": mode, "best layer": setting.layer, "strength": setting.strength,
+                             "mean score": value})
+        tables.append(table_html(rows))
+    examples = []
+    settings = [sweep.baseline()[0].setting] if sweep.baseline() else []
+    if scored:
+        settings += [sweep.best(mode=m)[0] for m in ("single", "cumulative") if any(r.mode == m for r in sweep.rows)]
+    for setting in settings:
+        row = next(r for r in sweep.rows if r.setting == setting)
+        examples.append({"setting": f"{setting.mode} L{setting.layer} {setting.op} {setting.strength:g}"
+                         if setting.mode != "baseline" else "baseline (unsteered)",
+                         "generation": row.text, **({"score": row.scores.get("score")} if scored else {})})
+    tables.append(table_html(examples))
+    return Section(f"Steering: {name}", text, figures, tables)
+
+
+def report_from_dir(run_dir: str | Path, out: str | Path | None = None, *, title: str | None = None) -> Path:
+    """Build the HTML report of a run folder (see the module docs); returns its path."""
+    from tl_featureflow.graph import FlowGraph, FlowMap
+    from tl_featureflow.report import ValidationReport
+    from tl_featureflow.sweeps import SteeringSweep
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FeatureFlowError(f"no run folder at {run_dir}: expected the output folder of `featureflow demo` "
+                               "(or of trace/validate/steer with --out)")
+    run = _load_json(run_dir / "run.json") if (run_dir / "run.json").is_file() else {}
+    sections = []
+    if run.get("summary"):
+        sections.append(Section("Summary", "".join(f"<p>{html.escape(line)}</p>" for line in run["summary"])))
+    seeds = run.get("seeds", {})
+    for path in sorted((run_dir / "graphs").glob("*.json")):
+        sections.append(_graph_section(FlowGraph.load(path), path.stem, seeds.get(path.stem, {})))
+    if (run_dir / "flowmap").is_dir():
+        fmap = FlowMap.load(run_dir / "flowmap")
+        sections.append(Section("Flow map", "<p>Predecessor scores and cosine groups of every res feature.</p>",
+                                [plot.score_distributions(fmap), plot.group_composition(fmap)],
+                                [table_html([{"layer": k, **v} for k, v in fmap.groups().items()])]))
+    if (run_dir / "validation.json").is_file():
+        sections.append(_validation_section(ValidationReport.load(run_dir / "validation.json")))
+    for path in sorted((run_dir / "steering").glob("*.json")):
+        sections.append(_steering_section(SteeringSweep.load(path), path.stem))
+    if not sections:
+        raise FeatureFlowError(f"{run_dir} holds no results (graphs/, flowmap/, validation.json, steering/)")
+    return render_report(title or run.get("title", f"Feature flow report: {run_dir.name}"), sections,
+                         settings=run.get("settings", {}), path=out or run_dir / "report.html")

@@ -144,3 +144,35 @@ def sae_factory() -> Callable[..., SAE]:
 @pytest.fixture
 def bank_factory() -> Callable[..., SAEBank]:
     return make_bank
+
+
+# ---------------------------------------------------------------------------- a tiny model that reads text
+def byte_tokenizer(folder):
+    """A byte-level tokenizer (256 bytes + bos/eos/pad), saved to ``folder`` and reloaded from it
+    (TransformerLens reloads tokenizers by ``name_or_path``)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    for special in ("<|bos|>", "<|eos|>", "<|pad|>"):
+        vocab[special] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|bos|>", eos_token="<|eos|>",
+                            pad_token="<|pad|>").save_pretrained(folder)
+    return AutoTokenizer.from_pretrained(folder)
+
+
+@pytest.fixture(scope="session")
+def text_model_factory(tmp_path_factory):
+    """``factory()`` -> a fresh tiny FlowTransformer with a byte tokenizer (3 layers, d_model 32)."""
+    from tl_featureflow.model import FlowTransformer
+
+    tokenizer = byte_tokenizer(tmp_path_factory.mktemp("byte-tokenizer"))
+
+    def factory():
+        torch.manual_seed(0)
+        return FlowTransformer(tiny_cfg(d_vocab=len(tokenizer)), tokenizer=tokenizer).eval()
+
+    return factory

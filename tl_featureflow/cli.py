@@ -1,26 +1,71 @@
-"""The ``featureflow`` command. Imports stay lazy so ``--help`` answers at once."""
+"""The ``featureflow`` command. Imports stay lazy so ``--help`` answers at once.
+
+Every subcommand works on the embedded SmolLM2 (offline) with its SAE bank: the
+``quick`` preset by default (trained on first use, ~15 min on 2 CPU cores), another
+preset with ``--preset``, or any saved :class:`~tl_featureflow.bank.SAEBank` folder
+with ``--bank``. Results go under ``featureflow-out/`` unless ``--out`` says otherwise.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
 import time
+from pathlib import Path
+from typing import Any, NoReturn
 
-DEMO_PROMPT = "The Eiffel Tower is located in the city of"
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad argument is one line on stderr (and exit status 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def _demo(args: argparse.Namespace) -> int:
-    print(f"loading the embedded model (SmolLM2-135M-Instruct) on {args.device}...", flush=True)
-    start = time.perf_counter()
+# -- loading (tests replace these two) -------------------------------------------------------------
+def _load_model(args: argparse.Namespace) -> Any:
     from tl_featureflow.embedded import load_embedded_model
 
-    model = load_embedded_model(device=args.device)
-    print(f"loaded in {time.perf_counter() - start:.1f} s: {model.cfg.n_layers} layers, "
-          f"d_model {model.cfg.d_model}", flush=True)
+    return load_embedded_model(device=args.device)
+
+
+def _load_bank(args: argparse.Namespace, model: Any) -> Any:
+    if getattr(args, "bank", None):
+        from tl_featureflow.bank import SAEBank
+
+        bank = SAEBank.load(args.bank, device=args.device)
+        if hasattr(model, "check_bank"):
+            model.check_bank(bank)
+        return bank
+    from tl_featureflow.embedded import load_embedded_bank
+
+    return load_embedded_bank(args.preset, model=model, device=args.device)
+
+
+def _heldout_tokens(model: Any, n: int) -> Any:
+    from tl_featureflow.corpus import load_corpus
+
+    return load_corpus(model.tokenizer, "heldout", progress=True).tokens[:n]
+
+
+def _setup(args: argparse.Namespace) -> tuple[Any, Any]:
     start = time.perf_counter()
-    text = model.generate(args.prompt, max_new_tokens=args.max_new_tokens, do_sample=False,
-                          verbose=False, use_past_kv_cache=True)
-    print(f"greedy completion ({time.perf_counter() - start:.1f} s):\n  {text}")
+    model = _load_model(args)
+    bank = _load_bank(args, model)
+    print(f"model {model.cfg.model_name} ({model.cfg.n_layers} layers) and bank {bank.describe()} ready in "
+          f"{time.perf_counter() - start:.1f} s", flush=True)
+    return model, bank
+
+
+# -- subcommands -------------------------------------------------------------------------------------
+def _demo(args: argparse.Namespace) -> int:
+    from tl_featureflow.demo import run_demo
+
+    model, bank = _setup(args)
+    texts = _heldout_tokens(model, args.texts)
+    path = run_demo(model, bank, args.out, themes=args.themes, texts=texts, samples=args.samples,
+                    max_new_tokens=args.max_new_tokens)
+    print(f"\nDone. Open the report in a browser: {path.resolve()}")
     return 0
 
 
@@ -48,35 +93,141 @@ def _train_saes(args: argparse.Namespace) -> int:
     return 0
 
 
+def _trace(args: argparse.Namespace) -> int:
+    from tl_featureflow import plot
+    from tl_featureflow.tracer import FlowTracer
+
+    model, bank = _setup(args)
+    tracer = FlowTracer(bank, model)
+    graph = tracer.trace(args.feature, t_res=args.t_res, t_module=args.t_module, direction=args.direction)
+    out = Path(args.out or f"featureflow-out/graphs/{str(graph.seed).replace('/', '-')}.json")
+    graph.save(out)
+    print(f"flow graph of {graph.seed}: {len(graph.nodes)} features, {len(graph.edges)} edges, "
+          f"layers {graph.span[0]}-{graph.span[1]}")
+    for node in graph.nodes:
+        scores = ", ".join(f"s({s.upper()})={v:.2f}" for s in ("res", "mlp", "att")
+                           if (v := getattr(node, f"s_{s}")) is not None)
+        print(f"  {str(node.ref):>14}  {node.role:<6} {scores}  {node.label or ''}")
+    print(f"saved {out}")
+    if args.html:
+        print(f"figure: {plot.write_html(plot.flow_graph(graph), args.html)}")
+    return 0
+
+
+def _map(args: argparse.Namespace) -> int:
+    from tl_featureflow.tracer import FlowTracer
+
+    model, bank = _setup(args)
+    fmap = FlowTracer(bank, model).flow_map(args.out, layers=args.layers, k=args.k)
+    print("layer | translated | processed | newborn | unexplained")
+    for layer, counts in fmap.groups().items():
+        print(f"{layer:>5} | " + " | ".join(f"{counts.get(g, 0):>10}" for g in
+                                            ("translated", "processed", "newborn", "unexplained")))
+    print(f"saved {args.out}")
+    return 0
+
+
+def _validate(args: argparse.Namespace) -> int:
+    from tl_featureflow.demo import seed_layer
+    from tl_featureflow.tracer import FlowTracer
+    from tl_featureflow.validation import validate
+
+    model, bank = _setup(args)
+    tokens = _heldout_tokens(model, args.texts)
+    layers = args.layers or [seed_layer(bank)]
+    report = validate(FlowTracer(bank, model), model, tokens, layers=layers, methods=args.methods, r=args.r,
+                      loss_samples=args.loss_samples, progress=True)
+    report.save(args.out)
+    print("method | success rate | activation change | n")
+    for method, row in report.summary().items():
+        print(f"{method} | {row['success_rate']:.1%} | {row['activation_change']:.3f} | {row['n']}")
+    print(f"saved {args.out}")
+    return 0
+
+
+def _steer(args: argparse.Namespace) -> int:
+    import torch
+
+    from tl_featureflow.steering import Steerer
+    from tl_featureflow.tracer import FlowTracer
+
+    model, bank = _setup(args)
+    ref = bank.check_ref(args.feature)
+    steerer = Steerer(model, bank, positions=args.positions, scale=args.scale)
+    if args.mode == "feature":
+        getattr(steerer, args.op)(ref, args.strength)
+    else:
+        graph = FlowTracer(bank, model).trace(ref)
+        steerer.along(graph, args.strength, mode=args.mode, op=args.op, up_to_layer=args.up_to_layer)
+        print(f"steering {len(steerer.edits)} features of the flow graph of {ref} ({args.mode})")
+    kwargs = dict(max_new_tokens=args.max_new_tokens, do_sample=args.samples > 0, top_p=0.7, temperature=1.27,
+                  verbose=False)
+    rows = max(args.samples, 1)
+    prompts = [args.prompt] * rows
+    torch.manual_seed(args.seed)
+    baseline = model.generate(prompts, **kwargs)
+    torch.manual_seed(args.seed)
+    with steerer:
+        steered = model.generate(prompts, **kwargs)
+    baseline = [baseline] if isinstance(baseline, str) else baseline
+    steered = [steered] if isinstance(steered, str) else steered
+    for i, (a, b) in enumerate(zip(baseline, steered)):
+        print(f"\n[{i}] unsteered: {a!r}\n[{i}] steered ({args.op} {args.strength:g}): {b!r}")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from tl_featureflow.html_report import report_from_dir
+
+    path = report_from_dir(args.run_dir, args.out)
+    print(f"report: {path.resolve()}")
+    return 0
+
+
+# -- parser ------------------------------------------------------------------------------------------
+def _common(p: argparse.ArgumentParser, *, bank: bool = True) -> None:
+    p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    if bank:
+        p.add_argument("--preset", default="quick", choices=["quick", "full", "tiny"],
+                       help="the embedded model's SAE bank (default: quick, trained on first use)")
+        p.add_argument("--bank", help="a saved SAEBank folder instead of the embedded model's bank")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="featureflow",
-        description="Trace, validate and steer SAE features across the layers of a TransformerLens model.",
+        description="Trace, validate and steer SAE features across the layers of a TransformerLens model "
+        "(the embedded SmolLM2-135M-Instruct, offline).",
+        epilog="start with: featureflow demo",
     )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    demo = sub.add_parser(
-        "demo",
-        help="run the demo on the embedded SmolLM2 model (offline)",
-        description="Load the embedded SmolLM2-135M-Instruct (converted and cached on first use) "
-        "and run the demo.",
-        epilog="example: featureflow demo --max-new-tokens 8",
-    )
-    demo.add_argument("--device", default="cpu", help="torch device (default: cpu)")
-    demo.add_argument("--prompt", default=DEMO_PROMPT, help="prompt to complete")
-    demo.add_argument("--max-new-tokens", type=int, default=8, help="tokens to generate (default: 8)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    raw = argparse.RawDescriptionHelpFormatter
+
+    demo = sub.add_parser("demo", help="the whole pipeline on the embedded model, ending in an HTML report",
+                          description="Load the embedded SmolLM2, make sure its SAE bank exists (trained on first "
+                          "use), pick seed features for a few themes, trace their flow, validate on held-out text, "
+                          "steer with them (scored by the offline judge) and write an HTML report.",
+                          epilog="examples:\n  featureflow demo\n  featureflow demo --themes religion love --samples 4"
+                          "\n  featureflow demo --preset tiny --out /tmp/demo   # seconds of training, for a try",
+                          formatter_class=raw)
+    _common(demo)
+    demo.add_argument("--out", default="featureflow-out/demo", help="run folder (default: featureflow-out/demo)")
+    demo.add_argument("--themes", nargs="+", default=["religion", "war"],
+                      help="themes (default: religion war; also: love programming)")
+    demo.add_argument("--texts", type=int, default=2, help="held-out texts for validation (default: 2)")
+    demo.add_argument("--samples", type=int, default=2, help="generations per steering setting (default: 2)")
+    demo.add_argument("--max-new-tokens", type=int, default=36, help="tokens per generation (default: 36)")
     demo.set_defaults(func=_demo)
 
     train = sub.add_parser(
-        "train-saes",
-        help="train an SAE bank for the embedded model with SAELens",
+        "train-saes", help="train an SAE bank for the embedded model with SAELens",
         description="Train one SAE per (site, layer) on the offline corpus. Without --out/--layers/--sites/--tokens "
         "this builds (or reuses) the embedded model's default bank in the cache, which the other commands use.",
         epilog="examples:\n  featureflow train-saes --preset quick\n"
         "  featureflow train-saes --preset full\n"
         "  featureflow train-saes --preset quick --layers 10 11 12 --sites res mlp --out my-bank\n"
         "An interrupted run resumes from its last checkpoint when run again with the same arguments.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+        formatter_class=raw)
     train.add_argument("--preset", default="quick", choices=["quick", "full", "tiny"],
                        help="quick: 6 middle layers, ~15 min on 2 CPU cores; full: every layer (hours); tiny: seconds")
     train.add_argument("--layers", type=int, nargs="+", help="layers to train (default: the preset's)")
@@ -85,6 +236,79 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", help="run folder (default: the embedded model's bank in the cache)")
     train.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     train.set_defaults(func=_train_saes)
+
+    trace = sub.add_parser("trace", help="trace one feature's flow graph across layers",
+                           description="Match the feature's decoder with the SAEs of neighbouring layers (data-free) "
+                           "and follow its residual chain backward and forward, with MLP/attention side nodes.",
+                           epilog="examples:\n  featureflow trace 14/res/249\n"
+                           "  featureflow trace 14/res/249 --t-res 0.4 --html flow.html", formatter_class=raw)
+    _common(trace)
+    trace.add_argument("feature", help="layer/site/index, e.g. 14/res/249")
+    trace.add_argument("--t-res", type=float, default=0.5, help="residual chain threshold (default: 0.5)")
+    trace.add_argument("--t-module", type=float, default=0.15, help="MLP/attention node threshold (default: 0.15)")
+    trace.add_argument("--direction", default="both", choices=["backward", "forward", "both"])
+    trace.add_argument("--out", help="graph JSON (default: featureflow-out/graphs/<feature>.json)")
+    trace.add_argument("--html", help="also write the flow graph figure to this HTML file")
+    trace.set_defaults(func=_trace)
+
+    fmap = sub.add_parser("map", help="predecessor scores and groups of every feature of every layer",
+                          description="The flow map: every res feature's best matches in res(L-1), mlp(L), att(L), "
+                          "saved layer by layer (an interrupted run resumes).",
+                          epilog="examples:\n  featureflow map\n  featureflow map --layers 13 14 --k 5 --out my-map",
+                          formatter_class=raw)
+    _common(fmap)
+    fmap.add_argument("--layers", type=int, nargs="+", help="layers (default: every res layer of the bank)")
+    fmap.add_argument("--k", type=int, default=1, help="matches kept per feature and site (default: 1)")
+    fmap.add_argument("--out", default="featureflow-out/flowmap", help="folder (default: featureflow-out/flowmap)")
+    fmap.set_defaults(func=_map)
+
+    val = sub.add_parser("validate", help="the deactivation experiment on held-out text",
+                         description="For active res features, rescale their matched predecessors at the same token "
+                         "and read the feature again (method section 5).",
+                         epilog="examples:\n  featureflow validate --texts 4\n"
+                         "  featureflow validate --layers 13 15 17 --methods top1 random exhaustive --r 0 -1",
+                         formatter_class=raw)
+    _common(val)
+    val.add_argument("--texts", type=int, default=4, help="held-out texts of 128 tokens (default: 4)")
+    val.add_argument("--layers", type=int, nargs="+", help="target layers (default: the bank's middle res layer)")
+    val.add_argument("--methods", nargs="+", default=["top1", "top5", "random", "permutation", "exhaustive"],
+                     choices=["top1", "top5", "random", "permutation", "pearson", "exhaustive"])
+    val.add_argument("--r", type=float, nargs="+", default=[0.0], help="rescaling factor(s); the first is the main")
+    val.add_argument("--loss-samples", type=int, default=0, help="interventions per text with the LM-loss change")
+    val.add_argument("--out", default="featureflow-out/validation.json")
+    val.set_defaults(func=_validate)
+
+    steer = sub.add_parser("steer", help="generate with and without steering a feature (or its flow graph)",
+                           description="Add a feature's direction (or rescale it) while generating, alone or along "
+                           "its flow graph, and print unsteered vs steered generations.",
+                           epilog="examples:\n  featureflow steer 14/res/249 --strength 16 --scale threshold\n"
+                           "  featureflow steer 14/res/249 --mode cumulative --strength 8 --scale threshold\n"
+                           "  featureflow steer 14/res/249 --op rescale --strength 0 --prompt 'I pray to'",
+                           formatter_class=raw)
+    _common(steer)
+    steer.add_argument("feature", help="layer/site/index, e.g. 14/res/249")
+    steer.add_argument("--strength", type=float, default=8.0, help="s for add, r for rescale (default: 8)")
+    steer.add_argument("--op", default="add", choices=["add", "rescale"])
+    steer.add_argument("--mode", default="feature", choices=["feature", "single", "cumulative"],
+                       help="the feature alone, or its flow graph at one layer / cumulatively (default: feature)")
+    steer.add_argument("--up-to-layer", type=int, help="layer for single/cumulative (default: seed / span end)")
+    steer.add_argument("--scale", default="threshold", choices=["unit", "decoder", "threshold"],
+                       help="direction scale for add (default: threshold, i.e. SAE Match folding)")
+    steer.add_argument("--positions", default="all", choices=["all", "prompt", "generated"])
+    steer.add_argument("--prompt", default="I think", help="prompt (default: 'I think')")
+    steer.add_argument("--max-new-tokens", type=int, default=36)
+    steer.add_argument("--samples", type=int, default=2, help="sampled generations (0: one greedy)")
+    steer.add_argument("--seed", type=int, default=0)
+    steer.set_defaults(func=_steer)
+
+    rep = sub.add_parser("report", help="build the offline HTML report of a run folder",
+                         description="One self-contained HTML file (plotly.js embedded) from a run folder: "
+                         "graphs/*.json, flowmap/, validation.json, steering/*.json, run.json.",
+                         epilog="examples:\n  featureflow report featureflow-out/demo\n"
+                         "  featureflow report featureflow-out/demo --out report.html", formatter_class=raw)
+    rep.add_argument("run_dir", help="run folder, e.g. featureflow-out/demo")
+    rep.add_argument("--out", help="HTML file (default: RUN_DIR/report.html)")
+    rep.set_defaults(func=_report)
     return parser
 
 
@@ -101,6 +325,9 @@ def main(argv: list[str] | None = None) -> int:
     except FeatureFlowError as exc:
         print(f"featureflow: error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("featureflow: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":  # pragma: no cover

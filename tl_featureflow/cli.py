@@ -188,7 +188,7 @@ def _report(args: argparse.Namespace) -> int:
 def _common(p: argparse.ArgumentParser, *, bank: bool = True) -> None:
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     if bank:
-        p.add_argument("--preset", default="quick", choices=["quick", "full", "tiny"],
+        p.add_argument("--preset", default="quick", choices=["quick", "full", "smoke", "tiny"],
                        help="the embedded model's SAE bank (default: quick, trained on first use)")
         p.add_argument("--bank", help="a saved SAEBank folder instead of the embedded model's bank")
 
@@ -228,8 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
         "  featureflow train-saes --preset quick --layers 10 11 12 --sites res mlp --out my-bank\n"
         "An interrupted run resumes from its last checkpoint when run again with the same arguments.",
         formatter_class=raw)
-    train.add_argument("--preset", default="quick", choices=["quick", "full", "tiny"],
-                       help="quick: 6 middle layers, ~15 min on 2 CPU cores; full: every layer (hours); tiny: seconds")
+    train.add_argument("--preset", default="quick", choices=["quick", "full", "smoke", "tiny"],
+                       help="quick: 6 middle layers, ~15 min on 2 CPU cores; full: every layer (hours); smoke: ~1 min, rough features for trying the pipeline; tiny: for tiny test models")
     train.add_argument("--layers", type=int, nargs="+", help="layers to train (default: the preset's)")
     train.add_argument("--sites", nargs="+", choices=["res", "mlp", "att"], help="sites (default: all three)")
     train.add_argument("--tokens", type=int, help="training tokens (default: the preset's)")

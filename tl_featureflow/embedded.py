@@ -235,7 +235,8 @@ def load_embedded_bank(
     if not (folder / "bank" / "bank.json").is_file():
         if not train:
             raise CacheError(f"no {preset!r} bank for the embedded model at {folder}: call with train=True")
-        expected = {"quick": "about 15 minutes on 2 CPU cores", "full": "hours on a CPU"}.get(preset, "a while")
+        expected = {"quick": "about 15 minutes on 2 CPU cores", "full": "hours on a CPU",
+                    "smoke": "about a minute"}.get(preset, "a while")
         print(f"No SAE bank for {EMBEDDED_MODEL_NAME} yet: training the {PRESETS[preset].describe()} "
               f"({expected}) into {folder}. An interrupted run resumes where it stopped.", flush=True)
         model = model if model is not None else load_embedded_model(device=device)

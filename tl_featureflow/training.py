@@ -80,6 +80,11 @@ PRESETS: dict[str, Preset] = {
     "tiny": Preset("tiny", n_layers=2, expansion=2, k=4, training_tokens=32_768, batch_tokens=128,
                    chunk_rows=16, context_size=32, n_checkpoints=2, dead_feature_window=20, n_norm_batches=4,
                    eval_rows=32, loss_rows=4),
+    # about a minute for SmolLM2 on 2 CPU cores: a bank to smoke-test the pipeline (CI, notebooks);
+    # its features are rough (few tokens, big batches), not for results
+    "smoke": Preset("smoke", n_layers=2, expansion=2, k=8, training_tokens=16_384, batch_tokens=1024,
+                    chunk_rows=32, context_size=64, n_checkpoints=1, dead_feature_window=8, n_norm_batches=2,
+                    eval_rows=16, loss_rows=4),
 }
 
 

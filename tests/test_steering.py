@@ -7,8 +7,8 @@ import torch
 from conftest import D_MODEL, D_VOCAB, leftover_hooks, make_bank
 
 import tl_featureflow as ff
-from tl_featureflow.graph import FlowEdge, FlowGraph, FlowNode
 from tl_featureflow.bank import SAEBank
+from tl_featureflow.graph import FlowEdge, FlowGraph, FlowNode
 from tl_featureflow.refs import FeatureRef
 from tl_featureflow.steering import Steerer, flow_coefficients
 from tl_featureflow.synthetic import sae_from_decoder

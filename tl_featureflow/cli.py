@@ -229,7 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
         "An interrupted run resumes from its last checkpoint when run again with the same arguments.",
         formatter_class=raw)
     train.add_argument("--preset", default="quick", choices=["quick", "full", "smoke", "tiny"],
-                       help="quick: 6 middle layers, ~15 min on 2 CPU cores; full: every layer (hours); smoke: ~1 min, rough features for trying the pipeline; tiny: for tiny test models")
+                       help="quick: 6 middle layers, ~15 min on 2 CPU cores; full: every layer (hours); "
+                       "smoke: ~1 min, rough features for trying the pipeline; tiny: for tiny test models")
     train.add_argument("--layers", type=int, nargs="+", help="layers to train (default: the preset's)")
     train.add_argument("--sites", nargs="+", choices=["res", "mlp", "att"], help="sites (default: all three)")
     train.add_argument("--tokens", type=int, help="training tokens (default: the preset's)")

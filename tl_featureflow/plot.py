@@ -99,7 +99,8 @@ def flow_sankey(graph: Any, *, title: str | None = None) -> go.Figure:
     fig = go.Figure(go.Sankey(
         arrangement="snap",
         node={"label": labels, "color": [SITE_COLORS[r.site] for r in refs], "pad": 12,
-              "customdata": [_node_hover(graph.node(r)) for r in refs], "hovertemplate": "%{customdata}<extra></extra>"},
+              "customdata": [_node_hover(graph.node(r)) for r in refs],
+              "hovertemplate": "%{customdata}<extra></extra>"},
         link={"source": [index[e.src] for e in graph.edges], "target": [index[e.dst] for e in graph.edges],
               "value": [max(e.score, 1e-3) for e in graph.edges],
               "customdata": [f"{e.src} → {e.dst}: cos {e.score:.3f}" for e in graph.edges],

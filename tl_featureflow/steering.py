@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
@@ -262,8 +262,8 @@ class Steerer:
         by_key: dict[tuple[Site, int], list[_Edit]] = {}
         for edit in self._edits:
             by_key.setdefault(edit.key, []).append(edit)
-        hooks = [(self._hook_name(key), self._make_hook(key, edits)) for key, edits in sorted(by_key.items(),
-                                                                                              key=lambda kv: kv[0][::-1])]
+        ordered = sorted(by_key.items(), key=lambda kv: (kv[0][1], kv[0][0]))     # by layer, then site
+        hooks = [(self._hook_name(key), self._make_hook(key, edits)) for key, edits in ordered]
         if hooks and self.positions != "all":
             hooks.insert(0, (_COUNTER_HOOK, self._count_positions))
         return hooks

@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 from conftest import run_cli as run
 
+import tl_featureflow as ff
 from tl_featureflow import cli
 from tl_featureflow.graph import FlowGraph
 from tl_featureflow.report import ValidationReport
@@ -70,3 +71,15 @@ def test_bad_arguments_are_one_line_errors(tiny_cli, capsys, argv, code, needle)
         got, _, err = run(argv, capsys)
     assert got == code and needle in err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_train_saes_into_a_folder(tiny_cli, capsys, monkeypatch, tmp_path):
+    from tl_featureflow.quality import BankQualityWarning
+
+    monkeypatch.setenv("TL_FEATUREFLOW_CACHE", str(tmp_path / "cache"))
+    with pytest.warns(BankQualityWarning, match="explain less than 50%"):    # 2,048 tokens on a random model
+        code, out, _ = run(["train-saes", "--preset", "tiny", "--layers", "1", "--sites", "res", "--tokens", "2048",
+                            "--out", "bank-run"], capsys)
+    assert code == 0 and "bank saved to bank-run/bank" in out
+    bank = ff.SAEBank.load("bank-run/bank")
+    assert list(bank) == [("res", 1)] and bank.metadata["training_tokens"] == 2048

@@ -71,7 +71,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _train_saes(args: argparse.Namespace) -> int:
     start = time.perf_counter()
-    from tl_featureflow.embedded import load_embedded_bank, load_embedded_model
+    from tl_featureflow.embedded import load_embedded_bank
     from tl_featureflow.quality import QualityReport
     from tl_featureflow.training import train_bank
 
@@ -82,7 +82,7 @@ def _train_saes(args: argparse.Namespace) -> int:
         trained_here = not (embedded_bank_dir(args.preset) / "bank" / "bank.json").is_file()
         bank = load_embedded_bank(args.preset, device=args.device)
     else:
-        model = load_embedded_model(device=args.device)
+        model = _load_model(args)
         out = args.out or f"featureflow-out/bank-{args.preset}"
         bank = train_bank(model, preset=args.preset, out=out, layers=args.layers,
                           sites=args.sites or ("res", "mlp", "att"), training_tokens=args.tokens)

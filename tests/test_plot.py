@@ -7,7 +7,7 @@ import tl_featureflow as ff
 from tl_featureflow import plot
 from tl_featureflow.report import ValidationReport, ValidationRow
 from tl_featureflow.sweeps import SteeringSweep, SweepRow
-from tl_featureflow.synthetic import planted_chain_bank
+from tl_featureflow.synthetic import planted_chain_bank, random_bank
 
 
 @pytest.fixture(scope="module")
@@ -97,3 +97,16 @@ def test_html_embeds_plotly_js(planted, tmp_path):
     assert "plotly.js v" in html or "Plotly" in html
     assert '<script src="http' not in html and len(html) > 1_000_000    # the library itself is inside
     assert str(graph.seed).replace("/", "\\u002f") in html     # JSON-escaped in the figure data
+
+
+def test_flow_graph_stays_readable_at_30_layers():
+    """A chain through 30 layers (res, mlp, att everywhere): one tick per layer, lanes apart, nothing overlaps."""
+    tracer = ff.FlowTracer(random_bank(range(30), d_sae=16, d_model=8))
+    graph = tracer.trace("15/res/0", t_res=0.0, t_module=0.0)
+    assert {n.ref.layer for n in graph.nodes} == set(range(30))
+    fig = plot.flow_graph(graph)
+    assert list(fig.layout.xaxis.tickvals) == list(range(30))
+    points = {(round(x, 3), round(y, 3)) for t in fig.data if t.mode == "markers+text" for x, y in zip(t.x, t.y)}
+    assert len(points) == len(graph.nodes)                      # no two nodes drawn on the same spot
+    res = next(t for t in fig.data if t.name == "RES")
+    assert set(res.y) == {plot.LANES["res"]} and len(res.x) == 30

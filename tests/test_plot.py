@@ -110,3 +110,11 @@ def test_flow_graph_stays_readable_at_30_layers():
     assert len(points) == len(graph.nodes)                      # no two nodes drawn on the same spot
     res = next(t for t in fig.data if t.name == "RES")
     assert set(res.y) == {plot.LANES["res"]} and len(res.x) == 30
+
+
+def test_every_public_name_resolves_and_plot_is_reachable_from_the_package():
+    for name in ff.__all__:
+        assert getattr(ff, name) is not None, name
+    assert ff.plot.flow_graph is plot.flow_graph
+    with pytest.raises(AttributeError, match="no attribute 'plots'"):
+        ff.plots  # noqa: B018

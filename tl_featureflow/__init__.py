@@ -66,7 +66,10 @@ _EXPORTS: dict[str, str] = {
     "OfflineJudge": "tl_featureflow.evaluation",
 }
 
-__all__ = ["__version__", *_EXPORTS]
+# Submodules reachable as attributes (``ff.plot.flow_graph(graph)``), imported on first use.
+_SUBMODULES = ("plot", "themes", "evaluation", "html_report")
+
+__all__ = ["__version__", *_EXPORTS, *_SUBMODULES]
 
 if TYPE_CHECKING:  # pragma: no cover
     from tl_featureflow.bank import SAEBank
@@ -91,9 +94,14 @@ if TYPE_CHECKING:  # pragma: no cover
     from tl_featureflow.model import FeatureCache, FlowTransformer
     from tl_featureflow.tracer import PAPER_THRESHOLDS, FlowTracer, Matching, Predecessors
     from tl_featureflow.refs import SITES, FeatureRef, Site, hook_name, sae_hook_name
+    from tl_featureflow import evaluation, html_report, plot, themes
 
 
 def __getattr__(name: str) -> Any:
+    if name in _SUBMODULES:
+        value = importlib.import_module(f"tl_featureflow.{name}")
+        globals()[name] = value
+        return value
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'tl_featureflow' has no attribute {name!r}")

@@ -265,3 +265,18 @@ def test_along_equals_the_same_edits_by_hand(tiny_model, tokens):
     suppressed = _resid(tiny_model, tokens, Steerer(tiny_model, bank).along(graph, 0.0, op="rescale"))
     manual = _resid(tiny_model, tokens, Steerer(tiny_model, bank).rescale("1/res/2", 0.0).rescale("1/mlp/4", 0.0))
     assert all(torch.equal(a, b) for a, b in zip(suppressed, manual))
+
+
+def test_steering_a_bfloat16_model(tokens):
+    from conftest import tiny_cfg
+    from transformer_lens import HookedTransformer
+
+    torch.manual_seed(0)
+    model = HookedTransformer(tiny_cfg(dtype=torch.bfloat16)).eval()
+    bank = make_bank().to(dtype=torch.bfloat16)
+    clean = _resid(model, tokens)
+    steered = _resid(model, tokens, Steerer(model, bank).add("1/res/5", 3.0).rescale("2/mlp/1", 0.0))
+    assert steered[1].dtype == torch.bfloat16 and torch.equal(steered[0], clean[0])
+    v = bank.decoder("res", 1, dtype=torch.float32)[5]
+    torch.testing.assert_close((steered[1].float() - clean[1].float()), (3.0 * v).expand_as(clean[1]).float(),
+                               rtol=0, atol=0.1)

@@ -16,9 +16,11 @@ text as rows of one batch. ``layer_local=False`` gives the same numbers from one
 forward per intervention (the reference the tests compare against).
 
 :func:`validate` (also ``FlowTracer.validate``) runs the paper's protocol with the
-top1 / top5 / random / permutation matchings. Still to come (see the validation
-issue): the pearson and exhaustive baselines, the LM-loss change, the benchmark and
-the real-model table.
+top1 / top5 / random / permutation / pearson / exhaustive methods, the r sweep and
+the LM-loss change of sampled interventions; results land in a
+:class:`~tl_featureflow.report.ValidationReport`. The real-model table is in
+docs/results.md (``demos/validate_smollm2.py``), the throughput benchmark in
+docs/performance.md.
 """
 
 from __future__ import annotations

@@ -57,6 +57,16 @@ def atomic_write_text(path: str | Path, text: str) -> None:
         raise
 
 
+def read_json(path: str | Path, what: str) -> Any:
+    """Parse the JSON file at ``path``; an unreadable or malformed file raises CacheError naming ``what``."""
+    from tl_featureflow.errors import CacheError
+
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise CacheError(f"cannot read {what} from {path}: {exc}") from exc
+
+
 def atomic_write_json(path: str | Path, data: Any) -> None:
     """:func:`atomic_write_text` of ``data`` as indented JSON."""
     atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")

@@ -51,8 +51,13 @@ def pick_seed(model: Any, bank: SAEBank, tracer: Any, theme: Any, layer: int, *,
         info = {"feature": f"{layer}/res/{index}", "score": None, "theme_mean": float(acts[:, index].mean()),
                 "chosen_by": "largest mean activation (no selective feature found)"}
         return info, tracer.trace(FeatureRef(layer, "res", index))
-    graphs = [(c, tracer.trace(c.ref)) for c in candidates[:4]]
-    chosen, graph = next(((c, g) for c, g in graphs if len(g.nodes) >= min_nodes), graphs[0])
+    chosen, graph = candidates[0], tracer.trace(candidates[0].ref)
+    for candidate in candidates[1:4]:       # trace the next candidates only while the graph is too small
+        if len(graph.nodes) >= min_nodes:
+            break
+        candidate_graph = tracer.trace(candidate.ref)
+        if len(candidate_graph.nodes) >= min_nodes:
+            chosen, graph = candidate, candidate_graph
     info = {"feature": str(chosen.ref), "score": round(chosen.score, 3), "theme_mean": round(chosen.theme_mean, 3),
             "neutral_mean": round(chosen.neutral_mean, 3), "max_activation": round(chosen.max_activation, 3),
             "chosen_by": "theme vs neutral contrast"}

@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from tl_featureflow import plot
-from tl_featureflow._files import atomic_write_text
-from tl_featureflow.errors import CacheError, FeatureFlowError
+from tl_featureflow._files import atomic_write_text, read_json
+from tl_featureflow.errors import FeatureFlowError
 
 __all__ = ["Section", "table_html", "render_report", "report_from_dir", "versions"]
 
@@ -77,12 +77,9 @@ def versions() -> dict[str, str]:
     out = {"python": platform.python_version()}
     for name in ("tl_featureflow", "torch", "transformer_lens", "sae_lens", "plotly", "transformers"):
         try:
-            out[name] = metadata.version(name.replace("_", "-") if name != "tl_featureflow" else name)
+            out[name] = metadata.version(name)     # importlib.metadata normalises - and _
         except metadata.PackageNotFoundError:
-            try:
-                out[name] = metadata.version(name)
-            except metadata.PackageNotFoundError:
-                out[name] = "not installed"
+            out[name] = "not installed"
     return out
 
 
@@ -112,13 +109,6 @@ def render_report(title: str, sections: Sequence[Section], *, settings: dict[str
     path = Path(path)
     atomic_write_text(path, "\n".join(parts))
     return path
-
-
-def _load_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise CacheError(f"cannot read {path}: {exc}") from exc
 
 
 def _graph_section(graph: Any, name: str, info: dict[str, Any]) -> Section:
@@ -192,7 +182,7 @@ def report_from_dir(run_dir: str | Path, out: str | Path | None = None, *, title
     if not run_dir.is_dir():
         raise FeatureFlowError(f"no run folder at {run_dir}: expected the output folder of `featureflow demo` "
                                "(or of trace/validate/steer with --out)")
-    run = _load_json(run_dir / "run.json") if (run_dir / "run.json").is_file() else {}
+    run = read_json(run_dir / "run.json", "a run description") if (run_dir / "run.json").is_file() else {}
     sections = []
     if run.get("summary"):
         sections.append(Section("Summary", "".join(f"<p>{html.escape(line)}</p>" for line in run["summary"])))

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tl_featureflow._files import atomic_write_text
+from tl_featureflow._files import atomic_write_text, read_json
 from tl_featureflow.errors import CacheError
 
 __all__ = ["GROUPS", "group_name", "ValidationRow", "ValidationReport"]
@@ -104,10 +104,7 @@ class ValidationReport:
 
     @classmethod
     def load(cls, path: str | Path) -> ValidationReport:
-        try:
-            data = json.loads(Path(path).read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise CacheError(f"cannot read a validation report from {path}: {exc}") from exc
+        data = read_json(path, "a validation report")
         if data.get("schema_version") != _SCHEMA:
             raise CacheError(f"{path}: validation report schema {data.get('schema_version')!r}, expected {_SCHEMA}")
         return cls([ValidationRow(**r) for r in data["rows"]], data["group_counts"], data["meta"])

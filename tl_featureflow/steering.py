@@ -41,7 +41,7 @@ import inspect
 import math
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
 import torch
@@ -137,7 +137,6 @@ class _Generation:
 class _State:
     generation: _Generation | None = None
     stack: ExitStack | None = None
-    saved_generate: list[Any] = field(default_factory=list)
 
 
 class Steerer:
@@ -370,6 +369,8 @@ class Steerer:
         rescales = [e for e in edits if e.op == "rescale"]
         sae = self.bank[key] if rescales else None  # type: ignore[index]
         feats = torch.tensor([e.index for e in rescales], dtype=torch.long)
+        # gathered once here, not at every decoding step
+        W = sae.W_dec.detach()[feats.to(sae.W_dec.device)].float() if sae is not None else None   # [f, d_model]
 
         def hook(h: Tensor, hook: Any) -> Tensor:
             batch = h.shape[0]
@@ -382,12 +383,11 @@ class Steerer:
                 delta = delta + _rows(e.coef, batch, key).to(h.device)[:, None, None] * e.vector.to(h.device)
             delta = delta.expand(batch, sub.shape[1], h.shape[-1])
             if rescales:
-                assert sae is not None
+                assert sae is not None and W is not None
                 with torch.no_grad():
                     acts = sae.encode(sub.to(sae.W_dec.dtype))[..., feats.to(h.device)].float()  # [b, n, f]
                 factors = torch.stack([_rows(e.coef, batch, key).to(h.device) - 1.0 for e in rescales], -1)
-                W = sae.W_dec.detach()[feats.to(sae.W_dec.device)].to(h.device, torch.float32)
-                delta = delta + (acts * factors[:, None, :]) @ W
+                delta = delta + (acts * factors[:, None, :]) @ W.to(h.device)
             steered = sub + delta.to(h.dtype)
             if idx is None:
                 return steered

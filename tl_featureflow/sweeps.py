@@ -13,7 +13,6 @@ samples runs as rows of a few batched calls, each row with its own coefficients 
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -23,7 +22,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from tl_featureflow._files import atomic_write_json
+from tl_featureflow._files import atomic_write_json, read_json
 from tl_featureflow.bank import SAEBank
 from tl_featureflow.errors import CacheError, FeatureFlowError
 from tl_featureflow.evaluation import NEUTRAL_TEXTS, OfflineJudge, perplexity
@@ -141,12 +140,12 @@ class SteeringSweep:
     @classmethod
     def load(cls, path: str | Path) -> SteeringSweep:
         path = Path(path)
+        data = read_json(path, "a steering sweep")
         try:
-            data = json.loads(path.read_text())
             if data.get("format") != _FORMAT:
                 raise ValueError(f"format {data.get('format')!r}")
             return cls([SweepRow(**r) for r in data["rows"]], data["meta"])
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise CacheError(f"{path} is not a saved steering sweep ({exc})") from exc
 
 

@@ -2,7 +2,7 @@
 
     .venv/bin/python demos/steer_smollm2.py [--samples 2] [--out featureflow-out/steering]
 
-For each theme of ``tl_featureflow.themes.THEMES`` the seed is the layer-14 res
+For each theme of ``tl_featureflow.steer.themes.THEMES`` the seed is the layer-14 res
 feature that best separates the theme's example texts from neutral text (with a flow
 graph of at least 3 features); its flow graph is traced with the default thresholds.
 
@@ -13,7 +13,7 @@ graph of at least 3 features); its flow graph is traced with the default thresho
   prompt "I think that the biggest problem of the church today is", 64 new tokens.
 
 The paper's sampling (top_p 0.7, temperature 1.27), fixed seeds, ``samples`` generations
-per setting. Scored by the offline judge (``tl_featureflow.evaluation``), a proxy for
+per setting. Scored by the offline judge (``tl_featureflow.steer.judge``), a proxy for
 the paper's gpt-4o-mini. Prints Markdown tables and example generations; each sweep is
 saved as JSON under ``--out``.
 """
@@ -25,9 +25,9 @@ import time
 from pathlib import Path
 
 import tl_featureflow as ff
-from tl_featureflow.evaluation import OfflineJudge
-from tl_featureflow.sweeps import SteeringSweep, steering_sweep
-from tl_featureflow.themes import THEMES, theme_features
+from tl_featureflow.steer.judge import OfflineJudge
+from tl_featureflow.steer.sweeps import SteeringSweep, steering_sweep
+from tl_featureflow.steer.themes import THEMES, theme_features
 
 PROMOTE = ("religion", "war", "love", "programming")
 SUPPRESS = "religion"
@@ -45,7 +45,7 @@ def table(sweep: SteeringSweep, strengths: list[float]) -> list[str]:
     summary = sweep.summary()
     behaviour = sweep.summary("behavioural")
     coherence = sweep.summary("coherence")
-    name = "r" if sweep.meta["op"] == "rescale" else "s"
+    name = "r" if sweep.settings.op == "rescale" else "s"
     lines = ["| mode | layer | " + " | ".join(f"{name}={s:g}" for s in strengths) + " |",
              "|---|---|" + "---|" * len(strengths)]
     base = next(k for k in summary if k.mode == "baseline")

@@ -16,8 +16,8 @@ import argparse
 import time
 
 import tl_featureflow as ff
-from tl_featureflow.corpus import load_corpus
-from tl_featureflow.validation import validate
+from tl_featureflow.causal.experiment import validate
+from tl_featureflow.saes.corpus import load_corpus
 
 PAPER = {"top1": (0.65, 0.75), "pearson": (0.65, 0.74), "exhaustive": (0.73, 0.83)}
 
@@ -54,7 +54,7 @@ def main() -> None:
 
 
 def ff_groups() -> tuple[str, ...]:
-    from tl_featureflow.report import GROUPS
+    from tl_featureflow.causal.results import GROUPS
 
     return GROUPS
 

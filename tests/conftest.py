@@ -22,8 +22,8 @@ from sae_lens.saes.sae import SAEMetadata
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 from transformer_lens.hook_points import HookPoint
 
-from tl_featureflow.bank import SAEBank
 from tl_featureflow.refs import SITES, hook_name
+from tl_featureflow.saes.bank import SAEBank
 
 # ---------------------------------------------------------------------------- hook guard
 _HOOKED: weakref.WeakSet[HookPoint] = weakref.WeakSet()

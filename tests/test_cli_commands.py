@@ -3,12 +3,12 @@
 from pathlib import Path
 
 import pytest
-from conftest import run_cli as run
 
 import tl_featureflow as ff
+from conftest import run_cli as run
 from tl_featureflow import cli
-from tl_featureflow.graph import FlowGraph
-from tl_featureflow.report import ValidationReport
+from tl_featureflow.causal.results import ValidationReport
+from tl_featureflow.flow.graph import FlowGraph
 
 
 def test_trace_writes_the_graph_and_figure(tiny_cli, capsys):
@@ -74,7 +74,7 @@ def test_bad_arguments_are_one_line_errors(tiny_cli, capsys, argv, code, needle)
 
 
 def test_train_saes_into_a_folder(tiny_cli, capsys, monkeypatch, tmp_path):
-    from tl_featureflow.quality import BankQualityWarning
+    from tl_featureflow.saes.quality import BankQualityWarning
 
     monkeypatch.setenv("TL_FEATUREFLOW_CACHE", str(tmp_path / "cache"))
     with pytest.warns(BankQualityWarning, match="explain less than 50%"):    # 2,048 tokens on a random model

@@ -1,8 +1,8 @@
 import pytest
 import torch
-from conftest import D_VOCAB, make_bank
 
 import tl_featureflow as ff
+from conftest import D_VOCAB, make_bank
 from tl_featureflow import FlowTracer, FlowTransformer, TopContexts, collect_top_contexts
 
 

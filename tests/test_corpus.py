@@ -3,7 +3,7 @@
 import pytest
 
 import tl_featureflow as ff
-from tl_featureflow import corpus
+from tl_featureflow.saes import corpus
 
 
 class CharTokenizer:

@@ -129,9 +129,8 @@ def test_embedded_model_splices_saes_at_every_site(smollm2):
 def fake_bank_training(tmp_path, monkeypatch):
     """load_embedded_bank's logic with the 15-minute training replaced by a tiny bank writer."""
     from conftest import make_bank
-
-    from tl_featureflow import training
-    from tl_featureflow.quality import QualityReport, SAEQuality
+    from tl_featureflow.saes import training
+    from tl_featureflow.saes.quality import QualityReport, SAEQuality
 
     folder = tmp_path / "SmolLM2-135M-Instruct-quick-corpusabc123-v2"
     monkeypatch.setattr(embedded, "embedded_bank_dir", lambda preset="quick": folder)

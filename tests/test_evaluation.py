@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import tl_featureflow as ff
-from tl_featureflow.evaluation import OfflineJudge, distinct_ngrams, perplexity, repetition
+from tl_featureflow.steer.judge import OfflineJudge, distinct_ngrams, perplexity, repetition
 
 LABELLED = {
     "weddings and marriage": [

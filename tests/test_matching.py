@@ -1,9 +1,9 @@
 import pytest
 import torch
-from conftest import make_sae
 
 import tl_featureflow as ff
-from tl_featureflow.matching import fold_jumprelu_threshold, permutation_match, topk_cosine, unit_rows
+from conftest import make_sae
+from tl_featureflow.flow.matching import fold_jumprelu_threshold, permutation_match, topk_cosine, unit_rows
 
 
 def _dense_reference(dst, src, k):

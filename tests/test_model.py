@@ -1,10 +1,10 @@
 import pytest
 import torch
-from conftest import ARCHITECTURES, D_MODEL, N_LAYERS, leftover_hooks, make_bank, make_sae, tiny_cfg
 from transformer_lens import HookedTransformer
 from transformer_lens.hook_points import HookPoint
 
 import tl_featureflow as ff
+from conftest import ARCHITECTURES, D_MODEL, N_LAYERS, leftover_hooks, make_bank, make_sae, tiny_cfg
 from tl_featureflow import FlowTransformer, SAEBank
 from tl_featureflow.refs import hook_name, sae_hook_name
 
@@ -58,7 +58,7 @@ def test_feature_edit_changes_the_site_output_by_delta_times_decoder_row(flow, t
         out_name = sae_hook_name(site, layer, "hook_sae_output")
         _, clean = flow.run_with_cache(tokens, names_filter=[out_name])
 
-        def edit(acts, hook):
+        def edit(acts, hook, index=index, delta=delta):
             acts[:, 4, index] += delta
             return acts
 

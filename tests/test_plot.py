@@ -4,10 +4,10 @@ import plotly.graph_objects as go
 import pytest
 
 import tl_featureflow as ff
-from tl_featureflow import plot
-from tl_featureflow.report import ValidationReport, ValidationRow
-from tl_featureflow.sweeps import SteeringSweep, SweepRow
+from tl_featureflow.causal.results import ValidationReport, ValidationRow
+from tl_featureflow.steer.sweeps import SteeringSweep, SweepRow, SweepSettings
 from tl_featureflow.synthetic import planted_chain_bank, random_bank
+from tl_featureflow.viz import plot
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +55,7 @@ def test_score_distributions_and_group_composition(planted):
     fmap = tracer.flow_map(progress=False)
     fig = plot.group_composition(fmap)
     assert [t.name for t in fig.data] == list(plot.GROUP_COLORS)
-    for i, layer in enumerate(fmap.layers):
+    for i in range(len(fmap.layers)):
         assert sum(t.y[i] for t in fig.data) == pytest.approx(1.0)
     assert plot.score_distributions(fmap).data
 
@@ -85,7 +85,7 @@ def test_steering_figure():
     rows = [SweepRow("baseline", None, 0.0, "add", 0, "", [], {"score": 0.1}),
             *[SweepRow(m, 3, s, "add", 0, "", [], {"score": s / 10}) for m in ("single", "cumulative")
               for s in (1.0, 2.0)]]
-    fig = plot.steering(SteeringSweep(rows, {"op": "add"}))
+    fig = plot.steering(SteeringSweep(rows, SweepSettings(op="add")))
     assert sorted(t.name for t in fig.data) == ["cumulative L3", "single L3"]
     assert list(fig.data[0].y) == [0.1, 0.2]
 
@@ -106,7 +106,7 @@ def test_flow_graph_stays_readable_at_30_layers():
     assert {n.ref.layer for n in graph.nodes} == set(range(30))
     fig = plot.flow_graph(graph)
     assert list(fig.layout.xaxis.tickvals) == list(range(30))
-    points = {(round(x, 3), round(y, 3)) for t in fig.data if t.mode == "markers+text" for x, y in zip(t.x, t.y)}
+    points = {(round(x, 3), round(y, 3)) for t in fig.data if t.mode == "markers+text" for x, y in zip(t.x, t.y, strict=False)}
     assert len(points) == len(graph.nodes)                      # no two nodes drawn on the same spot
     res = next(t for t in fig.data if t.name == "RES")
     assert set(res.y) == {plot.LANES["res"]} and len(res.x) == 30

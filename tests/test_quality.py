@@ -1,12 +1,12 @@
 import pytest
 import torch
-from conftest import D_MODEL
 from sae_lens import StandardSAE, StandardSAEConfig
 from sae_lens.saes.sae import SAEMetadata
 
+from conftest import D_MODEL
 from tl_featureflow import SAEBank
-from tl_featureflow.quality import BankQualityWarning, QualityReport, evaluate_bank
 from tl_featureflow.refs import hook_name
+from tl_featureflow.saes.quality import BankQualityWarning, QualityReport, evaluate_bank
 
 
 def _sae(site, layer, W_enc, W_dec):
@@ -45,7 +45,7 @@ def test_planted_perfect_and_useless_saes(tiny_model, tokens):
 
 
 def test_layer_local_loss_equals_a_full_forward(tiny_model, tokens):
-    from tl_featureflow.quality import _ce
+    from tl_featureflow.saes.quality import _ce
 
     sae = _sae("att", 2, torch.randn(D_MODEL, 40), torch.randn(40, D_MODEL) * 0.1)
     report = evaluate_bank(tiny_model, SAEBank({("att", 2): sae}), tokens, loss_rows=2, progress=False)

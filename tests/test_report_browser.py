@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from conftest import run_cli as run
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

@@ -4,13 +4,13 @@ import math
 
 import pytest
 import torch
-from conftest import D_MODEL, D_VOCAB, leftover_hooks, make_bank
 
 import tl_featureflow as ff
-from tl_featureflow.bank import SAEBank
-from tl_featureflow.graph import FlowEdge, FlowGraph, FlowNode
+from conftest import D_MODEL, D_VOCAB, leftover_hooks, make_bank
+from tl_featureflow.flow.graph import FlowEdge, FlowGraph, FlowNode
 from tl_featureflow.refs import FeatureRef
-from tl_featureflow.steering import Steerer, flow_coefficients
+from tl_featureflow.saes.bank import SAEBank
+from tl_featureflow.steer.steerer import Steerer, flow_coefficients
 from tl_featureflow.synthetic import sae_from_decoder
 
 
@@ -64,7 +64,7 @@ def test_rescale_one_is_identity_and_zero_removes_the_feature(tiny_model, tokens
     bank = make_bank()
     clean = _resid(tiny_model, tokens)
     same = _resid(tiny_model, tokens, Steerer(tiny_model, bank).rescale("1/res/7", 1.0))
-    assert all(torch.equal(a, b) for a, b in zip(same, clean))
+    assert all(torch.equal(a, b) for a, b in zip(same, clean, strict=False))
     sae = bank["res", 1]
     acts = sae.encode(clean[1])
     removed = _resid(tiny_model, tokens, Steerer(tiny_model, bank).rescale("1/res/7", 0.0))
@@ -89,7 +89,7 @@ def test_per_row_coefficients_equal_separate_runs(tiny_model, tokens):
     for row, (s, r) in enumerate([(1.0, 0.0), (-2.0, 3.0)]):
         single = _resid(tiny_model, tokens[row:row + 1],
                         Steerer(tiny_model, bank).add("1/res/5", s).rescale("0/mlp/3", r))
-        for a, b in zip(both, single):
+        for a, b in zip(both, single, strict=False):
             torch.testing.assert_close(a[row:row + 1], b, rtol=0, atol=1e-5)
     with pytest.raises(ff.FeatureFlowError, match="3 rows but the batch has 2"):
         _resid(tiny_model, tokens, Steerer(tiny_model, bank).add("1/res/5", [1.0, 2.0, 3.0]))
@@ -156,10 +156,10 @@ def test_outside_generate_positions_are_all_prompt(tiny_model, tokens):
     bank = make_bank()
     clean = _resid(tiny_model, tokens)
     assert all(torch.equal(a, b) for a, b in zip(
-        _resid(tiny_model, tokens, Steerer(tiny_model, bank, positions="generated").add("0/res/1", 9.0)), clean))
+        _resid(tiny_model, tokens, Steerer(tiny_model, bank, positions="generated").add("0/res/1", 9.0)), clean, strict=False))
     prompt = _resid(tiny_model, tokens, Steerer(tiny_model, bank, positions="prompt").add("0/res/1", 9.0))
     alls = _resid(tiny_model, tokens, Steerer(tiny_model, bank, positions="all").add("0/res/1", 9.0))
-    assert all(torch.equal(a, b) for a, b in zip(prompt, alls))
+    assert all(torch.equal(a, b) for a, b in zip(prompt, alls, strict=False))
 
 
 def test_no_hook_remains_after_exception_nesting_or_interrupt(tiny_model, tokens):
@@ -261,15 +261,16 @@ def test_along_equals_the_same_edits_by_hand(tiny_model, tokens):
     by_graph = _resid(tiny_model, tokens, Steerer(tiny_model, bank).along(graph, 2.0, mode="cumulative"))
     by_hand = _resid(tiny_model, tokens, Steerer(tiny_model, bank).add("0/res/1", 2.0).add("1/res/2", 2.0)
                      .add("1/mlp/4", 2.0).add("2/res/3", 2.0))
-    assert all(torch.equal(a, b) for a, b in zip(by_graph, by_hand))
+    assert all(torch.equal(a, b) for a, b in zip(by_graph, by_hand, strict=False))
     suppressed = _resid(tiny_model, tokens, Steerer(tiny_model, bank).along(graph, 0.0, op="rescale"))
     manual = _resid(tiny_model, tokens, Steerer(tiny_model, bank).rescale("1/res/2", 0.0).rescale("1/mlp/4", 0.0))
-    assert all(torch.equal(a, b) for a, b in zip(suppressed, manual))
+    assert all(torch.equal(a, b) for a, b in zip(suppressed, manual, strict=False))
 
 
 def test_steering_a_bfloat16_model(tokens):
-    from conftest import tiny_cfg
     from transformer_lens import HookedTransformer
+
+    from conftest import tiny_cfg
 
     torch.manual_seed(0)
     model = HookedTransformer(tiny_cfg(dtype=torch.bfloat16)).eval()

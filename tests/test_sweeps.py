@@ -2,13 +2,14 @@
 
 import pytest
 import torch
-from conftest import D_VOCAB, make_bank
 from test_steering import _graph
 
 import tl_featureflow as ff
-from tl_featureflow.evaluation import OfflineJudge
-from tl_featureflow.steering import Steerer
-from tl_featureflow.sweeps import SteeringSweep, SweepSetting, steering_sweep, sweep_settings
+from conftest import D_VOCAB, make_bank
+from tl_featureflow._files import atomic_write_json, read_json
+from tl_featureflow.steer.judge import OfflineJudge
+from tl_featureflow.steer.steerer import Steerer
+from tl_featureflow.steer.sweeps import SteeringSweep, SweepSetting, SweepSettings, steering_sweep, sweep_settings
 
 
 def test_settings_grid():
@@ -27,7 +28,7 @@ def test_batched_rows_equal_one_by_one_and_a_hand_built_steerer(tiny_model, op, 
     bank = make_bank()
     graph = _graph()
     prompt = torch.randint(0, D_VOCAB, (1, 5), generator=torch.Generator().manual_seed(2))
-    kwargs = dict(prompt=prompt, strengths=strengths, op=op, do_sample=False, max_new_tokens=6, progress=False)
+    kwargs = dict(prompt_tokens=prompt, strengths=strengths, op=op, do_sample=False, max_new_tokens=6, progress=False)
     batched = steering_sweep(tiny_model, bank, graph, batch_size=4, **kwargs)
     single = steering_sweep(tiny_model, bank, graph, batched=False, **kwargs)
     assert [r.setting for r in batched.rows] == [r.setting for r in single.rows]
@@ -47,13 +48,23 @@ def test_batched_rows_equal_one_by_one_and_a_hand_built_steerer(tiny_model, op, 
 def test_sampled_sweep_is_reproducible_and_saves(tiny_model, tmp_path):
     bank = make_bank()
     prompt = torch.randint(0, D_VOCAB, (1, 4), generator=torch.Generator().manual_seed(3))
-    kwargs = dict(prompt=prompt, strengths=[3.0], samples=3, max_new_tokens=5, progress=False, seed=7)
+    kwargs = dict(prompt_tokens=prompt, strengths=[3.0], samples=3, max_new_tokens=5, progress=False, seed=7)
     a = steering_sweep(tiny_model, bank, _graph(), **kwargs)
     b = steering_sweep(tiny_model, bank, _graph(), **kwargs)
     assert [r.tokens for r in a.rows] == [r.tokens for r in b.rows]
     path = a.save(tmp_path / "sweep.json")
     again = SteeringSweep.load(path)
     assert [r.tokens for r in again.rows] == [r.tokens for r in a.rows] and again.meta == a.meta
+    assert again.settings == a.settings == SweepSettings(strengths=(3.0,), samples=3, max_new_tokens=5, seed=7,
+                                                         prompt=None)
+    assert read_json(path, "sweep")["schema_version"] == 2
+    # a version-1 file (settings inside meta, a `format` string) still loads, settings read back by field
+    old = {"format": "tl_featureflow.steering_sweep/1", "rows": read_json(path, "sweep")["rows"],
+           "meta": {**a.meta, "prompt": None, "strengths": [3.0], "samples": 3, "max_new_tokens": 5, "seed": 7,
+                    "op": "add", "modes": ["single", "cumulative"], "scale": "unit"}}
+    atomic_write_json(tmp_path / "v1.json", old)
+    v1 = SteeringSweep.load(tmp_path / "v1.json")
+    assert v1.settings.samples == 3 and v1.settings.strengths == (3.0,) and v1.settings.prompt is None
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(ff.CacheError, match="bad.json"):
         SteeringSweep.load(tmp_path / "bad.json")
@@ -62,7 +73,7 @@ def test_sampled_sweep_is_reproducible_and_saves(tiny_model, tmp_path):
 def test_summary_and_best_with_a_user_judge(tiny_model):
     bank = make_bank()
     prompt = torch.randint(0, D_VOCAB, (1, 4), generator=torch.Generator().manual_seed(3))
-    sweep = steering_sweep(tiny_model, bank, _graph(), prompt=prompt, strengths=[1.0, 8.0], samples=2,
+    sweep = steering_sweep(tiny_model, bank, _graph(), prompt_tokens=prompt, strengths=[1.0, 8.0], samples=2,
                            max_new_tokens=6, progress=False)
     with pytest.raises(ff.FeatureFlowError, match="score"):
         sweep.summary()
@@ -78,3 +89,17 @@ def test_summary_and_best_with_a_user_judge(tiny_model):
     best, value = sweep.best("behavioural", mode="cumulative")
     assert best.strength == 8.0 and value == 1.0
     assert set(sweep.to_pandas().columns) >= {"mode", "layer", "strength", "score", "coherence"}
+
+
+def test_settings_validate_and_override(tiny_model):
+    with pytest.raises(ff.InvalidArgumentError, match="samples"):
+        SweepSettings(samples=0)
+    with pytest.raises(ValueError, match="unknown modes"):   # InvalidArgumentError is a ValueError
+        SweepSettings(modes=("both",))
+    with pytest.raises(ff.InvalidArgumentError, match="unknown settings"):
+        steering_sweep(tiny_model, make_bank(), _graph(), stregths=[1.0])
+    # the default prompt has no trailing space (SmolLM2 writes digits after "I think ")
+    assert SweepSettings().prompt == "I think"
+    settings = SweepSettings(strengths=[2, 4], layers=[1])
+    assert settings.strengths == (2.0, 4.0) and settings.layers == (1,)
+    assert SweepSettings.from_dict(settings.to_dict()) == settings

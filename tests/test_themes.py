@@ -4,8 +4,8 @@ import pytest
 import torch
 
 import tl_featureflow as ff
-from tl_featureflow import themes
 from tl_featureflow.refs import FeatureRef
+from tl_featureflow.steer import themes
 
 
 def test_theme_features_pick_the_selective_feature(monkeypatch):

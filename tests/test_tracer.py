@@ -4,11 +4,11 @@ import math
 
 import pytest
 import torch
-from conftest import make_bank
 
 import tl_featureflow as ff
+from conftest import make_bank
 from tl_featureflow import FeatureRef, FlowGraph, FlowMap, FlowTracer, SAEBank
-from tl_featureflow.graph import MAP_INDEX
+from tl_featureflow.flow.flowmap import MAP_INDEX
 from tl_featureflow.synthetic import planted_chain_bank, sae_from_decoder
 
 D = 64
@@ -190,8 +190,9 @@ def test_bad_input_gives_clear_errors(planted):
     with pytest.raises(ff.FeatureFlowError, match="lack sites"):
         tracer.classify(2, thresholds={"res": 0.5})
     with pytest.raises(ff.ModelMismatchError, match="d_model=32"):
-        from conftest import tiny_cfg
         from transformer_lens import HookedTransformer
+
+        from conftest import tiny_cfg
         FlowTracer(bank, HookedTransformer(tiny_cfg()))
 
 

@@ -4,14 +4,14 @@ import json
 
 import pytest
 import torch
-from conftest import D_VOCAB
 
 import tl_featureflow as ff
-from tl_featureflow import training
-from tl_featureflow.training import ActivationStream, train_bank
+from conftest import D_VOCAB
+from tl_featureflow.saes import training
+from tl_featureflow.saes.training import ActivationStream, train_bank
 
 # tiny SAEs on a random model reconstruct poorly: the quality warning is expected here
-pytestmark = pytest.mark.filterwarnings("ignore::tl_featureflow.quality.BankQualityWarning")
+pytestmark = pytest.mark.filterwarnings("ignore::tl_featureflow.saes.quality.BankQualityWarning")
 
 
 @pytest.fixture(scope="module")
@@ -26,8 +26,9 @@ def rows():
 
 @pytest.fixture(scope="module")
 def model():
-    from conftest import tiny_cfg
     from transformer_lens import HookedTransformer
+
+    from conftest import tiny_cfg
 
     torch.manual_seed(0)
     return HookedTransformer(tiny_cfg()).eval()

@@ -2,11 +2,11 @@
 
 import pytest
 import torch
-from conftest import D_MODEL, leftover_hooks, make_bank
 
 import tl_featureflow as ff
+from conftest import D_MODEL, leftover_hooks, make_bank
+from tl_featureflow.causal.interventions import Intervention, intervened, rescale, target_activations
 from tl_featureflow.refs import hook_name
-from tl_featureflow.validation import Intervention, intervened, rescale, target_activations
 
 
 def test_rescale_is_the_method_formula(sae_factory):
@@ -118,7 +118,7 @@ def planted_circuit(tiny_model):
 
 
 def test_planted_circuit_deactivation_matches_the_hand_computation(planted_circuit, tmp_path):
-    from tl_featureflow.report import ValidationReport
+    from tl_featureflow.causal.results import ValidationReport
 
     model, bank, tokens = planted_circuit
     tracer = ff.FlowTracer(bank, model)

@@ -16,11 +16,14 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from tl_featureflow import _moved
+
 __version__ = "0.1.0"
 
 _EXPORTS: dict[str, str] = {
     # errors
     "FeatureFlowError": "tl_featureflow.errors",
+    "InvalidArgumentError": "tl_featureflow.errors",
     "BankError": "tl_featureflow.errors",
     "ModelMismatchError": "tl_featureflow.errors",
     "UnknownFeatureError": "tl_featureflow.errors",
@@ -29,77 +32,96 @@ _EXPORTS: dict[str, str] = {
     # names
     "Site": "tl_featureflow.refs",
     "SITES": "tl_featureflow.refs",
+    "Key": "tl_featureflow.refs",
     "FeatureRef": "tl_featureflow.refs",
     "hook_name": "tl_featureflow.refs",
     "sae_hook_name": "tl_featureflow.refs",
-    # SAEs and model
-    "SAEBank": "tl_featureflow.bank",
+    # model
     "FlowTransformer": "tl_featureflow.model",
     "FeatureCache": "tl_featureflow.model",
     "load_embedded_model": "tl_featureflow.embedded",
-    # tracing
-    "FlowTracer": "tl_featureflow.tracer",
-    "Matching": "tl_featureflow.tracer",
-    "Predecessors": "tl_featureflow.tracer",
-    "PAPER_THRESHOLDS": "tl_featureflow.tracer",
-    "FlowGraph": "tl_featureflow.graph",
-    "FlowNode": "tl_featureflow.graph",
-    "FlowEdge": "tl_featureflow.graph",
-    "FlowMap": "tl_featureflow.graph",
-    "LayerScores": "tl_featureflow.groups",
-    "Classification": "tl_featureflow.groups",
-    "LABELS": "tl_featureflow.groups",
-    "topk_cosine": "tl_featureflow.matching",
-    "TopContexts": "tl_featureflow.contexts",
-    "ValidationReport": "tl_featureflow.report",
-    "collect_top_contexts": "tl_featureflow.contexts",
-    "permutation_match": "tl_featureflow.matching",
-    "fold_jumprelu_threshold": "tl_featureflow.matching",
-    "cache_root": "tl_featureflow.embedded",
     "load_embedded_bank": "tl_featureflow.embedded",
-    "train_bank": "tl_featureflow.training",
-    # steering
-    "Steerer": "tl_featureflow.steering",
-    "flow_coefficients": "tl_featureflow.steering",
-    "steering_sweep": "tl_featureflow.sweeps",
-    "SteeringSweep": "tl_featureflow.sweeps",
-    "OfflineJudge": "tl_featureflow.evaluation",
+    "cache_root": "tl_featureflow._files",
+    # saes/
+    "SAEBank": "tl_featureflow.saes.bank",
+    "train_bank": "tl_featureflow.saes.training",
+    # flow/
+    "FlowTracer": "tl_featureflow.flow.tracer",
+    "Matching": "tl_featureflow.flow.tracer",
+    "Predecessors": "tl_featureflow.flow.tracer",
+    "PAPER_THRESHOLDS": "tl_featureflow.flow.tracer",
+    "FlowGraph": "tl_featureflow.flow.graph",
+    "FlowNode": "tl_featureflow.flow.graph",
+    "FlowEdge": "tl_featureflow.flow.graph",
+    "FlowMap": "tl_featureflow.flow.flowmap",
+    "LayerScores": "tl_featureflow.flow.origins",
+    "Classification": "tl_featureflow.flow.origins",
+    "LABELS": "tl_featureflow.flow.origins",
+    "topk_cosine": "tl_featureflow.flow.matching",
+    "permutation_match": "tl_featureflow.flow.matching",
+    "fold_jumprelu_threshold": "tl_featureflow.flow.matching",
+    "TopContexts": "tl_featureflow.flow.contexts",
+    "collect_top_contexts": "tl_featureflow.flow.contexts",
+    # causal/
+    "validate": "tl_featureflow.causal.experiment",
+    "ValidationReport": "tl_featureflow.causal.results",
+    # steer/
+    "Steerer": "tl_featureflow.steer.steerer",
+    "flow_coefficients": "tl_featureflow.steer.steerer",
+    "steering_sweep": "tl_featureflow.steer.sweeps",
+    "SteeringSweep": "tl_featureflow.steer.sweeps",
+    "SweepSettings": "tl_featureflow.steer.sweeps",
+    "OfflineJudge": "tl_featureflow.steer.judge",
 }
 
 # Submodules reachable as attributes (``ff.plot.flow_graph(graph)``), imported on first use.
-_SUBMODULES = ("plot", "themes", "evaluation", "html_report")
+_SUBMODULES: dict[str, str] = {
+    "plot": "tl_featureflow.viz.plot",
+    "themes": "tl_featureflow.steer.themes",
+    "evaluation": "tl_featureflow.steer.judge",
+    "html_report": "tl_featureflow.viz.html",
+}
 
 __all__ = ["__version__", *_EXPORTS, *_SUBMODULES]
 
 if TYPE_CHECKING:  # pragma: no cover
-    from tl_featureflow.bank import SAEBank
-    from tl_featureflow.contexts import TopContexts, collect_top_contexts
-    from tl_featureflow.report import ValidationReport
-    from tl_featureflow.embedded import cache_root, load_embedded_bank, load_embedded_model
-    from tl_featureflow.training import train_bank
-    from tl_featureflow.evaluation import OfflineJudge
-    from tl_featureflow.steering import Steerer, flow_coefficients
-    from tl_featureflow.sweeps import SteeringSweep, steering_sweep
+    from tl_featureflow._files import cache_root
+    from tl_featureflow.causal.experiment import validate
+    from tl_featureflow.causal.results import ValidationReport
+    from tl_featureflow.embedded import load_embedded_bank, load_embedded_model
     from tl_featureflow.errors import (
         BankError,
         CacheError,
         FeatureFlowError,
+        InvalidArgumentError,
         MissingDependencyError,
         ModelMismatchError,
         UnknownFeatureError,
     )
-    from tl_featureflow.graph import FlowEdge, FlowGraph, FlowMap, FlowNode
-    from tl_featureflow.groups import LABELS, Classification, LayerScores
-    from tl_featureflow.matching import fold_jumprelu_threshold, permutation_match, topk_cosine
+    from tl_featureflow.flow.contexts import TopContexts, collect_top_contexts
+    from tl_featureflow.flow.flowmap import FlowMap
+    from tl_featureflow.flow.graph import FlowEdge, FlowGraph, FlowNode
+    from tl_featureflow.flow.matching import fold_jumprelu_threshold, permutation_match, topk_cosine
+    from tl_featureflow.flow.origins import LABELS, Classification, LayerScores
+    from tl_featureflow.flow.tracer import PAPER_THRESHOLDS, FlowTracer, Matching, Predecessors
     from tl_featureflow.model import FeatureCache, FlowTransformer
-    from tl_featureflow.tracer import PAPER_THRESHOLDS, FlowTracer, Matching, Predecessors
-    from tl_featureflow.refs import SITES, FeatureRef, Site, hook_name, sae_hook_name
-    from tl_featureflow import evaluation, html_report, plot, themes
+    from tl_featureflow.refs import SITES, FeatureRef, Key, Site, hook_name, sae_hook_name
+    from tl_featureflow.saes.bank import SAEBank
+    from tl_featureflow.saes.training import train_bank
+    from tl_featureflow.steer import judge as evaluation
+    from tl_featureflow.steer import themes
+    from tl_featureflow.steer.judge import OfflineJudge
+    from tl_featureflow.steer.steerer import Steerer, flow_coefficients
+    from tl_featureflow.steer.sweeps import SteeringSweep, SweepSettings, steering_sweep
+    from tl_featureflow.viz import html as html_report
+    from tl_featureflow.viz import plot
+
+_moved.install()
 
 
 def __getattr__(name: str) -> Any:
     if name in _SUBMODULES:
-        value = importlib.import_module(f"tl_featureflow.{name}")
+        value = importlib.import_module(_SUBMODULES[name])
         globals()[name] = value
         return value
     module = _EXPORTS.get(name)

@@ -22,6 +22,8 @@ from typing import Any
 from tl_featureflow.errors import CacheError
 
 __all__ = [
+    "cache_root",
+    "entry_lock",
     "atomic_write_text",
     "atomic_write_json",
     "atomic_directory",
@@ -32,6 +34,47 @@ __all__ = [
 ]
 
 _CHUNK = 8 * 1024 * 1024
+
+
+def cache_root() -> Path:
+    """Folder of tl_featureflow's caches: ``$TL_FEATUREFLOW_CACHE``, else
+    ``$XDG_CACHE_HOME/tl_featureflow``, else ``~/.cache/tl_featureflow``."""
+    env = os.environ.get("TL_FEATUREFLOW_CACHE")
+    if env:
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "tl_featureflow"
+
+
+@contextmanager
+def entry_lock(entry: str | Path) -> Iterator[Path]:
+    """Hold an exclusive lock on a cache entry while it is built (``<entry>.lock`` beside it).
+
+    Two processes that build the same entry at once (two notebooks, or ``make demo`` and
+    ``make test`` on an empty cache) take turns: the second waits, then finds the entry
+    built. Callers check for the entry again once they hold the lock. The lock is an
+    ``fcntl.flock`` (released by the OS if the holder dies); where ``fcntl`` is missing
+    (Windows) this does not lock, and atomic writes alone keep half-built entries unseen.
+
+    >>> import tempfile
+    >>> with entry_lock(Path(tempfile.mkdtemp()) / "model") as lock:
+    ...     lock.name
+    '.model.lock'
+    """
+    entry = Path(entry)
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    lock = entry.with_name(f".{entry.name}.lock")
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield lock
+        return
+    with open(lock, "a+") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield lock
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
 def _umask() -> int:
@@ -59,8 +102,6 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 def read_json(path: str | Path, what: str) -> Any:
     """Parse the JSON file at ``path``; an unreadable or malformed file raises CacheError naming ``what``."""
-    from tl_featureflow.errors import CacheError
-
     try:
         return json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:

@@ -2,7 +2,7 @@
 
 Every subcommand works on the embedded SmolLM2 (offline) with its SAE bank: the
 ``quick`` preset by default (trained on first use, ~15 min on 2 CPU cores), another
-preset with ``--preset``, or any saved :class:`~tl_featureflow.bank.SAEBank` folder
+preset with ``--preset``, or any saved :class:`~tl_featureflow.saes.bank.SAEBank` folder
 with ``--bank``. Results go under ``featureflow-out/`` unless ``--out`` says otherwise.
 """
 
@@ -31,7 +31,7 @@ def _load_model(args: argparse.Namespace) -> Any:
 
 def _load_bank(args: argparse.Namespace, model: Any) -> Any:
     if getattr(args, "bank", None):
-        from tl_featureflow.bank import SAEBank
+        from tl_featureflow.saes.bank import SAEBank
 
         bank = SAEBank.load(args.bank, device=args.device)
         if hasattr(model, "check_bank"):
@@ -43,7 +43,7 @@ def _load_bank(args: argparse.Namespace, model: Any) -> Any:
 
 
 def _heldout_tokens(model: Any, n: int) -> Any:
-    from tl_featureflow.corpus import load_corpus
+    from tl_featureflow.saes.corpus import load_corpus
 
     return load_corpus(model.tokenizer, "heldout", progress=True).tokens[:n]
 
@@ -72,8 +72,8 @@ def _demo(args: argparse.Namespace) -> int:
 def _train_saes(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     from tl_featureflow.embedded import load_embedded_bank
-    from tl_featureflow.quality import QualityReport
-    from tl_featureflow.training import train_bank
+    from tl_featureflow.saes.quality import QualityReport
+    from tl_featureflow.saes.training import train_bank
 
     trained_here = True  # train_bank prints its quality table itself
     if args.out is None and args.layers is None and args.sites is None and args.tokens is None:
@@ -94,8 +94,8 @@ def _train_saes(args: argparse.Namespace) -> int:
 
 
 def _trace(args: argparse.Namespace) -> int:
-    from tl_featureflow import plot
-    from tl_featureflow.tracer import FlowTracer
+    from tl_featureflow.flow.tracer import FlowTracer
+    from tl_featureflow.viz import plot
 
     model, bank = _setup(args)
     tracer = FlowTracer(bank, model)
@@ -115,7 +115,7 @@ def _trace(args: argparse.Namespace) -> int:
 
 
 def _map(args: argparse.Namespace) -> int:
-    from tl_featureflow.tracer import FlowTracer
+    from tl_featureflow.flow.tracer import FlowTracer
 
     model, bank = _setup(args)
     fmap = FlowTracer(bank, model).flow_map(args.out, layers=args.layers, k=args.k)
@@ -128,9 +128,9 @@ def _map(args: argparse.Namespace) -> int:
 
 
 def _validate(args: argparse.Namespace) -> int:
+    from tl_featureflow.causal.experiment import validate
     from tl_featureflow.demo import seed_layer
-    from tl_featureflow.tracer import FlowTracer
-    from tl_featureflow.validation import validate
+    from tl_featureflow.flow.tracer import FlowTracer
 
     model, bank = _setup(args)
     tokens = _heldout_tokens(model, args.texts)
@@ -148,8 +148,8 @@ def _validate(args: argparse.Namespace) -> int:
 def _steer(args: argparse.Namespace) -> int:
     import torch
 
-    from tl_featureflow.steering import Steerer
-    from tl_featureflow.tracer import FlowTracer
+    from tl_featureflow.flow.tracer import FlowTracer
+    from tl_featureflow.steer.steerer import Steerer
 
     model, bank = _setup(args)
     ref = bank.check_ref(args.feature)
@@ -171,13 +171,13 @@ def _steer(args: argparse.Namespace) -> int:
         steered = model.generate(prompts, **kwargs)
     baseline = [baseline] if isinstance(baseline, str) else baseline
     steered = [steered] if isinstance(steered, str) else steered
-    for i, (a, b) in enumerate(zip(baseline, steered)):
+    for i, (a, b) in enumerate(zip(baseline, steered, strict=False)):
         print(f"\n[{i}] unsteered: {a!r}\n[{i}] steered ({args.op} {args.strength:g}): {b!r}")
     return 0
 
 
 def _report(args: argparse.Namespace) -> int:
-    from tl_featureflow.html_report import report_from_dir
+    from tl_featureflow.viz.html import report_from_dir
 
     path = report_from_dir(args.run_dir, args.out)
     print(f"report: {path.resolve()}")

@@ -2,7 +2,7 @@
 
 :func:`run_demo` works on any model with a tokenizer and any bank; the CLI calls it
 with the embedded SmolLM2 and its quick bank. Everything it computes lands in a run
-folder (see :mod:`tl_featureflow.html_report`), and the validation result is reused
+folder (see :mod:`tl_featureflow.viz.html`), and the validation result is reused
 when the same bank, texts and settings are asked for again, so a second run costs
 the steering's generation time plus a few seconds.
 """
@@ -19,9 +19,9 @@ from typing import Any
 import torch
 
 from tl_featureflow._files import atomic_write_json
-from tl_featureflow.bank import SAEBank
 from tl_featureflow.errors import FeatureFlowError
 from tl_featureflow.refs import FeatureRef
+from tl_featureflow.saes.bank import SAEBank
 
 __all__ = ["run_demo", "seed_layer", "pick_seed"]
 
@@ -42,7 +42,7 @@ def pick_seed(model: Any, bank: SAEBank, tracer: Any, theme: Any, layer: int, *,
     the largest mean activation on the theme's texts when no feature passes the filters
     (tiny or untrained banks).
     """
-    from tl_featureflow.themes import feature_activations, theme_features
+    from tl_featureflow.steer.themes import feature_activations, theme_features
 
     candidates = theme_features(model, bank, theme.texts, layer=layer, k=8)
     if not candidates:
@@ -90,13 +90,13 @@ def run_demo(
     held-out split, ``n_texts`` rows). ``judge``: an :class:`OfflineJudge` (default:
     one with the all-MiniLM-L6-v2 embedder over ``model``).
     """
-    from tl_featureflow.evaluation import OfflineJudge
-    from tl_featureflow.html_report import report_from_dir, versions
-    from tl_featureflow.report import ValidationReport
-    from tl_featureflow.sweeps import steering_sweep
-    from tl_featureflow.themes import THEMES
-    from tl_featureflow.tracer import FlowTracer
-    from tl_featureflow.validation import validate
+    from tl_featureflow.causal.experiment import validate
+    from tl_featureflow.causal.results import ValidationReport
+    from tl_featureflow.flow.tracer import FlowTracer
+    from tl_featureflow.steer.judge import OfflineJudge
+    from tl_featureflow.steer.sweeps import steering_sweep
+    from tl_featureflow.steer.themes import THEMES
+    from tl_featureflow.viz.html import report_from_dir, versions
 
     unknown = [t for t in themes if t not in THEMES]
     if unknown:
@@ -125,7 +125,7 @@ def run_demo(
 
     # 2. causal validation on held-out text (reused when nothing changed)
     if texts is None:
-        from tl_featureflow.corpus import load_corpus
+        from tl_featureflow.saes.corpus import load_corpus
 
         texts = load_corpus(model.tokenizer, "heldout", progress=progress).tokens[:n_texts]
     val_layers = [layer] + ([layer + 1] if ("res", layer + 1) in bank else [])

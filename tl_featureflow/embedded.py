@@ -19,21 +19,27 @@ import importlib.metadata
 import importlib.util
 import json
 import logging
-import os
 import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from tl_featureflow._files import atomic_directory, file_sha256, read_manifest, write_manifest
+from tl_featureflow._files import (
+    atomic_directory,
+    cache_root,
+    entry_lock,
+    file_sha256,
+    read_manifest,
+    write_manifest,
+)
 from tl_featureflow.errors import CacheError, FeatureFlowError, MissingDependencyError
 from tl_featureflow.model import FlowTransformer
 
 __all__ = [
     "EMBEDDED_MODEL_NAME",
     "GGUF_FILE",
-    "cache_root",
+    "cache_root",  # re-exported from tl_featureflow._files, its home
     "gguf_path",
     "embedded_model_dir",
     "load_embedded_model",
@@ -55,16 +61,6 @@ _NO_PROCESSING: dict[str, bool] = dict(
     fold_ln=False, center_writing_weights=False, center_unembed=False,
     fold_value_biases=False, refactor_factored_attn_matrices=False,
 )
-
-
-def cache_root() -> Path:
-    """Folder of tl_featureflow's caches: ``$TL_FEATUREFLOW_CACHE``, else
-    ``$XDG_CACHE_HOME/tl_featureflow``, else ``~/.cache/tl_featureflow``."""
-    env = os.environ.get("TL_FEATUREFLOW_CACHE")
-    if env:
-        return Path(env).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "tl_featureflow"
 
 
 def gguf_path() -> Path:
@@ -139,17 +135,32 @@ def _build_cache(folder: Path) -> None:
         })
 
 
-def _verified_cache(folder: Path, verify: bool) -> Path:
-    """``folder`` if its manifest vouches for it, else rebuild it (and say why)."""
+def _cache_fault(folder: Path, verify: bool) -> CacheError | None:
+    """Why the model cache in ``folder`` cannot be used, or None when its manifest vouches for it."""
     try:
         manifest = read_manifest(folder, MANIFEST, verify=verify)
-        if manifest.get("schema_version") != CACHE_SCHEMA_VERSION:
-            raise CacheError(f"{folder} has cache schema {manifest.get('schema_version')!r}")
-        return folder
     except CacheError as exc:
+        return exc
+    if manifest.get("schema_version") != CACHE_SCHEMA_VERSION:
+        return CacheError(f"{folder} has cache schema {manifest.get('schema_version')!r}")
+    return None
+
+
+def _verified_cache(folder: Path, verify: bool) -> Path:
+    """``folder`` if its manifest vouches for it, else rebuild it (and say why).
+
+    The build holds :func:`~tl_featureflow._files.entry_lock`: a second process waits for
+    the first one's build and then uses it.
+    """
+    if _cache_fault(folder, verify) is None:
+        return folder
+    with entry_lock(folder):
+        fault = _cache_fault(folder, verify)
+        if fault is None:
+            return folder   # built by another process while we waited
         if folder.exists():
-            logger.warning("rebuilding the model cache: %s", exc)
-    _build_cache(folder)
+            logger.warning("rebuilding the model cache: %s", fault)
+        _build_cache(folder)
     read_manifest(folder, MANIFEST, verify=True)
     return folder
 
@@ -202,8 +213,8 @@ def embedded_bank_dir(preset: str = "quick") -> Path:
     """
     from transformers import AutoTokenizer
 
-    from tl_featureflow.corpus import load_corpus
-    from tl_featureflow.training import PRESETS, TRAINING_VERSION
+    from tl_featureflow.saes.corpus import load_corpus
+    from tl_featureflow.saes.training import PRESETS, TRAINING_VERSION
 
     if preset not in PRESETS:
         raise FeatureFlowError(f"unknown preset {preset!r}: expected one of {sorted(PRESETS)}")
@@ -227,20 +238,17 @@ def load_embedded_bank(
     current corpus and the preset, or it is refused. A bank whose quality report flags
     SAEs warns on every load.
     """
-    from tl_featureflow.bank import SAEBank
-    from tl_featureflow.quality import QualityReport
-    from tl_featureflow.training import PRESETS, train_bank
+    from tl_featureflow.saes.bank import SAEBank
+    from tl_featureflow.saes.quality import QualityReport
 
     folder = embedded_bank_dir(preset)
-    if not (folder / "bank" / "bank.json").is_file():
+    index = folder / "bank" / "bank.json"
+    if not index.is_file():
         if not train:
             raise CacheError(f"no {preset!r} bank for the embedded model at {folder}: call with train=True")
-        expected = {"quick": "about 15 minutes on 2 CPU cores", "full": "hours on a CPU",
-                    "smoke": "about a minute"}.get(preset, "a while")
-        print(f"No SAE bank for {EMBEDDED_MODEL_NAME} yet: training the {PRESETS[preset].describe()} "
-              f"({expected}) into {folder}. An interrupted run resumes where it stopped.", flush=True)
-        model = model if model is not None else load_embedded_model(device=device)
-        train_bank(model, preset=preset, out=folder, metadata={"embedded": True})
+        with entry_lock(folder):   # another process training the same bank: wait for it, then load
+            if not index.is_file():
+                _train_embedded_bank(preset, folder, model, device)
     bank = SAEBank.load(folder / "bank", device=device)
     meta = bank.metadata
     expected_meta = {"model": EMBEDDED_MODEL_NAME, "preset": preset, "embedded": True}
@@ -250,3 +258,15 @@ def load_embedded_bank(
     if meta.get("quality"):
         QualityReport.from_dict(meta["quality"]).warn_if_flagged(f"the embedded {preset!r} bank")
     return bank
+
+
+def _train_embedded_bank(preset: str, folder: Path, model: FlowTransformer | None, device: torch.device | str) -> None:
+    """Train the embedded model's bank for ``preset`` into ``folder``, saying so first."""
+    from tl_featureflow.saes.training import PRESETS, train_bank
+
+    expected = {"quick": "about 15 minutes on 2 CPU cores", "full": "hours on a CPU",
+                "smoke": "about a minute"}.get(preset, "a while")
+    print(f"No SAE bank for {EMBEDDED_MODEL_NAME} yet: training the {PRESETS[preset].describe()} "
+          f"({expected}) into {folder}. An interrupted run resumes where it stopped.", flush=True)
+    model = model if model is not None else load_embedded_model(device=device)
+    train_bank(model, preset=preset, out=folder, metadata={"embedded": True})

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 __all__ = [
     "FeatureFlowError",
+    "InvalidArgumentError",
     "BankError",
     "ModelMismatchError",
     "UnknownFeatureError",
@@ -20,6 +21,13 @@ __all__ = [
 
 class FeatureFlowError(Exception):
     """Base class of every error raised on purpose by tl_featureflow."""
+
+
+class InvalidArgumentError(FeatureFlowError, ValueError):
+    """An argument out of its allowed range or set (a bad ``k``, method, schedule, token id...).
+
+    Also a ``ValueError``, so ``except ValueError`` in user code keeps working.
+    """
 
 
 class BankError(FeatureFlowError, ValueError):

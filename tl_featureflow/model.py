@@ -29,13 +29,12 @@ from sae_lens.saes.sae import SAEMetadata, _disable_hooks
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
-from tl_featureflow.bank import SAEBank
 from tl_featureflow.errors import FeatureFlowError, ModelMismatchError, UnknownFeatureError
-from tl_featureflow.refs import FeatureRef, Site, hook_name, sae_hook_name
+from tl_featureflow.refs import FeatureRef, Key, Site, hook_name, sae_hook_name
+from tl_featureflow.saes.bank import SAEBank
 
 __all__ = ["FlowTransformer", "FeatureCache"]
 
-Key = tuple[Site, int]
 
 
 class FeatureCache(Mapping[Key, Float[Tensor, "batch pos d_sae"]]):

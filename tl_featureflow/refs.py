@@ -21,6 +21,7 @@ from tl_featureflow.errors import UnknownFeatureError
 __all__ = [
     "Site",
     "SITES",
+    "Key",
     "FeatureRef",
     "hook_name",
     "hook_aliases",
@@ -33,6 +34,8 @@ __all__ = [
 
 Site = Literal["res", "mlp", "att"]
 SITES: tuple[Site, ...] = get_args(Site)
+Key = tuple[Site, int]
+"""An SAE's place in a bank: ``(site, layer)``, e.g. ``("res", 12)``."""
 
 _HOOK_SUFFIX: dict[str, str] = {
     "res": "hook_resid_post",

@@ -12,12 +12,20 @@ from dataclasses import dataclass, field
 
 import torch
 from jaxtyping import Float
-from sae_lens import SAE, JumpReLUSAE, JumpReLUSAEConfig, StandardSAE, StandardSAEConfig, TopKSAE, TopKSAEConfig
+from sae_lens import (
+    SAE,
+    JumpReLUSAE,
+    JumpReLUSAEConfig,
+    StandardSAE,
+    StandardSAEConfig,
+    TopKSAE,
+    TopKSAEConfig,
+)
 from sae_lens.saes.sae import SAEMetadata
 from torch import Tensor
 
-from tl_featureflow.bank import SAEBank
 from tl_featureflow.refs import Site, hook_name
+from tl_featureflow.saes.bank import SAEBank
 
 __all__ = ["sae_from_decoder", "planted_chain_bank", "random_bank", "PlantedTruth"]
 

@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from tl_featureflow.matching import topk_cosine  # noqa: E402
+from tl_featureflow.flow.matching import topk_cosine  # noqa: E402
 
 
 def _sync(device: torch.device) -> None:

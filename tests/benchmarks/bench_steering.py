@@ -23,7 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import tl_featureflow as ff  # noqa: E402
-from tl_featureflow.sweeps import steering_sweep  # noqa: E402
+from tl_featureflow.steer.sweeps import steering_sweep  # noqa: E402
 
 
 def timed(fn):  # type: ignore[no-untyped-def]
@@ -57,7 +57,7 @@ def main() -> None:
     plain()  # warm-up
     times: dict[str, list[float]] = {"plain": [], "one feature": [], f"graph ({len(graph.nodes)} features)": []}
     for _ in range(args.repeats):
-        for name, fn in zip(times, (plain, one_feature, whole_graph)):
+        for name, fn in zip(times, (plain, one_feature, whole_graph), strict=False):
             times[name].append(timed(fn)[0])
     base = statistics.median(times["plain"])
     print(f"generate, batch 1, {args.tokens} new tokens (median of {args.repeats}):")
@@ -70,7 +70,7 @@ def main() -> None:
                         max_new_tokens=args.tokens // 2, progress=False)
     t_batched, batched = timed(lambda: steering_sweep(model, bank, graph, batch_size=16, **sweep_kwargs))
     t_single, single = timed(lambda: steering_sweep(model, bank, graph, batched=False, **sweep_kwargs))
-    same = sum(a.tokens == b.tokens for a, b in zip(batched.rows, single.rows))
+    same = sum(a.tokens == b.tokens for a, b in zip(batched.rows, single.rows, strict=False))
     print(f"sweep of {len(batched.rows)} settings, {args.tokens // 2} new tokens each: batched {t_batched:.1f} s "
           f"({batched.meta['generate_calls']} call), one by one {t_single:.1f} s -> {t_single / t_batched:.1f}x; "
           f"identical tokens in {same}/{len(batched.rows)} rows")

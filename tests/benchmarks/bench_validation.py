@@ -20,8 +20,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import tl_featureflow as ff  # noqa: E402
-from tl_featureflow.corpus import load_corpus  # noqa: E402
-from tl_featureflow.validation import Intervention, target_activations  # noqa: E402
+from tl_featureflow.causal.interventions import Intervention, target_activations  # noqa: E402
+from tl_featureflow.saes.corpus import load_corpus  # noqa: E402
 
 
 def main() -> None:

@@ -78,7 +78,7 @@ class Classification:
     def counts(self) -> dict[str, int]:
         """How many features carry each label (every label present, zeros included)."""
         counts = torch.bincount(self.codes, minlength=len(LABELS))
-        return {name: int(n) for name, n in zip(LABELS, counts)}
+        return {name: int(n) for name, n in zip(LABELS, counts, strict=False)}
 
     def features(self, label: str) -> Int[Tensor, " n"]:
         """Indices of the features with ``label``."""

@@ -24,26 +24,23 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from tl_featureflow.bank import SAEBank
 from tl_featureflow.errors import CacheError, FeatureFlowError, ModelMismatchError, UnknownFeatureError
-from tl_featureflow.graph import (
+from tl_featureflow.flow.flowmap import (
     MAP_INDEX,
-    FlowEdge,
-    FlowGraph,
     FlowMap,
-    FlowNode,
     read_layer,
     read_map_index,
     write_layer,
     write_map_index,
 )
-from tl_featureflow.groups import Classification, LayerScores, classify_scores
-from tl_featureflow.matching import topk_cosine
-from tl_featureflow.refs import FeatureRef, Site, check_layer, check_site
+from tl_featureflow.flow.graph import FlowEdge, FlowGraph, FlowNode
+from tl_featureflow.flow.matching import topk_cosine
+from tl_featureflow.flow.origins import Classification, LayerScores, classify_scores
+from tl_featureflow.refs import FeatureRef, Key, Site, check_layer, check_site
+from tl_featureflow.saes.bank import SAEBank
 
 __all__ = ["FlowTracer", "Matching", "Predecessors", "PAPER_THRESHOLDS"]
 
-Key = tuple[Site, int]
 Thresholds = Literal["chance", "paper"] | float | Mapping[Site, float]
 
 #: The paper's defaults: t(R) = 0.5 for the residual chain, 0.15 for modules.
@@ -70,7 +67,7 @@ class Matching:
         """The matches of one dst feature as ``(FeatureRef in src, score)`` pairs."""
         site, layer = self.src
         return [(FeatureRef(layer, site, int(i)), float(s))
-                for i, s in zip(self.indices[dst_index].tolist(), self.scores[dst_index].tolist())]
+                for i, s in zip(self.indices[dst_index].tolist(), self.scores[dst_index].tolist(), strict=False)]
 
 
 @dataclass(frozen=True)
@@ -116,7 +113,7 @@ class FlowTracer:
             decoder direction promotes (logit lens), and its ``d_model`` must match.
         device: where matching runs (default: where the SAEs are).
         chunk_size: rows per chunk of the similarity computation (default: ~128 MB).
-        contexts: optional :class:`~tl_featureflow.contexts.TopContexts`; node labels
+        contexts: optional :class:`~tl_featureflow.flow.contexts.TopContexts`; node labels
             then end with each feature's strongest context.
     """
 
@@ -187,7 +184,7 @@ class FlowTracer:
 
     def _top(self, vector: Float[Tensor, " d_model"], key: Key, k: int) -> list[tuple[FeatureRef, float]]:
         scores, indices = topk_cosine(vector[None], self._decoder(key), min(k, self.bank.d_sae(*key)))
-        return [(FeatureRef(key[1], key[0], int(i)), float(s)) for i, s in zip(indices[0].tolist(), scores[0].tolist())]
+        return [(FeatureRef(key[1], key[0], int(i)), float(s)) for i, s in zip(indices[0].tolist(), scores[0].tolist(), strict=False)]
 
     def predecessors(self, ref: FeatureRef | str, k: int = 1) -> Predecessors:
         """Top-``k`` predecessors of a res feature in res(L-1), mlp(L) and att(L)."""
@@ -358,7 +355,7 @@ class FlowTracer:
         values, ids = logits.topk(k)
         tokenizer = getattr(self.model, "tokenizer", None)
         names = [tokenizer.decode([i]) if tokenizer is not None else str(i) for i in ids.tolist()]
-        return list(zip(names, values.tolist()))
+        return list(zip(names, values.tolist(), strict=False))
 
     def describe(self, ref: FeatureRef | str, k: int = 5) -> str | None:
         """A short label: the top logit-lens tokens, then the strongest context when known."""
@@ -374,11 +371,11 @@ class FlowTracer:
 
     # -- causal validation -----------------------------------------------------------------------
     def validate(self, tokens: Tensor, *, layers: Iterable[int], model: Any | None = None, **kwargs: Any) -> Any:
-        """The deactivation experiment: see :func:`tl_featureflow.validation.validate`.
+        """The deactivation experiment: see :func:`tl_featureflow.causal.experiment.validate`.
 
         Uses the tracer's model unless ``model`` is given. Returns a ``ValidationReport``.
         """
-        from tl_featureflow.validation import validate
+        from tl_featureflow.causal.experiment import validate
 
         model = model if model is not None else self.model
         if model is None:

@@ -18,7 +18,7 @@ Two edits, both at the hook of the feature's site (``resid_post``, ``mlp_out`` o
   feature, ``r < 0`` reverses it, ``r > 1`` amplifies it, ``r = 1`` changes nothing).
 
 Coefficients may be one number or one number per batch row (a list or 1-D tensor),
-which is how :func:`tl_featureflow.sweeps.steering_sweep` runs a whole grid of
+which is how :func:`tl_featureflow.steer.sweeps.steering_sweep` runs a whole grid of
 settings as the rows of one batched ``generate``.
 
 Positions. ``"all"`` steers every token; ``"prompt"`` only the prompt's tokens;
@@ -48,9 +48,9 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from tl_featureflow.bank import SAEBank
 from tl_featureflow.errors import FeatureFlowError, UnknownFeatureError
 from tl_featureflow.refs import FeatureRef, Site, check_layer, check_site, hook_name
+from tl_featureflow.saes.bank import SAEBank
 
 __all__ = ["Steerer", "Positions", "Schedule", "FlowMode", "Coefficient", "flow_coefficients", "POSITIONS"]
 

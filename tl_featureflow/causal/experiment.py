@@ -1,210 +1,28 @@
-"""Causal checks of feature matches by deactivation (method section 5): the building blocks.
+"""The paper's deactivation experiment (method section 5): :func:`validate`.
 
-The intervention rescales chosen features of one SAE at chosen token positions:
-
-    h <- h + (r - 1) * a * v
-
-where ``a`` is read by the SAE's own encoder from the same ``h`` and ``v`` is the
-feature's decoder row (so ``a * v`` is exactly the feature's contribution to the
-SAE's reconstruction). ``r = 0`` removes the feature (up to reconstruction error),
-``r = 1`` changes nothing (bit for bit), ``r < 0`` reverses it, ``r > 1`` amplifies it.
-
-An edit at res(L-1), mlp(L) or att(L) only changes what layer L computes, so reading
-the effect on a res(L) feature needs layer L alone: :func:`target_activations` starts
-from the cached residual stream entering layer L and runs many interventions on one
-text as rows of one batch. ``layer_local=False`` gives the same numbers from one full
-forward per intervention (the reference the tests compare against).
-
-:func:`validate` (also ``FlowTracer.validate``) runs the paper's protocol with the
-top1 / top5 / random / permutation / pearson / exhaustive methods, the r sweep and
-the LM-loss change of sampled interventions; results land in a
-:class:`~tl_featureflow.report.ValidationReport`. The real-model table is in
+:func:`validate` (also ``FlowTracer.validate``) runs the protocol with the top1 / top5 /
+random / permutation / pearson / exhaustive methods, the r sweep and the LM-loss change
+of sampled interventions; results land in a
+:class:`~tl_featureflow.causal.results.ValidationReport`. The real-model table is in
 docs/results.md (``demos/validate_smollm2.py``), the throughput benchmark in
 docs/performance.md.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Any
 
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Int
 from torch import Tensor
 
-from tl_featureflow.bank import SAEBank
+from tl_featureflow.causal.interventions import Intervention, intervened, res_activations, target_activations
 from tl_featureflow.errors import FeatureFlowError
-from tl_featureflow.refs import Site, check_site, hook_name
+from tl_featureflow.refs import Site
+from tl_featureflow.saes.bank import SAEBank
 
-__all__ = ["Intervention", "rescale", "intervention_hooks", "intervened", "res_activations", "target_activations",
-           "validate", "METHODS"]
-
-
-@dataclass(frozen=True)
-class Intervention:
-    """Rescale ``features`` of the SAE at ``(site, layer)`` at token ``positions`` by ``r``."""
-
-    site: Site
-    layer: int
-    features: tuple[int, ...]
-    positions: tuple[int, ...]
-    r: float = 0.0
-
-    def __post_init__(self) -> None:
-        check_site(self.site)
-        if not self.features or not self.positions:
-            raise FeatureFlowError(f"an intervention needs features and positions, got {self}")
-
-    @property
-    def key(self) -> tuple[Site, int]:
-        return self.site, self.layer
-
-
-def rescale(
-    h: Float[Tensor, "batch pos d_model"],
-    sae: Any,
-    features: Sequence[int],
-    positions: Sequence[int],
-    r: float,
-) -> Float[Tensor, "batch pos d_model"]:
-    """``h + (r - 1) * a * v`` at ``positions`` for ``features`` (a new tensor; ``h`` is untouched).
-
-    ``r == 1`` returns ``h`` itself. Out-of-range features or positions raise.
-    """
-    if r == 1:
-        return h
-    d_sae, seq = sae.cfg.d_sae, h.shape[1]
-    if any(not 0 <= f < d_sae for f in features):
-        raise FeatureFlowError(f"features {list(features)} out of range: the SAE has d_sae {d_sae}")
-    if any(not -seq <= p < seq for p in positions):
-        raise FeatureFlowError(f"positions {list(positions)} out of range for a sequence of {seq} tokens")
-    feats = torch.as_tensor(list(features), device=h.device)
-    pos = torch.as_tensor(list(positions), device=h.device)
-    sub = h[:, pos]                                               # [batch, n_pos, d_model]
-    with torch.no_grad():
-        acts = sae.encode(sub.to(sae.W_dec.dtype))[..., feats]   # [batch, n_pos, n_feat]
-    delta = (r - 1) * (acts @ sae.W_dec[feats].detach())           # [batch, n_pos, d_model]
-    out = h.clone()
-    out[:, pos] = sub + delta.to(h.dtype)
-    return out
-
-
-def intervention_hooks(bank: SAEBank, interventions: Sequence[Intervention]) -> list[tuple[str, Callable]]:
-    """TransformerLens forward hooks applying ``interventions`` (for ``model.hooks`` / ``run_with_hooks``)."""
-    hooks = []
-    for item in interventions:
-        sae = bank[item.key]
-
-        def hook(h: Tensor, hook: Any, item: Intervention = item, sae: Any = sae) -> Tensor:
-            return rescale(h, sae, item.features, item.positions, item.r)
-
-        hooks.append((hook_name(*item.key), hook))
-    return hooks
-
-
-@contextmanager
-def intervened(model: Any, bank: SAEBank, interventions: Sequence[Intervention]) -> Iterator[Any]:
-    """``with intervened(model, bank, [...]): model(tokens)``; hooks are always removed."""
-    with model.hooks(fwd_hooks=intervention_hooks(bank, interventions)):
-        yield model
-
-
-@torch.no_grad()
-def res_activations(
-    model: Any,
-    bank: SAEBank,
-    tokens: Int[Tensor, "1 pos"],
-    layer: int,
-    positions: Sequence[int],
-    interventions: Sequence[Sequence[Intervention]],
-    *,
-    layer_local: bool = True,
-    chunk_rows: int = 16,
-) -> Float[Tensor, "n d_sae"]:
-    """All res(``layer``) feature activations at ``positions[i]`` under ``interventions[i]``.
-
-    Interventions must sit at res(layer-1), mlp(layer) or att(layer): the sites whose
-    edits reach res(layer) through layer ``layer`` alone. With ``layer_local`` every row
-    reruns only layer ``layer`` from the residual stream entering it (computed once), in
-    batches of ``chunk_rows`` (small batches keep the layer's activations in cache);
-    otherwise each row is one full forward (the reference).
-    """
-    if len(positions) != len(interventions):
-        raise FeatureFlowError(f"{len(positions)} positions but {len(interventions)} intervention lists")
-    allowed = {("res", layer - 1), ("mlp", layer), ("att", layer)}
-    for items in interventions:
-        for item in items:
-            if item.key not in allowed:
-                raise FeatureFlowError(
-                    f"intervention at {item.key} cannot reach res({layer}) through layer {layer} alone: "
-                    f"expected one of {sorted(allowed)}")
-    if tokens.ndim != 2 or tokens.shape[0] != 1:
-        raise FeatureFlowError(f"tokens must be one text [1, pos], got shape {tuple(tokens.shape)}")
-    target_sae = bank[("res", layer)]
-    out_name = hook_name("res", layer)
-    if not layer_local:
-        picked_rows = []
-        for pos, items in zip(positions, interventions):
-            with intervened(model, bank, items):
-                _, cache = model.run_with_cache(tokens, names_filter=[out_name], stop_at_layer=layer + 1)
-            picked_rows.append(cache[out_name][0, pos])
-        return target_sae.encode(torch.stack(picked_rows).to(target_sae.W_dec.dtype))
-
-    entering = model(tokens, stop_at_layer=layer)   # the stream entering layer L, computed once
-    out = [_layer_local_rows(model, bank, entering, layer, positions[i:i + chunk_rows], interventions[i:i + chunk_rows])
-           for i in range(0, len(positions), chunk_rows)]
-    return torch.cat(out) if out else torch.zeros(0, target_sae.cfg.d_sae)
-
-
-def _layer_local_rows(model: Any, bank: SAEBank, entering: Tensor, layer: int, positions: Sequence[int],
-                      interventions: Sequence[Sequence[Intervention]]) -> Tensor:
-    """One batch of rows through layer ``layer`` alone (see :func:`res_activations`)."""
-    n = len(positions)
-    resid = entering.expand(n, -1, -1).clone()
-    for row, items in enumerate(interventions):     # res(L-1) edits act on the input directly
-        for item in items:
-            if item.site == "res":
-                resid[row:row + 1] = rescale(resid[row:row + 1], bank[item.key], item.features, item.positions, item.r)
-    hooks = []
-    for site in ("mlp", "att"):
-        rows = [(row, item) for row, items in enumerate(interventions) for item in items if item.site == site]
-        if rows:
-            def hook(h: Tensor, hook: Any, rows: list = rows, sae: Any = bank[(site, layer)]) -> Tensor:
-                h = h.clone()
-                for row, item in rows:
-                    h[row:row + 1] = rescale(h[row:row + 1], sae, item.features, item.positions, item.r)
-                return h
-
-            hooks.append((hook_name(site, layer), hook))
-    with model.hooks(fwd_hooks=hooks):
-        resid_out = model(resid, start_at_layer=layer, stop_at_layer=layer + 1)
-    pos = torch.tensor(list(positions), device=resid_out.device)
-    picked = resid_out[torch.arange(n, device=resid_out.device), pos]     # [n, d_model]
-    target_sae = bank[("res", layer)]
-    return target_sae.encode(picked.to(target_sae.W_dec.dtype))
-
-
-def target_activations(
-    model: Any,
-    bank: SAEBank,
-    tokens: Int[Tensor, "1 pos"],
-    layer: int,
-    targets: Sequence[tuple[int, int]],
-    interventions: Sequence[Sequence[Intervention]],
-    *,
-    layer_local: bool = True,
-    chunk_rows: int = 16,
-) -> Float[Tensor, " n"]:
-    """Activation of res(``layer``) feature ``targets[i] = (position, index)`` under ``interventions[i]``
-    (see :func:`res_activations`)."""
-    if len(targets) != len(interventions):
-        raise FeatureFlowError(f"{len(targets)} targets but {len(interventions)} intervention lists")
-    acts = res_activations(model, bank, tokens, layer, [p for p, _ in targets], interventions,
-                           layer_local=layer_local, chunk_rows=chunk_rows)
-    index = torch.tensor([i for _, i in targets], device=acts.device)
-    return acts[torch.arange(len(targets), device=acts.device), index]
+__all__ = ["validate", "METHODS"]
 
 METHODS: tuple[str, ...] = ("top1", "top5", "random", "permutation", "pearson", "exhaustive")
 
@@ -234,7 +52,7 @@ def _pearson_matches(acts: dict, layer: int, pred_keys: dict) -> dict[Site, Tens
 
 def _method_matches(tracer: Any, layer: int, method: str, seed: int) -> dict[Site, Tensor]:
     """For every res(layer) feature, its matched predecessor indices per site: ``[d_sae, m]`` (-1: none)."""
-    from tl_featureflow.matching import permutation_match
+    from tl_featureflow.flow.matching import permutation_match
 
     dst = ("res", layer)
     out: dict[Site, Tensor] = {}
@@ -298,9 +116,9 @@ def validate(
     """
     from tqdm.auto import tqdm
 
+    from tl_featureflow.causal.results import GROUPS, ValidationReport, ValidationRow, group_name
     from tl_featureflow.model import FeatureCache, FlowTransformer
     from tl_featureflow.refs import FeatureRef
-    from tl_featureflow.report import GROUPS, ValidationReport, ValidationRow, group_name
 
     rs = [float(r)] if isinstance(r, (int, float)) else [float(x) for x in r]
     if not rs:
@@ -371,7 +189,7 @@ def validate(
                             plan.append(((pos, index), items, info))
             z_new = target_activations(flow, bank, text, layer, [p[0] for p in plan], [p[1] for p in plan],
                                        chunk_rows=batch_rows) if plan else torch.zeros(0)
-            new_rows = [ValidationRow(**p[2], z_new=float(z)) for p, z in zip(plan, z_new.tolist())]
+            new_rows = [ValidationRow(**p[2], z_new=float(z)) for p, z in zip(plan, z_new.tolist(), strict=False)]
             main_rows = [i for i, row in enumerate(new_rows) if row.r == rs[0]]
             if loss_samples > 0 and main_rows:
                 clean_loss = float(flow(text, return_type="loss"))

@@ -21,13 +21,12 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from tl_featureflow._files import atomic_directory, read_manifest, tensor_digest, write_manifest
-from tl_featureflow.bank import SAEBank
 from tl_featureflow.errors import CacheError, FeatureFlowError
-from tl_featureflow.refs import FeatureRef, Site
+from tl_featureflow.refs import FeatureRef, Key, Site
+from tl_featureflow.saes.bank import SAEBank
 
 __all__ = ["TopContexts", "Example", "collect_top_contexts"]
 
-Key = tuple[Site, int]
 _MANIFEST = "contexts.json"
 _SCHEMA = 1
 
@@ -60,7 +59,7 @@ class TopContexts:
         if ref.key not in self.values:
             raise FeatureFlowError(f"no contexts for {ref.key}: collected for {sorted(self.values)}")
         out = []
-        for value, doc, pos in zip(*(t[ref.key][ref.index].tolist() for t in (self.values, self.doc, self.pos))):
+        for value, doc, pos in zip(*(t[ref.key][ref.index].tolist() for t in (self.values, self.doc, self.pos)), strict=False):
             if doc < 0:
                 break
             row = self.tokens[doc].tolist()
@@ -126,8 +125,8 @@ def collect_top_contexts(
     """
     from tqdm.auto import tqdm
 
+    from tl_featureflow.flow.tracer import FlowTracer
     from tl_featureflow.model import FlowTransformer
-    from tl_featureflow.tracer import FlowTracer
 
     if not isinstance(tokens, Tensor) or tokens.ndim != 2 or tokens.dtype not in (torch.int64, torch.int32):
         raise FeatureFlowError(f"tokens must be an int tensor [n_doc, seq], got {getattr(tokens, 'shape', tokens)!r}")

@@ -1,7 +1,7 @@
 """Themes for steering experiments: a topic description, example texts, and seed features.
 
 A theme's seed features are the res features that fire most on the theme's example
-texts relative to neutral text (:data:`~tl_featureflow.evaluation.NEUTRAL_TEXTS`):
+texts relative to neutral text (:data:`~tl_featureflow.steer.judge.NEUTRAL_TEXTS`):
 
     score(f) = mean activation on theme tokens - mean activation on neutral tokens
 
@@ -21,10 +21,10 @@ from dataclasses import dataclass
 
 import torch
 
-from tl_featureflow.bank import SAEBank
 from tl_featureflow.errors import FeatureFlowError, UnknownFeatureError
-from tl_featureflow.evaluation import NEUTRAL_TEXTS
 from tl_featureflow.refs import FeatureRef, Site
+from tl_featureflow.saes.bank import SAEBank
+from tl_featureflow.steer.judge import NEUTRAL_TEXTS
 
 __all__ = ["Theme", "THEMES", "ThemeFeature", "theme_features", "feature_activations"]
 

@@ -22,8 +22,8 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from tl_featureflow.bank import SAEBank
 from tl_featureflow.refs import Site, hook_name, resid_pre_hook
+from tl_featureflow.saes.bank import SAEBank
 
 __all__ = ["SAEQuality", "QualityReport", "evaluate_bank", "BankQualityWarning"]
 

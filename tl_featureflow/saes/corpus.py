@@ -33,7 +33,14 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from tl_featureflow._files import atomic_directory, read_manifest, tensor_digest, write_manifest
+from tl_featureflow._files import (
+    atomic_directory,
+    cache_root,
+    entry_lock,
+    read_manifest,
+    tensor_digest,
+    write_manifest,
+)
 from tl_featureflow.errors import FeatureFlowError, MissingDependencyError
 
 __all__ = ["SOURCES", "CORPUS_VERSION", "Document", "documents", "is_held_out", "Corpus", "load_corpus"]
@@ -166,8 +173,6 @@ def load_corpus(
     seeded order), so registers are balanced; the rows of all sources are then
     interleaved in a seeded order.
     """
-    from tqdm.auto import tqdm
-
     if split not in ("train", "heldout"):
         raise FeatureFlowError(f"split={split!r}: expected 'train' or 'heldout'")
     if context_size < 8:
@@ -182,18 +187,44 @@ def load_corpus(
                 "max_tokens_per_source": max_tokens_per_source, "seed": seed, "tokenizer": _tokenizer_id(tokenizer),
                 "held_out_fraction": HELD_OUT_FRACTION, "python": sys.version.split()[0]}
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
-    from tl_featureflow.embedded import cache_root
-
     folder = cache_root() / "corpus" / key
-    if cache:
-        try:
-            manifest = read_manifest(folder, "corpus.json")
-            from safetensors.torch import load_file
+    if not cache:
+        return _tokenise(tokenizer, split, sources, context_size, max_tokens_per_source, seed, settings, progress)
+    cached = _read_cached(folder)
+    if cached is not None:
+        return cached
+    with entry_lock(folder):   # another process may be building the same entry: wait, then look again
+        cached = _read_cached(folder)
+        if cached is not None:
+            return cached
+        corpus = _tokenise(tokenizer, split, sources, context_size, max_tokens_per_source, seed, settings, progress)
+        from safetensors.torch import save_file
 
-            tensors = load_file(folder / "rows.safetensors")
-            return Corpus(tensors["tokens"], tensors["sources"], manifest["meta"])
-        except FeatureFlowError:
-            pass
+        with atomic_directory(folder) as tmp:
+            save_file({"tokens": corpus.tokens.contiguous(), "sources": corpus.sources.contiguous()},
+                      tmp / "rows.safetensors")
+            write_manifest(tmp, "corpus.json", {"meta": corpus.meta})
+    return corpus
+
+
+def _read_cached(folder: Path) -> Corpus | None:
+    """The corpus saved in ``folder``, or None when it is missing or fails its manifest."""
+    try:
+        manifest = read_manifest(folder, "corpus.json")
+        from safetensors.torch import load_file
+
+        tensors = load_file(folder / "rows.safetensors")
+        return Corpus(tensors["tokens"], tensors["sources"], manifest["meta"])
+    except FeatureFlowError:
+        return None
+
+
+def _tokenise(tokenizer: Any, split: str, sources: tuple[str, ...], context_size: int, max_tokens_per_source: int,
+              seed: int, settings: dict[str, Any], progress: bool) -> Corpus:
+    """Tokenise every source's documents of ``split`` into shuffled BOS-led rows."""
+    from tqdm.auto import tqdm
+
+    bos = tokenizer.bos_token_id
     rows: list[list[int]] = []
     row_sources: list[int] = []
     counts: dict[str, dict[str, int]] = {}
@@ -212,11 +243,4 @@ def load_corpus(
     source_ids = torch.tensor(row_sources, dtype=torch.int64)[perm]
     digest = tensor_digest(tokens)
     meta = {**settings, "hash": digest, "counts": counts, "n_rows": len(rows), "n_tokens": tokens.numel()}
-    corpus = Corpus(tokens, source_ids, meta)
-    if cache:
-        from safetensors.torch import save_file
-
-        with atomic_directory(folder) as tmp:
-            save_file({"tokens": tokens.contiguous(), "sources": source_ids.contiguous()}, tmp / "rows.safetensors")
-            write_manifest(tmp, "corpus.json", {"meta": meta})
-    return corpus
+    return Corpus(tokens, source_ids, meta)

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from tl_featureflow._files import atomic_directory, read_manifest, write_manifest
 from tl_featureflow.errors import BankError, CacheError, UnknownFeatureError
-from tl_featureflow.refs import SITES, FeatureRef, Site, check_layer, check_site, hook_aliases, hook_name
+from tl_featureflow.refs import SITES, FeatureRef, Key, Site, check_layer, check_site, hook_aliases, hook_name
 
 __all__ = ["SAEBank", "BANK_SCHEMA_VERSION", "INDEX_FILE"]
 
@@ -33,7 +33,6 @@ BANK_SCHEMA_VERSION = 1
 INDEX_FILE = "bank.json"
 _EPS = 1e-12
 
-Key = tuple[Site, int]
 
 
 def _folder_name(key: Key) -> str:

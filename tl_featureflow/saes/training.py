@@ -30,13 +30,12 @@ from jaxtyping import Int
 from torch import Tensor
 
 from tl_featureflow._files import atomic_write_json, tensor_digest
-from tl_featureflow.bank import SAEBank
 from tl_featureflow.errors import FeatureFlowError, ModelMismatchError
-from tl_featureflow.refs import SITES, Site, check_layer, hook_name
+from tl_featureflow.refs import SITES, Key, Site, check_layer, hook_name
+from tl_featureflow.saes.bank import SAEBank
 
 __all__ = ["TRAINING_VERSION", "Preset", "PRESETS", "preset_layers", "ActivationStream", "train_bank"]
 
-Key = tuple[Site, int]
 _COMPLETE = "complete.json"
 TRAINING_VERSION = 3  # bump when presets or the training recipe change what a bank means
 
@@ -223,7 +222,7 @@ def train_bank(
     sites, layers = _check_request(model, sites, preset_layers(preset, model.cfg.n_layers) if layers is None else layers)
     corpus_meta: dict[str, Any]
     if tokens is None:
-        from tl_featureflow.corpus import load_corpus
+        from tl_featureflow.saes.corpus import load_corpus
 
         corpus = load_corpus(model.tokenizer, "train", context_size=preset.context_size, progress=progress)
         tokens, corpus_meta = corpus.tokens, {"hash": corpus.hash, "version": corpus.meta["version"]}
@@ -312,7 +311,7 @@ def train_bank(
             inference[names[name]] = SAE.load_from_disk(Path(final) / name, device=device)
     quality = None
     if eval_tokens is not None:
-        from tl_featureflow.quality import evaluate_bank
+        from tl_featureflow.saes.quality import evaluate_bank
 
         report = evaluate_bank(model, SAEBank(inference), eval_tokens[:preset.eval_rows], loss_rows=preset.loss_rows,
                                progress=progress)

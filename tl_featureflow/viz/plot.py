@@ -55,7 +55,7 @@ def _positions(graph: Any) -> dict[Any, tuple[float, float]]:
 
 
 def flow_graph(graph: Any, *, title: str | None = None, height: int = 420) -> go.Figure:
-    """A layered node-link figure of a :class:`~tl_featureflow.graph.FlowGraph`.
+    """A layered node-link figure of a :class:`~tl_featureflow.flow.graph.FlowGraph`.
 
     x is the layer; res, mlp and att features sit in their own lanes; edges point along
     the forward pass, with width and colour by cosine. One trace per edge (hover shows
@@ -152,7 +152,7 @@ def group_composition(source: Any, *, method: str = "top1", title: str | None = 
         kind = "cosine groups"
     elif hasattr(source, "group_counts"):
         counts = {layer: by_method.get(method, {}) for layer, by_method in source.group_counts.items()}
-        from tl_featureflow.report import GROUPS
+        from tl_featureflow.causal.results import GROUPS
 
         groups = list(GROUPS)
         kind = f"activation groups ({method})"
@@ -226,7 +226,7 @@ def steering(sweep: Any, metric: str = "score", *, title: str | None = None) -> 
     base = [v for k, v in table.items() if k.mode == "baseline"]
     if base:
         fig.add_hline(y=base[0], line_dash="dash", line_color="gray", annotation_text="unsteered")
-    op = sweep.meta.get("op", "add")
+    op = sweep.settings.op
     fig.update_layout(title=title or f"Steering {sweep.meta.get('seed_feature', '')}: {metric} vs "
                                      f"{'r' if op == 'rescale' else 'strength'}",
                       xaxis_title="r" if op == "rescale" else "strength", yaxis_title=metric, template="plotly_white")

@@ -25,9 +25,9 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from tl_featureflow import plot
 from tl_featureflow._files import atomic_write_text, read_json
 from tl_featureflow.errors import FeatureFlowError
+from tl_featureflow.viz import plot
 
 __all__ = ["Section", "table_html", "render_report", "report_from_dir", "versions"]
 
@@ -137,13 +137,12 @@ def _validation_section(report: Any) -> Section:
 
 
 def _steering_section(sweep: Any, name: str) -> Section:
-    meta = sweep.meta
-    op = meta.get("op", "add")
-    text = (f"<p>{'Suppression (rescale by r)' if op == 'rescale' else 'Promotion (add)'} of "
+    meta, settings = sweep.meta, sweep.settings
+    text = (f"<p>{'Suppression (rescale by r)' if settings.op == 'rescale' else 'Promotion (add)'} of "
             f"<code>{html.escape(str(meta.get('seed_feature')))}</code> along its flow graph; prompt "
-            f"<code>{html.escape(str(meta.get('prompt')))}</code>, {meta.get('max_new_tokens')} new tokens, "
-            f"{meta.get('samples')} samples per setting, top_p {meta.get('top_p')}, temperature "
-            f"{meta.get('temperature')}.</p>")
+            f"<code>{html.escape(str(settings.prompt))}</code>, {settings.max_new_tokens} new tokens, "
+            f"{settings.samples} samples per setting, top_p {settings.top_p}, temperature "
+            f"{settings.temperature}.</p>")
     scored = bool(sweep.rows) and all("score" in r.scores for r in sweep.rows)
     figures, tables = [], []
     if scored:
@@ -174,9 +173,10 @@ def _steering_section(sweep: Any, name: str) -> Section:
 
 def report_from_dir(run_dir: str | Path, out: str | Path | None = None, *, title: str | None = None) -> Path:
     """Build the HTML report of a run folder (see the module docs); returns its path."""
-    from tl_featureflow.graph import FlowGraph, FlowMap
-    from tl_featureflow.report import ValidationReport
-    from tl_featureflow.sweeps import SteeringSweep
+    from tl_featureflow.causal.results import ValidationReport
+    from tl_featureflow.flow.flowmap import FlowMap
+    from tl_featureflow.flow.graph import FlowGraph
+    from tl_featureflow.steer.sweeps import SteeringSweep
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():

@@ -1,0 +1,189 @@
+"""FlowGraph: one feature's flow across layers, as nodes and edges (method section 4).
+
+Round-trips exactly through JSON with a schema version (:meth:`FlowGraph.save` /
+:meth:`FlowGraph.load`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from tl_featureflow._files import atomic_write_text
+from tl_featureflow.errors import CacheError, MissingDependencyError, UnknownFeatureError
+from tl_featureflow.refs import FeatureRef
+
+__all__ = ["FlowNode", "FlowEdge", "FlowGraph", "GRAPH_SCHEMA_VERSION"]
+
+GRAPH_SCHEMA_VERSION = 1
+
+Role = Literal["seed", "chain", "module"]
+
+
+@dataclass(frozen=True)
+class FlowNode:
+    """A feature of a flow graph.
+
+    ``role`` is ``seed``, ``chain`` (a res feature of the residual chain) or ``module``
+    (an mlp/att predecessor attached to the chain). Res nodes carry their predecessor
+    scores ``s_res``, ``s_mlp``, ``s_att`` (None for sites the bank lacks); ``label``
+    is a short human-readable description when one is known (e.g. logit-lens tokens).
+    """
+
+    ref: FeatureRef
+    role: Role
+    s_res: float | None = None
+    s_mlp: float | None = None
+    s_att: float | None = None
+    label: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["ref"] = str(self.ref)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> FlowNode:
+        return cls(**{**data, "ref": FeatureRef.parse(data["ref"])})
+
+
+@dataclass(frozen=True)
+class FlowEdge:
+    """A match along the forward pass: ``src`` (earlier) feeds ``dst``; ``score`` is the cosine."""
+
+    src: FeatureRef
+    dst: FeatureRef
+    score: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"src": str(self.src), "dst": str(self.dst), "score": self.score}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> FlowEdge:
+        return cls(FeatureRef.parse(data["src"]), FeatureRef.parse(data["dst"]), float(data["score"]))
+
+
+@dataclass
+class FlowGraph:
+    """The flow of one seed feature across layers (method section 4).
+
+    ``nodes`` and ``edges`` are sorted along the forward pass; ``span`` is
+    ``(l_start, l_end)``, the layers of the residual chain kept above ``t_res``.
+    """
+
+    seed: FeatureRef
+    nodes: list[FlowNode]
+    edges: list[FlowEdge]
+    span: tuple[int, int]
+    t_res: float
+    t_module: float
+    direction: str
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.nodes = sorted(self.nodes, key=lambda n: n.ref)
+        self.edges = sorted(self.edges, key=lambda e: (e.dst, e.src))
+
+    def __contains__(self, ref: object) -> bool:
+        return any(n.ref == ref for n in self.nodes)
+
+    def __len__(self) -> int:
+        return len(self.nodes)
+
+    def __iter__(self) -> Iterator[FlowNode]:
+        return iter(self.nodes)
+
+    def node(self, ref: FeatureRef | str) -> FlowNode:
+        ref = FeatureRef.parse(ref)
+        for node in self.nodes:
+            if node.ref == ref:
+                return node
+        raise UnknownFeatureError(f"{ref} is not in the flow graph of {self.seed}")
+
+    @property
+    def chain(self) -> list[FeatureRef]:
+        """The residual chain, one res feature per layer, first layer first."""
+        return [n.ref for n in self.nodes if n.role in ("seed", "chain")]
+
+    @property
+    def modules(self) -> list[FeatureRef]:
+        """The mlp/att side nodes."""
+        return [n.ref for n in self.nodes if n.role == "module"]
+
+    def refs_up_to(self, layer: int) -> list[FeatureRef]:
+        """Every node's feature at layers <= ``layer`` (for cumulative steering)."""
+        return [n.ref for n in self.nodes if n.ref.layer <= layer]
+
+    # -- serialisation ---------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema_version": GRAPH_SCHEMA_VERSION,
+            "format": "tl_featureflow.FlowGraph",
+            "seed": str(self.seed),
+            "span": list(self.span),
+            "t_res": self.t_res,
+            "t_module": self.t_module,
+            "direction": self.direction,
+            "nodes": [n.to_dict() for n in self.nodes],
+            "edges": [e.to_dict() for e in self.edges],
+            "meta": self.meta,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> FlowGraph:
+        version = data.get("schema_version")
+        if version != GRAPH_SCHEMA_VERSION:
+            raise CacheError(f"flow graph schema version {version!r}: this tl_featureflow reads {GRAPH_SCHEMA_VERSION}")
+        try:
+            return cls(
+                seed=FeatureRef.parse(data["seed"]),
+                nodes=[FlowNode.from_dict(n) for n in data["nodes"]],
+                edges=[FlowEdge.from_dict(e) for e in data["edges"]],
+                span=(int(data["span"][0]), int(data["span"][1])),
+                t_res=float(data["t_res"]),
+                t_module=float(data["t_module"]),
+                direction=str(data["direction"]),
+                meta=dict(data.get("meta", {})),
+            )
+        except (KeyError, TypeError, ValueError, IndexError) as exc:
+            raise CacheError(f"not a valid flow graph: {exc!r}") from exc
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> FlowGraph:
+        try:
+            data = json.loads(text)
+        except ValueError as exc:
+            raise CacheError(f"flow graph JSON is corrupt: {exc}") from exc
+        return cls.from_dict(data)
+
+    def save(self, path: str | Path) -> Path:
+        """Write the graph as JSON, atomically."""
+        atomic_write_text(path, self.to_json())
+        return Path(path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> FlowGraph:
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise CacheError(f"cannot read flow graph {path}: {exc}") from exc
+        return cls.from_json(text)
+
+    def to_networkx(self):  # type: ignore[no-untyped-def]
+        """A ``networkx.DiGraph`` with feature names as nodes (needs networkx)."""
+        try:
+            import networkx as nx
+        except ImportError as exc:
+            raise MissingDependencyError("to_networkx needs networkx: pip install networkx") from exc
+        graph = nx.DiGraph(seed=str(self.seed), span=self.span)
+        for node in self.nodes:
+            graph.add_node(str(node.ref), **node.to_dict())
+        for edge in self.edges:
+            graph.add_edge(str(edge.src), str(edge.dst), score=edge.score)
+        return graph

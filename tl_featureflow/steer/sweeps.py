@@ -1,0 +1,352 @@
+"""Steering sweeps: a grid of settings run as the rows of batched ``generate`` calls.
+
+TransformerLens's ``generate`` costs about as much for 16 rows as for one on a CPU
+(it is dominated by per-step weight copies), so a grid of strengths x layers x modes x
+samples runs as rows of a few batched calls, each row with its own coefficients (a
+:class:`~tl_featureflow.steer.steerer.Steerer` with per-row coefficient vectors).
+
+>>> sweep = steering_sweep(model, bank, graph, prompt="I think ", strengths=[2, 4, 8],
+...                        modes=("single", "cumulative"), samples=4)          # doctest: +SKIP
+>>> sweep.score(OfflineJudge(model), "anger and rage")                          # doctest: +SKIP
+>>> sweep.summary()                                                              # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from tl_featureflow._files import atomic_write_json, read_json
+from tl_featureflow.errors import CacheError, FeatureFlowError, InvalidArgumentError
+from tl_featureflow.refs import FeatureRef
+from tl_featureflow.saes.bank import SAEBank
+from tl_featureflow.steer.judge import NEUTRAL_TEXTS, OfflineJudge, perplexity
+from tl_featureflow.steer.steerer import Op, Positions, Schedule, Steerer, flow_coefficients
+
+__all__ = ["SweepSettings", "SweepSetting", "SweepRow", "SteeringSweep", "steering_sweep", "sweep_settings",
+           "SWEEP_SCHEMA_VERSION"]
+
+SWEEP_SCHEMA_VERSION = 2
+_FORMAT = "tl_featureflow.SteeringSweep"
+_FORMAT_V1 = "tl_featureflow.steering_sweep/1"   # version 1: settings inside ``meta`` (still read)
+
+
+@dataclass(frozen=True)
+class SweepSettings:
+    """Everything that defines a steering sweep; saved with it and read back by field.
+
+    Defaults are the paper's (36 new tokens, top_p 0.7, temperature 1.27), with the
+    prompt ``"I think"``: SmolLM2's tokenizer makes the trailing space of the paper's
+    ``"I think "`` a token of its own, after which the model writes digits.
+
+    >>> SweepSettings(strengths=(4.0,), samples=2).grid_size(n_layers=3)
+    7
+    """
+
+    prompt: str | None = "I think"
+    strengths: tuple[float, ...] = (2.0, 4.0, 8.0)
+    layers: tuple[int, ...] | None = None
+    modes: tuple[str, ...] = ("single", "cumulative")
+    op: Op = "add"
+    schedule: Schedule = "constant"
+    alpha: float = -0.05
+    samples: int = 1
+    baseline: bool = True
+    max_new_tokens: int = 36
+    do_sample: bool = True
+    top_p: float | None = 0.7
+    temperature: float = 1.27
+    seed: int = 0
+    batch_size: int = 16
+    batched: bool = True
+    positions: Positions = "all"
+    scale: str = "unit"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "strengths", tuple(float(x) for x in self.strengths))
+        object.__setattr__(self, "modes", tuple(self.modes))
+        if self.layers is not None:
+            object.__setattr__(self, "layers", tuple(int(x) for x in self.layers))
+        if self.samples < 1 or self.batch_size < 1:
+            raise InvalidArgumentError(
+                f"samples and batch_size must be >= 1, got {self.samples} and {self.batch_size}")
+        bad = [m for m in self.modes if m not in ("single", "cumulative")]
+        if bad or not self.modes:
+            raise InvalidArgumentError(f"unknown modes {bad or self.modes}: expected 'single' and/or 'cumulative'")
+
+    def grid_size(self, n_layers: int) -> int:
+        """Rows of a sweep over ``n_layers`` layers (baseline included)."""
+        return self.samples * (int(self.baseline) + len(self.modes) * n_layers * len(self.strengths))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SweepSettings:
+        """Settings from :meth:`to_dict` (or a version-1 sweep's ``meta``); unknown keys are ignored."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in data.items() if k in names})
+
+
+@dataclass(frozen=True)
+class SweepSetting:
+    """One point of the grid: ``mode`` is ``"baseline"`` (no steering), ``"single"`` or ``"cumulative"``."""
+
+    mode: str
+    layer: int | None
+    strength: float
+    op: str = "add"
+
+
+@dataclass
+class SweepRow:
+    """One generation of a sweep, with its judge scores once :meth:`SteeringSweep.score` ran."""
+
+    mode: str
+    layer: int | None
+    strength: float
+    op: str
+    sample: int
+    text: str
+    tokens: list[int]
+    scores: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def setting(self) -> SweepSetting:
+        return SweepSetting(self.mode, self.layer, self.strength, self.op)
+
+
+@dataclass
+class SteeringSweep:
+    """Results of :func:`steering_sweep`: one row per generation, the settings that made them,
+    and facts of the run in ``meta`` (seed feature, prompt tokens, stop token, seconds,
+    ``generate`` calls, and the judge's calibration once scored)."""
+
+    rows: list[SweepRow]
+    settings: SweepSettings
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def baseline(self) -> list[SweepRow]:
+        return [r for r in self.rows if r.mode == "baseline"]
+
+    def score(self, judge: OfflineJudge, topic: str, *, suppress: bool = False,
+              on_topic: Sequence[str] | None = None) -> SteeringSweep:
+        """Fill each row's ``behavioural``, ``coherence``, ``ppl`` and ``score`` (in place; returns self).
+
+        The judge is calibrated on this sweep's baseline rows (see
+        :meth:`OfflineJudge.calibrate`): for promotion they are the off-topic anchor, for
+        suppression the on-topic one (with :data:`NEUTRAL_TEXTS` as off-topic).
+        """
+        base = self.baseline()
+        if not base:
+            raise FeatureFlowError("scoring a sweep needs its baseline rows: run steering_sweep(..., baseline=True)")
+        model = judge.model
+        if model is None:
+            raise FeatureFlowError("scoring a sweep needs the judge's language model: OfflineJudge(model)")
+        prompt = torch.tensor([self.meta["prompt_tokens"]])
+        length = max(len(r.tokens) for r in self.rows)
+        pad = self.meta.get("stop_token")
+        fill = pad if pad is not None else 0
+        conts = torch.tensor([r.tokens + [fill] * (length - len(r.tokens)) for r in self.rows])
+        ppl = perplexity(model, prompt, conts, stop_token=pad)
+        base_idx = [i for i, r in enumerate(self.rows) if r.mode == "baseline"]
+        base_texts = [self.rows[i].text for i in base_idx]
+        if suppress:
+            judge.calibrate(topic, off_topic=list(NEUTRAL_TEXTS), on_topic=on_topic or base_texts,
+                            reference_ppl=ppl[base_idx], reference_tokens=[self.rows[i].tokens for i in base_idx])
+        else:
+            judge.calibrate(topic, off_topic=base_texts, on_topic=on_topic, reference_ppl=ppl[base_idx],
+                            reference_tokens=[self.rows[i].tokens for i in base_idx])
+        b = judge.behavioural([r.text for r in self.rows])
+        c = judge.coherence(ppl, [r.tokens for r in self.rows])
+        s = judge.combine(b, c, suppress=suppress)
+        for i, row in enumerate(self.rows):
+            row.scores = {"behavioural": float(b[i]), "coherence": float(c[i]), "ppl": float(ppl[i]),
+                          "score": float(s[i])}
+        self.meta["judge"] = {"topic": topic, "suppress": suppress, **judge.calibration.to_dict()}  # type: ignore
+        return self
+
+    def summary(self, metric: str = "score") -> dict[SweepSetting, float]:
+        """Mean ``metric`` over samples for each setting (baseline included)."""
+        sums: dict[SweepSetting, list[float]] = {}
+        for row in self.rows:
+            if metric not in row.scores:
+                raise FeatureFlowError(f"rows have no {metric!r} score: call sweep.score(judge, topic) first")
+            sums.setdefault(row.setting, []).append(row.scores[metric])
+        return {k: sum(v) / len(v) for k, v in sums.items()}
+
+    def best(self, metric: str = "score", mode: str | None = None) -> tuple[SweepSetting, float]:
+        """The setting with the highest mean ``metric`` (optionally within one mode)."""
+        table = {k: v for k, v in self.summary(metric).items() if k.mode != "baseline" and mode in (None, k.mode)}
+        if not table:
+            raise FeatureFlowError(f"no steered settings{f' with mode {mode!r}' if mode else ''} in this sweep")
+        return max(table.items(), key=lambda kv: kv[1])
+
+    def to_pandas(self):  # type: ignore[no-untyped-def]
+        import pandas as pd
+
+        return pd.DataFrame([{**{k: v for k, v in asdict(r).items() if k not in ("scores", "tokens")}, **r.scores}
+                             for r in self.rows])
+
+    def save(self, path: str | Path) -> Path:
+        """Write the sweep as JSON (atomically); :meth:`load` reads it back."""
+        path = Path(path)
+        atomic_write_json(path, {"schema_version": SWEEP_SCHEMA_VERSION, "format": _FORMAT,
+                                 "settings": self.settings.to_dict(), "meta": self.meta,
+                                 "rows": [asdict(r) for r in self.rows]})
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> SteeringSweep:
+        """Read a sweep written by :meth:`save` (schema 2, or version 1's ``format`` string)."""
+        path = Path(path)
+        data = read_json(path, "a steering sweep")
+        try:
+            rows = [SweepRow(**r) for r in data["rows"]]
+            if data.get("format") == _FORMAT_V1:
+                return cls(rows, SweepSettings.from_dict(data["meta"]), data["meta"])
+            if data.get("schema_version") != SWEEP_SCHEMA_VERSION:
+                raise ValueError(f"schema version {data.get('schema_version')!r}, expected {SWEEP_SCHEMA_VERSION}")
+            return cls(rows, SweepSettings.from_dict(data["settings"]), data["meta"])
+        except (ValueError, KeyError, TypeError, AttributeError, InvalidArgumentError) as exc:
+            raise CacheError(f"{path} is not a saved steering sweep ({exc})") from exc
+
+
+def sweep_settings(
+    graph: Any,
+    strengths: Sequence[float],
+    *,
+    layers: Sequence[int] | None = None,
+    modes: Sequence[str] = ("single", "cumulative"),
+    op: Op = "add",
+    baseline: bool = True,
+) -> list[SweepSetting]:
+    """The grid: baseline (if asked) then every mode x layer x strength."""
+    graph_layers = sorted({n.ref.layer for n in graph.nodes})
+    layers = list(layers) if layers is not None else graph_layers
+    missing = [layer for layer in layers if layer not in graph_layers]
+    if missing and "single" in modes:
+        raise FeatureFlowError(f"layers {missing} have no feature in the flow graph of {graph.seed} "
+                               f"(its layers: {graph_layers})")
+    settings = [SweepSetting("baseline", None, 0.0, op)] if baseline else []
+    for mode in modes:
+        if mode not in ("single", "cumulative"):
+            raise FeatureFlowError(f"unknown mode {mode!r}: expected 'single' or 'cumulative'")
+        settings += [SweepSetting(mode, layer, float(s), op) for layer in layers for s in strengths]
+    return settings
+
+
+def _row_coefficients(graph: Any, settings: Sequence[SweepSetting], schedule: Schedule,
+                      alpha: float) -> dict[FeatureRef, list[float | None]]:
+    """For each feature, its coefficient in each row (None where the row leaves it alone)."""
+    table: dict[FeatureRef, list[float | None]] = {}
+    for row, setting in enumerate(settings):
+        if setting.mode == "baseline":
+            continue
+        for ref, coef in flow_coefficients(graph, setting.strength, schedule=schedule, alpha=alpha,
+                                           mode=setting.mode, up_to_layer=setting.layer):  # type: ignore[arg-type]
+            table.setdefault(ref, [None] * len(settings))[row] = float(coef)
+    return table
+
+
+def steering_sweep(
+    model: Any,
+    bank: SAEBank,
+    graph: Any,
+    settings: SweepSettings | None = None,
+    *,
+    prompt_tokens: torch.Tensor | None = None,
+    scale: Any = None,
+    progress: bool = True,
+    **overrides: Any,
+) -> SteeringSweep:
+    """Generate from the prompt under every setting of the grid, ``samples`` times each.
+
+    ``settings`` (a :class:`SweepSettings`) says what to run; keyword arguments named
+    like its fields override it (``steering_sweep(model, bank, graph, strengths=[4, 8])``).
+    ``prompt_tokens`` replaces the text prompt with token ids (``settings.prompt`` is then
+    None; the ids are in ``meta["prompt_tokens"]``); ``scale`` may be a
+    mapping ``ref -> typical activation`` (see :class:`Steerer`), recorded as
+    ``"mapping"``.
+
+    Rows are (setting, sample) pairs, run ``batch_size`` at a time as the rows of one
+    ``generate``; ``batched=False`` runs each setting on its own (the slow reference;
+    with greedy decoding both give the same tokens). ``torch.manual_seed(seed + i)``
+    before the i-th call makes a sweep reproducible; sampled rows depend on how rows
+    are batched.
+    """
+    if "prompt" in overrides and not isinstance(overrides["prompt"], str | None):
+        prompt_tokens = torch.as_tensor(overrides.pop("prompt"))   # version-1 callers passed tokens as prompt
+    if prompt_tokens is not None:
+        overrides["prompt"] = None   # the settings record what was run: token ids, no text
+    if scale is not None:
+        overrides["scale"] = scale if isinstance(scale, str) else "mapping"
+    unknown = sorted(set(overrides) - {f.name for f in fields(SweepSettings)})
+    if unknown:
+        raise InvalidArgumentError(f"steering_sweep got unknown settings {unknown}: expected fields of SweepSettings")
+    settings = replace(settings or SweepSettings(), **overrides)
+    steer_scale = scale if scale is not None and not isinstance(scale, str) else settings.scale
+    prompt_ids = _prompt_tokens(model, settings, prompt_tokens)
+    grid = sweep_settings(graph, settings.strengths, layers=settings.layers, modes=settings.modes, op=settings.op,
+                          baseline=settings.baseline)
+    plan = [(s, k) for s in grid for k in range(settings.samples)]
+    stop_token = model.tokenizer.eos_token_id if model.tokenizer is not None else None
+    size = settings.batch_size if settings.batched else 1
+    chunks = [plan[i:i + size] for i in range(0, len(plan), size)]
+    rows: list[SweepRow] = []
+    start = time.perf_counter()
+    for i, chunk in enumerate(tqdm(chunks, desc="steering sweep", unit="batch", disable=not progress)):
+        steerer = _chunk_steerer(model, bank, graph, settings, [s for s, _ in chunk], steer_scale)
+        torch.manual_seed(settings.seed + i)
+        with steerer:
+            out = model.generate(prompt_ids.expand(len(chunk), -1), max_new_tokens=settings.max_new_tokens,
+                                 do_sample=settings.do_sample, top_p=settings.top_p,
+                                 temperature=settings.temperature, stop_at_eos=stop_token is not None, verbose=False)
+        rows += _rows_of(model, chunk, out[:, prompt_ids.shape[1]:].tolist(), stop_token)
+    meta = {"seed_feature": str(graph.seed), "prompt_tokens": prompt_ids[0].tolist(),
+            "layers": sorted({s.layer for s in grid if s.layer is not None}), "stop_token": stop_token,
+            "seconds": round(time.perf_counter() - start, 2), "generate_calls": len(chunks)}
+    return SteeringSweep(rows, settings, meta)
+
+
+def _prompt_tokens(model: Any, settings: SweepSettings, prompt_tokens: torch.Tensor | None) -> torch.Tensor:
+    """The prompt as ``[1, pos]`` token ids on the model's device."""
+    if prompt_tokens is not None:
+        ids = torch.as_tensor(prompt_tokens).reshape(1, -1)
+    elif settings.prompt is None:
+        raise InvalidArgumentError("a sweep needs a prompt: a text in settings.prompt or prompt_tokens=")
+    elif model.tokenizer is None:
+        raise FeatureFlowError("a text prompt needs a model with a tokenizer: pass prompt_tokens= instead")
+    else:
+        ids = model.to_tokens(settings.prompt)
+    return ids.to(model.cfg.device)
+
+
+def _chunk_steerer(model: Any, bank: SAEBank, graph: Any, settings: SweepSettings,
+                   chunk: Sequence[SweepSetting], scale: Any) -> Steerer:
+    """A Steerer whose per-row coefficients run the settings of ``chunk`` as the rows of one batch."""
+    table = _row_coefficients(graph, chunk, settings.schedule, settings.alpha)
+    neutral = 0.0 if settings.op == "add" else 1.0
+    steerer = Steerer(model, bank, positions=settings.positions, scale=scale)
+    for ref, coefs in table.items():
+        values = [neutral if c is None else c for c in coefs]
+        getattr(steerer, settings.op)(ref, values if settings.batched else values[0])
+    return steerer
+
+
+def _rows_of(model: Any, chunk: Sequence[tuple[SweepSetting, int]], new_tokens: list[list[int]],
+             stop_token: int | None) -> list[SweepRow]:
+    """Sweep rows of one ``generate`` call (continuations cut after the stop token)."""
+    rows = []
+    for (setting, sample), tokens in zip(chunk, new_tokens, strict=True):
+        if stop_token is not None and stop_token in tokens:
+            tokens = tokens[:tokens.index(stop_token) + 1]
+        text = model.tokenizer.decode(tokens, skip_special_tokens=True) if model.tokenizer is not None else ""
+        rows.append(SweepRow(setting.mode, setting.layer, setting.strength, setting.op, sample, text, tokens))
+    return rows

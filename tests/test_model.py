@@ -5,7 +5,7 @@ from transformer_lens.hook_points import HookPoint
 
 import tl_featureflow as ff
 from conftest import ARCHITECTURES, D_MODEL, N_LAYERS, leftover_hooks, make_bank, make_sae, tiny_cfg
-from tl_featureflow import FlowTransformer, SAEBank
+from tl_featureflow import FlowTransformer, SAEBank, _compat
 from tl_featureflow.refs import hook_name, sae_hook_name
 
 
@@ -177,3 +177,103 @@ def test_plain_transformer_config_variant_works():
     toks = torch.randint(0, 64, (1, 6))
     with flow.attached(make_bank(layers=[0])):
         torch.testing.assert_close(flow(toks), model(toks), rtol=0, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------- interplay with SAELens (issue 11)
+def test_in_place_edit_at_hook_sae_error_is_honoured(flow, tokens):
+    """TransformerLens lets a hook edit its tensor in place and return None; SAELens honours that."""
+    bank = make_bank()
+    name, read = hook_name("res", 1), "blocks.2.hook_resid_pre"    # read: the same tensor, entering layer 2
+    _, clean = flow.run_with_cache(tokens, names_filter=[read])
+    with flow.attached(bank):
+
+        def zero_in_place(error, hook):
+            error.mul_(0)          # returns None
+
+        def zero_new(error, hook):
+            return error * 0
+
+        results = []
+        for fn in (zero_in_place, zero_new):
+            with flow.hooks(fwd_hooks=[(f"{name}.hook_sae_error", fn)]):
+                _, cache = flow.run_with_cache(tokens, names_filter=[read])
+            results.append(cache[read])
+    sae = bank["res", 1]
+    recons = sae.decode(sae.encode(clean[read]))    # x with its error removed is the reconstruction
+    torch.testing.assert_close(results[0], recons, atol=1e-5, rtol=0)
+    torch.testing.assert_close(results[0], results[1], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("how", ["saes", "run_with_saes", "run_with_cache_with_saes"])
+def test_sae_lens_temporary_saes_at_a_bank_hook_restore_the_bank_exactly(flow, tokens, how):
+    bank = make_bank()
+    name = hook_name("mlp", 1)
+    other = make_sae("mlp", 1, seed=99)
+    with flow.attached(bank):
+        wrapper = _compat.sae_wrappers(flow)[name]
+        with flow.hooks(fwd_hooks=[(sae_hook_name("mlp", 1), lambda a, hook: a * 0.5)]):
+            before = flow(tokens)
+        if how == "saes":
+            with flow.saes(saes=[other]):
+                assert flow.acts_to_saes[name] is other
+        elif how == "run_with_saes":
+            flow.run_with_saes(tokens, saes=[other])
+        else:
+            flow.run_with_cache_with_saes(tokens, saes=[other])
+        assert _compat.sae_wrappers(flow)[name] is wrapper           # the bank's own exact wrapper is back
+        assert torch.equal(flow(tokens), flow.run_with_saes(tokens, saes=[]))
+        with flow.hooks(fwd_hooks=[(sae_hook_name("mlp", 1), lambda a, hook: a * 0.5)]):
+            assert torch.equal(flow(tokens), before)
+        plain_logits = flow(tokens)
+    assert torch.equal(plain_logits, flow(tokens))                  # bit-exact, as attach promises
+
+
+def test_reset_saes_detaches_the_whole_bank(flow, tokens):
+    bank = make_bank()
+    flow.attach(bank)
+    flow.reset_saes()
+    assert flow.bank is None and flow.acts_to_saes == {}
+    with pytest.raises(ff.FeatureFlowError, match="no SAE bank"):
+        flow.run_with_features(tokens)
+    flow.attach(bank)                                   # attach works again
+    flow.reset_saes(hook_name("att", 2))                # removing one SAE of the bank detaches all of it
+    assert flow.bank is None and flow.acts_to_saes == {}
+    other = make_sae("res", 0, seed=5)
+    flow.add_sae(other)
+    flow.attach(make_bank(layers=[1, 2]))
+    flow.reset_saes(hook_name("res", 0))                # an SAE outside the bank leaves the bank alone
+    assert flow.bank is not None
+    flow.detach()
+
+
+def test_add_sae_over_a_bank_sae_is_reported_not_read_silently(flow, tokens):
+    bank = make_bank()
+    with flow.attached(bank):
+        flow.add_sae(make_sae("res", 1, seed=7))
+        with pytest.raises(ff.FeatureFlowError, match="replaced with add_sae"):
+            flow.run_with_features(tokens)
+    assert flow.acts_to_saes == {}
+
+
+def test_running_never_swaps_the_hooks_of_the_users_sae(flow, tokens, monkeypatch):
+    """SAELens runs an SAE without hooks by swapping its hook points for a no-op module; that
+    must happen on the bank's view, never on the user's own SAE object (aliased hook or not)."""
+    import sae_lens.saes.sae as sae_module
+
+    user_saes = {("res", 0): make_sae("res", 0, hook="blocks.1.hook_resid_pre"), ("mlp", 1): make_sae("mlp", 1)}
+    seen = []
+
+    def watch(module, args, output):
+        seen.append([type(s.hook_sae_acts_post).__name__ for s in user_saes.values()])
+
+    handle = sae_module._blank_hook.register_forward_hook(watch)
+    try:
+        with flow.attached(ff.SAEBank(user_saes)):
+            hooks = [(sae_hook_name(*key), lambda a, hook: a) for key in user_saes]
+            with flow.hooks(fwd_hooks=hooks):
+                flow(tokens)
+    finally:
+        handle.remove()
+    assert seen and all(names == ["HookPoint", "HookPoint"] for names in seen)
+    for sae in user_saes.values():
+        assert sae.cfg.metadata.hook_name in ("blocks.1.hook_resid_pre", hook_name("mlp", 1))

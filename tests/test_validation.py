@@ -178,3 +178,22 @@ def test_validate_refuses_bad_input(planted_circuit):
         tracer.validate(tokens, layers=[0], progress=False)
     with pytest.raises(ff.FeatureFlowError, match="needs a model"):
         ff.FlowTracer(bank).validate(tokens, layers=[1])
+
+
+def test_bad_token_ids_and_empty_tokens_are_named_not_passed_to_torch(planted_circuit):
+    model, bank, tokens = planted_circuit
+    tracer = ff.FlowTracer(bank, model)
+    bad = tokens.clone()
+    bad[0, 3] = model.cfg.d_vocab + 5
+    with pytest.raises(ff.InvalidArgumentError, match=rf"ids \[{model.cfg.d_vocab + 5}\] outside the vocabulary"):
+        tracer.validate(bad, layers=[1], progress=False)
+    for empty in (tokens[:0], tokens[:, :0]):
+        with pytest.raises(ff.InvalidArgumentError, match=r"\[batch, pos\]"):
+            tracer.validate(empty, layers=[1], progress=False)
+    with pytest.raises(ValueError, match="integer tensor"):              # also a ValueError for user code
+        tracer.validate(tokens.float(), layers=[1], progress=False)
+    flow = ff.FlowTransformer.from_hooked(model)
+    with pytest.raises(ff.InvalidArgumentError, match="-1"):
+        flow.run_with_features(torch.tensor([[1, -1]]), bank=bank)
+    with pytest.raises(ff.InvalidArgumentError, match="outside the vocabulary"):
+        target_activations(flow, bank, bad[:1], 1, [(1, 0)], [[Intervention("mlp", 1, (0,), (1,))]])

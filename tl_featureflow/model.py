@@ -24,11 +24,12 @@ from typing import Any
 import torch
 from jaxtyping import Float
 from sae_lens import SAE, HookedSAETransformer
-from sae_lens.analysis.hooked_sae_transformer import _SAEWrapper, set_deep_attr
-from sae_lens.saes.sae import SAEMetadata, _disable_hooks
+from sae_lens.saes.sae import SAEMetadata
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
+from tl_featureflow import _compat
+from tl_featureflow.checks import check_tokens
 from tl_featureflow.errors import FeatureFlowError, ModelMismatchError, UnknownFeatureError
 from tl_featureflow.refs import FeatureRef, Key, Site, hook_name, sae_hook_name
 from tl_featureflow.saes.bank import SAEBank
@@ -70,25 +71,27 @@ class FeatureCache(Mapping[Key, Float[Tensor, "batch pos d_sae"]]):
         return f"FeatureCache({shapes})"
 
 
-def _set_tensor(root: torch.nn.Module, name: str, value: Tensor, kind: str) -> None:
-    module_name, _, leaf = name.rpartition(".")
-    getattr(root.get_submodule(module_name), kind)[leaf] = value
+def _view_at(sae: SAE, name: str) -> SAE:
+    """A view of ``sae`` (same parameters and hook points) whose hook is ``name``.
 
-
-def _with_hook_name(sae: SAE, name: str) -> SAE:
-    """A shallow view of ``sae`` (same parameters and hook points) whose hook is ``name``.
-
-    Used for SAEs whose metadata names an alias of the site's hook (or none), so that
-    the user's SAE object is never modified.
+    The bank splices views, never the user's SAE objects: the view has registries of
+    its own (:func:`~tl_featureflow._compat.module_view`), so running it without hooks
+    (which swaps its hook points for no-ops) or renaming its hook leaves the user's
+    object untouched, while hooks added to its hook points are the user's SAE's own.
     """
-    view = copy.copy(sae)
-    cfg = copy.copy(sae.cfg)
-    cfg.metadata = SAEMetadata(**{**sae.cfg.metadata.to_dict(), "hook_name": name})
-    object.__setattr__(view, "cfg", cfg)
+    view = _compat.module_view(sae)
+    if sae.cfg.metadata.hook_name != name:
+        cfg = copy.copy(sae.cfg)
+        cfg.metadata = SAEMetadata(**{**sae.cfg.metadata.to_dict(), "hook_name": name})
+        object.__setattr__(view, "cfg", cfg)
     return view
 
 
-class _ExactSAEWrapper(_SAEWrapper):
+def _has_hooks(point: torch.nn.Module) -> bool:
+    return point.has_hooks() or _compat.has_torch_hooks(point)  # type: ignore[operator]
+
+
+class _ExactSAEWrapper(_compat.SAEWrapper):
     """SAELens's SAE splice with the error term, written so that it is exact.
 
     SAELens returns ``sae_out + (x - sae_out_clean)``, which differs from ``x`` by float
@@ -96,27 +99,28 @@ class _ExactSAEWrapper(_SAEWrapper):
     ``x`` when nothing edits the SAE's hooks (then the SAE is not even run), and
     ``x + (delta acts) @ W_dec`` when a hook edits the feature activations. Gradients
     match the unspliced model's too (both reconstructions carry them). Edits at
-    ``hook_sae_error`` are added on top.
+    ``hook_sae_error`` are added on top, whether the hook returns a new tensor or
+    edits the error in place and returns None (as TransformerLens allows).
     """
 
     def _hooked(self) -> bool:
         points = [*self.sae.hook_dict.values(), self.hook_sae_error, self.hook_sae_output]
-        return any(p._forward_hooks or p._forward_pre_hooks or p.bwd_hooks for p in points)
+        return any(_has_hooks(p) for p in points)
 
     def forward(self, original_output: Tensor) -> Tensor:
-        if self._captured_input is not None or self._token_mask is not None:
+        if _compat.wrapper_in_special_mode(self):
             return super().forward(original_output)
         if not self._hooked():
             return original_output
         sae = self.sae
         sae_out = sae.decode(sae.encode(original_output))
-        with _disable_hooks(sae):
+        with _compat.disable_sae_hooks(sae):
             clean = sae.decode(sae.encode(original_output))
-        error = original_output - clean
-        hooked_error = self.hook_sae_error(error)
         out = original_output + (sae_out - clean).to(original_output.dtype)
-        if hooked_error is not error:
-            out = out + (hooked_error - error)
+        if _has_hooks(self.hook_sae_error):
+            error = original_output - clean
+            before = error.clone()       # the hook may edit ``error`` in place (and returns None)
+            out = out + (self.hook_sae_error(error) - before)
         return self.hook_sae_output(out)
 
 
@@ -131,6 +135,7 @@ class FlowTransformer(HookedSAETransformer):
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self._bank: SAEBank | None = None
+        self._bank_wrappers: dict[str, _ExactSAEWrapper] = {}
 
     # -- construction --------------------------------------------------------------------------
     @classmethod
@@ -167,7 +172,7 @@ class FlowTransformer(HookedSAETransformer):
                     f"HookedTransformer of the same cfg ({sorted(set(theirs) ^ set(ours))[:5]})"
                 )
             for name, tensor in theirs.items():
-                _set_tensor(new, name, tensor, kind)
+                _compat.set_module_tensor(new, name, tensor, kind)
         new.train(model.training)
         new.setup()
         return new
@@ -194,7 +199,7 @@ class FlowTransformer(HookedSAETransformer):
             )
         for (site, layer), sae in bank.items():
             name = hook_name(site, layer)
-            if name not in self.hook_dict and name not in self._acts_to_saes:
+            if name not in self.hook_dict and name not in _compat.sae_wrappers(self):
                 raise ModelMismatchError(f"the model has no hook {name!r} for the SAE at {(site, layer)}")
             block_param = next(self.blocks[layer].parameters())
             if sae.W_dec.device != block_param.device or sae.W_dec.dtype != block_param.dtype:
@@ -218,33 +223,81 @@ class FlowTransformer(HookedSAETransformer):
         if self._bank is not None:
             raise FeatureFlowError(f"a bank is already attached ({self._bank.describe()}): call detach() first")
         self.check_bank(bank)
-        taken = [hook_name(*key) for key in bank if hook_name(*key) in self._acts_to_saes]
+        wrappers = _compat.sae_wrappers(self)
+        taken = [hook_name(*key) for key in bank if hook_name(*key) in wrappers]
         if taken:
             raise FeatureFlowError(f"other SAEs are attached at {taken}: remove them with reset_saes() first")
-        added: list[str] = []
+        added: dict[str, _ExactSAEWrapper] = {}
         try:
             for key, sae in bank.items():
                 name = hook_name(*key)
-                view = sae if sae.cfg.metadata.hook_name == name else _with_hook_name(sae, name)
-                # What HookedSAETransformer.add_sae does, with the exact wrapper.
-                self._acts_to_saes[name] = _ExactSAEWrapper(view, use_error_term=True)
-                added.append(name)
-                set_deep_attr(self, name, self._acts_to_saes[name])
+                # What HookedSAETransformer.add_sae does, with the exact wrapper around a view.
+                added[name] = _ExactSAEWrapper(_view_at(sae, name), use_error_term=True)
+                self._install(name, added[name])
             self.setup()
         except BaseException:
             if added:
-                self.reset_saes(added)
+                super().reset_saes(list(added))
             raise
-        self._bank = bank
+        self._bank, self._bank_wrappers = bank, added
 
     def detach(self) -> None:
         """Remove the attached bank's SAEs, restoring the original hook points."""
         if self._bank is None:
             return
-        names = [hook_name(*key) for key in self._bank if hook_name(*key) in self._acts_to_saes]
-        self._bank = None
+        names = [name for name in self._bank_wrappers if name in _compat.sae_wrappers(self)]
+        self._bank, self._bank_wrappers = None, {}
         if names:
-            self.reset_saes(names)
+            super().reset_saes(names)
+
+    def _install(self, name: str, wrapper: _ExactSAEWrapper) -> None:
+        _compat.sae_wrappers(self)[name] = wrapper
+        _compat.set_deep_attr(self, name, wrapper)
+
+    def _bank_intact(self) -> bool:
+        wrappers = _compat.sae_wrappers(self)
+        return all(wrappers.get(name) is wrapper for name, wrapper in self._bank_wrappers.items())
+
+    # -- SAELens's SAE management, kept consistent with the bank ----------------------------------
+    @contextmanager
+    def saes(self, saes: SAE | list[SAE] = [], reset_saes_end: bool = True,  # noqa: B006 - SAELens's signature
+             use_error_term: bool | None = None, exclude_special_tokens: bool | list[int] = False,
+             ) -> Iterator[FlowTransformer]:
+        """SAELens's temporary SAEs; an attached bank's SAEs come back exactly as they were.
+
+        SAELens restores an SAE it displaced by re-adding it through ``add_sae``, which
+        would wrap a bank SAE in its plain (not bit-exact) wrapper. The bank's own
+        wrappers are put back instead.
+        """
+        try:
+            with super().saes(saes, reset_saes_end=reset_saes_end, use_error_term=use_error_term,
+                              exclude_special_tokens=exclude_special_tokens):
+                yield self
+        finally:
+            if reset_saes_end:
+                self._restore_bank()
+
+    def _restore_bank(self) -> None:
+        wrappers = _compat.sae_wrappers(self)
+        displaced = [name for name, wrapper in self._bank_wrappers.items() if wrappers.get(name) is not wrapper]
+        if not displaced:
+            return
+        super().reset_saes([name for name in displaced if name in wrappers])
+        for name in displaced:
+            self._install(name, self._bank_wrappers[name])
+        self.setup()
+
+    def reset_saes(self, act_names: str | list[str] | None = None) -> None:
+        """SAELens's ``reset_saes``; removing any SAE of an attached bank detaches the whole bank.
+
+        A bank is attached all or nothing (``model.bank`` is then None and
+        :meth:`run_with_features` needs a bank again).
+        """
+        names = [act_names] if isinstance(act_names, str) else act_names
+        touches_bank = names is None or any(name in self._bank_wrappers for name in names)
+        super().reset_saes(act_names)
+        if self._bank is not None and touches_bank:
+            self.detach()
 
     @contextmanager
     def attached(self, bank: SAEBank) -> Iterator[FlowTransformer]:
@@ -281,9 +334,15 @@ class FlowTransformer(HookedSAETransformer):
         """
         if bank is not None and self._bank is not None and bank is not self._bank:
             raise FeatureFlowError("another bank is attached: detach() it or call without bank=")
+        if self._bank is not None and not self._bank_intact():
+            raise FeatureFlowError(
+                "the attached bank's SAEs were replaced with add_sae(): detach() and attach(bank) again, "
+                "or use model.saes(...) for a temporary swap")
         source = self._bank if self._bank is not None else bank
         if source is None:
             raise FeatureFlowError("no SAE bank: attach(bank) first or pass bank=")
+        if isinstance(tokens, Tensor):
+            check_tokens(tokens, self.cfg.d_vocab)
         chosen = source.select(sites=sites, layers=layers)
         names = {sae_hook_name(*key): key for key in chosen}
         stop = None if return_logits else max(chosen.layers) + 1

@@ -16,6 +16,7 @@ import re
 from dataclasses import dataclass
 from typing import Literal, get_args
 
+from tl_featureflow.checks import check_int
 from tl_featureflow.errors import UnknownFeatureError
 
 __all__ = [
@@ -55,9 +56,7 @@ def check_site(site: object) -> Site:
 
 def check_layer(layer: object) -> int:
     """Return ``layer`` if it is a non-negative int (not a bool); raise otherwise."""
-    if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
-        raise UnknownFeatureError(f"invalid layer {layer!r}: expected a non-negative int")
-    return layer
+    return check_int(layer, "layer", error=UnknownFeatureError)
 
 
 def hook_name(site: Site, layer: int) -> str:
@@ -127,11 +126,7 @@ class FeatureRef:
     def __post_init__(self) -> None:
         check_layer(self.layer)
         check_site(self.site)
-        if isinstance(self.index, bool) or not isinstance(self.index, int) or self.index < 0:
-            raise UnknownFeatureError(
-                f"invalid feature index {self.index!r} in {self.layer}/{self.site}/?: "
-                "expected a non-negative int"
-            )
+        check_int(self.index, "index", error=UnknownFeatureError, context=f" of feature {self.layer}/{self.site}/?")
 
     @classmethod
     def parse(cls, text: str | FeatureRef) -> FeatureRef:

@@ -18,6 +18,7 @@ from jaxtyping import Int
 from torch import Tensor
 
 from tl_featureflow.causal.interventions import Intervention, intervened, res_activations, target_activations
+from tl_featureflow.checks import check_tokens
 from tl_featureflow.errors import FeatureFlowError
 from tl_featureflow.refs import Site
 from tl_featureflow.saes.bank import SAEBank
@@ -126,8 +127,7 @@ def validate(
     bad = [m for m in methods if m not in METHODS]
     if bad:
         raise FeatureFlowError(f"unknown matching methods {bad}: expected some of {METHODS}")
-    if tokens.ndim != 2 or tokens.shape[1] < 2:
-        raise FeatureFlowError(f"tokens must be [n_texts, pos] with pos >= 2, got {tuple(tokens.shape)}")
+    check_tokens(tokens, model.cfg.d_vocab, min_pos=2)
     bank = tracer.bank
     for layer in layers:
         if ("res", layer) not in bank or not tracer.predecessor_keys(layer):

@@ -28,7 +28,8 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from tl_featureflow.errors import FeatureFlowError
+from tl_featureflow.checks import check_tokens
+from tl_featureflow.errors import FeatureFlowError, InvalidArgumentError
 from tl_featureflow.refs import Site, check_site, hook_name
 from tl_featureflow.saes.bank import SAEBank
 
@@ -133,8 +134,8 @@ def res_activations(
                 raise FeatureFlowError(
                     f"intervention at {item.key} cannot reach res({layer}) through layer {layer} alone: "
                     f"expected one of {sorted(allowed)}")
-    if tokens.ndim != 2 or tokens.shape[0] != 1:
-        raise FeatureFlowError(f"tokens must be one text [1, pos], got shape {tuple(tokens.shape)}")
+    if check_tokens(tokens, model.cfg.d_vocab).shape[0] != 1:
+        raise InvalidArgumentError(f"tokens must be one text [1, pos], got shape {tuple(tokens.shape)}")
     target_sae = bank[("res", layer)]
     out_name = hook_name("res", layer)
     if not layer_local:

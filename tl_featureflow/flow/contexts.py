@@ -21,6 +21,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from tl_featureflow._files import atomic_directory, read_manifest, tensor_digest, write_manifest
+from tl_featureflow.checks import check_tokens
 from tl_featureflow.errors import CacheError, FeatureFlowError
 from tl_featureflow.refs import FeatureRef, Key, Site
 from tl_featureflow.saes.bank import SAEBank
@@ -128,8 +129,7 @@ def collect_top_contexts(
     from tl_featureflow.flow.tracer import FlowTracer
     from tl_featureflow.model import FlowTransformer
 
-    if not isinstance(tokens, Tensor) or tokens.ndim != 2 or tokens.dtype not in (torch.int64, torch.int32):
-        raise FeatureFlowError(f"tokens must be an int tensor [n_doc, seq], got {getattr(tokens, 'shape', tokens)!r}")
+    check_tokens(tokens, model.cfg.d_vocab)
     if n < 1 or batch_size < 1:
         raise FeatureFlowError(f"n={n} and batch_size={batch_size} must be positive")
     chosen = bank.select(sites=sites, layers=layers)

@@ -19,6 +19,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from tl_featureflow.checks import check_int
 from tl_featureflow.errors import FeatureFlowError
 
 __all__ = [
@@ -53,8 +54,7 @@ def _check_pair(dst: Tensor, src: Tensor, k: int) -> None:
             f"decoders live in different spaces: d_model {dst.shape[1]} vs {src.shape[1]} "
             f"(shapes {tuple(dst.shape)} and {tuple(src.shape)})"
         )
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= src.shape[0]:
-        raise FeatureFlowError(f"k={k!r} is out of range: expected 1 <= k <= {src.shape[0]} (the source width)")
+    check_int(k, "k", low=1, high=src.shape[0], context=" (the source width is the most)")
 
 
 def _stable_topk(sims: Tensor, k: int) -> tuple[Tensor, Tensor]:

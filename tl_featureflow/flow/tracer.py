@@ -24,6 +24,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from tl_featureflow.checks import check_int
 from tl_featureflow.errors import CacheError, FeatureFlowError, ModelMismatchError, UnknownFeatureError
 from tl_featureflow.flow.flowmap import (
     MAP_INDEX,
@@ -166,8 +167,7 @@ class FlowTracer:
         cached = self._matches.get((src, dst, k))
         if cached is None:
             d_src = self.bank.d_sae(*src)
-            if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= d_src:
-                raise FeatureFlowError(f"k={k!r} is out of range: the src SAE {src} has {d_src} features")
+            check_int(k, "k", low=1, high=d_src, context=f" (the src SAE {src} has {d_src} features)")
             scores, indices = topk_cosine(self._decoder(dst), self._decoder(src), k, chunk_size=self.chunk_size)
             cached = Matching(src, dst, k, indices, scores)
             self._matches[(src, dst, k)] = cached
@@ -189,8 +189,7 @@ class FlowTracer:
     def predecessors(self, ref: FeatureRef | str, k: int = 1) -> Predecessors:
         """Top-``k`` predecessors of a res feature in res(L-1), mlp(L) and att(L)."""
         ref = self._res_ref(ref)
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise FeatureFlowError(f"k={k!r}: expected a positive int")
+        check_int(k, "k", low=1)
         vector = self._decoder(ref.key)[ref.index]
         by_site = {}
         for site, key in self.predecessor_keys(ref.layer).items():

@@ -29,6 +29,7 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
+from tl_featureflow import _compat
 from tl_featureflow._files import atomic_write_json, tensor_digest
 from tl_featureflow.errors import FeatureFlowError, ModelMismatchError
 from tl_featureflow.refs import SITES, Key, Site, check_layer, hook_name
@@ -210,7 +211,6 @@ def train_bank(
     from sae_lens import BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig
     from sae_lens.config import SAETrainerConfig
     from sae_lens.saes.sae import SAE
-    from sae_lens.training.multi_sae_trainer import MultiSAETrainer
 
     import tl_featureflow
 
@@ -270,35 +270,30 @@ def train_bank(
         feature_sampling_window=max(preset.dead_feature_window, 100), n_checkpoints=preset.n_checkpoints,
         checkpoint_path=str(checkpoint_dir), n_batches_for_norm_estimate=preset.n_norm_batches,
     )
-    multi: MultiSAETrainer
+    multi: Any
 
     def mark_complete(checkpoint_path: Path | None) -> None:
         if checkpoint_path is not None:
             atomic_write_json(checkpoint_path / _COMPLETE, {"steps_done": multi.n_training_steps + 1})
 
-    multi = MultiSAETrainer(cfg=trainer_cfg, saes=saes, hook_names=hooks, data_provider=iter(()),
+    multi = _compat.multi_sae_trainer_class()(cfg=trainer_cfg, saes=saes, hook_names=hooks, data_provider=iter(()),
                             save_checkpoint_fn=mark_complete)
     resume = _latest_checkpoint(checkpoint_dir)
     if resume is not None:
         multi.load_checkpoint(resume)
-        # SAELens saves inside the step, before the step counters advance.
-        for trainer in multi.trainers.values():
-            trainer.n_training_steps += 1
-        multi.n_training_steps += 1
-        multi.checkpoint_thresholds = [t for t in multi.checkpoint_thresholds if t >= multi.n_training_samples]
+        _compat.advance_past_checkpoint(multi)   # SAELens saves inside the step, before its counters advance
         if progress:
             print(f"resuming from {resume} at {multi.n_training_samples:,} tokens")
     multi.data_provider = _ProgressStream(stream.iterate(multi.n_training_steps), preset, multi.n_training_samples,
                                           progress)
     start = time.perf_counter()
     try:
-        with _quiet_sae_lens_bars():
+        with _compat.quiet_sae_lens_bars():
             if resume is None:  # the scaling factors come back with a checkpoint
                 norm_batches = [stream.batch(i) for i in range(preset.n_norm_batches)]
                 for name, trainer in multi.trainers.items():
-                    trainer.activation_scaler.estimate_scaling_factor(
-                        d_in=d_model, data_provider=iter([b[hooks[name]] for b in norm_batches]),
-                        n_batches_for_norm_estimate=preset.n_norm_batches)
+                    _compat.estimate_scaling_factor(trainer, d_model, iter([b[hooks[name]] for b in norm_batches]),
+                                                    preset.n_norm_batches)
             trained = multi.fit()
     finally:
         multi.data_provider.close()  # type: ignore[attr-defined]
@@ -350,19 +345,3 @@ class _ProgressStream:
 
     def close(self) -> None:
         self._bar.close()
-
-
-class _quiet_sae_lens_bars:
-    """SAELens's own tqdm bars (training, norm estimation) are replaced by ours."""
-
-    def __enter__(self) -> None:
-        import sae_lens.training.activation_scaler as scaler
-        import sae_lens.training.multi_sae_trainer as trainer
-
-        self._saved = [(module, module.tqdm) for module in (scaler, trainer)]
-        for module, original in self._saved:
-            module.tqdm = lambda *a, _t=original, **k: _t(*a, **{**k, "disable": True})  # type: ignore[attr-defined]
-
-    def __exit__(self, *exc: object) -> None:
-        for module, original in self._saved:
-            module.tqdm = original  # type: ignore[attr-defined]

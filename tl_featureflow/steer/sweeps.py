@@ -23,6 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from tl_featureflow._files import atomic_write_json, read_json
+from tl_featureflow.checks import check_tokens
 from tl_featureflow.errors import CacheError, FeatureFlowError, InvalidArgumentError
 from tl_featureflow.refs import FeatureRef
 from tl_featureflow.saes.bank import SAEBank
@@ -318,7 +319,7 @@ def steering_sweep(
 def _prompt_tokens(model: Any, settings: SweepSettings, prompt_tokens: torch.Tensor | None) -> torch.Tensor:
     """The prompt as ``[1, pos]`` token ids on the model's device."""
     if prompt_tokens is not None:
-        ids = torch.as_tensor(prompt_tokens).reshape(1, -1)
+        ids = check_tokens(torch.as_tensor(prompt_tokens).reshape(1, -1), model.cfg.d_vocab, name="prompt_tokens")
     elif settings.prompt is None:
         raise InvalidArgumentError("a sweep needs a prompt: a text in settings.prompt or prompt_tokens=")
     elif model.tokenizer is None:

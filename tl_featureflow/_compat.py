@@ -1,0 +1,169 @@
+"""Every access to private APIs of SAELens, TransformerLens and torch, in one place.
+
+Nothing else in tl_featureflow reaches into a dependency's underscored names or
+monkeypatches its modules: it calls the functions here. Each one has a canary test in
+``tests/test_compat.py`` that says exactly what broke when a dependency changes, so
+the pins in ``pyproject.toml`` can be widened with confidence: run that file against
+the new version first.
+
+What we rely on, and why:
+
+- SAELens ``_SAEWrapper`` (the splice that ``HookedSAETransformer.add_sae`` puts at a
+  hook) is subclassed by ``model._ExactSAEWrapper`` so that the error term is exact;
+  its ``_captured_input`` / ``_token_mask`` say when SAELens's own transcoder and
+  special-token paths are in use (then we defer to SAELens). ``_acts_to_saes`` holds
+  the wrappers of a ``HookedSAETransformer``; ``_disable_hooks`` runs an SAE without
+  its hooks (the clean reconstruction of the error term).
+- SAELens ``MultiSAETrainer`` (not exported) trains every SAE of a bank from one
+  activation stream; resuming edits its step counters, and its tqdm bars are
+  silenced in favour of ours.
+- torch ``nn.Module``'s ``_modules`` / ``_parameters`` / ``_buffers`` dicts (a shallow
+  view of an SAE that never touches the user's object; sharing a model's tensors) and
+  ``_forward_hooks`` / ``_forward_pre_hooks`` (hooks registered on a HookPoint with
+  torch's API rather than TransformerLens's).
+- TransformerLens ``HookedTransformer.generate``: the Steerer wraps it on the model
+  instance while active and reads its arguments with ``inspect.signature``.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import ExitStack, contextmanager
+from typing import Any
+
+import torch
+from sae_lens.analysis.hooked_sae_transformer import _SAEWrapper, set_deep_attr
+from sae_lens.saes.sae import _disable_hooks
+
+__all__ = [
+    "SAEWrapper",
+    "set_deep_attr",
+    "disable_sae_hooks",
+    "wrapper_in_special_mode",
+    "sae_wrappers",
+    "has_torch_hooks",
+    "module_view",
+    "set_module_tensor",
+    "wrap_instance_method",
+    "bind_arguments",
+    "multi_sae_trainer_class",
+    "advance_past_checkpoint",
+    "estimate_scaling_factor",
+    "quiet_sae_lens_bars",
+]
+
+SAEWrapper = _SAEWrapper
+"""SAELens's splice of an SAE at a hook (``sae_lens.analysis.hooked_sae_transformer._SAEWrapper``)."""
+
+
+# -- SAELens: the HookedSAETransformer splice ---------------------------------------------------
+def disable_sae_hooks(sae: Any) -> Any:
+    """Context manager: run ``sae`` with every hook point replaced by a no-op (SAELens's own)."""
+    return _disable_hooks(sae)
+
+
+def wrapper_in_special_mode(wrapper: Any) -> bool:
+    """True while SAELens's transcoder input capture or special-token mask is in use."""
+    return wrapper._captured_input is not None or wrapper._token_mask is not None
+
+
+def sae_wrappers(model: Any) -> dict[str, Any]:
+    """The live ``hook name -> wrapper`` dict of a HookedSAETransformer (mutations are seen by it)."""
+    return model._acts_to_saes
+
+
+# -- torch: modules --------------------------------------------------------------------------------
+def has_torch_hooks(module: torch.nn.Module) -> bool:
+    """Whether torch-level forward (pre-)hooks are registered on ``module`` (any API)."""
+    return bool(module._forward_hooks or module._forward_pre_hooks)
+
+
+def module_view(module: torch.nn.Module) -> Any:
+    """A shallow copy sharing parameters, buffers and submodules, with dicts of its own.
+
+    Setting an attribute on the view (a submodule, parameter, buffer or plain value)
+    leaves ``module`` untouched, unlike ``copy.copy``, which shares the registries.
+    """
+    view = copy.copy(module)
+    for registry in ("_modules", "_parameters", "_buffers"):
+        object.__setattr__(view, registry, dict(getattr(module, registry)))
+    return view
+
+
+def set_module_tensor(root: torch.nn.Module, name: str, value: torch.Tensor, kind: str) -> None:
+    """Point the parameter (``kind="_parameters"``) or buffer (``"_buffers"``) ``name`` of ``root`` at ``value``."""
+    if kind not in ("_parameters", "_buffers"):
+        raise ValueError(f"kind must be '_parameters' or '_buffers', got {kind!r}")
+    module_name, _, leaf = name.rpartition(".")
+    getattr(root.get_submodule(module_name), kind)[leaf] = value
+
+
+# -- TransformerLens: generate ---------------------------------------------------------------------
+def wrap_instance_method(stack: ExitStack, obj: Any, name: str, make: Callable[[Callable], Callable]) -> None:
+    """Replace ``obj.name`` by ``make(current)`` on the instance until ``stack`` closes.
+
+    An attribute the instance already had (a wrapper of an outer context) is restored;
+    otherwise the instance attribute is removed, so the class's method shows again.
+    """
+    had_own = name in vars(obj)
+    previous = getattr(obj, name)
+    obj.__dict__[name] = make(previous)
+
+    def restore() -> None:
+        if had_own:
+            obj.__dict__[name] = previous
+        else:
+            obj.__dict__.pop(name, None)
+
+    stack.callback(restore)
+
+
+def bind_arguments(function: Callable, *args: Any, **kwargs: Any) -> Mapping[str, Any]:
+    """The arguments a call would receive, defaults applied (``inspect.signature(f).bind``)."""
+    bound = inspect.signature(function).bind(*args, **kwargs)
+    bound.apply_defaults()
+    return bound.arguments
+
+
+# -- SAELens: training ---------------------------------------------------------------------------------
+def multi_sae_trainer_class() -> type:
+    """SAELens's ``MultiSAETrainer`` (``sae_lens.training.multi_sae_trainer``, not exported)."""
+    from sae_lens.training.multi_sae_trainer import MultiSAETrainer
+
+    return MultiSAETrainer
+
+
+def advance_past_checkpoint(multi: Any) -> None:
+    """After ``multi.load_checkpoint``: count the step the checkpoint was saved in as done.
+
+    SAELens saves checkpoints inside the step, before the step counters advance, so a
+    resumed run would repeat that step; checkpoints already passed are dropped.
+    """
+    for trainer in multi.trainers.values():
+        trainer.n_training_steps += 1
+    multi.n_training_steps += 1
+    multi.checkpoint_thresholds = [t for t in multi.checkpoint_thresholds if t >= multi.n_training_samples]
+
+
+def estimate_scaling_factor(trainer: Any, d_in: int, batches: Iterator[torch.Tensor], n_batches: int) -> None:
+    """Let one SAELens trainer's activation scaler estimate its normalisation factor."""
+    trainer.activation_scaler.estimate_scaling_factor(d_in=d_in, data_provider=batches,
+                                                      n_batches_for_norm_estimate=n_batches)
+
+
+@contextmanager
+def quiet_sae_lens_bars() -> Iterator[None]:
+    """Silence SAELens's own tqdm bars (training, norm estimation) while ours show progress."""
+    import sae_lens.training.activation_scaler as scaler
+    import sae_lens.training.multi_sae_trainer as trainer
+
+    saved = [(module, module.tqdm) for module in (scaler, trainer)]
+    try:
+        for module, original in saved:
+            module.tqdm = lambda *a, _t=original, **k: _t(*a, **{**k, "disable": True})
+        yield
+    finally:
+        for module, original in saved:
+            module.tqdm = original

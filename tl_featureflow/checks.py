@@ -1,0 +1,64 @@
+"""One home for the argument checks every wing shares: whole numbers in a range, token ids.
+
+Each check returns its (normalised) input or raises an error that names the argument,
+the value and what was expected.
+
+>>> check_int(3, "k", low=1)
+3
+>>> check_int(True, "k", low=1)
+Traceback (most recent call last):
+...
+tl_featureflow.errors.InvalidArgumentError: k=True is not an int: expected an int >= 1
+>>> import torch
+>>> check_tokens(torch.tensor([[1, 99]]), d_vocab=64).shape
+Traceback (most recent call last):
+...
+tl_featureflow.errors.InvalidArgumentError: tokens hold ids [99] outside the vocabulary 0-63 (d_vocab 64)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from jaxtyping import Int
+from torch import Tensor
+
+from tl_featureflow.errors import FeatureFlowError, InvalidArgumentError
+
+__all__ = ["check_int", "check_tokens"]
+
+
+def check_int(value: object, name: str, *, low: int = 0, high: int | None = None,
+              error: type[FeatureFlowError] = InvalidArgumentError, context: str = "") -> int:
+    """``value`` if it is an int (not a bool) with ``low <= value <= high``; else raise ``error``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise error(f"{name}={value!r} is not an int{context}: expected {_expected(low, high)}")
+    if value < low or (high is not None and value > high):
+        raise error(f"{name}={value!r} is out of range{context}: expected {_expected(low, high)}")
+    return value
+
+
+def _expected(low: int, high: int | None) -> str:
+    if high is not None:
+        return f"an int in {low}..{high}"
+    return "a non-negative int" if low == 0 else f"an int >= {low}"
+
+
+def check_tokens(tokens: Any, d_vocab: int, *, name: str = "tokens", min_pos: int = 1) -> Int[Tensor, "batch pos"]:
+    """``tokens`` as a non-empty ``[batch, pos]`` integer tensor of ids in ``0..d_vocab-1``.
+
+    Out-of-vocabulary ids would otherwise surface as an IndexError deep inside an
+    embedding lookup (or, on some devices, as garbage); empty inputs as empty results.
+    """
+    if not isinstance(tokens, Tensor) or tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool:
+        raise InvalidArgumentError(f"{name} must be an integer tensor of token ids [batch, pos], got "
+                                   f"{type(tokens).__name__}{'' if not isinstance(tokens, Tensor) else ' ' + str(tokens.dtype)}")
+    if tokens.ndim != 2 or tokens.shape[0] == 0 or tokens.shape[1] < min_pos:
+        raise InvalidArgumentError(f"{name} must be [batch, pos] with batch >= 1 and pos >= {min_pos}, "
+                                   f"got shape {tuple(tokens.shape)}")
+    bad = tokens[(tokens < 0) | (tokens >= d_vocab)]
+    if bad.numel():
+        shown = sorted(set(bad.tolist()))[:5]
+        raise InvalidArgumentError(f"{name} hold ids {shown} outside the vocabulary 0-{d_vocab - 1} (d_vocab {d_vocab})")
+    return tokens

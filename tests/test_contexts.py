@@ -46,5 +46,7 @@ def test_streaming_top_contexts_equal_brute_force(tiny_model, corpus, tmp_path):
 
 
 def test_bad_tokens_are_refused(tiny_model):
-    with pytest.raises(ff.FeatureFlowError, match="int tensor"):
+    with pytest.raises(ff.FeatureFlowError, match="integer tensor"):
         collect_top_contexts(tiny_model, make_bank(layers=[0]), torch.zeros(3, 4), progress=False)
+    with pytest.raises(ff.InvalidArgumentError, match="outside the vocabulary"):
+        collect_top_contexts(tiny_model, make_bank(layers=[0]), torch.full((3, 4), 10_000), progress=False)

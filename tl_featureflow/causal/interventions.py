@@ -32,6 +32,7 @@ from tl_featureflow.checks import check_tokens
 from tl_featureflow.errors import FeatureFlowError, InvalidArgumentError
 from tl_featureflow.refs import Site, check_site, hook_name
 from tl_featureflow.saes.bank import SAEBank
+from tl_featureflow.saes.features import rescale_delta
 
 __all__ = ["Intervention", "rescale", "intervention_hooks", "intervened", "res_activations", "target_activations"]
 
@@ -74,12 +75,9 @@ def rescale(
         raise FeatureFlowError(f"features {list(features)} out of range: the SAE has d_sae {d_sae}")
     if any(not -seq <= p < seq for p in positions):
         raise FeatureFlowError(f"positions {list(positions)} out of range for a sequence of {seq} tokens")
-    feats = torch.as_tensor(list(features), device=h.device)
     pos = torch.as_tensor(list(positions), device=h.device)
     sub = h[:, pos]                                               # [batch, n_pos, d_model]
-    with torch.no_grad():
-        acts = sae.encode(sub.to(sae.W_dec.dtype))[..., feats]   # [batch, n_pos, n_feat]
-    delta = (r - 1) * (acts @ sae.W_dec[feats].detach())           # [batch, n_pos, d_model]
+    delta = rescale_delta(sub, sae, list(features), r - 1.0)       # [batch, n_pos, d_model]
     out = h.clone()
     out[:, pos] = sub + delta.to(h.dtype)
     return out

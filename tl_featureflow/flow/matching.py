@@ -21,6 +21,7 @@ from torch import Tensor
 
 from tl_featureflow.checks import check_int
 from tl_featureflow.errors import FeatureFlowError
+from tl_featureflow.saes.features import unit_rows
 
 __all__ = [
     "unit_rows",
@@ -33,12 +34,6 @@ __all__ = [
 
 MAX_PERMUTATION_WIDTH = 8192
 _CHUNK_ELEMENTS = 1 << 25  # 32M fp32 similarities (128 MB) per chunk
-
-
-def unit_rows(x: Float[Tensor, "n d"], eps: float = 1e-12) -> Float[Tensor, "n d"]:
-    """Rows scaled to unit L2 norm, computed in float32 (zero rows stay zero)."""
-    x32 = x.float()
-    return x32 / x32.norm(dim=-1, keepdim=True).clamp_min(eps)
 
 
 def default_chunk_size(n_src: int) -> int:

@@ -26,12 +26,12 @@ from torch import Tensor
 from tl_featureflow._files import atomic_directory, read_manifest, write_manifest
 from tl_featureflow.errors import BankError, CacheError, UnknownFeatureError
 from tl_featureflow.refs import SITES, FeatureRef, Key, Site, check_layer, check_site, hook_aliases, hook_name
+from tl_featureflow.saes.features import unit_rows
 
 __all__ = ["SAEBank", "BANK_SCHEMA_VERSION", "INDEX_FILE"]
 
 BANK_SCHEMA_VERSION = 1
 INDEX_FILE = "bank.json"
-_EPS = 1e-12
 
 
 
@@ -191,9 +191,7 @@ class SAEBank(Mapping[Key, SAE]):
             stamp = (W_dec.data_ptr(), W_dec._version)
             cached = self._decoders.get((site, layer))
             if cached is None or cached[0] != stamp:
-                w32 = W_dec.float()
-                unit_rows = (w32 / w32.norm(dim=-1, keepdim=True).clamp_min(_EPS)).to(W_dec.dtype)
-                cached = (stamp, unit_rows)
+                cached = (stamp, unit_rows(W_dec).to(W_dec.dtype))
                 self._decoders[(site, layer)] = cached
             W_dec = cached[1]
         return W_dec.to(device=device or W_dec.device, dtype=dtype or W_dec.dtype)

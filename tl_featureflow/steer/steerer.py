@@ -37,7 +37,6 @@ and KeyboardInterrupt (which are never swallowed).
 
 from __future__ import annotations
 
-import inspect
 import math
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import ExitStack
@@ -48,9 +47,11 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from tl_featureflow import _compat
 from tl_featureflow.errors import FeatureFlowError, UnknownFeatureError
 from tl_featureflow.refs import FeatureRef, Site, check_layer, check_site, hook_name
 from tl_featureflow.saes.bank import SAEBank
+from tl_featureflow.saes.features import rescale_delta
 
 __all__ = ["Steerer", "Positions", "Schedule", "FlowMode", "Coefficient", "flow_coefficients", "POSITIONS"]
 
@@ -383,11 +384,8 @@ class Steerer:
                 delta = delta + _rows(e.coef, batch, key).to(h.device)[:, None, None] * e.vector.to(h.device)
             delta = delta.expand(batch, sub.shape[1], h.shape[-1])
             if rescales:
-                assert sae is not None and W is not None
-                with torch.no_grad():
-                    acts = sae.encode(sub.to(sae.W_dec.dtype))[..., feats.to(h.device)].float()  # [b, n, f]
                 factors = torch.stack([_rows(e.coef, batch, key).to(h.device) - 1.0 for e in rescales], -1)
-                delta = delta + (acts * factors[:, None, :]) @ W.to(h.device)
+                delta = delta + rescale_delta(sub, sae, feats, factors[:, None, :], W)
             steered = sub + delta.to(h.dtype)
             if idx is None:
                 return steered
@@ -398,29 +396,24 @@ class Steerer:
         return hook
 
     def _wrap_generate(self, stack: ExitStack) -> None:
-        model = self.model
-        had_own = "generate" in vars(model)
-        previous = model.generate
-        signature = inspect.signature(type(model).generate)
-        state = self._state
+        """While active, ``model.generate`` tells the Steerer that a generation starts and
+        whether it uses the KV cache (TransformerLens's own default when not given)."""
+        model, state = self.model, self._state
+        method = type(model).generate
 
-        def generate(*args: Any, **kwargs: Any) -> Any:
-            bound = signature.bind(model, *args, **kwargs)
-            cached = bool(bound.arguments.get("use_past_kv_cache", True))
-            outer, state.generation = state.generation, _Generation(cached=cached)
-            try:
-                return previous(*args, **kwargs)
-            finally:
-                state.generation = outer
+        def make(previous: Callable) -> Callable:
+            def generate(*args: Any, **kwargs: Any) -> Any:
+                arguments = _compat.bind_arguments(method, model, *args, **kwargs)
+                cached = bool(arguments.get("use_past_kv_cache", True))
+                outer, state.generation = state.generation, _Generation(cached=cached)
+                try:
+                    return previous(*args, **kwargs)
+                finally:
+                    state.generation = outer
 
-        def restore() -> None:
-            if had_own:
-                model.__dict__["generate"] = previous
-            else:
-                model.__dict__.pop("generate", None)
+            return generate
 
-        model.__dict__["generate"] = generate
-        stack.callback(restore)
+        _compat.wrap_instance_method(stack, model, "generate", make)
 
 
 def _rows(coef: Tensor, batch: int, key: tuple[Site, int]) -> Tensor:

@@ -48,7 +48,9 @@ def test_flow_sankey_links(planted):
 
 def test_score_distributions_and_group_composition(planted):
     tracer, _ = planted
-    fig = plot.score_distributions(tracer, layers=[1, 2, 3])
+    fig = plot.score_distributions([tracer.scores(layer) for layer in (1, 2, 3)])
+    with pytest.raises(ff.FeatureFlowError, match="result objects"):
+        plot.score_distributions(tracer)
     assert {t.name for t in fig.data} == {"s(RES)", "s(MLP)", "s(ATT)"}
     res = next(t for t in fig.data if t.name == "s(RES)")
     assert len(res.y) == 3 * 12                       # every feature of the three layers

@@ -109,22 +109,27 @@ def flow_sankey(graph: Any, *, title: str | None = None) -> go.Figure:
     return fig
 
 
-def _layer_scores(source: Any, layer: int) -> Any:
-    if hasattr(source, "layer_scores"):          # FlowMap
-        return source[layer]
-    if hasattr(source, "scores") and callable(source.scores):   # FlowTracer
-        return source.scores(layer)
-    raise FeatureFlowError(f"expected a FlowTracer or FlowMap, got {type(source).__name__}")
+def _scores_by_layer(source: Any, layers: Iterable[int] | None) -> dict[int, Any]:
+    """``layer -> LayerScores`` from a FlowMap, or from LayerScores given one by one."""
+    if hasattr(source, "layer_scores"):                                   # a FlowMap
+        chosen = source.layers if layers is None else list(layers)
+        return {layer: source[layer] for layer in chosen}
+    if hasattr(source, "scores") and callable(source.scores):             # a FlowTracer: computes, so not here
+        raise FeatureFlowError("plots take result objects: pass tracer.flow_map() or "
+                               "[tracer.scores(layer) for layer in layers], not the FlowTracer")
+    items = list(source.values()) if isinstance(source, dict) else list(source)
+    if not items or not all(hasattr(item, "layer") and hasattr(item, "indices") for item in items):
+        raise FeatureFlowError(f"expected a FlowMap or LayerScores, got {type(source).__name__}")
+    wanted = None if layers is None else set(layers)
+    return {item.layer: item for item in items if wanted is None or item.layer in wanted}
 
 
 def score_distributions(source: Any, layers: Iterable[int] | None = None, *, title: str | None = None) -> go.Figure:
-    """Box plots of s(RES), s(MLP), s(ATT) per layer, from a FlowTracer or a FlowMap."""
-    if layers is None:
-        layers = source.layers if hasattr(source, "layer_scores") else source.bank.layers
+    """Box plots of s(RES), s(MLP), s(ATT) per layer, from a FlowMap or LayerScores
+    (``[tracer.scores(layer) for layer in layers]``)."""
     fig = go.Figure()
     data: dict[str, tuple[list[int], list[float]]] = {s: ([], []) for s in ("res", "mlp", "att")}
-    for layer in layers:
-        scores = _layer_scores(source, layer)
+    for layer, scores in sorted(_scores_by_layer(source, layers).items()):
         for site in data:
             s = scores.s(site)
             if s is not None:

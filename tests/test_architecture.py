@@ -1,0 +1,107 @@
+"""The architecture in the tree: wings, imports that point down, no circles, a small __init__."""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import warnings
+from pathlib import Path
+
+import pytest
+
+import tl_featureflow
+
+PACKAGE = Path(tl_featureflow.__file__).parent
+
+# Lower rank = lower layer; a module may import modules of its own or a lower rank only.
+RANKS = {
+    "errors": 0, "checks": 0, "refs": 0, "_files": 0, "_compat": 0, "_moved": 0,
+    "saes": 1, "model": 2, "synthetic": 2, "embedded": 3,
+    "flow": 4, "steer": 5, "causal": 5, "viz": 7, "cli": 8, "demo": 8, "__init__": 9,
+}
+# Sibling wings that must not import each other (steer and causal are both built on flow).
+FORBIDDEN = {("steer", "causal"), ("causal", "steer")}
+# The thin, lazy entry points that may point up, each documented where it lives.
+ALLOWED_UP = {("flow.tracer", "causal.experiment")}   # FlowTracer.validate -> causal.experiment.validate
+
+
+def _modules() -> dict[str, Path]:
+    return {".".join(p.relative_to(PACKAGE).with_suffix("").parts): p for p in PACKAGE.rglob("*.py")
+            if p.name != "__init__.py" or p.parent == PACKAGE}
+
+
+def _imports(path: Path) -> set[str]:
+    """tl_featureflow modules imported anywhere in the file (module level or inside functions)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("tl_featureflow"):
+            base = node.module.removeprefix("tl_featureflow").lstrip(".")
+            for alias in node.names:
+                full = f"{base}.{alias.name}".lstrip(".")
+                found.add(full if full in _modules() else base)
+        elif isinstance(node, ast.Import):
+            found |= {a.name.removeprefix("tl_featureflow.") for a in node.names if a.name.startswith("tl_featureflow.")}
+    return {m for m in found if m and m in _modules()}
+
+
+def _wing(module: str) -> str:
+    return module.split(".")[0]
+
+
+GRAPH = {name: _imports(path) - {name} for name, path in _modules().items()}
+
+
+def test_the_tree_shows_the_wings():
+    wings = {p.name for p in PACKAGE.iterdir() if p.is_dir() and (p / "__init__.py").is_file()}
+    assert wings == {"saes", "flow", "causal", "steer", "viz"}
+    top = sorted(p.stem for p in PACKAGE.glob("*.py"))
+    assert len(top) <= 13, f"top-level modules should stay few, got {top}"
+    assert len((PACKAGE / "__init__.py").read_text().splitlines()) < 200
+
+
+@pytest.mark.parametrize("module", sorted(GRAPH))
+def test_imports_point_down(module):
+    rank = RANKS[_wing(module)]
+    for target in GRAPH[module]:
+        if (module, target) in ALLOWED_UP or _wing(target) == _wing(module):
+            continue
+        assert (_wing(module), _wing(target)) not in FORBIDDEN, f"{module} imports {target}"
+        assert RANKS[_wing(target)] <= rank, f"{module} (rank {rank}) imports {target}, a higher wing"
+
+
+def test_no_import_cycles():
+    graph = {m: {t for t in targets if (m, t) not in ALLOWED_UP} for m, targets in GRAPH.items()}
+    state: dict[str, int] = {}
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = 1
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                raise AssertionError(f"import cycle: {' -> '.join(path + [node, nxt])}")
+            if nxt not in state:
+                visit(nxt, path + [node])
+        state[node] = 2
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [])
+
+
+def test_viz_takes_result_objects_only():
+    for module in ("viz.plot", "viz.html"):
+        assert not GRAPH[module] & {"flow.tracer", "model", "embedded", "causal.experiment", "steer.steerer"}, module
+
+
+@pytest.mark.parametrize("old", sorted(importlib.import_module("tl_featureflow._moved").MOVED))
+def test_old_module_paths_still_import_with_a_deprecation_warning(old):
+    from tl_featureflow._moved import MOVED
+
+    with pytest.warns(DeprecationWarning, match=f"tl_featureflow.{old} moved to"):
+        module = importlib.import_module(f"tl_featureflow.{old}")
+    for new in MOVED[old]:
+        home = importlib.import_module(f"tl_featureflow.{new}")
+        for name in getattr(home, "__all__", []):
+            assert getattr(module, name) is getattr(home, name)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        importlib.import_module(f"tl_featureflow.{MOVED[old][0]}")   # the new path is quiet

@@ -54,9 +54,9 @@ def main() -> None:
 
 
 def ff_groups() -> tuple[str, ...]:
-    from tl_featureflow.causal.results import GROUPS
+    from tl_featureflow.causal.results import ACTIVATION_GROUPS
 
-    return GROUPS
+    return ACTIVATION_GROUPS
 
 
 if __name__ == "__main__":

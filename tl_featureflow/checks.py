@@ -18,13 +18,13 @@ tl_featureflow.errors.InvalidArgumentError: tokens hold ids [99] outside the voc
 
 from __future__ import annotations
 
-from typing import Any
-
-import torch
-from jaxtyping import Int
-from torch import Tensor
+from typing import TYPE_CHECKING, Any
 
 from tl_featureflow.errors import FeatureFlowError, InvalidArgumentError
+
+if TYPE_CHECKING:  # torch loads lazily: refs (and the CLI's --help) import this module
+    from jaxtyping import Int
+    from torch import Tensor
 
 __all__ = ["check_int", "check_tokens"]
 
@@ -51,6 +51,9 @@ def check_tokens(tokens: Any, d_vocab: int, *, name: str = "tokens", min_pos: in
     Out-of-vocabulary ids would otherwise surface as an IndexError deep inside an
     embedding lookup (or, on some devices, as garbage); empty inputs as empty results.
     """
+    import torch
+    from torch import Tensor
+
     if not isinstance(tokens, Tensor) or tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool:
         raise InvalidArgumentError(f"{name} must be an integer tensor of token ids [batch, pos], got "
                                    f"{type(tokens).__name__}{'' if not isinstance(tokens, Tensor) else ' ' + str(tokens.dtype)}")

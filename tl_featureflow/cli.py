@@ -14,6 +14,11 @@ import time
 from pathlib import Path
 from typing import Any, NoReturn
 
+# Vocabulary from its homes (light modules: no torch, no SAELens), never retyped here.
+from tl_featureflow.causal.results import METHODS
+from tl_featureflow.refs import LABELS, SITES
+from tl_featureflow.saes.presets import PRESETS
+
 
 class _Parser(argparse.ArgumentParser):
     """argparse, but a bad argument is one line on stderr (and exit status 2)."""
@@ -85,7 +90,7 @@ def _train_saes(args: argparse.Namespace) -> int:
         model = _load_model(args)
         out = args.out or f"featureflow-out/bank-{args.preset}"
         bank = train_bank(model, preset=args.preset, out=out, layers=args.layers,
-                          sites=args.sites or ("res", "mlp", "att"), training_tokens=args.tokens)
+                          sites=args.sites or SITES, training_tokens=args.tokens)
         print(f"bank saved to {out}/bank")
     if bank.metadata.get("quality") and not trained_here:
         print(QualityReport.from_dict(bank.metadata["quality"]).table())
@@ -105,7 +110,7 @@ def _trace(args: argparse.Namespace) -> int:
     print(f"flow graph of {graph.seed}: {len(graph.nodes)} features, {len(graph.edges)} edges, "
           f"layers {graph.span[0]}-{graph.span[1]}")
     for node in graph.nodes:
-        scores = ", ".join(f"s({s.upper()})={v:.2f}" for s in ("res", "mlp", "att")
+        scores = ", ".join(f"s({s.upper()})={v:.2f}" for s in SITES
                            if (v := getattr(node, f"s_{s}")) is not None)
         print(f"  {str(node.ref):>14}  {node.role:<6} {scores}  {node.label or ''}")
     print(f"saved {out}")
@@ -119,10 +124,9 @@ def _map(args: argparse.Namespace) -> int:
 
     model, bank = _setup(args)
     fmap = FlowTracer(bank, model).flow_map(args.out, layers=args.layers, k=args.k)
-    print("layer | translated | processed | newborn | unexplained")
+    print("layer | " + " | ".join(LABELS))
     for layer, counts in fmap.groups().items():
-        print(f"{layer:>5} | " + " | ".join(f"{counts.get(g, 0):>10}" for g in
-                                            ("translated", "processed", "newborn", "unexplained")))
+        print(f"{layer:>5} | " + " | ".join(f"{counts.get(g, 0):>10}" for g in LABELS))
     print(f"saved {args.out}")
     return 0
 
@@ -188,7 +192,7 @@ def _report(args: argparse.Namespace) -> int:
 def _common(p: argparse.ArgumentParser, *, bank: bool = True) -> None:
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     if bank:
-        p.add_argument("--preset", default="quick", choices=["quick", "full", "smoke", "tiny"],
+        p.add_argument("--preset", default="quick", choices=list(PRESETS),
                        help="the embedded model's SAE bank (default: quick, trained on first use)")
         p.add_argument("--bank", help="a saved SAEBank folder instead of the embedded model's bank")
 
@@ -228,11 +232,11 @@ def build_parser() -> argparse.ArgumentParser:
         "  featureflow train-saes --preset quick --layers 10 11 12 --sites res mlp --out my-bank\n"
         "An interrupted run resumes from its last checkpoint when run again with the same arguments.",
         formatter_class=raw)
-    train.add_argument("--preset", default="quick", choices=["quick", "full", "smoke", "tiny"],
+    train.add_argument("--preset", default="quick", choices=list(PRESETS),
                        help="quick: 6 middle layers, ~15 min on 2 CPU cores; full: every layer (hours); "
                        "smoke: ~1 min, rough features for trying the pipeline; tiny: for tiny test models")
     train.add_argument("--layers", type=int, nargs="+", help="layers to train (default: the preset's)")
-    train.add_argument("--sites", nargs="+", choices=["res", "mlp", "att"], help="sites (default: all three)")
+    train.add_argument("--sites", nargs="+", choices=list(SITES), help="sites (default: all three)")
     train.add_argument("--tokens", type=int, help="training tokens (default: the preset's)")
     train.add_argument("--out", help="run folder (default: the embedded model's bank in the cache)")
     train.add_argument("--device", default="cpu", help="torch device (default: cpu)")
@@ -272,8 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(val)
     val.add_argument("--texts", type=int, default=4, help="held-out texts of 128 tokens (default: 4)")
     val.add_argument("--layers", type=int, nargs="+", help="target layers (default: the bank's middle res layer)")
-    val.add_argument("--methods", nargs="+", default=["top1", "top5", "random", "permutation", "exhaustive"],
-                     choices=["top1", "top5", "random", "permutation", "pearson", "exhaustive"])
+    val.add_argument("--methods", nargs="+", default=[m for m in METHODS if m != "pearson"], choices=list(METHODS))
     val.add_argument("--r", type=float, nargs="+", default=[0.0], help="rescaling factor(s); the first is the main")
     val.add_argument("--loss-samples", type=int, default=0, help="interventions per text with the LM-loss change")
     val.add_argument("--out", default="featureflow-out/validation.json")

@@ -129,7 +129,7 @@ def run_demo(
 
         texts = load_corpus(model.tokenizer, "heldout", progress=progress).tokens[:n_texts]
     val_layers = [layer] + ([layer + 1] if ("res", layer + 1) in bank else [])
-    key = _fingerprint(tracer.fingerprint(), texts.tolist(), val_layers)
+    key = _fingerprint(bank.fingerprint(), texts.tolist(), val_layers)
     val_path = out / "validation.json"
     report = None
     if val_path.is_file():

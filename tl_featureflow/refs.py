@@ -23,6 +23,7 @@ __all__ = [
     "Site",
     "SITES",
     "Key",
+    "LABELS",
     "FeatureRef",
     "hook_name",
     "hook_aliases",
@@ -37,6 +38,8 @@ Site = Literal["res", "mlp", "att"]
 SITES: tuple[Site, ...] = get_args(Site)
 Key = tuple[Site, int]
 """An SAE's place in a bank: ``(site, layer)``, e.g. ``("res", 12)``."""
+#: Where a res feature comes from, by its predecessor scores (method section 3; flow.origins).
+LABELS: tuple[str, ...] = ("translated", "processed", "newborn", "unexplained")
 
 _HOOK_SUFFIX: dict[str, str] = {
     "res": "hook_resid_post",

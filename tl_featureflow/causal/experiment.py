@@ -18,6 +18,7 @@ from jaxtyping import Int
 from torch import Tensor
 
 from tl_featureflow.causal.interventions import Intervention, intervened, res_activations, target_activations
+from tl_featureflow.causal.results import METHODS
 from tl_featureflow.checks import check_tokens
 from tl_featureflow.errors import FeatureFlowError
 from tl_featureflow.refs import Site
@@ -25,7 +26,6 @@ from tl_featureflow.saes.bank import SAEBank
 
 __all__ = ["validate", "METHODS"]
 
-METHODS: tuple[str, ...] = ("top1", "top5", "random", "permutation", "pearson", "exhaustive")
 
 
 def _pearson_matches(acts: dict, layer: int, pred_keys: dict) -> dict[Site, Tensor]:
@@ -117,7 +117,7 @@ def validate(
     """
     from tqdm.auto import tqdm
 
-    from tl_featureflow.causal.results import GROUPS, ValidationReport, ValidationRow, group_name
+    from tl_featureflow.causal.results import ACTIVATION_GROUPS, ValidationReport, ValidationRow, group_name
     from tl_featureflow.model import FeatureCache, FlowTransformer
     from tl_featureflow.refs import FeatureRef
 
@@ -145,7 +145,7 @@ def validate(
         del flat
     gen = torch.Generator().manual_seed(seed)
     rows: list[ValidationRow] = []
-    counts = {str(layer): {m: {g: 0 for g in GROUPS} for m in methods} for layer in layers}
+    counts = {str(layer): {m: {g: 0 for g in ACTIVATION_GROUPS} for m in methods} for layer in layers}
     for t in tqdm(range(tokens.shape[0]), desc="validating", unit="text", disable=not progress):
         text = tokens[t:t + 1]
         if all_feats is not None:  # already computed for pearson: no second forward

@@ -10,11 +10,15 @@ from typing import Any
 from tl_featureflow._files import atomic_write_text, read_json
 from tl_featureflow.errors import CacheError
 
-__all__ = ["GROUPS", "group_name", "ValidationRow", "ValidationReport"]
+__all__ = ["ACTIVATION_GROUPS", "GROUPS", "METHODS", "group_name", "ValidationRow", "ValidationReport"]
 
-#: The 8 activation groups: which predecessor sites have an active matched feature.
-GROUPS: tuple[str, ...] = ("From nowhere", "RES", "MLP", "ATT", "RES & MLP", "RES & ATT", "MLP & ATT",
-                           "RES & MLP & ATT")
+#: The 8 activation groups of a target: which predecessor sites have an active matched feature
+#: (not to be confused with the translated/processed/newborn labels of flow.origins).
+ACTIVATION_GROUPS: tuple[str, ...] = ("From nowhere", "RES", "MLP", "ATT", "RES & MLP", "RES & ATT", "MLP & ATT",
+                                      "RES & MLP & ATT")
+GROUPS = ACTIVATION_GROUPS   # the name before 0.2
+#: Matching methods of the deactivation experiment (see causal.experiment.validate).
+METHODS: tuple[str, ...] = ("top1", "top5", "random", "permutation", "pearson", "exhaustive")
 _SCHEMA = 1
 
 

@@ -126,14 +126,13 @@ def collect_top_contexts(
     """
     from tqdm.auto import tqdm
 
-    from tl_featureflow.flow.tracer import FlowTracer
     from tl_featureflow.model import FlowTransformer
 
     check_tokens(tokens, model.cfg.d_vocab)
     if n < 1 or batch_size < 1:
         raise FeatureFlowError(f"n={n} and batch_size={batch_size} must be positive")
     chosen = bank.select(sites=sites, layers=layers)
-    meta = {"bank_fingerprint": FlowTracer(chosen).fingerprint(), "tokens": tensor_digest(tokens),
+    meta = {"bank_fingerprint": chosen.fingerprint(), "tokens": tensor_digest(tokens),
             "n": n, "skip_first": skip_first, "keys": [list(k) for k in chosen]}
     if path is not None and (Path(path) / _MANIFEST).is_file():
         try:

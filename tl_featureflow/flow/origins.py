@@ -22,11 +22,10 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from tl_featureflow.errors import FeatureFlowError
-from tl_featureflow.refs import Site
+from tl_featureflow.refs import LABELS, Site
 
 __all__ = ["LABELS", "LayerScores", "Classification", "classify_scores"]
 
-LABELS: tuple[str, ...] = ("translated", "processed", "newborn", "unexplained")
 
 
 @dataclass

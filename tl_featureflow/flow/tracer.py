@@ -14,7 +14,6 @@ Predecessors(12/res/4230: res=[(11/res/801, 0.91)], mlp=[(12/mlp/17, 0.22)], att
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -383,14 +382,8 @@ class FlowTracer:
 
     # -- the full map ----------------------------------------------------------------------------
     def fingerprint(self) -> str:
-        """A short hash of the bank's keys, shapes and a strided sample of every decoder."""
-        digest = hashlib.sha256()
-        for key, sae in self.bank.items():
-            W = sae.W_dec.detach()
-            sample = W.flatten()[:: max(1, W.numel() // 65536)].float().cpu().numpy().tobytes()
-            digest.update(f"{key}{tuple(W.shape)}{float(W.double().sum()):.12e}".encode())
-            digest.update(sample)
-        return digest.hexdigest()[:16]
+        """The bank's fingerprint (:meth:`SAEBank.fingerprint`), kept here for existing callers."""
+        return self.bank.fingerprint()
 
     def flow_map(
         self,
@@ -419,7 +412,7 @@ class FlowTracer:
         if not planned:
             raise FeatureFlowError(f"no layer of {wanted} has predecessor SAEs (res(L-1), mlp(L) or att(L))")
         method = thresholds if isinstance(thresholds, str) else "fixed"
-        meta = {"k": k, "bank_fingerprint": self.fingerprint(), "bank": self.bank.describe(),
+        meta = {"k": k, "bank_fingerprint": self.bank.fingerprint(), "bank": self.bank.describe(),
                 "threshold_method": method, "quantile": quantile, "planned": planned}
         done: dict[int, LayerScores] = {}
         thr: dict[int, dict[Site, float]] = {}

@@ -13,6 +13,7 @@ torch.Size([d_sae, d_model])
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
@@ -202,6 +203,20 @@ class SAEBank(Mapping[Key, SAE]):
             sae.to(device=device, dtype=dtype)
         self._decoders.clear()
         return self
+
+    def fingerprint(self) -> str:
+        """A short hash of the bank's keys, shapes and a strided sample of every decoder.
+
+        Results computed from a bank (a flow map, cached contexts, a demo's validation)
+        record it, so a cache made with other SAEs is never reused.
+        """
+        digest = hashlib.sha256()
+        for key, sae in self._saes.items():
+            W = sae.W_dec.detach()
+            sample = W.flatten()[:: max(1, W.numel() // 65536)].float().cpu().numpy().tobytes()
+            digest.update(f"{key}{tuple(W.shape)}{float(W.double().sum()):.12e}".encode())
+            digest.update(sample)
+        return digest.hexdigest()[:16]
 
     # -- persistence ---------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:

@@ -21,7 +21,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,119 +34,12 @@ from tl_featureflow._files import atomic_write_json, tensor_digest
 from tl_featureflow.errors import FeatureFlowError, ModelMismatchError
 from tl_featureflow.refs import SITES, Key, Site, check_layer, hook_name
 from tl_featureflow.saes.bank import SAEBank
+from tl_featureflow.saes.presets import PRESETS, TRAINING_VERSION, Preset, preset_layers
+from tl_featureflow.saes.stream import ActivationStream
 
 __all__ = ["TRAINING_VERSION", "Preset", "PRESETS", "preset_layers", "ActivationStream", "train_bank"]
 
 _COMPLETE = "complete.json"
-TRAINING_VERSION = 3  # bump when presets or the training recipe change what a bank means
-
-
-@dataclass(frozen=True)
-class Preset:
-    """Training settings. Widths are multiples of ``d_model``; layers are chosen per model.
-
-    ``n_layers=None`` means every layer; otherwise that many consecutive layers
-    centred on the middle of the model.
-    """
-
-    name: str
-    n_layers: int | None
-    expansion: int
-    k: float
-    training_tokens: int
-    lr: float = 3e-3
-    batch_tokens: int = 256
-    chunk_rows: int = 64
-    context_size: int = 128
-    n_checkpoints: int = 4
-    dead_feature_window: int = 50
-    n_norm_batches: int = 10
-    eval_rows: int = 256
-    loss_rows: int = 16
-
-    def describe(self) -> str:
-        layers = "all layers" if self.n_layers is None else f"{self.n_layers} middle layers"
-        return (f"{self.name}: {layers} x res/mlp/att, d_sae {self.expansion} x d_model, BatchTopK k={self.k:g}, "
-                f"{self.training_tokens:,} tokens")
-
-
-PRESETS: dict[str, Preset] = {
-    # ~15 minutes on a 2-core CPU for SmolLM2 (layers 12-17): see docs/performance.md
-    "quick": Preset("quick", n_layers=6, expansion=3, k=32, training_tokens=196_608, n_norm_batches=4,
-                    n_checkpoints=3, eval_rows=128, loss_rows=8),
-    # every layer and site: hours on a CPU, minutes on a GPU
-    "full": Preset("full", n_layers=None, expansion=4, k=32, training_tokens=2_000_000),
-    # seconds, for tests and trying the pipeline on a new model
-    "tiny": Preset("tiny", n_layers=2, expansion=2, k=4, training_tokens=32_768, batch_tokens=128,
-                   chunk_rows=16, context_size=32, n_checkpoints=2, dead_feature_window=20, n_norm_batches=4,
-                   eval_rows=32, loss_rows=4),
-    # about a minute for SmolLM2 on 2 CPU cores: a bank to smoke-test the pipeline (CI, notebooks);
-    # its features are rough (few tokens, big batches), not for results
-    "smoke": Preset("smoke", n_layers=2, expansion=2, k=8, training_tokens=16_384, batch_tokens=1024,
-                    chunk_rows=32, context_size=64, n_checkpoints=1, dead_feature_window=8, n_norm_batches=2,
-                    eval_rows=16, loss_rows=4),
-}
-
-
-def preset_layers(preset: Preset, n_layers: int) -> list[int]:
-    """The layers a preset trains on a model of ``n_layers`` layers."""
-    if preset.n_layers is None or preset.n_layers >= n_layers:
-        return list(range(n_layers))
-    start = max(0, n_layers // 2 - preset.n_layers // 2)
-    return list(range(start, start + preset.n_layers))
-
-
-class ActivationStream:
-    """Deterministic batches of activations at several hooks, one forward pass per chunk.
-
-    Batch ``i`` is a pure function of the token rows, the seed and ``i``: rows are
-    visited in a seeded order per epoch, ``chunk_rows`` rows at a time; the chunk's
-    tokens (position 0 skipped: BOS and attention-sink activations are outliers) are
-    shuffled with a seed of their own and cut into batches of ``batch_tokens``.
-    """
-
-    def __init__(self, model: Any, tokens: Int[Tensor, "n_rows ctx"], hooks: Sequence[str], *,
-                 batch_tokens: int, chunk_rows: int, seed: int = 0, stop_at_layer: int | None = None):
-        if tokens.shape[0] < chunk_rows:
-            raise FeatureFlowError(
-                f"the corpus has {tokens.shape[0]} rows but one chunk needs {chunk_rows}: use more text or a smaller chunk"
-            )
-        self.model, self.tokens, self.hooks = model, tokens, list(hooks)
-        self.batch_tokens, self.chunk_rows, self.seed, self.stop_at_layer = batch_tokens, chunk_rows, seed, stop_at_layer
-        chunk_tokens = chunk_rows * (tokens.shape[1] - 1)
-        self.batches_per_chunk = chunk_tokens // batch_tokens
-        if self.batches_per_chunk < 1:
-            raise FeatureFlowError(f"a chunk holds {chunk_tokens} tokens, fewer than one batch of {batch_tokens}")
-        self.chunks_per_epoch = tokens.shape[0] // chunk_rows
-        self._cached: tuple[int, dict[str, Tensor]] | None = None
-
-    def _chunk(self, index: int) -> dict[str, Tensor]:
-        if self._cached is not None and self._cached[0] == index:
-            return self._cached[1]
-        epoch, within = divmod(index, self.chunks_per_epoch)
-        order = torch.randperm(self.tokens.shape[0], generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch))
-        rows = self.tokens[order[within * self.chunk_rows:(within + 1) * self.chunk_rows]]
-        device = next(self.model.parameters()).device
-        with torch.no_grad():
-            _, cache = self.model.run_with_cache(rows.to(device), names_filter=self.hooks, stop_at_layer=self.stop_at_layer)
-        shuffle = torch.randperm(rows.shape[0] * (rows.shape[1] - 1),
-                                 generator=torch.Generator().manual_seed(self.seed * 7_919 + index))
-        acts = {h: cache[h][:, 1:].reshape(-1, cache[h].shape[-1])[shuffle.to(device)] for h in self.hooks}
-        self._cached = (index, acts)
-        return acts
-
-    def batch(self, index: int) -> dict[str, Tensor]:
-        chunk, offset = divmod(index, self.batches_per_chunk)
-        acts = self._chunk(chunk)
-        sl = slice(offset * self.batch_tokens, (offset + 1) * self.batch_tokens)
-        return {h: a[sl] for h, a in acts.items()}
-
-    def iterate(self, start: int = 0) -> Iterator[dict[str, Tensor]]:
-        index = start
-        while True:
-            yield self.batch(index)
-            index += 1
-
 
 def _check_request(model: Any, sites: Sequence[str], layers: Sequence[int]) -> tuple[list[Site], list[int]]:
     bad_sites = [s for s in sites if s not in SITES]

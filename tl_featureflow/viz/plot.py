@@ -157,9 +157,9 @@ def group_composition(source: Any, *, method: str = "top1", title: str | None = 
         kind = "cosine groups"
     elif hasattr(source, "group_counts"):
         counts = {layer: by_method.get(method, {}) for layer, by_method in source.group_counts.items()}
-        from tl_featureflow.causal.results import GROUPS
+        from tl_featureflow.causal.results import ACTIVATION_GROUPS
 
-        groups = list(GROUPS)
+        groups = list(ACTIVATION_GROUPS)
         kind = f"activation groups ({method})"
     else:
         raise FeatureFlowError(f"expected a FlowMap or ValidationReport, got {type(source).__name__}")

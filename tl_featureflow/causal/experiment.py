@@ -11,6 +11,7 @@ docs/performance.md.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -20,7 +21,7 @@ from torch import Tensor
 from tl_featureflow.causal.interventions import Intervention, intervened, res_activations, target_activations
 from tl_featureflow.causal.results import METHODS
 from tl_featureflow.checks import check_tokens
-from tl_featureflow.errors import FeatureFlowError
+from tl_featureflow.errors import FeatureFlowError, InvalidArgumentError
 from tl_featureflow.refs import Site
 from tl_featureflow.saes.bank import SAEBank
 
@@ -117,92 +118,169 @@ def validate(
     """
     from tqdm.auto import tqdm
 
-    from tl_featureflow.causal.results import ACTIVATION_GROUPS, ValidationReport, ValidationRow, group_name
-    from tl_featureflow.model import FeatureCache, FlowTransformer
-    from tl_featureflow.refs import FeatureRef
+    from tl_featureflow.model import FlowTransformer
 
-    rs = [float(r)] if isinstance(r, (int, float)) else [float(x) for x in r]
-    if not rs:
-        raise FeatureFlowError("r must be a number or a non-empty list of numbers")
-    bad = [m for m in methods if m not in METHODS]
-    if bad:
-        raise FeatureFlowError(f"unknown matching methods {bad}: expected some of {METHODS}")
-    check_tokens(tokens, model.cfg.d_vocab, min_pos=2)
-    bank = tracer.bank
-    for layer in layers:
-        if ("res", layer) not in bank or not tracer.predecessor_keys(layer):
-            raise FeatureFlowError(f"layer {layer} needs a res SAE and at least one predecessor SAE: the bank has {bank.describe()}")
+    rs = _check_arguments(tracer, model, tokens, layers, methods, r)
     flow = FlowTransformer.from_hooked(model)
-    matches = {(layer, m): _method_matches(tracer, layer, m, seed) for layer in layers for m in methods}
-    keys = {("res", layer) for layer in layers} | {k for layer in layers for k in tracer.predecessor_keys(layer).values()}
-    needed = bank.select(sites=sorted({k[0] for k in keys}), layers=sorted({k[1] for k in keys}))
+    run = _Experiment(tracer, flow, list(layers), list(methods), rs, list(sweep_methods), max_targets, batch_rows,
+                      loss_samples, torch.Generator().manual_seed(seed))
+    run.matches = {(layer, m): _method_matches(tracer, layer, m, seed) for layer in layers for m in methods}
     all_feats = None
     if "pearson" in methods:  # the paper's data-based matching: correlations over all the given texts
-        _, all_feats = flow.run_with_features(tokens, bank=needed, return_logits=False)
-        flat = {key: all_feats[key][:, 1:].reshape(-1, all_feats[key].shape[-1]) for key in all_feats}
-        for layer in layers:
-            matches[(layer, "pearson")] = _pearson_matches(flat, layer, tracer.predecessor_keys(layer))
-        del flat
-    gen = torch.Generator().manual_seed(seed)
-    rows: list[ValidationRow] = []
-    counts = {str(layer): {m: {g: 0 for g in ACTIVATION_GROUPS} for m in methods} for layer in layers}
+        _, all_feats = flow.run_with_features(tokens, bank=run.needed, return_logits=False)
+        run.add_pearson_matches(all_feats)
+    rows: list[Any] = []
     for t in tqdm(range(tokens.shape[0]), desc="validating", unit="text", disable=not progress):
         text = tokens[t:t + 1]
-        if all_feats is not None:  # already computed for pearson: no second forward
-            feats = FeatureCache({key: acts[t:t + 1] for key, acts in all_feats.items()})
-        else:
-            _, feats = flow.run_with_features(text, bank=needed, return_logits=False)
+        feats = run.text_features(text, all_feats, t)
         n_pos = min(positions_per_text, text.shape[1] - 1)
-        positions = (1 + torch.randperm(text.shape[1] - 1, generator=gen)[:n_pos]).tolist()
+        positions = (1 + torch.randperm(text.shape[1] - 1, generator=run.gen)[:n_pos]).tolist()
         for layer in layers:
-            pred_keys = tracer.predecessor_keys(layer)
-            plan: list[tuple[tuple[int, int], list[Intervention], dict[str, Any]]] = []
-            best: dict[tuple[int, Site], Tensor] = {}
-            if "exhaustive" in methods:
-                best = _exhaustive_choices(flow, bank, text, layer, positions, pred_keys, feats, batch_rows)
-            for pos in positions:
-                active = (feats["res", layer][0, pos] > 0).nonzero().squeeze(1)
-                chosen = active[torch.randperm(len(active), generator=gen)[:max_targets]].tolist()
-                for index in chosen:
-                    for method in methods:
-                        active_preds: dict[Site, list[int]] = {}
-                        for site, key in pred_keys.items():
-                            if method == "exhaustive":
-                                choice = best.get((pos, site))
-                                cands = [] if choice is None else [int(choice[index])]
-                            else:
-                                cands = [c for c in matches[(layer, method)][site][index].tolist() if c >= 0]
-                            on = [c for c in cands if float(feats[key][0, pos, c]) > 0]
-                            if on:
-                                active_preds[site] = on
-                        group = group_name(set(active_preds))
-                        counts[str(layer)][method][group] += 1
-                        if not active_preds:
-                            continue
-                        for rr in (rs if method in sweep_methods else rs[:1]):
-                            items = [Intervention(pred_keys[s][0], pred_keys[s][1], tuple(f), (pos,), rr)
-                                     for s, f in active_preds.items()]
-                            info = {"text": t, "position": pos, "method": method, "group": group, "r": rr,
-                                    "z_old": float(feats["res", layer][0, pos, index]),
-                                    "target": str(FeatureRef(layer, "res", index)),
-                                    "deactivated": [str(FeatureRef(i.layer, i.site, f)) for i in items for f in i.features]}
-                            plan.append(((pos, index), items, info))
-            z_new = target_activations(flow, bank, text, layer, [p[0] for p in plan], [p[1] for p in plan],
-                                       chunk_rows=batch_rows) if plan else torch.zeros(0)
-            new_rows = [ValidationRow(**p[2], z_new=float(z)) for p, z in zip(plan, z_new.tolist(), strict=False)]
-            main_rows = [i for i, row in enumerate(new_rows) if row.r == rs[0]]
-            if loss_samples > 0 and main_rows:
-                clean_loss = float(flow(text, return_type="loss"))
-                for i in torch.randperm(len(main_rows), generator=gen)[:loss_samples].tolist():
-                    with intervened(flow, bank, plan[main_rows[i]][1]):
-                        loss = float(flow(text, return_type="loss"))
-                    new_rows[main_rows[i]].loss_change = (loss - clean_loss) / clean_loss
-            rows.extend(new_rows)
+            rows += run.layer_rows(t, text, feats, layer, positions)
+    bank = tracer.bank
     meta = {"layers": list(layers), "methods": list(methods), "r": rs[0], "r_values": rs,
             "sweep_methods": list(sweep_methods), "loss_samples": loss_samples,
             "positions_per_text": positions_per_text, "max_targets": max_targets, "seed": seed,
             "n_texts": int(tokens.shape[0]), "bank": bank.describe()}
-    return ValidationReport(rows, counts, meta)
+    from tl_featureflow.causal.results import ValidationReport
+
+    return ValidationReport(rows, run.counts, meta)
+
+
+def _check_arguments(tracer: Any, model: Any, tokens: Tensor, layers: Sequence[int], methods: Sequence[str],
+                     r: float | Sequence[float]) -> list[float]:
+    """Everything :func:`validate` needs checked before it runs; returns the r values (main first)."""
+    rs = [float(r)] if isinstance(r, (int, float)) else [float(x) for x in r]
+    if not rs:
+        raise InvalidArgumentError("r must be a number or a non-empty list of numbers")
+    bad = [m for m in methods if m not in METHODS]
+    if bad:
+        raise InvalidArgumentError(f"unknown matching methods {bad}: expected some of {METHODS}")
+    check_tokens(tokens, model.cfg.d_vocab, min_pos=2)
+    for layer in layers:
+        if ("res", layer) not in tracer.bank or not tracer.predecessor_keys(layer):
+            raise FeatureFlowError(f"layer {layer} needs a res SAE and at least one predecessor SAE: "
+                                   f"the bank has {tracer.bank.describe()}")
+    return rs
+
+
+Plan = list[tuple[tuple[int, int], list[Intervention], dict[str, Any]]]
+
+
+@dataclass
+class _Experiment:
+    """The state of one :func:`validate` run and its steps, one text and layer at a time."""
+
+    tracer: Any
+    flow: Any
+    layers: list[int]
+    methods: list[str]
+    rs: list[float]
+    sweep_methods: list[str]
+    max_targets: int
+    batch_rows: int
+    loss_samples: int
+    gen: torch.Generator
+    matches: dict[tuple[int, str], dict[Site, Tensor]] = field(default_factory=dict)
+    counts: dict[str, dict[str, dict[str, int]]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        from tl_featureflow.causal.results import ACTIVATION_GROUPS
+
+        self.bank = self.tracer.bank
+        self.counts = {str(layer): {m: {g: 0 for g in ACTIVATION_GROUPS} for m in self.methods}
+                       for layer in self.layers}
+        keys = {("res", layer) for layer in self.layers}
+        keys |= {k for layer in self.layers for k in self.tracer.predecessor_keys(layer).values()}
+        self.needed = self.bank.select(sites=sorted({k[0] for k in keys}), layers=sorted({k[1] for k in keys}))
+
+    def add_pearson_matches(self, all_feats: Any) -> None:
+        flat = {key: all_feats[key][:, 1:].reshape(-1, all_feats[key].shape[-1]) for key in all_feats}
+        for layer in self.layers:
+            self.matches[(layer, "pearson")] = _pearson_matches(flat, layer, self.tracer.predecessor_keys(layer))
+
+    def text_features(self, text: Tensor, all_feats: Any, t: int) -> Any:
+        """Feature activations of one text (taken from the pearson pass when there was one)."""
+        from tl_featureflow.model import FeatureCache
+
+        if all_feats is not None:
+            return FeatureCache({key: acts[t:t + 1] for key, acts in all_feats.items()})
+        return self.flow.run_with_features(text, bank=self.needed, return_logits=False)[1]
+
+    def layer_rows(self, t: int, text: Tensor, feats: Any, layer: int, positions: list[int]) -> list[Any]:
+        """Plan the interventions of one text and layer, run them as batched rows, read the targets."""
+        from tl_featureflow.causal.results import ValidationRow
+
+        plan = self.plan(t, text, feats, layer, positions)
+        z_new = target_activations(self.flow, self.bank, text, layer, [p[0] for p in plan], [p[1] for p in plan],
+                                   chunk_rows=self.batch_rows) if plan else torch.zeros(0)
+        rows = [ValidationRow(**p[2], z_new=float(z)) for p, z in zip(plan, z_new.tolist(), strict=True)]
+        self.add_loss_changes(text, plan, rows)
+        return rows
+
+    def plan(self, t: int, text: Tensor, feats: Any, layer: int, positions: list[int]) -> Plan:
+        """For every chosen target and method: the active matched predecessors to rescale (counted by group)."""
+        from tl_featureflow.causal.results import group_name
+
+        pred_keys = self.tracer.predecessor_keys(layer)
+        best: dict[tuple[int, Site], Tensor] = {}
+        if "exhaustive" in self.methods:
+            best = _exhaustive_choices(self.flow, self.bank, text, layer, positions, pred_keys, feats, self.batch_rows)
+        plan: Plan = []
+        for pos in positions:
+            active = (feats["res", layer][0, pos] > 0).nonzero().squeeze(1)
+            chosen = active[torch.randperm(len(active), generator=self.gen)[:self.max_targets]].tolist()
+            for index in chosen:
+                for method in self.methods:
+                    active_preds = self.active_predecessors(method, layer, pos, index, feats, best)
+                    group = group_name(set(active_preds))
+                    self.counts[str(layer)][method][group] += 1
+                    if active_preds:
+                        plan += self.plan_target(t, feats, layer, pos, index, method, group, active_preds)
+        return plan
+
+    def active_predecessors(self, method: str, layer: int, pos: int, index: int, feats: Any,
+                            best: dict[tuple[int, Site], Tensor]) -> dict[Site, list[int]]:
+        """Per site, the target's matched predecessors (by ``method``) that are active at ``pos``."""
+        out: dict[Site, list[int]] = {}
+        for site, key in self.tracer.predecessor_keys(layer).items():
+            if method == "exhaustive":
+                choice = best.get((pos, site))
+                cands = [] if choice is None else [int(choice[index])]
+            else:
+                cands = [c for c in self.matches[(layer, method)][site][index].tolist() if c >= 0]
+            on = [c for c in cands if float(feats[key][0, pos, c]) > 0]
+            if on:
+                out[site] = on
+        return out
+
+    def plan_target(self, t: int, feats: Any, layer: int, pos: int, index: int, method: str, group: str,
+                    active_preds: dict[Site, list[int]]) -> Plan:
+        """The rows of one target and method: one per r value (the r sweep for ``sweep_methods``)."""
+        from tl_featureflow.refs import FeatureRef
+
+        pred_keys = self.tracer.predecessor_keys(layer)
+        rows: Plan = []
+        for rr in (self.rs if method in self.sweep_methods else self.rs[:1]):
+            items = [Intervention(pred_keys[s][0], pred_keys[s][1], tuple(f), (pos,), rr)
+                     for s, f in active_preds.items()]
+            info = {"text": t, "position": pos, "method": method, "group": group, "r": rr,
+                    "z_old": float(feats["res", layer][0, pos, index]),
+                    "target": str(FeatureRef(layer, "res", index)),
+                    "deactivated": [str(FeatureRef(i.layer, i.site, f)) for i in items for f in i.features]}
+            rows.append(((pos, index), items, info))
+        return rows
+
+    def add_loss_changes(self, text: Tensor, plan: Plan, rows: list[Any]) -> None:
+        """``loss_samples`` seeded rows at the main r get ``(L_new - L_old) / L_old`` from a full forward."""
+        main = [i for i, row in enumerate(rows) if row.r == self.rs[0]]
+        if self.loss_samples <= 0 or not main:
+            return
+        clean_loss = float(self.flow(text, return_type="loss"))
+        for i in torch.randperm(len(main), generator=self.gen)[:self.loss_samples].tolist():
+            with intervened(self.flow, self.bank, plan[main[i]][1]):
+                loss = float(self.flow(text, return_type="loss"))
+            rows[main[i]].loss_change = (loss - clean_loss) / clean_loss
 
 
 def _exhaustive_choices(flow: Any, bank: SAEBank, text: Tensor, layer: int, positions: Sequence[int],

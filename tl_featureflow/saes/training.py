@@ -100,42 +100,60 @@ def train_bank(
     Returns the bank, also saved (atomically) to ``out/bank``; its metadata records the
     model, corpus hash, preset, tokens and library versions.
     """
-    import sae_lens
-    from sae_lens import BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig
-    from sae_lens.config import SAETrainerConfig
-    from sae_lens.saes.sae import SAE
-
-    import tl_featureflow
-
-    preset = PRESETS[preset] if isinstance(preset, str) and preset in PRESETS else preset
-    if not isinstance(preset, Preset):
-        raise FeatureFlowError(f"unknown preset {preset!r}: expected one of {sorted(PRESETS)} or a Preset")
-    if training_tokens is not None:
-        preset = replace(preset, training_tokens=int(training_tokens))
+    preset = _resolve_preset(preset, training_tokens)
     sites, layers = _check_request(model, sites, preset_layers(preset, model.cfg.n_layers) if layers is None else layers)
-    corpus_meta: dict[str, Any]
-    if tokens is None:
-        from tl_featureflow.saes.corpus import load_corpus
-
-        corpus = load_corpus(model.tokenizer, "train", context_size=preset.context_size, progress=progress)
-        tokens, corpus_meta = corpus.tokens, {"hash": corpus.hash, "version": corpus.meta["version"]}
-        if eval_tokens is None:
-            eval_tokens = load_corpus(model.tokenizer, "heldout", context_size=preset.context_size,
-                                      progress=progress).tokens
-    else:
-        corpus_meta = {"hash": tensor_digest(tokens), "version": "given"}
+    tokens, eval_tokens, corpus_meta = _training_rows(model, preset, tokens, eval_tokens, progress)
     keys: list[Key] = [(site, layer) for layer in layers for site in sites]
     names = {f"{site}_{layer}": (site, layer) for site, layer in keys}
     hooks = {name: hook_name(*key) for name, key in names.items()}
-    d_model = model.cfg.d_model
     run = {
-        "model": getattr(model.cfg, "model_name", "unknown"), "d_model": d_model, "n_layers": model.cfg.n_layers,
-        "preset": asdict(preset), "keys": [list(k) for k in keys], "seed": seed, "corpus": corpus_meta,
+        "model": getattr(model.cfg, "model_name", "unknown"), "d_model": model.cfg.d_model,
+        "n_layers": model.cfg.n_layers, "preset": asdict(preset), "keys": [list(k) for k in keys], "seed": seed,
+        "corpus": corpus_meta,
     }
     # checked before anything is written: a corpus too small for one chunk or batch
     stream = ActivationStream(model, tokens, list(dict.fromkeys(hooks.values())), batch_tokens=preset.batch_tokens,
                               chunk_rows=preset.chunk_rows, seed=seed, stop_at_layer=max(layers) + 1)
     out = Path(out)
+    _claim_run_folder(out, run)
+    device = str(next(model.parameters()).device)
+    saes = _new_training_saes(hooks, model.cfg.d_model, preset, device, seed, run["model"])
+    trained, elapsed = _fit(saes, hooks, stream, preset, model.cfg.d_model, out / "checkpoints", device, progress)
+    inference = _to_inference(trained, names, out, device)
+    quality = _quality(model, inference, eval_tokens, preset, out, progress)
+    bank = SAEBank(inference, metadata={
+        **(metadata or {}), "model": run["model"], "corpus": corpus_meta, "preset": preset.name,
+        "preset_settings": asdict(preset), "training_tokens": preset.training_tokens, "seed": seed,
+        "train_seconds_last_session": round(elapsed, 1), **_versions(), "quality": quality,
+    })
+    bank.save(out / "bank")
+    return bank
+
+
+# -- the steps of train_bank ---------------------------------------------------------------------------
+def _resolve_preset(preset: str | Preset, training_tokens: int | None) -> Preset:
+    resolved = PRESETS[preset] if isinstance(preset, str) and preset in PRESETS else preset
+    if not isinstance(resolved, Preset):
+        raise FeatureFlowError(f"unknown preset {preset!r}: expected one of {sorted(PRESETS)} or a Preset")
+    return resolved if training_tokens is None else replace(resolved, training_tokens=int(training_tokens))
+
+
+def _training_rows(model: Any, preset: Preset, tokens: Tensor | None, eval_tokens: Tensor | None,
+                   progress: bool) -> tuple[Tensor, Tensor | None, dict[str, Any]]:
+    """Training rows, held-out rows and the corpus's identity (the offline corpus unless given)."""
+    if tokens is not None:
+        return tokens, eval_tokens, {"hash": tensor_digest(tokens), "version": "given"}
+    from tl_featureflow.saes.corpus import load_corpus
+
+    corpus = load_corpus(model.tokenizer, "train", context_size=preset.context_size, progress=progress)
+    if eval_tokens is None:
+        eval_tokens = load_corpus(model.tokenizer, "heldout", context_size=preset.context_size,
+                                  progress=progress).tokens
+    return corpus.tokens, eval_tokens, {"hash": corpus.hash, "version": corpus.meta["version"]}
+
+
+def _claim_run_folder(out: Path, run: dict[str, Any]) -> None:
+    """Make ``out`` this run's folder; a folder of another run (or of anything else) is refused."""
     run_file = out / "run.json"
     if run_file.is_file():
         previous = json.loads(run_file.read_text())
@@ -147,16 +165,28 @@ def train_bank(
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(run_file, run)
 
-    device = str(next(model.parameters()).device)
-    sae_cfgs = {name: BatchTopKTrainingSAEConfig(
-        d_in=d_model, d_sae=preset.expansion * d_model, k=preset.k, device=device,
-        normalize_activations="expected_average_only_in") for name in names}
+
+def _new_training_saes(hooks: dict[str, str], d_model: int, preset: Preset, device: str, seed: int,
+                       model_name: str) -> dict[str, Any]:
+    """One freshly initialised (seeded) SAELens BatchTopK training SAE per name."""
+    from sae_lens import BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig
+
     torch.manual_seed(seed)
-    saes = {name: BatchTopKTrainingSAE(cfg) for name, cfg in sae_cfgs.items()}
-    for name, sae in saes.items():
-        sae.cfg.metadata.hook_name = hooks[name]
-        sae.cfg.metadata.model_name = run["model"]
-    checkpoint_dir = out / "checkpoints"
+    saes = {}
+    for name, hook in hooks.items():
+        cfg = BatchTopKTrainingSAEConfig(d_in=d_model, d_sae=preset.expansion * d_model, k=preset.k, device=device,
+                                         normalize_activations="expected_average_only_in")
+        saes[name] = BatchTopKTrainingSAE(cfg)
+        saes[name].cfg.metadata.hook_name = hook
+        saes[name].cfg.metadata.model_name = model_name
+    return saes
+
+
+def _fit(saes: dict[str, Any], hooks: dict[str, str], stream: ActivationStream, preset: Preset, d_model: int,
+         checkpoint_dir: Path, device: str, progress: bool) -> tuple[dict[str, Any], float]:
+    """Drive SAELens's MultiSAETrainer over the stream, resuming from the newest complete checkpoint."""
+    from sae_lens.config import SAETrainerConfig
+
     trainer_cfg = SAETrainerConfig(
         total_training_samples=preset.training_tokens, train_batch_size_samples=preset.batch_tokens,
         lr=preset.lr, lr_end=preset.lr / 10, device=device, dead_feature_window=preset.dead_feature_window,
@@ -170,7 +200,7 @@ def train_bank(
             atomic_write_json(checkpoint_path / _COMPLETE, {"steps_done": multi.n_training_steps + 1})
 
     multi = _compat.multi_sae_trainer_class()(cfg=trainer_cfg, saes=saes, hook_names=hooks, data_provider=iter(()),
-                            save_checkpoint_fn=mark_complete)
+                                              save_checkpoint_fn=mark_complete)
     resume = _latest_checkpoint(checkpoint_dir)
     if resume is not None:
         multi.load_checkpoint(resume)
@@ -190,31 +220,43 @@ def train_bank(
             trained = multi.fit()
     finally:
         multi.data_provider.close()  # type: ignore[attr-defined]
-    elapsed = time.perf_counter() - start
+    return trained, time.perf_counter() - start
 
-    inference: dict[Key, SAE] = {}
+
+def _to_inference(trained: dict[str, Any], names: dict[str, Key], out: Path, device: str) -> dict[Key, Any]:
+    """BatchTopK -> JumpReLU with SAELens's own conversion (save_inference_model, load_from_disk)."""
+    from sae_lens.saes.sae import SAE
+
+    inference: dict[Key, Any] = {}
     with tempfile.TemporaryDirectory(dir=out, prefix=".inference-") as final:
-        for name, sae in trained.items():  # BatchTopK -> JumpReLU, SAELens's own conversion
+        for name, sae in trained.items():
             sae.save_inference_model(Path(final) / name)
             inference[names[name]] = SAE.load_from_disk(Path(final) / name, device=device)
-    quality = None
-    if eval_tokens is not None:
-        from tl_featureflow.saes.quality import evaluate_bank
+    return inference
 
-        report = evaluate_bank(model, SAEBank(inference), eval_tokens[:preset.eval_rows], loss_rows=preset.loss_rows,
-                               progress=progress)
-        quality = report.to_dict()
-        if progress:
-            print(report.table())
-        report.warn_if_flagged(f"the bank trained in {out}")
-    bank = SAEBank(inference, metadata={
-        **(metadata or {}), "model": run["model"], "corpus": corpus_meta, "preset": preset.name,
-        "preset_settings": asdict(preset), "training_tokens": preset.training_tokens, "seed": seed,
-        "train_seconds_last_session": round(elapsed, 1), "tl_featureflow": tl_featureflow.__version__,
-        "sae_lens": sae_lens.__version__, "torch": torch.__version__, "quality": quality,
-    })
-    bank.save(out / "bank")
-    return bank
+
+def _quality(model: Any, inference: dict[Key, Any], eval_tokens: Tensor | None, preset: Preset, out: Path,
+             progress: bool) -> dict[str, Any] | None:
+    """The quality report on held-out rows (None without them); flagged SAEs warn."""
+    if eval_tokens is None:
+        return None
+    from tl_featureflow.saes.quality import evaluate_bank
+
+    report = evaluate_bank(model, SAEBank(inference), eval_tokens[:preset.eval_rows], loss_rows=preset.loss_rows,
+                           progress=progress)
+    if progress:
+        print(report.table())
+    report.warn_if_flagged(f"the bank trained in {out}")
+    return report.to_dict()
+
+
+def _versions() -> dict[str, str]:
+    import sae_lens
+
+    import tl_featureflow
+
+    return {"tl_featureflow": tl_featureflow.__version__, "sae_lens": sae_lens.__version__,
+            "torch": torch.__version__}
 
 
 class _ProgressStream:

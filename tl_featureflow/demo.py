@@ -90,11 +90,7 @@ def run_demo(
     held-out split, ``n_texts`` rows). ``judge``: an :class:`OfflineJudge` (default:
     one with the all-MiniLM-L6-v2 embedder over ``model``).
     """
-    from tl_featureflow.causal.experiment import validate
-    from tl_featureflow.causal.results import ValidationReport
     from tl_featureflow.flow.tracer import FlowTracer
-    from tl_featureflow.steer.judge import OfflineJudge
-    from tl_featureflow.steer.sweeps import steering_sweep
     from tl_featureflow.steer.themes import THEMES
     from tl_featureflow.viz.html import report_from_dir, versions
 
@@ -109,7 +105,37 @@ def run_demo(
     layer = seed_layer(bank)
     summary: list[str] = []
 
-    # 1. seeds and flow graphs
+    def say(line: str) -> None:
+        summary.append(line)
+        log(line)
+
+    seeds, graphs = _trace_seeds(model, bank, tracer, themes, layer, out, say)            # 1. seeds, flow graphs
+    if texts is None:
+        from tl_featureflow.saes.corpus import load_corpus
+
+        texts = load_corpus(model.tokenizer, "heldout", progress=progress).tokens[:n_texts]
+    val_layers = [layer] + ([layer + 1] if ("res", layer + 1) in bank else [])
+    _validation(model, bank, tracer, texts, val_layers, out, say, log, progress)            # 2. causal check
+    scale = "threshold" if all(getattr(sae, "threshold", None) is not None for sae in bank.values()) else "unit"
+    _steering(model, bank, graphs, judge, prompt, strengths, samples, max_new_tokens, scale, out, say,
+              progress)                                                                      # 3. steering
+    settings = {"model": model.cfg.model_name, "bank": bank.describe(), "bank_preset": bank.metadata.get("preset"),
+                "themes": list(themes), "seed_layer": layer, "validation_layers": val_layers,
+                "validation_texts": int(len(texts)), "strengths": list(strengths), "samples": samples,
+                "max_new_tokens": max_new_tokens, "prompt": prompt, "scale": scale,
+                "seconds": round(time.perf_counter() - start, 1), "versions": versions()}
+    atomic_write_json(out / "run.json", {"title": "tl_featureflow demo", "summary": summary, "seeds": seeds,
+                                         "settings": settings})
+    path = report_from_dir(out)                                                              # 4. the report
+    log(f"report: {path.resolve()} ({time.perf_counter() - start:.0f} s)")
+    return path
+
+
+def _trace_seeds(model: Any, bank: SAEBank, tracer: Any, themes: Sequence[str], layer: int, out: Path,
+                 say: Callable[[str], None]) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+    """A seed feature per theme and its flow graph (saved under ``out/graphs``)."""
+    from tl_featureflow.steer.themes import THEMES
+
     seeds: dict[str, dict[str, Any]] = {}
     graphs = {}
     for theme in themes:
@@ -118,18 +144,18 @@ def run_demo(
         seeds[theme] = {**info, "graph_nodes": len(graph.nodes), "span": list(graph.span),
                         "logit_lens": [t for t, _ in tracer.logit_lens(graph.seed, k=6)]}
         graphs[theme] = graph
-        line = (f"{theme}: seed {graph.seed}, flow graph of {len(graph.nodes)} features over layers "
-                f"{graph.span[0]}-{graph.span[1]}")
-        summary.append(line)
-        log(line)
+        say(f"{theme}: seed {graph.seed}, flow graph of {len(graph.nodes)} features over layers "
+            f"{graph.span[0]}-{graph.span[1]}")
+    return seeds, graphs
 
-    # 2. causal validation on held-out text (reused when nothing changed)
-    if texts is None:
-        from tl_featureflow.saes.corpus import load_corpus
 
-        texts = load_corpus(model.tokenizer, "heldout", progress=progress).tokens[:n_texts]
-    val_layers = [layer] + ([layer + 1] if ("res", layer + 1) in bank else [])
-    key = _fingerprint(bank.fingerprint(), texts.tolist(), val_layers)
+def _validation(model: Any, bank: SAEBank, tracer: Any, texts: torch.Tensor, layers: list[int], out: Path,
+                say: Callable[[str], None], log: Callable[[str], None], progress: bool) -> Any:
+    """The deactivation experiment on held-out text, reused from ``out`` when bank, texts and layers match."""
+    from tl_featureflow.causal.experiment import validate
+    from tl_featureflow.causal.results import ValidationReport
+
+    key = _fingerprint(bank.fingerprint(), texts.tolist(), layers)
     val_path = out / "validation.json"
     report = None
     if val_path.is_file():
@@ -139,46 +165,38 @@ def run_demo(
         except FeatureFlowError:
             report = None
     if report is None:
-        log(f"validating on {len(texts)} held-out texts at layers {val_layers}...")
-        report = validate(tracer, model, texts, layers=val_layers, methods=("top1", "random", "exhaustive"),
+        log(f"validating on {len(texts)} held-out texts at layers {layers}...")
+        report = validate(tracer, model, texts, layers=layers, methods=("top1", "random", "exhaustive"),
                           r=[0.0, -1.0, 0.5], loss_samples=2, progress=progress)
         report.meta["demo_key"] = key
         report.save(val_path)
     else:
         log("validation: reusing the saved result (same bank, texts and layers)")
     for method, row in report.summary().items():
-        line = (f"validation {method}: success {row['success_rate']:.0%}, activation change "
-                f"{row['activation_change']:.2f} (n={row['n']})")
-        summary.append(line)
-        log(line)
+        say(f"validation {method}: success {row['success_rate']:.0%}, activation change "
+            f"{row['activation_change']:.2f} (n={row['n']})")
+    return report
 
-    # 3. steering along each flow graph, scored by the offline judge
+
+def _steering(model: Any, bank: SAEBank, graphs: dict[str, Any], judge: Any | None, prompt: str,
+              strengths: Sequence[float], samples: int, max_new_tokens: int, scale: str, out: Path,
+              say: Callable[[str], None], progress: bool) -> None:
+    """Promote each theme along its flow graph, score with the offline judge, save the sweeps."""
+    from tl_featureflow.steer.judge import OfflineJudge
+    from tl_featureflow.steer.sweeps import SweepSettings, steering_sweep
+    from tl_featureflow.steer.themes import THEMES
+
     judge = judge or OfflineJudge(model)
-    scale = "threshold" if all(getattr(sae, "threshold", None) is not None for sae in bank.values()) else "unit"
     for theme, graph in graphs.items():
         graph_layers = sorted({n.ref.layer for n in graph.nodes})
-        steer_layers = sorted({graph.seed.layer, graph_layers[-1]})
-        sweep = steering_sweep(model, bank, graph, prompt=prompt, strengths=strengths, layers=steer_layers,
-                               samples=samples, scale=scale, max_new_tokens=max_new_tokens, batch_size=32,
-                               progress=progress)
+        settings = SweepSettings(prompt=prompt, strengths=tuple(strengths), layers=(graph.seed.layer, graph_layers[-1])
+                                 if graph_layers[-1] != graph.seed.layer else (graph.seed.layer,), samples=samples,
+                                 scale=scale, max_new_tokens=max_new_tokens, batch_size=32)
+        sweep = steering_sweep(model, bank, graph, settings, progress=progress)
         sweep.score(judge, THEMES[theme].description)
         sweep.save(out / "steering" / f"promote-{theme}.json")
         base = sum(r.scores["score"] for r in sweep.baseline()) / max(len(sweep.baseline()), 1)
         for mode in ("single", "cumulative"):
             setting, value = sweep.best(mode=mode)
-            line = (f"steering {theme}, {mode}: best at layer {setting.layer}, strength {setting.strength:g}: "
-                    f"score {value:.2f} (unsteered {base:.2f})")
-            summary.append(line)
-            log(line)
-
-    settings = {"model": model.cfg.model_name, "bank": bank.describe(), "bank_preset": bank.metadata.get("preset"),
-                "themes": list(themes), "seed_layer": layer, "validation_layers": val_layers,
-                "validation_texts": int(len(texts)), "strengths": list(strengths), "samples": samples,
-                "max_new_tokens": max_new_tokens, "prompt": prompt, "scale": scale,
-                "seconds": round(time.perf_counter() - start, 1), "versions": versions()}
-    atomic_write_json(out / "run.json", {"title": "tl_featureflow demo", "summary": summary, "seeds": seeds,
-                                         "settings": settings})
-    path = report_from_dir(out)
-    log(f"report: {path.resolve()} ({time.perf_counter() - start:.0f} s)")
-    return path
-
+            say(f"steering {theme}, {mode}: best at layer {setting.layer}, strength {setting.strength:g}: "
+                f"score {value:.2f} (unsteered {base:.2f})")

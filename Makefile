@@ -25,9 +25,11 @@ demo: $(STAMP)
 	$(VENV)/bin/featureflow demo
 
 test: $(STAMP)
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest
 
 test-fast: $(STAMP)
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -m "not slow"
 
 clean-venv:

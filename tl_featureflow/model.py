@@ -7,10 +7,17 @@ and attention equivalents) become ordinary TransformerLens hook points: editing 
 feature's activation there changes the site's output by exactly
 ``delta_activation * W_dec[feature]``.
 
->>> model = FlowTransformer.from_hooked(my_hooked_transformer)   # doctest: +SKIP
->>> with model.attached(bank):                                   # doctest: +SKIP
+>>> import torch
+>>> from tl_featureflow.synthetic import planted_chain_bank, tiny_model
+>>> bank, _ = planted_chain_bank()
+>>> model = FlowTransformer.from_hooked(tiny_model())   # any HookedTransformer; weights shared
+>>> tokens = torch.arange(1, 9)[None]
+>>> with model.attached(bank):
 ...     logits, feats = model.run_with_features(tokens)
->>> feats["res", 3].shape   # [batch, pos, d_sae]                # doctest: +SKIP
+...     torch.equal(logits, model.run_with_saes(tokens, saes=[]))   # outputs unchanged, bit for bit
+True
+>>> feats["res", 2].shape, feats["2/res/1"].shape   # [batch, pos, d_sae]; one feature: [batch, pos]
+(torch.Size([1, 8, 12]), torch.Size([1, 8]))
 """
 
 from __future__ import annotations

@@ -1,14 +1,18 @@
-"""Synthetic SAE banks whose structure is known exactly: for tests, docs and benchmarks.
+"""Synthetic SAE banks whose structure is known exactly, and a tiny model: for tests, docs, benchmarks.
 
 >>> bank, truth = planted_chain_bank()
 >>> truth.chain       # the residual chain, layer 0 to 3
 ['0/res/3', '1/res/7', '2/res/1', '3/res/5']
+>>> model = tiny_model()          # 4 layers, d_model 64: fits the planted bank
+>>> model.cfg.n_layers, model.cfg.d_model
+(4, 64)
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from jaxtyping import Float
@@ -27,7 +31,7 @@ from torch import Tensor
 from tl_featureflow.refs import Site, hook_name
 from tl_featureflow.saes.bank import SAEBank
 
-__all__ = ["sae_from_decoder", "planted_chain_bank", "random_bank", "PlantedTruth"]
+__all__ = ["sae_from_decoder", "planted_chain_bank", "random_bank", "PlantedTruth", "tiny_model"]
 
 _ARCHS = {"standard": (StandardSAE, StandardSAEConfig), "jumprelu": (JumpReLUSAE, JumpReLUSAEConfig),
           "topk": (TopKSAE, TopKSAEConfig)}
@@ -111,3 +115,21 @@ def random_bank(layers: range | list[int], sites: tuple[Site, ...] = ("res", "ml
         W.div_(W.norm(dim=1, keepdim=True))
         saes[(site, layer)] = sae_from_decoder(site, layer, W.to(device), device=device)
     return SAEBank(saes)
+
+
+def tiny_model(*, n_layers: int = 4, d_model: int = 64, d_vocab: int = 100, seed: int = 0,
+               device: torch.device | str = "cpu") -> Any:
+    """A small random :class:`~tl_featureflow.model.FlowTransformer` without a tokenizer (token ids in,
+    ``0..d_vocab-1``): the model of runnable examples; its shapes fit :func:`planted_chain_bank`."""
+    import warnings
+
+    from transformer_lens import HookedTransformerConfig
+
+    from tl_featureflow.model import FlowTransformer
+
+    cfg = HookedTransformerConfig(n_layers=n_layers, d_model=d_model, n_ctx=64, d_head=16, n_heads=d_model // 16,
+                                  d_mlp=2 * d_model, d_vocab=d_vocab, act_fn="gelu", normalization_type="LN",
+                                  positional_embedding_type="rotary", seed=seed, device=str(device))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return FlowTransformer(cfg).eval()

@@ -3,8 +3,12 @@
 No hooks and no models here. Decoder directions come in as rows (``[n, d_model]``,
 SAELens's ``W_dec`` layout).
 
->>> scores, indices = topk_cosine(W_dec_B_unit, W_dec_A_unit, k=1)   # doctest: +SKIP
->>> # for every row of B, its most similar row of A and the cosine
+>>> import torch
+>>> A = torch.tensor([[1.0, 0.0], [0.0, 1.0]])          # decoder rows of SAE A
+>>> B = torch.tensor([[0.0, 2.0], [3.0, 4.0]])          # decoder rows of SAE B
+>>> scores, indices = topk_cosine(B, A, k=1, normalize=True)
+>>> indices.flatten().tolist(), scores.flatten().tolist()   # for every row of B, its best row of A
+([1, 1], [1.0, 0.800000011920929])
 
 Memory stays O(chunk x n_src) whatever the widths: the full ``n_dst x n_src``
 similarity matrix is never built. Inputs of any float dtype are multiplied in

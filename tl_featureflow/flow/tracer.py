@@ -5,11 +5,16 @@ predecessors are its most similar decoder rows in res(L-1), mlp(L) and att(L); t
 scores s(R), s(M), s(A) say whether f was carried over (translated), changed
 (processed) or created (newborn) by layer L.
 
->>> tracer = FlowTracer(bank)                                     # doctest: +SKIP
->>> tracer.predecessors("12/res/4230")                            # doctest: +SKIP
-Predecessors(12/res/4230: res=[(11/res/801, 0.91)], mlp=[(12/mlp/17, 0.22)], att=[...])
->>> graph = tracer.trace("12/res/4230")       # FlowGraph, both directions
->>> fmap = tracer.flow_map("out/flow_map")    # every feature, resumable
+>>> from tl_featureflow.synthetic import planted_chain_bank
+>>> bank, truth = planted_chain_bank()        # a chain 0/res/3 -> 1/res/7 -> 2/res/1 -> 3/res/5
+>>> tracer = FlowTracer(bank)
+>>> [(str(ref), round(score, 2)) for ref, score in tracer.predecessors("2/res/1")["res"]]
+[('1/res/7', 0.6)]
+>>> graph = tracer.trace("2/res/1")           # a FlowGraph, both directions
+>>> [str(n.ref) for n in graph.nodes if n.role != "module"]   # 2 -> 3 has cosine 0.3 < t_res = 0.5
+['0/res/3', '1/res/7', '2/res/1']
+>>> tracer.classify(2).counts()["processed"]  # translated / processed / newborn / unexplained
+2
 """
 
 from __future__ import annotations

@@ -5,10 +5,15 @@ model splices its SAEs in, validation and steering read and write its features.
 It accepts any SAELens SAE class (standard, JumpReLU, TopK, gated...) as long as
 the SAE reads and writes the ``d_model`` space of its site.
 
->>> bank = SAEBank({("res", 3): sae3, ("res", 4): sae4})   # doctest: +SKIP
->>> bank.decoder("res", 4).shape                           # doctest: +SKIP
-torch.Size([d_sae, d_model])
->>> bank.save("my_bank"); SAEBank.load("my_bank")         # doctest: +SKIP
+>>> import tempfile
+>>> from tl_featureflow.synthetic import planted_chain_bank
+>>> planted, _ = planted_chain_bank()
+>>> bank = SAEBank({("res", 1): planted["res", 1], ("res", 2): planted["res", 2]})   # any SAELens SAEs
+>>> bank, bank.decoder("res", 2).shape           # unit rows of W_dec: [d_sae, d_model]
+(SAEBank(d_model=64, res at layers 1-2 (2 SAEs)), torch.Size([12, 64]))
+>>> path = bank.save(tempfile.mkdtemp() + "/my_bank")
+>>> SAEBank.load(path).fingerprint() == bank.fingerprint()
+True
 """
 
 from __future__ import annotations

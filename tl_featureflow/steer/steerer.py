@@ -1,11 +1,19 @@
 """Steerer: push SAE features up or down while a model runs or generates (method section 6).
 
->>> with ff.Steerer(model, bank).add("12/res/4230", 8.0):           # doctest: +SKIP
-...     model.generate("I think ", max_new_tokens=36)
->>> with ff.Steerer(model, bank).rescale("14/res/77", 0.0):          # suppress   # doctest: +SKIP
-...     logits = model(tokens)
->>> with ff.Steerer(model, bank).along(graph, 4.0, mode="cumulative"):            # doctest: +SKIP
-...     model.generate("I think ", max_new_tokens=36)
+>>> import torch
+>>> from tl_featureflow.synthetic import planted_chain_bank, tiny_model
+>>> model, (bank, _) = tiny_model(), planted_chain_bank()
+>>> prompt = torch.tensor([[1, 2, 3]])
+>>> kwargs = dict(max_new_tokens=4, do_sample=False, stop_at_eos=False, verbose=False)
+>>> plain = model.generate(prompt, **kwargs)
+>>> with Steerer(model, bank).add("2/res/1", 40.0):            # h += 40 * v at blocks.2.hook_resid_post
+...     steered = model.generate(prompt, **kwargs)
+>>> with Steerer(model, bank).rescale("2/res/1", 1.0):         # r = 1 changes nothing
+...     same = model(prompt)
+>>> torch.equal(same, model(prompt)), torch.equal(plain, steered)
+(True, False)
+
+Along a flow graph, ``Steerer(model, bank).along(graph, 4.0, mode="cumulative")``.
 
 Two edits, both at the hook of the feature's site (``resid_post``, ``mlp_out`` or
 ``attn_out`` of its layer):
@@ -84,8 +92,11 @@ def flow_coefficients(
     ``linear`` -> from ``strength`` at the span's first layer to ``1`` at its last.
     ``strength`` may be a tensor of per-row strengths; each row is scheduled alike.
 
-    >>> flow_coefficients(graph, 4.0, mode="cumulative", up_to_layer=14)   # doctest: +SKIP
-    [(FeatureRef(layer=12, site='res', index=7), 4.0), ...]
+    >>> from tl_featureflow.flow.tracer import FlowTracer
+    >>> from tl_featureflow.synthetic import planted_chain_bank
+    >>> graph = FlowTracer(planted_chain_bank()[0]).trace("2/res/1", direction="backward")
+    >>> [(str(ref), c) for ref, c in flow_coefficients(graph, 4.0, mode="cumulative", up_to_layer=1)]
+    [('0/res/3', 4.0), ('1/res/7', 4.0)]
     """
     if schedule not in get_args(Schedule):
         raise FeatureFlowError(f"unknown schedule {schedule!r}: expected one of {get_args(Schedule)}")

@@ -5,10 +5,17 @@ TransformerLens's ``generate`` costs about as much for 16 rows as for one on a C
 samples runs as rows of a few batched calls, each row with its own coefficients (a
 :class:`~tl_featureflow.steer.steerer.Steerer` with per-row coefficient vectors).
 
->>> sweep = steering_sweep(model, bank, graph, prompt="I think ", strengths=[2, 4, 8],
-...                        modes=("single", "cumulative"), samples=4)          # doctest: +SKIP
->>> sweep.score(OfflineJudge(model), "anger and rage")                          # doctest: +SKIP
->>> sweep.summary()                                                              # doctest: +SKIP
+>>> import torch
+>>> from tl_featureflow.flow.tracer import FlowTracer
+>>> from tl_featureflow.synthetic import planted_chain_bank, tiny_model
+>>> model, (bank, _) = tiny_model(), planted_chain_bank()
+>>> graph = FlowTracer(bank).trace("2/res/1")
+>>> settings = SweepSettings(strengths=(4.0, 16.0), layers=(2,), max_new_tokens=3, do_sample=False)
+>>> sweep = steering_sweep(model, bank, graph, settings, prompt_tokens=torch.tensor([1, 2]), progress=False)
+>>> len(sweep.rows), sweep.meta["generate_calls"]   # baseline + 2 modes x 1 layer x 2 strengths, one batch
+(5, 1)
+
+With a text prompt and a judge: ``sweep.score(OfflineJudge(model), "anger and rage").summary()``.
 """
 
 from __future__ import annotations
@@ -46,8 +53,8 @@ class SweepSettings:
     prompt ``"I think"``: SmolLM2's tokenizer makes the trailing space of the paper's
     ``"I think "`` a token of its own, after which the model writes digits.
 
-    >>> SweepSettings(strengths=(4.0,), samples=2).grid_size(n_layers=3)
-    7
+    >>> SweepSettings(strengths=(4.0,), samples=2).grid_size(n_layers=3)   # 2 x (baseline + 2 modes x 3)
+    14
     """
 
     prompt: str | None = "I think"

@@ -8,10 +8,10 @@ texts relative to neutral text (:data:`~tl_featureflow.steer.judge.NEUTRAL_TEXTS
 (BOS excluded), a contrast in the spirit of the paper's choice of features "by
 their activation on theme texts".
 
->>> feats = theme_features(model, bank, THEMES["religion"].texts, layer=14, k=3)   # doctest: +SKIP
->>> feats[0]
-ThemeFeature(ref=FeatureRef(layer=14, site='res', index=512), score=3.1, theme_mean=3.4, neutral_mean=0.3,
-             max_activation=9.8)
+On the embedded model (needs its tokenizer)::
+
+    feats = theme_features(model, bank, THEMES["religion"].texts, layer=14, k=3)
+    feats[0]   # ThemeFeature(ref=FeatureRef(layer=14, site='res', index=249), score=..., ...)
 """
 
 from __future__ import annotations

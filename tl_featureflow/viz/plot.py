@@ -1,8 +1,13 @@
 """Plotly figures of feature flow results: result objects in, ``go.Figure`` out, no models.
 
->>> fig = ff.plot.flow_graph(graph)        # doctest: +SKIP
->>> fig.show()                             # in Jupyter
->>> ff.plot.write_html(fig, "flow.html")   # standalone, plotly.js embedded (works offline)
+>>> from tl_featureflow.flow.tracer import FlowTracer
+>>> from tl_featureflow.synthetic import planted_chain_bank
+>>> fig = flow_graph(FlowTracer(planted_chain_bank()[0]).trace("2/res/1"))
+>>> type(fig).__name__                     # fig.show() in a notebook
+'Figure'
+>>> import tempfile
+>>> write_html(fig, tempfile.mkdtemp() + "/flow.html").stat().st_size > 3_000_000   # plotly.js inside: offline
+True
 
 Builders: :func:`flow_graph`, :func:`flow_sankey`, :func:`score_distributions`,
 :func:`group_composition`, :func:`validation`, :func:`r_sweep`, :func:`steering`.

@@ -117,9 +117,12 @@ def atomic_write_json(path: str | Path, data: Any) -> None:
 def atomic_directory(final: str | Path) -> Iterator[Path]:
     """Build a folder under a temporary name; on success it replaces ``final`` whole.
 
-    >>> with atomic_directory("out/bank") as tmp:   # doctest: +SKIP
-    ...     (tmp / "a.txt").write_text("...")
-    ...     # an exception here leaves ``out/bank`` as it was
+    >>> import tempfile
+    >>> final = Path(tempfile.mkdtemp()) / "bank"
+    >>> with atomic_directory(final) as tmp:
+    ...     _ = (tmp / "a.txt").write_text("new")     # an exception here would leave ``final`` as it was
+    >>> (final / "a.txt").read_text(), tmp.exists()
+    ('new', False)
 
     An existing ``final`` is moved aside first and deleted only once the new
     folder is in place.

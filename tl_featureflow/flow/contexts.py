@@ -5,9 +5,14 @@ given texts) where it fires hardest, with the surrounding tokens. Memory stays
 bounded: a running top-``n`` per feature (``[d_sae, n]`` per SAE) is merged batch by
 batch; activations are never all kept.
 
->>> contexts = collect_top_contexts(model, bank, tokens, n=10)       # doctest: +SKIP
->>> contexts.examples("12/res/4230")[0]                            # doctest: +SKIP
-Example(activation=7.1, text='... the Eiffel [Tower] is ...', doc=3, pos=17)
+>>> import torch
+>>> from tl_featureflow.synthetic import planted_chain_bank, tiny_model
+>>> model, (bank, _) = tiny_model(), planted_chain_bank()
+>>> tokens = torch.randint(0, 100, (6, 16), generator=torch.Generator().manual_seed(0))
+>>> contexts = collect_top_contexts(model, bank, tokens, n=3, sites=["res"], layers=[2], progress=False)
+>>> best = contexts.examples("2/res/1", window=2)[0]     # with a tokenizer: text instead of token ids
+>>> best.activation >= contexts.examples("2/res/1")[-1].activation
+True
 """
 
 from __future__ import annotations

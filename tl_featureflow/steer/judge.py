@@ -19,10 +19,15 @@ coherence score per generation. Our machines reach no hosted model, so this is a
 A user-supplied ``behavioural(texts, topic) -> scores in [0, 1]`` callable (e.g. a
 hosted LLM judge) replaces the embedding part.
 
->>> judge = OfflineJudge(model)                                     # doctest: +SKIP
->>> judge.calibrate("weddings and marriage", baseline_texts, baseline_ppl=ppl)   # doctest: +SKIP
->>> judge.behavioural(["The bride wore white."])                    # doctest: +SKIP
-tensor([0.93])
+On the embedded model (the embedder loads all-MiniLM-L6-v2 from its wheel)::
+
+    judge = OfflineJudge(model)
+    judge.calibrate("weddings and marriage", off_topic=unsteered_texts,
+                    reference_ppl=unsteered_ppl, reference_tokens=unsteered_tokens)
+    judge.behavioural(["The bride wore white."])        # tensor([0.9...])
+
+Usually :meth:`SteeringSweep.score <tl_featureflow.steer.sweeps.SteeringSweep.score>`
+calibrates on the sweep's unsteered rows and fills every row's scores.
 """
 
 from __future__ import annotations

@@ -19,13 +19,13 @@ import pytest
 from tl_featureflow._files import entry_lock, read_manifest
 
 WORKER = textwrap.dedent('''
-    import json, sys, time
+    import json, os, sys, time
     from pathlib import Path
     from contextlib import nullcontext
     from tl_featureflow import embedded
     from tl_featureflow._files import atomic_directory, write_manifest
 
-    folder, log, start_at, locked = Path(sys.argv[1]), Path(sys.argv[2]), float(sys.argv[3]), sys.argv[4] == "1"
+    folder, log, barrier, locked = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), sys.argv[4] == "1"
 
     def slow_build(target):
         with open(log, "a") as f:
@@ -38,7 +38,9 @@ WORKER = textwrap.dedent('''
     embedded._build_cache = slow_build
     if not locked:
         embedded.entry_lock = lambda entry: nullcontext()
-    while time.time() < start_at:               # both workers ask at the same moment
+    (barrier / str(os.getpid())).touch()         # ready (imports done): wait for the other worker
+    deadline = time.time() + 60
+    while len(list(barrier.iterdir())) < 2 and time.time() < deadline:
         time.sleep(0.005)
     out = embedded._verified_cache(folder, verify=True)
     print(json.dumps({"folder": str(out), "size": (out / "weights.bin").stat().st_size}))
@@ -46,11 +48,9 @@ WORKER = textwrap.dedent('''
 
 
 def _race(tmp_path: Path, locked: bool) -> tuple[list[dict], int]:
-    import time
-
-    folder, log = tmp_path / "cache" / "models" / "m", tmp_path / "builds.log"
-    start_at = time.time() + 3.0     # time for both interpreters to import tl_featureflow
-    procs = [subprocess.Popen([sys.executable, "-c", WORKER, str(folder), str(log), str(start_at), str(int(locked))],
+    folder, log, barrier = tmp_path / "cache" / "models" / "m", tmp_path / "builds.log", tmp_path / "barrier"
+    barrier.mkdir()    # both workers ask for the entry at the same moment, once both have imported everything
+    procs = [subprocess.Popen([sys.executable, "-c", WORKER, str(folder), str(log), str(barrier), str(int(locked))],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
     results = []
     for proc in procs:

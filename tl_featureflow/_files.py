@@ -31,6 +31,8 @@ __all__ = [
     "tensor_digest",
     "write_manifest",
     "read_manifest",
+    "header",
+    "check_header",
 ]
 
 _CHUNK = 8 * 1024 * 1024
@@ -198,3 +200,23 @@ def read_manifest(folder: str | Path, name: str, *, verify: bool = True) -> dict
         if verify and file_sha256(file) != info["sha256"]:
             raise CacheError(f"{file} does not match its SHA-256 in {path}: corrupt")
     return manifest
+
+
+def header(kind: str, version: int) -> dict[str, Any]:
+    """The first keys of every file or index tl_featureflow saves: what it is and its schema.
+
+    >>> header("FlowGraph", 1)
+    {'schema_version': 1, 'format': 'tl_featureflow.FlowGraph'}
+    """
+    return {"schema_version": version, "format": f"tl_featureflow.{kind}"}
+
+
+def check_header(data: Any, kind: str, version: int, where: str | Path) -> None:
+    """Raise CacheError unless ``data`` starts with :func:`header` ``(kind, version)``."""
+    if not isinstance(data, Mapping):
+        raise CacheError(f"{where} is not a saved {kind}: expected a JSON object")
+    found = data.get("schema_version")
+    if found != version:
+        raise CacheError(f"{where} has {kind} schema version {found!r}: this tl_featureflow reads version {version}")
+    if data.get("format", f"tl_featureflow.{kind}") != f"tl_featureflow.{kind}":
+        raise CacheError(f"{where} holds a {data.get('format')!r}, not a tl_featureflow.{kind}")

@@ -7,8 +7,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tl_featureflow._files import atomic_write_text, read_json
-from tl_featureflow.errors import CacheError
+from tl_featureflow._files import atomic_write_text, check_header, header, read_json
 
 __all__ = ["ACTIVATION_GROUPS", "GROUPS", "METHODS", "group_name", "ValidationRow", "ValidationReport"]
 
@@ -98,7 +97,7 @@ class ValidationReport:
                              for r in self.rows])
 
     def to_json(self) -> str:
-        return json.dumps({"schema_version": _SCHEMA, "format": "tl_featureflow.ValidationReport",
+        return json.dumps({**header("ValidationReport", _SCHEMA),
                            "meta": self.meta, "group_counts": self.group_counts,
                            "rows": [asdict(r) for r in self.rows]})
 
@@ -109,6 +108,5 @@ class ValidationReport:
     @classmethod
     def load(cls, path: str | Path) -> ValidationReport:
         data = read_json(path, "a validation report")
-        if data.get("schema_version") != _SCHEMA:
-            raise CacheError(f"{path}: validation report schema {data.get('schema_version')!r}, expected {_SCHEMA}")
+        check_header(data, "ValidationReport", _SCHEMA, path)
         return cls([ValidationRow(**r) for r in data["rows"]], data["group_counts"], data["meta"])

@@ -25,7 +25,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from tl_featureflow._files import atomic_directory, read_manifest, tensor_digest, write_manifest
+from tl_featureflow._files import atomic_directory, check_header, header, read_manifest, tensor_digest, write_manifest
 from tl_featureflow.checks import check_tokens
 from tl_featureflow.errors import CacheError, FeatureFlowError
 from tl_featureflow.refs import FeatureRef, Key, Site
@@ -84,7 +84,7 @@ class TopContexts:
                 tensors[f"{site}.{layer}.{name}"] = table[(site, layer)].contiguous()
         with atomic_directory(path) as tmp:
             save_file(tensors, tmp / "contexts.safetensors")
-            write_manifest(tmp, _MANIFEST, {"schema_version": _SCHEMA, "n": self.n, "meta": self.meta,
+            write_manifest(tmp, _MANIFEST, {**header("TopContexts", _SCHEMA), "n": self.n, "meta": self.meta,
                                             "keys": [list(k) for k in self.values]})
         return Path(path)
 
@@ -93,8 +93,7 @@ class TopContexts:
         from safetensors.torch import load_file
 
         manifest = read_manifest(path, _MANIFEST)
-        if manifest.get("schema_version") != _SCHEMA:
-            raise CacheError(f"{path} has contexts schema {manifest.get('schema_version')!r}, expected {_SCHEMA}")
+        check_header(manifest, "TopContexts", _SCHEMA, path)
         tensors = load_file(Path(path) / "contexts.safetensors")
         keys = [(site, int(layer)) for site, layer in manifest["keys"]]
         tables = {name: {k: tensors[f"{k[0]}.{k[1]}.{name}"] for k in keys} for name in ("values", "doc", "pos")}

@@ -15,7 +15,7 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from tl_featureflow._files import atomic_write_json, file_sha256
+from tl_featureflow._files import atomic_write_json, check_header, file_sha256, header
 from tl_featureflow.errors import CacheError, UnknownFeatureError
 from tl_featureflow.flow.origins import LABELS, Classification, LayerScores, classify_scores
 from tl_featureflow.refs import SITES, Site
@@ -150,8 +150,7 @@ def write_map_index(path: Path, planned_layers: list[int], thresholds: dict[int,
     layers = {str(layer): {**written[layer], "thresholds": thresholds[layer]}
               for layer in planned_layers if layer in written}
     atomic_write_json(path / MAP_INDEX, {
-        "schema_version": MAP_SCHEMA_VERSION,
-        "format": "tl_featureflow.FlowMap",
+        **header("FlowMap", MAP_SCHEMA_VERSION),
         "planned_layers": list(planned_layers),
         "layers": layers,
         "labels": list(LABELS),
@@ -167,6 +166,5 @@ def read_map_index(path: str | Path) -> dict[str, Any]:
         index = json.loads(file.read_text(encoding="utf-8"))
     except ValueError as exc:
         raise CacheError(f"{file} is corrupt: {exc}") from exc
-    if index.get("schema_version") != MAP_SCHEMA_VERSION:
-        raise CacheError(f"{file} has schema version {index.get('schema_version')!r}: expected {MAP_SCHEMA_VERSION}")
+    check_header(index, "FlowMap", MAP_SCHEMA_VERSION, file)
     return index

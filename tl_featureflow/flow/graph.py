@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from tl_featureflow._files import atomic_write_text
+from tl_featureflow._files import atomic_write_text, check_header, header
 from tl_featureflow.errors import CacheError, MissingDependencyError, UnknownFeatureError
 from tl_featureflow.refs import FeatureRef
 
@@ -120,8 +120,7 @@ class FlowGraph:
     # -- serialisation ---------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         return {
-            "schema_version": GRAPH_SCHEMA_VERSION,
-            "format": "tl_featureflow.FlowGraph",
+            **header("FlowGraph", GRAPH_SCHEMA_VERSION),
             "seed": str(self.seed),
             "span": list(self.span),
             "t_res": self.t_res,
@@ -134,9 +133,7 @@ class FlowGraph:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> FlowGraph:
-        version = data.get("schema_version")
-        if version != GRAPH_SCHEMA_VERSION:
-            raise CacheError(f"flow graph schema version {version!r}: this tl_featureflow reads {GRAPH_SCHEMA_VERSION}")
+        check_header(data, "FlowGraph", GRAPH_SCHEMA_VERSION, "flow graph")
         try:
             return cls(
                 seed=FeatureRef.parse(data["seed"]),

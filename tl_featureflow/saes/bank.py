@@ -29,7 +29,7 @@ from jaxtyping import Float
 from sae_lens import SAE
 from torch import Tensor
 
-from tl_featureflow._files import atomic_directory, read_manifest, write_manifest
+from tl_featureflow._files import atomic_directory, check_header, header, read_manifest, write_manifest
 from tl_featureflow.errors import BankError, CacheError, UnknownFeatureError
 from tl_featureflow.refs import SITES, FeatureRef, Key, Site, check_layer, check_site, hook_aliases, hook_name
 from tl_featureflow.saes.features import unit_rows
@@ -246,8 +246,7 @@ class SAEBank(Mapping[Key, SAE]):
                      "architecture": sae.cfg.architecture(), "d_sae": sae.cfg.d_sae}
                 )
             index = {
-                "schema_version": BANK_SCHEMA_VERSION,
-                "format": "tl_featureflow.SAEBank",
+                **header("SAEBank", BANK_SCHEMA_VERSION),
                 "d_model": self.d_model,
                 "saes": entries,
                 "metadata": self.metadata,
@@ -277,12 +276,7 @@ class SAEBank(Mapping[Key, SAE]):
         if not path.is_dir():
             raise CacheError(f"no saved SAEBank at {path}: expected a folder written by SAEBank.save")
         index = read_manifest(path, INDEX_FILE, verify=verify)
-        version = index.get("schema_version")
-        if version != BANK_SCHEMA_VERSION:
-            raise CacheError(
-                f"{path / INDEX_FILE} has schema version {version!r}: this tl_featureflow reads "
-                f"version {BANK_SCHEMA_VERSION}"
-            )
+        check_header(index, "SAEBank", BANK_SCHEMA_VERSION, path / INDEX_FILE)
         dtype_name = str(dtype).removeprefix("torch.") if dtype is not None else None
         saes = {}
         for entry in index["saes"]:

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from tl_featureflow._files import atomic_write_json, read_json
+from tl_featureflow._files import atomic_write_json, check_header, header, read_json
 from tl_featureflow.checks import check_tokens
 from tl_featureflow.errors import CacheError, FeatureFlowError, InvalidArgumentError
 from tl_featureflow.refs import FeatureRef
@@ -41,7 +41,6 @@ __all__ = ["SweepSettings", "SweepSetting", "SweepRow", "SteeringSweep", "steeri
            "SWEEP_SCHEMA_VERSION"]
 
 SWEEP_SCHEMA_VERSION = 2
-_FORMAT = "tl_featureflow.SteeringSweep"
 _FORMAT_V1 = "tl_featureflow.steering_sweep/1"   # version 1: settings inside ``meta`` (still read)
 
 
@@ -205,7 +204,7 @@ class SteeringSweep:
     def save(self, path: str | Path) -> Path:
         """Write the sweep as JSON (atomically); :meth:`load` reads it back."""
         path = Path(path)
-        atomic_write_json(path, {"schema_version": SWEEP_SCHEMA_VERSION, "format": _FORMAT,
+        atomic_write_json(path, {**header("SteeringSweep", SWEEP_SCHEMA_VERSION),
                                  "settings": self.settings.to_dict(), "meta": self.meta,
                                  "rows": [asdict(r) for r in self.rows]})
         return path
@@ -219,8 +218,7 @@ class SteeringSweep:
             rows = [SweepRow(**r) for r in data["rows"]]
             if data.get("format") == _FORMAT_V1:
                 return cls(rows, SweepSettings.from_dict(data["meta"]), data["meta"])
-            if data.get("schema_version") != SWEEP_SCHEMA_VERSION:
-                raise ValueError(f"schema version {data.get('schema_version')!r}, expected {SWEEP_SCHEMA_VERSION}")
+            check_header(data, "SteeringSweep", SWEEP_SCHEMA_VERSION, path)
             return cls(rows, SweepSettings.from_dict(data["settings"]), data["meta"])
         except (ValueError, KeyError, TypeError, AttributeError, InvalidArgumentError) as exc:
             raise CacheError(f"{path} is not a saved steering sweep ({exc})") from exc

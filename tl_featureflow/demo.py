@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from tl_featureflow._files import atomic_write_json
-from tl_featureflow.errors import FeatureFlowError
+from tl_featureflow.errors import FeatureFlowError, InvalidArgumentError
 from tl_featureflow.refs import FeatureRef
 from tl_featureflow.saes.bank import SAEBank
 
@@ -96,7 +96,7 @@ def run_demo(
 
     unknown = [t for t in themes if t not in THEMES]
     if unknown:
-        raise FeatureFlowError(f"unknown themes {unknown}: expected some of {sorted(THEMES)}")
+        raise InvalidArgumentError(f"unknown themes {unknown}: expected some of {sorted(THEMES)}")
     if model.tokenizer is None:
         raise FeatureFlowError("the demo needs a model with a tokenizer")
     out = Path(out)

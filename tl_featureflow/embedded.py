@@ -33,7 +33,7 @@ from tl_featureflow._files import (
     read_manifest,
     write_manifest,
 )
-from tl_featureflow.errors import CacheError, FeatureFlowError, MissingDependencyError
+from tl_featureflow.errors import CacheError, InvalidArgumentError, MissingDependencyError
 from tl_featureflow.model import FlowTransformer
 
 __all__ = [
@@ -217,7 +217,7 @@ def embedded_bank_dir(preset: str = "quick") -> Path:
     from tl_featureflow.saes.training import PRESETS, TRAINING_VERSION
 
     if preset not in PRESETS:
-        raise FeatureFlowError(f"unknown preset {preset!r}: expected one of {sorted(PRESETS)}")
+        raise InvalidArgumentError(f"unknown preset {preset!r}: expected one of {sorted(PRESETS)}")
     tokenizer = AutoTokenizer.from_pretrained(_verified_cache(embedded_model_dir(), verify=False))
     corpus = load_corpus(tokenizer, "train", context_size=PRESETS[preset].context_size, progress=False)
     return cache_root() / "banks" / f"{EMBEDDED_MODEL_NAME}-{preset}-corpus{corpus.hash}-v{TRAINING_VERSION}"

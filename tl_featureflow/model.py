@@ -37,7 +37,7 @@ from transformer_lens import HookedTransformer
 
 from tl_featureflow import _compat
 from tl_featureflow.checks import check_tokens
-from tl_featureflow.errors import FeatureFlowError, ModelMismatchError, UnknownFeatureError
+from tl_featureflow.errors import FeatureFlowError, InvalidArgumentError, ModelMismatchError, UnknownFeatureError
 from tl_featureflow.refs import FeatureRef, Key, Site, hook_name, sae_hook_name
 from tl_featureflow.saes.bank import SAEBank
 
@@ -193,7 +193,7 @@ class FlowTransformer(HookedSAETransformer):
     def check_bank(self, bank: SAEBank) -> None:
         """Raise ModelMismatchError unless every SAE of ``bank`` fits this model."""
         if not isinstance(bank, SAEBank):
-            raise FeatureFlowError(f"expected an SAEBank, got {type(bank).__name__}")
+            raise InvalidArgumentError(f"expected an SAEBank, got {type(bank).__name__}")
         if bank.d_model != self.cfg.d_model:
             raise ModelMismatchError(
                 f"the bank's SAEs read d_in={bank.d_model} but the model has d_model={self.cfg.d_model}"

@@ -75,7 +75,7 @@ def _method_matches(tracer: Any, layer: int, method: str, seed: int) -> dict[Sit
             _, indices = permutation_match(tracer.bank.decoder(*dst), tracer.bank.decoder(*key))
             out[site] = indices[:, None]
         else:
-            raise FeatureFlowError(f"unknown matching method {method!r}: expected some of {METHODS}")
+            raise InvalidArgumentError(f"unknown matching method {method!r}: expected some of {METHODS}")
     return out
 
 

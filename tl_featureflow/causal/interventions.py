@@ -72,9 +72,9 @@ def rescale(
         return h
     d_sae, seq = sae.cfg.d_sae, h.shape[1]
     if any(not 0 <= f < d_sae for f in features):
-        raise FeatureFlowError(f"features {list(features)} out of range: the SAE has d_sae {d_sae}")
+        raise InvalidArgumentError(f"features {list(features)} out of range: the SAE has d_sae {d_sae}")
     if any(not -seq <= p < seq for p in positions):
-        raise FeatureFlowError(f"positions {list(positions)} out of range for a sequence of {seq} tokens")
+        raise InvalidArgumentError(f"positions {list(positions)} out of range for a sequence of {seq} tokens")
     pos = torch.as_tensor(list(positions), device=h.device)
     sub = h[:, pos]                                               # [batch, n_pos, d_model]
     delta = rescale_delta(sub, sae, list(features), r - 1.0)       # [batch, n_pos, d_model]

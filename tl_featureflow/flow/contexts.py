@@ -27,7 +27,7 @@ from torch import Tensor
 
 from tl_featureflow._files import atomic_directory, check_header, header, read_manifest, tensor_digest, write_manifest
 from tl_featureflow.checks import check_tokens
-from tl_featureflow.errors import CacheError, FeatureFlowError
+from tl_featureflow.errors import CacheError, FeatureFlowError, InvalidArgumentError
 from tl_featureflow.refs import FeatureRef, Key, Site
 from tl_featureflow.saes.bank import SAEBank
 
@@ -134,7 +134,7 @@ def collect_top_contexts(
 
     check_tokens(tokens, model.cfg.d_vocab)
     if n < 1 or batch_size < 1:
-        raise FeatureFlowError(f"n={n} and batch_size={batch_size} must be positive")
+        raise InvalidArgumentError(f"n={n} and batch_size={batch_size} must be positive")
     chosen = bank.select(sites=sites, layers=layers)
     meta = {"bank_fingerprint": chosen.fingerprint(), "tokens": tensor_digest(tokens),
             "n": n, "skip_first": skip_first, "keys": [list(k) for k in chosen]}

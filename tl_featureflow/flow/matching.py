@@ -24,7 +24,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from tl_featureflow.checks import check_int
-from tl_featureflow.errors import FeatureFlowError
+from tl_featureflow.errors import FeatureFlowError, InvalidArgumentError
 from tl_featureflow.saes.features import unit_rows
 
 __all__ = [
@@ -47,7 +47,7 @@ def default_chunk_size(n_src: int) -> int:
 
 def _check_pair(dst: Tensor, src: Tensor, k: int) -> None:
     if dst.ndim != 2 or src.ndim != 2:
-        raise FeatureFlowError(f"expected 2-D [n, d_model] decoders, got shapes {tuple(dst.shape)} and {tuple(src.shape)}")
+        raise InvalidArgumentError(f"expected 2-D [n, d_model] decoders, got shapes {tuple(dst.shape)} and {tuple(src.shape)}")
     if dst.shape[1] != src.shape[1]:
         raise FeatureFlowError(
             f"decoders live in different spaces: d_model {dst.shape[1]} vs {src.shape[1]} "

@@ -21,7 +21,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from tl_featureflow.errors import FeatureFlowError
+from tl_featureflow.errors import FeatureFlowError, InvalidArgumentError
 from tl_featureflow.refs import LABELS, Site
 
 __all__ = ["LABELS", "LayerScores", "Classification", "classify_scores"]
@@ -82,7 +82,7 @@ class Classification:
     def features(self, label: str) -> Int[Tensor, " n"]:
         """Indices of the features with ``label``."""
         if label not in LABELS:
-            raise FeatureFlowError(f"unknown label {label!r}: expected one of {LABELS}")
+            raise InvalidArgumentError(f"unknown label {label!r}: expected one of {LABELS}")
         return (self.codes == LABELS.index(label)).nonzero().squeeze(1)
 
 

@@ -29,7 +29,13 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from tl_featureflow.checks import check_int
-from tl_featureflow.errors import CacheError, FeatureFlowError, ModelMismatchError, UnknownFeatureError
+from tl_featureflow.errors import (
+    CacheError,
+    FeatureFlowError,
+    InvalidArgumentError,
+    ModelMismatchError,
+    UnknownFeatureError,
+)
 from tl_featureflow.flow.flowmap import (
     MAP_INDEX,
     FlowMap,
@@ -151,7 +157,7 @@ class FlowTracer:
     # -- building blocks -------------------------------------------------------------------------
     def _key(self, key: tuple[Any, Any], what: str) -> Key:
         if not (isinstance(key, tuple) and len(key) == 2):
-            raise FeatureFlowError(f"{what} must be a (site, layer) tuple such as ('res', 3), got {key!r}")
+            raise InvalidArgumentError(f"{what} must be a (site, layer) tuple such as ('res', 3), got {key!r}")
         site, layer = check_site(key[0]), check_layer(key[1])
         if (site, layer) not in self.bank:
             raise UnknownFeatureError(f"{what} {(site, layer)} is not in the bank: it has {self.bank.describe()}")
@@ -198,7 +204,7 @@ class FlowTracer:
         by_site = {}
         for site, key in self.predecessor_keys(ref.layer).items():
             if k > self.bank.d_sae(*key):
-                raise FeatureFlowError(f"k={k} is larger than the {key} SAE's width {self.bank.d_sae(*key)}")
+                raise InvalidArgumentError(f"k={k} is larger than the {key} SAE's width {self.bank.d_sae(*key)}")
             by_site[site] = self._top(vector, key, k)
         return Predecessors(ref, by_site)
 
@@ -226,7 +232,7 @@ class FlowTracer:
         level is more similar than unaligned decoders of the same shapes ever get.
         """
         if not 0 < quantile < 1:
-            raise FeatureFlowError(f"quantile={quantile!r}: expected 0 < quantile < 1")
+            raise InvalidArgumentError(f"quantile={quantile!r}: expected 0 < quantile < 1")
         dst = self._decoder(self._key(("res", layer), "layer"))
         step = max(1, dst.shape[0] // n_probe)
         probe = dst[::step][:n_probe] @ self._rotation(dst.shape[1])
@@ -244,7 +250,7 @@ class FlowTracer:
                 return self.chance_thresholds(layer, quantile=quantile)
             if thresholds == "paper":
                 return {s: PAPER_THRESHOLDS[s] for s in sites}
-            raise FeatureFlowError(f"thresholds={thresholds!r}: expected 'chance', 'paper', a number or a site mapping")
+            raise InvalidArgumentError(f"thresholds={thresholds!r}: expected 'chance', 'paper', a number or a site mapping")
         if isinstance(thresholds, (int, float)) and not isinstance(thresholds, bool):
             return {s: float(thresholds) for s in sites}
         if isinstance(thresholds, Mapping):
@@ -252,7 +258,7 @@ class FlowTracer:
             if missing:
                 raise FeatureFlowError(f"thresholds {dict(thresholds)} lack sites {missing} of layer {layer}")
             return {s: float(thresholds[s]) for s in sites}
-        raise FeatureFlowError(f"thresholds={thresholds!r}: expected 'chance', 'paper', a number or a site mapping")
+        raise InvalidArgumentError(f"thresholds={thresholds!r}: expected 'chance', 'paper', a number or a site mapping")
 
     def classify(self, layer: int, thresholds: Thresholds = "chance", *, quantile: float = 0.99) -> Classification:
         """Label every res feature of ``layer`` translated / processed / newborn / unexplained.
@@ -300,7 +306,7 @@ class FlowTracer:
         """
         seed = self._res_ref(ref)
         if direction not in ("backward", "forward", "both"):
-            raise FeatureFlowError(f"direction={direction!r}: expected 'backward', 'forward' or 'both'")
+            raise InvalidArgumentError(f"direction={direction!r}: expected 'backward', 'forward' or 'both'")
         labels = (self.model is not None or self.contexts is not None) if labels is None else labels
         nodes: dict[FeatureRef, FlowNode] = {}
         edges: list[FlowEdge] = []

@@ -41,7 +41,7 @@ from tl_featureflow._files import (
     tensor_digest,
     write_manifest,
 )
-from tl_featureflow.errors import FeatureFlowError, MissingDependencyError
+from tl_featureflow.errors import FeatureFlowError, InvalidArgumentError, MissingDependencyError
 
 __all__ = ["SOURCES", "CORPUS_VERSION", "Document", "documents", "is_held_out", "Corpus", "load_corpus"]
 
@@ -107,7 +107,7 @@ _READERS = {"kjv": _kjv, "shakespeare": _shakespeare, "pydocs": _pydocs, "stdlib
 def documents(source: str) -> Iterator[Document]:
     """The documents of one source, in a fixed order."""
     if source not in _READERS:
-        raise FeatureFlowError(f"unknown corpus source {source!r}: expected one of {SOURCES}")
+        raise InvalidArgumentError(f"unknown corpus source {source!r}: expected one of {SOURCES}")
     return _READERS[source]()
 
 
@@ -174,12 +174,12 @@ def load_corpus(
     interleaved in a seeded order.
     """
     if split not in ("train", "heldout"):
-        raise FeatureFlowError(f"split={split!r}: expected 'train' or 'heldout'")
+        raise InvalidArgumentError(f"split={split!r}: expected 'train' or 'heldout'")
     if context_size < 8:
-        raise FeatureFlowError(f"context_size={context_size}: expected at least 8 tokens")
+        raise InvalidArgumentError(f"context_size={context_size}: expected at least 8 tokens")
     bad = [s for s in sources if s not in SOURCES]
     if bad or not sources:
-        raise FeatureFlowError(f"unknown corpus sources {bad or sources}: expected some of {SOURCES}")
+        raise InvalidArgumentError(f"unknown corpus sources {bad or sources}: expected some of {SOURCES}")
     bos = tokenizer.bos_token_id
     if bos is None:
         raise FeatureFlowError("the tokenizer has no BOS token: rows start with BOS (set tokenizer.bos_token)")

@@ -31,7 +31,7 @@ from torch import Tensor
 
 from tl_featureflow import _compat
 from tl_featureflow._files import atomic_write_json, tensor_digest
-from tl_featureflow.errors import FeatureFlowError, ModelMismatchError
+from tl_featureflow.errors import FeatureFlowError, InvalidArgumentError, ModelMismatchError
 from tl_featureflow.refs import SITES, Key, Site, check_layer, hook_name
 from tl_featureflow.saes.bank import SAEBank
 from tl_featureflow.saes.presets import PRESETS, TRAINING_VERSION, Preset, preset_layers
@@ -44,7 +44,7 @@ _COMPLETE = "complete.json"
 def _check_request(model: Any, sites: Sequence[str], layers: Sequence[int]) -> tuple[list[Site], list[int]]:
     bad_sites = [s for s in sites if s not in SITES]
     if bad_sites or not sites:
-        raise FeatureFlowError(f"unknown sites {bad_sites or list(sites)}: expected some of {SITES}")
+        raise InvalidArgumentError(f"unknown sites {bad_sites or list(sites)}: expected some of {SITES}")
     layers = [check_layer(layer) for layer in layers]
     too_deep = [layer for layer in layers if layer >= model.cfg.n_layers]
     if too_deep or not layers:
@@ -134,7 +134,7 @@ def train_bank(
 def _resolve_preset(preset: str | Preset, training_tokens: int | None) -> Preset:
     resolved = PRESETS[preset] if isinstance(preset, str) and preset in PRESETS else preset
     if not isinstance(resolved, Preset):
-        raise FeatureFlowError(f"unknown preset {preset!r}: expected one of {sorted(PRESETS)} or a Preset")
+        raise InvalidArgumentError(f"unknown preset {preset!r}: expected one of {sorted(PRESETS)} or a Preset")
     return resolved if training_tokens is None else replace(resolved, training_tokens=int(training_tokens))
 
 

@@ -41,7 +41,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from tl_featureflow.errors import FeatureFlowError, MissingDependencyError
+from tl_featureflow.errors import FeatureFlowError, InvalidArgumentError, MissingDependencyError
 
 __all__ = ["SentenceEmbedder", "OfflineJudge", "Calibration", "repetition", "distinct_ngrams", "perplexity",
            "NEUTRAL_TEXTS"]
@@ -190,7 +190,7 @@ class OfflineJudge:
         on_topic_margin: float = 0.35,
     ):
         if ppl_tolerance <= 1:
-            raise FeatureFlowError(f"ppl_tolerance must be > 1, got {ppl_tolerance}")
+            raise InvalidArgumentError(f"ppl_tolerance must be > 1, got {ppl_tolerance}")
         self.model = model
         self._embedder = embedder
         self._behavioural = behavioural

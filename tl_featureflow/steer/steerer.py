@@ -56,7 +56,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from tl_featureflow import _compat
-from tl_featureflow.errors import FeatureFlowError, UnknownFeatureError
+from tl_featureflow.errors import FeatureFlowError, InvalidArgumentError, UnknownFeatureError
 from tl_featureflow.refs import FeatureRef, Site, check_layer, check_site, hook_name
 from tl_featureflow.saes.bank import SAEBank
 from tl_featureflow.saes.features import rescale_delta
@@ -99,9 +99,9 @@ def flow_coefficients(
     [('0/res/3', 4.0), ('1/res/7', 4.0)]
     """
     if schedule not in get_args(Schedule):
-        raise FeatureFlowError(f"unknown schedule {schedule!r}: expected one of {get_args(Schedule)}")
+        raise InvalidArgumentError(f"unknown schedule {schedule!r}: expected one of {get_args(Schedule)}")
     if mode not in get_args(FlowMode):
-        raise FeatureFlowError(f"unknown mode {mode!r}: expected one of {get_args(FlowMode)}")
+        raise InvalidArgumentError(f"unknown mode {mode!r}: expected one of {get_args(FlowMode)}")
     layers = sorted({node.ref.layer for node in graph.nodes})
     if up_to_layer is None:
         up_to_layer = graph.seed.layer if mode == "single" else max(layers)
@@ -179,14 +179,14 @@ class Steerer:
         if not (hasattr(model, "hooks") and hasattr(model, "hook_dict") and hasattr(model, "generate")):
             raise FeatureFlowError(f"Steerer needs a TransformerLens HookedTransformer, got {type(model).__name__}")
         if positions not in POSITIONS:
-            raise FeatureFlowError(f"unknown positions {positions!r}: expected one of {POSITIONS}")
+            raise InvalidArgumentError(f"unknown positions {positions!r}: expected one of {POSITIONS}")
         if bank is not None and not isinstance(bank, SAEBank):
-            raise FeatureFlowError(f"bank must be an SAEBank, got {type(bank).__name__}")
+            raise InvalidArgumentError(f"bank must be an SAEBank, got {type(bank).__name__}")
         if bank is not None and bank.d_model != model.cfg.d_model:
             raise FeatureFlowError(
                 f"the bank's SAEs read d_in={bank.d_model} but the model has d_model={model.cfg.d_model}")
         if isinstance(scale, str) and scale not in ("unit", "decoder", "threshold"):
-            raise FeatureFlowError(f"unknown scale {scale!r}: expected 'unit', 'decoder', 'threshold' or a mapping")
+            raise InvalidArgumentError(f"unknown scale {scale!r}: expected 'unit', 'decoder', 'threshold' or a mapping")
         self.model = model
         self.bank = bank
         self.positions: Positions = positions
@@ -242,7 +242,7 @@ class Steerer:
         multiplies ``strength`` layer by layer; per-row strengths are scheduled alike.
         """
         if op not in get_args(Op):
-            raise FeatureFlowError(f"unknown op {op!r}: expected 'add' or 'rescale'")
+            raise InvalidArgumentError(f"unknown op {op!r}: expected 'add' or 'rescale'")
         plan = flow_coefficients(graph, self._coef(strength), schedule=schedule, alpha=alpha, mode=mode,
                                  up_to_layer=up_to_layer)
         for ref, value in plan:
@@ -321,7 +321,7 @@ class Steerer:
     def _coef(self, value: Coefficient) -> Tensor:
         coef = torch.as_tensor(value, dtype=torch.float32).detach().to(self.device)
         if coef.ndim > 1:
-            raise FeatureFlowError(f"a coefficient must be a number or one number per batch row, got shape "
+            raise InvalidArgumentError(f"a coefficient must be a number or one number per batch row, got shape "
                                    f"{tuple(coef.shape)}")
         if not torch.isfinite(coef).all():
             raise FeatureFlowError(f"coefficient {value!r} has NaN or inf entries")

@@ -243,7 +243,7 @@ def sweep_settings(
     settings = [SweepSetting("baseline", None, 0.0, op)] if baseline else []
     for mode in modes:
         if mode not in ("single", "cumulative"):
-            raise FeatureFlowError(f"unknown mode {mode!r}: expected 'single' or 'cumulative'")
+            raise InvalidArgumentError(f"unknown mode {mode!r}: expected 'single' or 'cumulative'")
         settings += [SweepSetting(mode, layer, float(s), op) for layer in layers for s in strengths]
     return settings
 

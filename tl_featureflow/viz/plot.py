@@ -23,7 +23,7 @@ import plotly.graph_objects as go
 from plotly.colors import sample_colorscale
 
 from tl_featureflow._files import atomic_write_text
-from tl_featureflow.errors import FeatureFlowError
+from tl_featureflow.errors import FeatureFlowError, InvalidArgumentError
 
 __all__ = ["flow_graph", "flow_sankey", "score_distributions", "group_composition", "validation", "r_sweep",
            "steering", "write_html", "to_html", "SITE_COLORS", "LANES"]
@@ -124,7 +124,7 @@ def _scores_by_layer(source: Any, layers: Iterable[int] | None) -> dict[int, Any
                                "[tracer.scores(layer) for layer in layers], not the FlowTracer")
     items = list(source.values()) if isinstance(source, dict) else list(source)
     if not items or not all(hasattr(item, "layer") and hasattr(item, "indices") for item in items):
-        raise FeatureFlowError(f"expected a FlowMap or LayerScores, got {type(source).__name__}")
+        raise InvalidArgumentError(f"expected a FlowMap or LayerScores, got {type(source).__name__}")
     wanted = None if layers is None else set(layers)
     return {item.layer: item for item in items if wanted is None or item.layer in wanted}
 
@@ -167,7 +167,7 @@ def group_composition(source: Any, *, method: str = "top1", title: str | None = 
         groups = list(ACTIVATION_GROUPS)
         kind = f"activation groups ({method})"
     else:
-        raise FeatureFlowError(f"expected a FlowMap or ValidationReport, got {type(source).__name__}")
+        raise InvalidArgumentError(f"expected a FlowMap or ValidationReport, got {type(source).__name__}")
     layers = sorted(counts, key=int)
     fig = go.Figure()
     for group in groups:

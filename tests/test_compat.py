@@ -188,3 +188,24 @@ def test_sae_lens_saes_context_restores_a_displaced_sae_through_add_sae(sae_mode
     restored = _compat.sae_wrappers(sae_model)[hook_name("res", 0)]
     assert restored.sae is first and restored is not wrapper and type(restored) is _compat.SAEWrapper
     sae_model.reset_saes()
+
+
+def test_sae_lens_gives_mlps_an_instance_forward_through_hook_in(sae_model):
+    mlp = sae_model.blocks[0].mlp
+    assert "forward" in vars(mlp) and hasattr(mlp, "hook_in"), "add_hook_in_to_mlp changed"
+    calls = []
+    _compat.set_mlp_forward(mlp, lambda x: calls.append(x.shape) or x * 0)
+    mlp.hook_in.add_hook(lambda a, hook: calls.append("hook_in"))
+    out = mlp(torch.ones(1, 2, 32))
+    assert calls == ["hook_in", (1, 2, 32)] and not out.any()
+    mlp.hook_in.remove_hooks()
+
+
+def test_grouped_query_attention_stores_kv_unexpanded():
+    model = HookedTransformer(tiny_cfg(n_key_value_heads=2))
+    attn = model.blocks[0].attn
+    W_K, b_K, W_V, b_V = _compat.stored_kv_weights(attn)
+    assert W_K.shape == (2, 32, 8) and b_V.shape == (2, 8), "GroupedQueryAttention no longer stores _W_K"
+    assert W_K is attn._W_K and torch.equal(attn.W_K, W_K.repeat_interleave(2, dim=0))
+    plain = HookedTransformer(tiny_cfg()).blocks[0].attn
+    assert _compat.stored_kv_weights(plain)[0] is plain.W_K

@@ -93,6 +93,20 @@ def test_embedded_model_matches_the_hf_model(smollm2):
 
 
 @pytest.mark.slow
+def test_embedded_fast_path_matches_transformer_lens(smollm2):
+    """SmolLM2 on the fast path against TransformerLens's own forward: logits up to rounding, greedy tokens equal."""
+    assert smollm2.fast_path.enabled and smollm2.fast_path.mlps == 30 and smollm2.fast_path.attentions == 30
+    reference = ff.FlowTransformer.from_hooked(smollm2, fast_path=False)
+    tokens = smollm2.to_tokens(PARIS_PROMPT)
+    with torch.no_grad():
+        fast, slow = smollm2(tokens), reference(tokens)
+    # the matmuls sum in another order: about 2e-6 of the logits' scale (measured 5e-5 on logits of ~25)
+    assert (fast - slow).abs().max().item() < 2e-5 * slow.abs().max().item()
+    kwargs = dict(max_new_tokens=12, do_sample=False, stop_at_eos=False, verbose=False)
+    assert torch.equal(smollm2.generate(tokens, **kwargs), reference.generate(tokens, **kwargs))
+
+
+@pytest.mark.slow
 def test_embedded_model_completes_paris_and_loads_from_cache(smollm2, monkeypatch):
     assert isinstance(smollm2, ff.FlowTransformer)
     assert (smollm2.cfg.n_layers, smollm2.cfg.d_model) == (30, 576)

@@ -17,12 +17,14 @@ def flow(tiny_model) -> FlowTransformer:
 # ------------------------------------------------------------------------------ from_hooked
 def test_from_hooked_shares_weights_and_leaves_the_original_alone(tiny_model, tokens):
     before = tiny_model(tokens)
+    torch.testing.assert_close(FlowTransformer.from_hooked(tiny_model, fast_path=False)(tokens), before, rtol=0,
+                               atol=0)                              # TransformerLens's own path: bit for bit
     flow = FlowTransformer.from_hooked(tiny_model)
-    assert isinstance(flow, ff.FlowTransformer)
+    assert isinstance(flow, ff.FlowTransformer) and flow.fast_path.enabled
     mine = dict(tiny_model.named_parameters())
     for name, param in flow.named_parameters():
         assert param.data_ptr() == mine[name].data_ptr(), name
-    torch.testing.assert_close(flow(tokens), before, rtol=0, atol=0)
+    torch.testing.assert_close(flow(tokens), before, rtol=0, atol=1e-5)  # the fast path: up to rounding
     flow.attach(make_bank())
     assert isinstance(tiny_model.blocks[1].hook_resid_post, HookPoint)
     assert "blocks.1.hook_resid_post.hook_sae_acts_post" not in tiny_model.hook_dict

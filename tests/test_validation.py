@@ -141,10 +141,11 @@ def test_planted_circuit_deactivation_matches_the_hand_computation(planted_circu
     layer_of = {"res": 0, "mlp": 1, "att": 1}
     items = [Intervention(ref.split("/")[1], layer_of[ref.split("/")[1]], (int(ref.split("/")[2]),), (row.position,), 0.0)
              for ref in row.deactivated]
+    flow = ff.FlowTransformer.from_hooked(model)   # what validate runs (the fast path: rounding differs from TL's)
     with torch.no_grad():
-        clean = float(model(text, return_type="loss"))
-        with intervened(model, bank, items):
-            edited = float(model(text, return_type="loss"))
+        clean = float(flow(text, return_type="loss"))
+        with intervened(flow, bank, items):
+            edited = float(flow(text, return_type="loss"))
     assert row.loss_change == pytest.approx((edited - clean) / clean, rel=1e-5)
     top1_summary = {k: v for k, v in summary["top1"].items() if not k.startswith("loss")}
     assert top1_summary == {"success_rate": 1.0, "activation_change": 1.0, "n": len(top1)}

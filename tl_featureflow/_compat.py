@@ -23,11 +23,16 @@ What we rely on, and why:
   torch's API rather than TransformerLens's).
 - TransformerLens ``HookedTransformer.generate``: the Steerer wraps it on the model
   instance while active and reads its arguments with ``inspect.signature``.
+- The fast path (``fastpath.py``): SAELens's HookedSAETransformer gives every MLP an
+  instance ``forward`` that calls ``mlp.hook_in`` first (we replace it, keeping that
+  call); TransformerLens's grouped-query attention stores K/V weights unexpanded as
+  ``_W_K`` / ``_b_K`` / ``_W_V`` / ``_b_V``.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
@@ -48,6 +53,8 @@ __all__ = [
     "set_module_tensor",
     "wrap_instance_method",
     "bind_arguments",
+    "set_mlp_forward",
+    "stored_kv_weights",
     "multi_sae_trainer_class",
     "advance_past_checkpoint",
     "estimate_scaling_factor",
@@ -125,6 +132,32 @@ def bind_arguments(function: Callable, *args: Any, **kwargs: Any) -> Mapping[str
     bound = inspect.signature(function).bind(*args, **kwargs)
     bound.apply_defaults()
     return bound.arguments
+
+
+# -- the fast path ---------------------------------------------------------------------------------------
+def _through_hook_in(mlp: Any, forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    return forward(mlp.hook_in(x))
+
+
+def set_mlp_forward(mlp: Any, forward: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    """Make ``forward`` the MLP's forward, behind ``mlp.hook_in`` as SAELens wires it.
+
+    ``HookedSAETransformer`` adds ``mlp.hook_in`` and an instance ``forward`` calling it
+    (``sae_lens.analysis.hooked_sae_transformer.add_hook_in_to_mlp``); a partial, unlike
+    SAELens's lambda, follows the module through ``copy.deepcopy``.
+    """
+    if hasattr(mlp, "hook_in"):
+        mlp.forward = functools.partial(_through_hook_in, mlp, forward)
+    else:
+        mlp.forward = forward
+
+
+def stored_kv_weights(attn: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(W_K, b_K, W_V, b_V)`` as stored: unexpanded ``[n_key_value_heads, ...]`` for grouped-query
+    attention (its public ``W_K`` repeats the heads on every read), as is for plain attention."""
+    if "_W_K" in attn._parameters and not attn.cfg.ungroup_grouped_query_attention:
+        return attn._W_K, attn._b_K, attn._W_V, attn._b_V
+    return attn.W_K, attn.b_K, attn.W_V, attn.b_V
 
 
 # -- SAELens: training ---------------------------------------------------------------------------------

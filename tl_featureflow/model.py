@@ -35,7 +35,7 @@ from sae_lens.saes.sae import SAEMetadata
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
-from tl_featureflow import _compat
+from tl_featureflow import _compat, fastpath
 from tl_featureflow.checks import check_tokens
 from tl_featureflow.errors import FeatureFlowError, InvalidArgumentError, ModelMismatchError, UnknownFeatureError
 from tl_featureflow.refs import FeatureRef, Key, Site, hook_name, sae_hook_name
@@ -139,20 +139,37 @@ class FlowTransformer(HookedSAETransformer):
     HookedTransformer.
     """
 
-    def __init__(self, *args: Any, **kwargs: Any):
+    def __init__(self, *args: Any, fast_path: bool = True, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self._bank: SAEBank | None = None
         self._bank_wrappers: dict[str, _ExactSAEWrapper] = {}
+        self.fast_path: fastpath.FastPath = fastpath.FastPath(enabled=False)
+        self.use_fast_path(fast_path)
+
+    def use_fast_path(self, on: bool = True) -> FlowTransformer:
+        """Turn the fast path (:mod:`tl_featureflow.fastpath`) on or off; returns the model.
+
+        On by default: the same maths as TransformerLens without its per-step weight
+        copies (generation several times faster). Components it cannot serve keep
+        TransformerLens's path, said once in a warning; ``model.fast_path`` tells which.
+        """
+        self.fast_path = fastpath.enable(self) if on else fastpath.disable(self)
+        if on and self.fast_path.fallback:
+            warnings.warn(f"fast path: these components keep TransformerLens's slower path: "
+                          f"{', '.join(self.fast_path.fallback)}", stacklevel=2)
+        return self
 
     # -- construction --------------------------------------------------------------------------
     @classmethod
-    def from_hooked(cls, model: HookedTransformer) -> FlowTransformer:
+    def from_hooked(cls, model: HookedTransformer, *, fast_path: bool = True) -> FlowTransformer:
         """Wrap an existing HookedTransformer; parameters and buffers are shared, not copied.
 
         The new model has its own module tree and hook points (so attaching SAEs to it
         leaves ``model`` untouched) built on the meta device, then pointed at
         ``model``'s tensors. Hooks already on ``model`` are not carried over. A
-        FlowTransformer is returned as is.
+        FlowTransformer is returned as is. With ``fast_path`` (the default) outputs equal
+        ``model``'s up to float rounding (:mod:`tl_featureflow.fastpath`); without it, bit
+        for bit.
         """
         if isinstance(model, cls):
             return model
@@ -166,7 +183,7 @@ class FlowTransformer(HookedSAETransformer):
         tokenizer_name, cfg.tokenizer_name = cfg.tokenizer_name, None  # never reload from a hub
         with torch.device("meta"), warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
-            new = cls(cfg, tokenizer=None, move_to_device=False)
+            new = cls(cfg, tokenizer=None, move_to_device=False, fast_path=fast_path)
         new.cfg.tokenizer_name = tokenizer_name
         new.tokenizer = model.tokenizer
         for kind, theirs, ours in (

@@ -117,19 +117,27 @@ def random_bank(layers: range | list[int], sites: tuple[Site, ...] = ("res", "ml
     return SAEBank(saes)
 
 
-def tiny_model(*, n_layers: int = 4, d_model: int = 64, d_vocab: int = 100, seed: int = 0,
+def tiny_model(*, n_layers: int = 4, d_model: int = 64, d_vocab: int = 100, seed: int = 0, gated: bool = False,
                device: torch.device | str = "cpu") -> Any:
     """A small random :class:`~tl_featureflow.model.FlowTransformer` without a tokenizer (token ids in,
-    ``0..d_vocab-1``): the model of runnable examples; its shapes fit :func:`planted_chain_bank`."""
+    ``0..d_vocab-1``): the model of runnable examples; its shapes fit :func:`planted_chain_bank`.
+
+    ``gated=True`` gives SmolLM2's (Llama's) layout: RMS norms, a gated SiLU MLP and
+    grouped-query attention with half as many key/value heads.
+    """
     import warnings
 
     from transformer_lens import HookedTransformerConfig
 
     from tl_featureflow.model import FlowTransformer
 
-    cfg = HookedTransformerConfig(n_layers=n_layers, d_model=d_model, n_ctx=64, d_head=16, n_heads=d_model // 16,
-                                  d_mlp=2 * d_model, d_vocab=d_vocab, act_fn="gelu", normalization_type="LN",
-                                  positional_embedding_type="rotary", seed=seed, device=str(device))
+    n_heads = d_model // 16
+    extra: dict[str, Any] = (dict(gated_mlp=True, act_fn="silu", normalization_type="RMS",
+                                  n_key_value_heads=max(1, n_heads // 2)) if gated
+                             else dict(act_fn="gelu", normalization_type="LN"))
+    cfg = HookedTransformerConfig(n_layers=n_layers, d_model=d_model, n_ctx=64, d_head=16, n_heads=n_heads,
+                                  d_mlp=2 * d_model, d_vocab=d_vocab, positional_embedding_type="rotary", seed=seed,
+                                  device=str(device), **extra)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         return FlowTransformer(cfg).eval()

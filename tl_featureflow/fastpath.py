@@ -8,7 +8,7 @@ The fast path computes the same maths on views of the live parameters:
 
 - gated MLP: ``F.linear(x, W_gate.T)`` etc. (a transposed view, no copy);
 - unembedding: ``F.linear(residual, W_U.T, b_U)``;
-- attention Q/K/V (the plain, non-split case): one batched ``matmul`` of the input with
+- attention Q/K/V (the plain, non-split case): one ``einsum`` batched over heads, reading
   ``W_Q`` ``[head, d_model, d_head]`` as stored.
 
 Every TransformerLens hook point still fires, in the same order, with tensors of the
@@ -84,7 +84,7 @@ def _project(x: Tensor, W: Tensor, b: Tensor) -> Tensor:
     """``[batch, pos, d_model] x [head, d_model, d_head] -> [batch, pos, head, d_head]`` without copying W."""
     if x.device != W.device:
         x = x.to(W.device)
-    return (torch.matmul(x.unsqueeze(1), W) + b.unsqueeze(1)).transpose(1, 2)
+    return torch.einsum("bpm,hmd->bphd", x, W) + b     # batched over heads: W is read as stored
 
 
 def _qkv_forward(attn: Any, query_input: Tensor, key_input: Tensor, value_input: Tensor) -> tuple[Tensor, ...]:

@@ -381,8 +381,12 @@ class Steerer:
         rescales = [e for e in edits if e.op == "rescale"]
         sae = self.bank[key] if rescales else None  # type: ignore[index]
         feats = torch.tensor([e.index for e in rescales], dtype=torch.long)
-        # gathered once here, not at every decoding step
+        # everything that does not depend on the activations is summed once here, not at every decoding step
         W = sae.W_dec.detach()[feats.to(sae.W_dec.device)].float() if sae is not None else None   # [f, d_model]
+        constant = sum((e.coef * e.vector for e in adds if e.coef.ndim == 0), torch.zeros(()))  # [d_model] or 0
+        per_row = [e for e in adds if e.coef.ndim == 1]
+        rows_total = (torch.stack([e.coef for e in per_row], 1) @ torch.stack([e.vector for e in per_row])
+                      if per_row else None)                                                  # [batch, d_model]
 
         def hook(h: Tensor, hook: Any) -> Tensor:
             batch = h.shape[0]
@@ -390,9 +394,9 @@ class Steerer:
             if idx is not None and idx.numel() == 0:
                 return h
             sub = h if idx is None else h[:, idx]                     # [batch, n, d_model]
-            delta = torch.zeros(batch, 1, h.shape[-1], device=h.device, dtype=torch.float32)
-            for e in adds:
-                delta = delta + _rows(e.coef, batch, key).to(h.device)[:, None, None] * e.vector.to(h.device)
+            delta = constant.to(h.device).expand(batch, 1, h.shape[-1]).float()
+            if rows_total is not None:
+                delta = delta + _rows(rows_total, batch, key).to(h.device)[:, None, :]
             delta = delta.expand(batch, sub.shape[1], h.shape[-1])
             if rescales:
                 factors = torch.stack([_rows(e.coef, batch, key).to(h.device) - 1.0 for e in rescales], -1)
@@ -428,7 +432,7 @@ class Steerer:
 
 
 def _rows(coef: Tensor, batch: int, key: tuple[Site, int]) -> Tensor:
-    """A coefficient as one value per batch row."""
+    """A coefficient as one value per batch row (``[batch]``; a ``[batch, d]`` table passes when its rows fit)."""
     if coef.ndim == 0:
         return coef.expand(batch)
     if coef.shape[0] != batch:

@@ -1,0 +1,130 @@
+"""Benchmark: FlowTransformer.generate (fast path) vs TransformerLens's path vs Hugging Face, same weights.
+
+    .venv/bin/python tests/benchmarks/bench_generate.py [--tokens 32] [--repeats 3] [--device cpu]
+
+On the embedded SmolLM2-135M-Instruct, in one run, runs interleaved, median of ``--repeats``:
+
+1. Time per new token of greedy ``generate`` with the KV cache, batch 1 and batch 16: the
+   FlowTransformer on its fast path, the same model with ``use_fast_path(False)``
+   (TransformerLens 3.9's own forward), and Hugging Face's ``LlamaForCausalLM.generate``
+   on the same dequantised weights (goal: fast path <= 1.5x HF's time). The tokens are
+   compared (greedy: fast path and TransformerLens's path must agree).
+2. The fast path with a Steerer adding 10 features (a flow graph's, topped up with other
+   features of the seed's layer when the graph is smaller) against unsteered (goal:
+   overhead <= 5%).
+3. A steering sweep as the demo runs it (``steering_sweep``, 2 layers x 2 strengths x
+   2 modes x 2 samples + baseline, 36 tokens, batched) with the fast path on and off.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import tl_featureflow as ff  # noqa: E402
+from tl_featureflow.embedded import load_embedded_hf_model  # noqa: E402
+from tl_featureflow.steer.sweeps import SweepSettings, steering_sweep  # noqa: E402
+
+
+def timed(fn):  # type: ignore[no-untyped-def]
+    start = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - start, out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--preset", default="quick", help="bank for the steering parts (default: quick)")
+    args = parser.parse_args()
+    torch.set_grad_enabled(False)
+    model = ff.load_embedded_model(device=args.device)
+    hf = load_embedded_hf_model().to(args.device)
+    eos = model.tokenizer.eos_token_id
+    n = args.tokens
+    print(f"device {args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads, {n} new tokens, "
+          f"median of {args.repeats}; fast path: {model.fast_path}")
+
+    for batch in (1, 16):
+        prompt = model.to_tokens(["The Eiffel Tower is located in the city of"] * batch)
+
+        def ours(on: bool, prompt=prompt):  # type: ignore[no-untyped-def]
+            model.use_fast_path(on)
+            return model.generate(prompt, max_new_tokens=n, do_sample=False, stop_at_eos=False, verbose=False)
+
+        def theirs(prompt=prompt):  # type: ignore[no-untyped-def]
+            return hf.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=eos)
+
+        runs = {"fast path": lambda: ours(True), "TransformerLens path": lambda: ours(False), "Hugging Face": theirs}
+        for fn in runs.values():
+            fn()  # warm-up
+        times: dict[str, list[float]] = {name: [] for name in runs}
+        outs = {}
+        for _ in range(args.repeats):
+            for name, fn in runs.items():
+                seconds, outs[name] = timed(fn)
+                times[name].append(seconds)
+        hf_ms = statistics.median(times["Hugging Face"]) / n * 1000
+        print(f"batch {batch}:")
+        for name, values in times.items():
+            ms = statistics.median(values) / n * 1000
+            print(f"  {name:<22} {ms:7.1f} ms/token   {ms / hf_ms:5.2f}x Hugging Face")
+        same = torch.equal(outs["fast path"], outs["TransformerLens path"])
+        same_hf = torch.equal(outs["fast path"].cpu(), outs["Hugging Face"].cpu())
+        print(f"  greedy tokens: fast == TransformerLens path: {same}; fast == Hugging Face: {same_hf}")
+    model.use_fast_path(True)
+
+    bank = ff.load_embedded_bank(args.preset, model=model, device=args.device)
+    seed = next(iter(bank.layers[len(bank.layers) // 2:]))
+    tracer = ff.FlowTracer(bank, model)
+    graph = max((tracer.trace(f"{seed}/res/{i}") for i in range(0, 200, 7)), key=lambda g: len(g.nodes))
+    refs = sorted(n_.ref for n_ in graph.nodes)[:10]
+    extra = (ff.FeatureRef(graph.seed.layer, "res", i) for i in range(bank.d_sae("res", graph.seed.layer)))
+    refs += [ref for ref in extra if ref not in refs][:10 - len(refs)]   # 10 features even from a small graph
+    prompt = model.to_tokens("I think")
+    kwargs = dict(max_new_tokens=n, do_sample=False, stop_at_eos=False, verbose=False)
+
+    def plain():  # type: ignore[no-untyped-def]
+        return model.generate(prompt, **kwargs)
+
+    def steered():  # type: ignore[no-untyped-def]
+        steerer = ff.Steerer(model, bank, scale="threshold")
+        for ref in refs:
+            steerer.add(ref, 4.0)
+        with steerer:
+            return model.generate(prompt, **kwargs)
+
+    plain()
+    times = {"unsteered": [], f"Steerer, {len(refs)} features": []}
+    for _ in range(args.repeats):
+        for name, fn in zip(times, (plain, steered), strict=True):
+            times[name].append(timed(fn)[0])
+    base = statistics.median(times["unsteered"])
+    print(f"fast path, batch 1, {n} new tokens:")
+    for name, values in times.items():
+        print(f"  {name:<22} {statistics.median(values) / n * 1000:7.1f} ms/token   "
+              f"overhead {100 * (statistics.median(values) / base - 1):+5.1f}%")
+
+    settings = SweepSettings(prompt="I think", strengths=(8.0, 16.0), layers=(graph.seed.layer, graph.span[1]),
+                             samples=2, scale="threshold", batch_size=32)
+    sweep_times = {}
+    for on in (True, False):
+        model.use_fast_path(on)
+        sweep_times[on], sweep = timed(lambda: steering_sweep(model, bank, graph, settings, progress=False))
+    model.use_fast_path(True)
+    print(f"steering sweep ({len(sweep.rows)} rows, {sweep.meta['generate_calls']} generate call(s), 36 tokens): "
+          f"fast path {sweep_times[True]:.1f} s, TransformerLens path {sweep_times[False]:.1f} s -> "
+          f"{sweep_times[False] / sweep_times[True]:.1f}x")
+
+
+if __name__ == "__main__":
+    main()

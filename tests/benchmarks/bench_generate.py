@@ -20,23 +20,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
-import time
-from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from _timing import timed  # noqa: I001 - puts the project on sys.path first
 
 import tl_featureflow as ff  # noqa: E402
 from tl_featureflow.embedded import load_embedded_hf_model  # noqa: E402
 from tl_featureflow.steer.sweeps import SweepSettings, steering_sweep  # noqa: E402
-
-
-def timed(fn):  # type: ignore[no-untyped-def]
-    start = time.perf_counter()
-    out = fn()
-    return time.perf_counter() - start, out
 
 
 def main() -> None:

@@ -16,20 +16,11 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
-import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from _timing import timed  # noqa: I001 - puts the project on sys.path first
 
 import tl_featureflow as ff  # noqa: E402
 from tl_featureflow.steer.sweeps import steering_sweep  # noqa: E402
-
-
-def timed(fn):  # type: ignore[no-untyped-def]
-    start = time.perf_counter()
-    out = fn()
-    return time.perf_counter() - start, out
 
 
 def main() -> None:

@@ -94,16 +94,21 @@ def test_embedded_model_matches_the_hf_model(smollm2):
 
 @pytest.mark.slow
 def test_embedded_fast_path_matches_transformer_lens(smollm2):
-    """SmolLM2 on the fast path against TransformerLens's own forward: logits up to rounding, greedy tokens equal."""
-    assert smollm2.fast_path.enabled and smollm2.fast_path.mlps == 30 and smollm2.fast_path.attentions == 30
+    """SmolLM2 on the fast path against TransformerLens's own forward: "exact" (the default) bit for bit,
+    "views" up to rounding; greedy tokens equal."""
+    assert smollm2.fast_path.mode == "exact" and smollm2.fast_path.mlps == 30 and smollm2.fast_path.attentions == 30
     reference = ff.FlowTransformer.from_hooked(smollm2, fast_path=False)
+    views = ff.FlowTransformer.from_hooked(smollm2, fast_path="views")
     tokens = smollm2.to_tokens(PARIS_PROMPT)
     with torch.no_grad():
-        fast, slow = smollm2(tokens), reference(tokens)
-    # the matmuls sum in another order: about 2e-6 of the logits' scale (measured 5e-5 on logits of ~25)
+        exact, slow, fast = smollm2(tokens), reference(tokens), views(tokens)
+    assert torch.equal(exact, slow)
+    # views: the matmuls sum in another order, about 2e-6 of the logits' scale (measured 5e-5 on logits of ~25)
     assert (fast - slow).abs().max().item() < 2e-5 * slow.abs().max().item()
     kwargs = dict(max_new_tokens=12, do_sample=False, stop_at_eos=False, verbose=False)
-    assert torch.equal(smollm2.generate(tokens, **kwargs), reference.generate(tokens, **kwargs))
+    expected = reference.generate(tokens, **kwargs)
+    assert torch.equal(smollm2.generate(tokens, **kwargs), expected) and torch.equal(views.generate(tokens, **kwargs),
+                                                                                     expected)
 
 
 @pytest.mark.slow

@@ -126,3 +126,68 @@ def test_disable_restores_every_forward():
     fastpath.disable(fast)
     assert "calculate_qkv_matrices" not in vars(fast.blocks[0].attn) and "forward" not in vars(fast.unembed)
     assert repr(fastpath.disable(fast)) == "FastPath(off)"
+
+
+# -- "exact": the copies made once, TransformerLens bit for bit ----------------------------------------
+@pytest.mark.parametrize("name", CONFIGS)
+def test_exact_mode_is_transformer_lens_bit_for_bit(name):
+    plain, fast = _pair(name)
+    fast.use_fast_path("exact")
+    assert fast.fast_path.mode == "exact" and fast.fast_path.attentions == 3
+    with torch.no_grad():
+        logits, cache = fast.run_with_cache(TOKENS)
+        ref_logits, ref_cache = plain.run_with_cache(TOKENS)
+    assert torch.equal(logits, ref_logits)
+    assert all(torch.equal(cache[key], ref) for key, ref in ref_cache.items())
+    prompt = TOKENS[:1, :4]
+    kwargs = dict(max_new_tokens=6, do_sample=False, stop_at_eos=False, verbose=False)
+    assert torch.equal(fast.generate(prompt, **kwargs), plain.generate(prompt, **kwargs))
+
+
+@pytest.mark.parametrize("edit", ["in_place", "reassign_data", "new_parameter"])
+def test_exact_mode_sees_every_kind_of_weight_edit(edit):
+    plain, fast = _pair("llama_gqa")
+    fast.use_fast_path("exact")
+    with torch.no_grad():
+        fast(TOKENS)                                            # the copies are made
+        mlp, plain_mlp = fast.blocks[1].mlp, plain.blocks[1].mlp
+        if edit == "in_place":
+            plain_mlp.W_in.mul_(2.0)
+        elif edit == "reassign_data":
+            plain_mlp.W_in.data = plain_mlp.W_in.data * 2.0     # new storage, same Parameter object
+        else:
+            new = torch.nn.Parameter(plain_mlp.W_in.detach() * 2.0)
+            plain_mlp.W_in, mlp.W_in = new, new
+        assert torch.equal(fast(TOKENS), plain(TOKENS))
+
+
+def test_exact_mode_keeps_gradients_to_the_weights():
+    plain, fast = _pair("llama_gqa")
+    fast.use_fast_path("exact")
+    fast(TOKENS).sum().backward()
+    grad = fast.blocks[0].mlp.W_gate.grad.clone()             # shared parameter with `plain`
+    fast.zero_grad()
+    plain(TOKENS).sum().backward()
+    torch.testing.assert_close(grad, plain.blocks[0].mlp.W_gate.grad, atol=1e-6, rtol=1e-5)
+    assert grad.abs().sum() > 0
+
+
+def test_turning_it_off_frees_the_copies():
+    _, fast = _pair("llama_gqa")
+    fast.use_fast_path("exact")
+    with torch.no_grad():
+        fast(TOKENS)
+    assert "_featureflow_layout" in vars(fast.blocks[0].mlp)
+    fast.use_fast_path(False)
+    assert "_featureflow_layout" not in vars(fast.blocks[0].mlp) and "_featureflow_layout" not in vars(fast.unembed)
+    with pytest.raises(ff.InvalidArgumentError, match="fast path mode"):
+        fast.use_fast_path("quick")
+
+
+def test_a_twin_on_another_path_shares_the_weights():
+    _, fast = _pair("llama_gqa")
+    assert ff.FlowTransformer.from_hooked(fast) is fast                   # no path asked: as is
+    twin = ff.FlowTransformer.from_hooked(fast, fast_path=False)          # asked: a new model, same tensors
+    assert twin is not fast and not twin.fast_path.enabled and fast.fast_path.enabled
+    assert twin.blocks[0].mlp.W_in is fast.blocks[0].mlp.W_in
+    assert "forward" not in vars(twin.unembed) and "forward" in vars(fast.unembed)

@@ -54,6 +54,7 @@ __all__ = [
     "wrap_instance_method",
     "bind_arguments",
     "set_mlp_forward",
+    "tensor_stamp",
     "stored_kv_weights",
     "multi_sae_trainer_class",
     "advance_past_checkpoint",
@@ -150,6 +151,12 @@ def set_mlp_forward(mlp: Any, forward: Callable[[torch.Tensor], torch.Tensor]) -
         mlp.forward = functools.partial(_through_hook_in, mlp, forward)
     else:
         mlp.forward = forward
+
+
+def tensor_stamp(tensor: torch.Tensor) -> tuple[Any, ...]:
+    """Changes whenever ``tensor``'s values may have: another object or storage, or an in-place edit
+    (torch's ``Tensor._version`` counter)."""
+    return id(tensor), tensor.data_ptr(), tensor._version, tensor.device, tensor.dtype
 
 
 def stored_kv_weights(attn: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -171,6 +171,7 @@ def load_embedded_model(
     dtype: torch.dtype = torch.float32,
     n_ctx: int | None = 2048,
     verify: bool = True,
+    fast_path: bool | str = "exact",
 ) -> FlowTransformer:
     """SmolLM2-135M-Instruct as a :class:`FlowTransformer`, fully offline.
 
@@ -180,6 +181,10 @@ def load_embedded_model(
             ``n_ctx x n_ctx`` causal mask per layer (67 MB each at 8192), so the default
             is 2048; pass ``None`` for the model's full context.
         verify: check the cache's SHA-256 sums (about 1 s); a failed check rebuilds it.
+        fast_path: ``"exact"`` (default: generation ~3x faster than TransformerLens's, outputs
+            bit for bit its own, ~0.5 GB more memory in float32), ``"views"`` (as fast, no
+            extra memory, equal up to float rounding) or ``False`` (TransformerLens's path);
+            see :mod:`tl_featureflow.fastpath`.
 
     No weight processing is applied (no LayerNorm folding or centring), so hook
     activations equal the Hugging Face model's hidden states.
@@ -198,7 +203,7 @@ def load_embedded_model(
         cfg = loading.get_pretrained_model_config(
             str(folder), fold_ln=False, device=str(device), dtype=dtype, n_ctx=n_ctx
         )
-        model = FlowTransformer(cfg, tokenizer, move_to_device=True)
+        model = FlowTransformer(cfg, tokenizer, move_to_device=True, fast_path=fast_path)
     state = load_file(folder / WEIGHTS, device=str(device))
     state = {k: v.to(dtype) for k, v in state.items()}
     model.load_and_process_state_dict(state, **_NO_PROCESSING)

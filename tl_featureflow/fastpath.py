@@ -17,6 +17,14 @@ weights after loading are seen (nothing is cached). Results equal TransformerLen
 forward up to float rounding (the matmuls sum in another order): within 1e-5 on the
 tiny test models, about 2e-6 of the logits' scale on SmolLM2, greedy tokens identical.
 
+Two modes. ``"views"`` (the default) keeps no copies: results equal TransformerLens's up
+to float rounding, as above. ``"exact"`` lays each weight out once the way
+TransformerLens copies it every step (``W.T.contiguous()``, the rearranged ``W_Q``) and
+reuses that copy until the weight changes (its storage or torch's in-place version
+counter), so results are TransformerLens's bit for bit, at the memory of one more copy of
+the MLP, unembedding and Q/K/V weights (about 0.5 GB for SmolLM2 in float32). When
+gradients are on for a weight, ``"exact"`` makes the copy afresh, differentiably.
+
 Components it cannot serve (4-bit weights, layer-norm activations, split Q/K/V inputs,
 Q/K norms...) keep TransformerLens's path; :func:`enable` reports them and the model
 warns once.
@@ -24,27 +32,31 @@ warns once.
 >>> from tl_featureflow.synthetic import tiny_model
 >>> model = tiny_model(gated=True)              # FlowTransformer: fast path on by default
 >>> model.fast_path
-FastPath(on: 4 gated MLPs, 4 attention Q/K/V, unembed; TransformerLens path: none)
+FastPath(views: 4 gated MLPs, 4 attention Q/K/V, unembed; TransformerLens path: none)
 >>> import torch
 >>> fast = model(torch.tensor([[1, 2, 3]]))
 >>> _ = disable(model)
->>> torch.allclose(fast, model(torch.tensor([[1, 2, 3]])), atol=1e-5)
-True
+>>> slow = model(torch.tensor([[1, 2, 3]]))
+>>> torch.allclose(fast, slow, atol=1e-5), torch.equal(enable(model, "exact") and model(torch.tensor([[1, 2, 3]])), slow)
+(True, True)
 """
 
 from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from tl_featureflow import _compat
+from tl_featureflow.errors import InvalidArgumentError
 
-__all__ = ["FastPath", "enable", "disable"]
+__all__ = ["FastPath", "Mode", "enable", "disable"]
+
+Mode = Literal["views", "exact"]
 
 
 @dataclass
@@ -56,28 +68,57 @@ class FastPath:
     unembed: bool = False
     fallback: list[str] = field(default_factory=list)
     enabled: bool = True
+    mode: Mode = "views"
 
     def __repr__(self) -> str:
         if not self.enabled:
             return "FastPath(off)"
         on = [f"{self.mlps} gated MLPs", f"{self.attentions} attention Q/K/V"] + (["unembed"] if self.unembed else [])
-        return f"FastPath(on: {', '.join(on)}; TransformerLens path: {', '.join(self.fallback) or 'none'})"
+        return f"FastPath({self.mode}: {', '.join(on)}; TransformerLens path: {', '.join(self.fallback) or 'none'})"
+
+
+# -- weights: views, or laid out once ------------------------------------------------------------------
+def _transposed(W: Tensor) -> Tensor:
+    return W.T.contiguous()
+
+
+def _heads_flat(W: Tensor) -> Tensor:
+    """``[head, d_model, d_head] -> [(head d_head), d_model]``, as TransformerLens's simple_attn_linear lays it."""
+    return W.permute(0, 2, 1).reshape(-1, W.shape[1])
+
+
+def _laid_out(module: Any, name: str, make: Any) -> Tensor:
+    """``make(weight)``, made once and reused until the weight changes (fresh when it needs gradients)."""
+    W = getattr(module, name)
+    if torch.is_grad_enabled() and W.requires_grad:
+        return make(W)
+    cache = module.__dict__.setdefault("_featureflow_layout", {})
+    stamp = _compat.tensor_stamp(W)
+    hit = cache.get(name)
+    if hit is None or hit[0] != stamp:
+        hit = cache[name] = (stamp, make(W.detach()).contiguous())
+    return hit[1]
 
 
 # -- the fast forwards (same hook points, same shapes) ---------------------------------------------
-def _gated_mlp_forward(mlp: Any, x: Tensor) -> Tensor:
-    """TransformerLens's GatedMLP.forward on transposed views instead of contiguous copies."""
+def _gated_mlp_forward(mlp: Any, x: Tensor, exact: bool = False) -> Tensor:
+    """TransformerLens's GatedMLP.forward without its per-step copies (views, or copies made once)."""
     if mlp.W_gate.device != x.device:
         x = x.to(mlp.W_gate.device)
-    pre_act = mlp.hook_pre(F.linear(x, mlp.W_gate.T))                 # [batch, pos, d_mlp]
-    pre_linear = mlp.hook_pre_linear(F.linear(x, mlp.W_in.T))         # [batch, pos, d_mlp]
+
+    def weight(name: str) -> Tensor:
+        return _laid_out(mlp, name, _transposed) if exact else getattr(mlp, name).T
+
+    pre_act = mlp.hook_pre(F.linear(x, weight("W_gate")))              # [batch, pos, d_mlp]
+    pre_linear = mlp.hook_pre_linear(F.linear(x, weight("W_in")))      # [batch, pos, d_mlp]
     post_act = mlp.hook_post(mlp.act_fn(pre_act) * pre_linear + mlp.b_in)
-    return F.linear(post_act, mlp.W_out.T, mlp.b_out)
+    return F.linear(post_act, weight("W_out"), mlp.b_out)
 
 
-def _unembed_forward(unembed: Any, residual: Tensor) -> Tensor:
+def _unembed_forward(unembed: Any, residual: Tensor, exact: bool = False) -> Tensor:
     residual = unembed.hook_in(residual)
-    return unembed.hook_out(F.linear(residual, unembed.W_U.T, unembed.b_U))
+    W_U = _laid_out(unembed, "W_U", _transposed) if exact else unembed.W_U.T
+    return unembed.hook_out(F.linear(residual, W_U, unembed.b_U))
 
 
 def _project(x: Tensor, W: Tensor, b: Tensor) -> Tensor:
@@ -87,12 +128,27 @@ def _project(x: Tensor, W: Tensor, b: Tensor) -> Tensor:
     return torch.einsum("bpm,hmd->bphd", x, W) + b     # batched over heads: W is read as stored
 
 
-def _qkv_forward(attn: Any, query_input: Tensor, key_input: Tensor, value_input: Tensor) -> tuple[Tensor, ...]:
-    """TransformerLens's calculate_qkv_matrices (simple, non-4-bit case) with the weights as stored."""
+def _project_exact(attn: Any, x: Tensor, name: str, b: Tensor) -> Tensor:
+    """TransformerLens's simple_attn_linear with the rearranged weight made once."""
+    W = _laid_out(attn, name, _heads_flat)
+    if x.device != W.device:
+        x = x.to(W.device)
+    return F.linear(x, W, b.reshape(-1).to(W.device)).reshape(x.shape[0], x.shape[1], b.shape[0], b.shape[1])
+
+
+def _qkv_forward(attn: Any, query_input: Tensor, key_input: Tensor, value_input: Tensor,
+                 exact: bool = False) -> tuple[Tensor, ...]:
+    """TransformerLens's calculate_qkv_matrices (simple, non-4-bit case) without its per-step copies."""
     W_K, b_K, W_V, b_V = _compat.stored_kv_weights(attn)
-    q = attn.hook_q(_project(query_input, attn.W_Q, attn.b_Q))
-    k = attn.hook_k(_project(key_input, W_K, b_K))
-    v = attn.hook_v(_project(value_input, W_V, b_V))
+    if exact:
+        k_name, v_name = ("_W_K", "_W_V") if W_K is not attn.W_K else ("W_K", "W_V")
+        q = attn.hook_q(_project_exact(attn, query_input, "W_Q", attn.b_Q))
+        k = attn.hook_k(_project_exact(attn, key_input, k_name, b_K))
+        v = attn.hook_v(_project_exact(attn, value_input, v_name, b_V))
+    else:
+        q = attn.hook_q(_project(query_input, attn.W_Q, attn.b_Q))
+        k = attn.hook_k(_project(key_input, W_K, b_K))
+        v = attn.hook_v(_project(value_input, W_V, b_V))
     return q, k, v
 
 
@@ -117,7 +173,7 @@ def _attention_unsupported(attn: Any) -> str | None:
     return ", ".join(reasons) or None
 
 
-def enable(model: Any) -> FastPath:
+def enable(model: Any, mode: Mode = "views") -> FastPath:
     """Route ``model``'s gated MLPs, attention Q/K/V and unembedding through the fast forwards.
 
     Only ``model``'s own modules change (instance attributes; the classes are untouched).
@@ -125,8 +181,11 @@ def enable(model: Any) -> FastPath:
     """
     from transformer_lens.components.mlps.gated_mlp import GatedMLP
 
+    if mode not in ("views", "exact"):
+        raise InvalidArgumentError(f"fast path mode {mode!r}: expected 'views' or 'exact'")
+    exact = mode == "exact"
     disable(model)
-    report = FastPath()
+    report = FastPath(mode=mode)
     for i, block in enumerate(model.blocks):
         mlp = getattr(block, "mlp", None)
         if isinstance(mlp, GatedMLP):
@@ -134,7 +193,7 @@ def enable(model: Any) -> FastPath:
             if reason:
                 report.fallback.append(f"blocks.{i}.mlp ({reason})")
             else:
-                _compat.set_mlp_forward(mlp, functools.partial(_gated_mlp_forward, mlp))
+                _compat.set_mlp_forward(mlp, functools.partial(_gated_mlp_forward, mlp, exact=exact))
                 report.mlps += 1
         attn = getattr(block, "attn", None)
         if attn is not None and hasattr(attn, "calculate_qkv_matrices"):
@@ -142,11 +201,11 @@ def enable(model: Any) -> FastPath:
             if reason:
                 report.fallback.append(f"blocks.{i}.attn ({reason})")
             else:
-                attn.calculate_qkv_matrices = functools.partial(_qkv_forward, attn)
+                attn.calculate_qkv_matrices = functools.partial(_qkv_forward, attn, exact=exact)
                 report.attentions += 1
     unembed = getattr(model, "unembed", None)
     if unembed is not None and type(unembed).__name__ == "Unembed":
-        unembed.forward = functools.partial(_unembed_forward, unembed)
+        unembed.forward = functools.partial(_unembed_forward, unembed, exact=exact)
         report.unembed = True
     return report
 
@@ -162,7 +221,11 @@ def disable(model: Any) -> FastPath:
         attn = getattr(block, "attn", None)
         if attn is not None:
             vars(attn).pop("calculate_qkv_matrices", None)
+        for module in (mlp, attn):
+            if module is not None:
+                vars(module).pop("_featureflow_layout", None)     # free the laid-out copies
     unembed = getattr(model, "unembed", None)
     if unembed is not None:
         vars(unembed).pop("forward", None)
+        vars(unembed).pop("_featureflow_layout", None)
     return FastPath(enabled=False)

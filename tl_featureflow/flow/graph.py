@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from tl_featureflow._files import atomic_write_text, check_header, header
-from tl_featureflow.errors import CacheError, MissingDependencyError, UnknownFeatureError
+from tl_featureflow.errors import CacheError, InvalidArgumentError, MissingDependencyError, UnknownFeatureError
 from tl_featureflow.refs import FeatureRef
 
 __all__ = ["FlowNode", "FlowEdge", "FlowGraph", "GRAPH_SCHEMA_VERSION"]
@@ -153,15 +153,36 @@ class FlowGraph:
 
     @classmethod
     def from_json(cls, text: str) -> FlowGraph:
+        """A graph from :meth:`to_json`'s text, or from attribution-graph JSON (:meth:`to_neuronpedia`)."""
         try:
             data = json.loads(text)
         except ValueError as exc:
             raise CacheError(f"flow graph JSON is corrupt: {exc}") from exc
-        return cls.from_dict(data)
+        from tl_featureflow.flow.export import from_neuronpedia, is_neuronpedia
 
-    def save(self, path: str | Path) -> Path:
-        """Write the graph as JSON, atomically."""
-        atomic_write_text(path, self.to_json())
+        return from_neuronpedia(data) if is_neuronpedia(data) else cls.from_dict(data)
+
+    def to_neuronpedia(self, **kwargs: Any) -> dict[str, Any]:
+        """The graph as the attribution-graph JSON circuit-tracer's viewer and Neuronpedia read
+        (a JSON-ready dict; see :mod:`tl_featureflow.flow.export` for the mapping and ``kwargs``)."""
+        from tl_featureflow.flow.export import to_neuronpedia
+
+        return to_neuronpedia(self, **kwargs)
+
+    @classmethod
+    def from_neuronpedia(cls, data: dict[str, Any]) -> FlowGraph:
+        """Read back what :meth:`to_neuronpedia` wrote (exactly)."""
+        from tl_featureflow.flow.export import from_neuronpedia
+
+        return from_neuronpedia(data)
+
+    def save(self, path: str | Path, *, format: Literal["tl_featureflow", "neuronpedia"] = "tl_featureflow") -> Path:
+        """Write the graph as JSON, atomically: ours, or ``format="neuronpedia"`` for circuit-tracer's
+        viewer and Neuronpedia. :meth:`load` reads both."""
+        if format not in ("tl_featureflow", "neuronpedia"):
+            raise InvalidArgumentError(f"format={format!r}: expected 'tl_featureflow' or 'neuronpedia'")
+        text = self.to_json() if format == "tl_featureflow" else json.dumps(self.to_neuronpedia(), indent=1)
+        atomic_write_text(path, text)
         return Path(path)
 
     @classmethod

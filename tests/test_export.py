@@ -22,7 +22,7 @@ def graph() -> ff.FlowGraph:
 
 
 def test_export_round_trips_exactly(graph, tmp_path):
-    assert from_neuronpedia(json.loads(json.dumps(to_neuronpedia(graph)))) == graph
+    assert ff.FlowGraph.from_dict(from_neuronpedia(json.loads(json.dumps(to_neuronpedia(graph.to_dict()))))) == graph
     path = graph.save(tmp_path / "g.json", format="neuronpedia")
     assert "links" in json.loads(path.read_text()) and ff.FlowGraph.load(path) == graph
     assert ff.FlowGraph.from_neuronpedia(graph.to_neuronpedia(slug="x")) == graph
@@ -31,7 +31,7 @@ def test_export_round_trips_exactly(graph, tmp_path):
 
 
 def test_nodes_and_links_follow_circuit_tracers_conventions(graph):
-    data = to_neuronpedia(graph, slug="paris", scan="smollm2")
+    data = graph.to_neuronpedia(slug="paris", scan="smollm2")
     ids = [n["node_id"] for n in data["nodes"]]
     assert len(set(ids)) == len(ids) == len(graph.nodes)                  # three sites per layer, no clash
     assert {link["source"] for link in data["links"]} | {link["target"] for link in data["links"]} <= set(ids)
@@ -49,21 +49,21 @@ def test_nodes_and_links_follow_circuit_tracers_conventions(graph):
 def test_export_validates_against_circuit_tracers_own_schema(graph):
     """The front end's pydantic models (circuit-tracer 0.5.0 on PyPI, installed with --no-deps by make)."""
     models = pytest.importorskip("circuit_tracer.frontend.graph_models")
-    model = models.Model.model_validate(to_neuronpedia(graph))
+    model = models.Model.model_validate(graph.to_neuronpedia())
     assert len(model.nodes) == len(graph.nodes) and model.metadata.schema_version == 1
     assert all(models.Link(**link) for link in model.links)
-    broken = to_neuronpedia(graph)
+    broken = graph.to_neuronpedia()
     del broken["nodes"][0]["layer"]
     with pytest.raises(Exception, match="layer"):
         models.Model.model_validate(broken)
 
 
 def test_a_graph_written_elsewhere_reads_with_the_clicked_node_as_seed(graph):
-    data = to_neuronpedia(graph)
+    data = graph.to_neuronpedia()
     del data["metadata"]["tl_featureflow"]
     for node in data["nodes"]:
         del node["tl_featureflow"]
-    foreign = from_neuronpedia(data)
+    foreign = ff.FlowGraph.from_neuronpedia(data)
     assert foreign.seed == graph.seed and [n.ref for n in foreign.nodes] == [n.ref for n in graph.nodes]
     assert [(e.src, e.dst) for e in foreign.edges] == [(e.src, e.dst) for e in graph.edges]
     with pytest.raises(ff.CacheError, match="malformed"):

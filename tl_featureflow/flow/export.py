@@ -1,5 +1,9 @@
 """Flow graphs in the attribution-graph JSON that circuit-tracer's front end and Neuronpedia read.
 
+Pure format conversion between two JSON dialects: :meth:`FlowGraph.to_dict`'s and
+circuit-tracer's. ``FlowGraph.to_neuronpedia`` / ``from_neuronpedia`` / ``save(...,
+format="neuronpedia")`` / ``load`` use it.
+
 The format is circuit-tracer's (``circuit_tracer.frontend.graph_models.Model``, version
 0.5.0): ``metadata`` (slug, scan, transcoder_list, prompt_tokens, prompt,
 node_threshold, schema_version), ``qParams`` (pinned and clicked node ids, supernodes,
@@ -24,10 +28,10 @@ and role; the graph's seed, span, meta and schema version) that the viewers igno
 >>> from tl_featureflow.flow.tracer import FlowTracer
 >>> from tl_featureflow.synthetic import planted_chain_bank
 >>> graph = FlowTracer(planted_chain_bank()[0]).trace("2/res/1")
->>> data = to_neuronpedia(graph)
+>>> data = graph.to_neuronpedia()               # to_neuronpedia(graph.to_dict())
 >>> data["nodes"][0]["node_id"], data["nodes"][0]["clerp"], data["links"][0]["weight"] > 0.5
 ('0_9_0', '0/res/3', True)
->>> from_neuronpedia(data) == graph
+>>> type(graph).from_neuronpedia(data) == graph
 True
 """
 
@@ -36,12 +40,12 @@ from __future__ import annotations
 from typing import Any
 
 from tl_featureflow.errors import CacheError
-from tl_featureflow.flow.graph import FlowEdge, FlowGraph, FlowNode
 from tl_featureflow.refs import SITES, FeatureRef
 
 __all__ = ["to_neuronpedia", "from_neuronpedia", "is_neuronpedia", "NEURONPEDIA_SCHEMA_VERSION", "FEATURE_TYPE"]
 
 NEURONPEDIA_SCHEMA_VERSION = 1     # circuit-tracer's Metadata.schema_version
+GRAPH_SCHEMA_VERSION = 1           # FlowGraph's (flow.graph imports this module, not the other way round)
 FEATURE_TYPE = "cross layer transcoder"
 _CODE = {site: i for i, site in enumerate(SITES)}
 
@@ -68,36 +72,39 @@ def _ref_of(node: dict[str, Any]) -> FeatureRef:
     return FeatureRef(int(layer), SITES[code], index)
 
 
-def to_neuronpedia(graph: FlowGraph, *, slug: str | None = None, scan: str | None = None,
+def to_neuronpedia(graph: dict[str, Any], *, slug: str | None = None, scan: str | None = None,
                    prompt: str = "", prompt_tokens: list[str] | None = None) -> dict[str, Any]:
-    """The graph as circuit-tracer / Neuronpedia attribution-graph JSON (a JSON-ready dict).
+    """A flow graph's dict (:meth:`FlowGraph.to_dict`) as attribution-graph JSON (a JSON-ready dict).
 
     ``slug`` names the graph in the viewer (default ``"flow-<seed>"``); ``scan`` names the
-    model (default: ``graph.meta["model"]``, else ``"tl_featureflow"``); ``prompt`` and
+    model (default: the graph's ``meta["model"]``, else ``"tl_featureflow"``); ``prompt`` and
     ``prompt_tokens`` stay empty for a data-free flow graph unless given.
     """
     nodes = []
-    for node in graph.nodes:
-        number = _feature_number(node.ref)
+    for node in graph["nodes"]:
+        ref = FeatureRef.parse(node["ref"])
+        number = _feature_number(ref)
         nodes.append({
-            "node_id": _node_id(node.ref), "feature": _cantor(node.ref.layer, number), "layer": str(node.ref.layer),
+            "node_id": _node_id(ref), "feature": _cantor(ref.layer, number), "layer": str(ref.layer),
             "ctx_idx": 0, "feature_type": FEATURE_TYPE, "token_prob": 0.0, "is_target_logit": False,
-            "run_idx": 0, "reverse_ctx_idx": 0, "jsNodeId": f"{node.ref.layer}_{number}-0",
-            "clerp": str(node.ref) + (f": {node.label}" if node.label else ""),
-            "influence": node.s_res, "activation": None,
-            "tl_featureflow": node.to_dict(),
+            "run_idx": 0, "reverse_ctx_idx": 0, "jsNodeId": f"{ref.layer}_{number}-0",
+            "clerp": str(ref) + (f": {node['label']}" if node.get("label") else ""),
+            "influence": node.get("s_res"), "activation": None,
+            "tl_featureflow": dict(node),
         })
-    links = [{"source": _node_id(e.src), "target": _node_id(e.dst), "weight": float(e.score)} for e in graph.edges]
-    seed_id = _node_id(graph.seed)
-    layers = sorted({(n.ref.layer, n.ref.site) for n in graph.nodes})
+    links = [{"source": _node_id(FeatureRef.parse(e["src"])), "target": _node_id(FeatureRef.parse(e["dst"])),
+              "weight": float(e["score"])} for e in graph["edges"]]
+    seed = FeatureRef.parse(graph["seed"])
+    seed_id = _node_id(seed)
+    keys = sorted({(FeatureRef.parse(n["ref"]).layer, FeatureRef.parse(n["ref"]).site) for n in graph["nodes"]})
     return {
         "metadata": {
-            "slug": slug or f"flow-{str(graph.seed).replace('/', '-')}",
-            "scan": scan or str(graph.meta.get("model", "tl_featureflow")),
-            "transcoder_list": [f"{layer}/{site}" for layer, site in layers],
+            "slug": slug or f"flow-{str(seed).replace('/', '-')}",
+            "scan": scan or str(graph.get("meta", {}).get("model", "tl_featureflow")),
+            "transcoder_list": [f"{layer}/{site}" for layer, site in keys],
             "prompt_tokens": list(prompt_tokens or []), "prompt": prompt, "node_threshold": None,
             "schema_version": NEURONPEDIA_SCHEMA_VERSION,
-            "tl_featureflow": {k: v for k, v in graph.to_dict().items() if k not in ("nodes", "edges")},
+            "tl_featureflow": {k: v for k, v in graph.items() if k not in ("nodes", "edges")},
         },
         "qParams": {"pinnedIds": [seed_id], "supernodes": [], "linkType": "both", "clickedId": seed_id, "sg_pos": ""},
         "nodes": nodes,
@@ -110,9 +117,10 @@ def is_neuronpedia(data: Any) -> bool:
     return isinstance(data, dict) and "links" in data and "metadata" in data and "nodes" in data
 
 
-def from_neuronpedia(data: dict[str, Any]) -> FlowGraph:
-    """The FlowGraph of attribution-graph JSON written by :func:`to_neuronpedia` (exactly), or of a graph
-    of the same node-id scheme written elsewhere (then without scores; the clicked node is the seed).
+def from_neuronpedia(data: dict[str, Any]) -> dict[str, Any]:
+    """The flow graph's dict (for :meth:`FlowGraph.from_dict`) of attribution-graph JSON written by
+    :func:`to_neuronpedia` (exactly), or of a graph of the same node-id scheme written elsewhere (then
+    without scores and thresholds; the clicked node is the seed).
 
     Raises:
         CacheError: ``data`` is not attribution-graph JSON, or a link names a node it lacks.
@@ -121,18 +129,19 @@ def from_neuronpedia(data: dict[str, Any]) -> FlowGraph:
         raise CacheError("not an attribution graph: expected 'metadata', 'nodes' and 'links'")
     try:
         refs = {str(n["node_id"]): _ref_of(n) for n in data["nodes"]}
-        nodes = [FlowNode.from_dict(n["tl_featureflow"]) if isinstance(n.get("tl_featureflow"), dict)
-                 else FlowNode(refs[str(n["node_id"])], "chain", label=n.get("clerp") or None)
+        nodes = [dict(n["tl_featureflow"]) if isinstance(n.get("tl_featureflow"), dict)
+                 else {"ref": str(refs[str(n["node_id"])]), "role": "chain", "s_res": None, "s_mlp": None,
+                       "s_att": None, "label": n.get("clerp") or None}
                  for n in data["nodes"]]
-        edges = [FlowEdge(refs[str(link["source"])], refs[str(link["target"])], float(link["weight"]))
-                 for link in data["links"]]
+        edges = [{"src": str(refs[str(link["source"])]), "dst": str(refs[str(link["target"])]),
+                  "score": float(link["weight"])} for link in data["links"]]
         own = data["metadata"].get("tl_featureflow")
-        if isinstance(own, dict):   # written by to_neuronpedia: the graph's own fields (checked by from_dict)
-            return FlowGraph.from_dict({**own, "nodes": [n.to_dict() for n in nodes],
-                                        "edges": [e.to_dict() for e in edges]})
+        if isinstance(own, dict):   # written by to_neuronpedia: the graph's own fields
+            return {**own, "nodes": nodes, "edges": edges}
         seed = refs[str(data["qParams"]["clickedId"])]
         layers = [ref.layer for ref in refs.values() if ref.site == "res"] or [seed.layer]
-        return FlowGraph(seed=seed, nodes=nodes, edges=edges, span=(min(layers), max(layers)), t_res=float("nan"),
-                         t_module=float("nan"), direction="both", meta={"source": str(data["metadata"].get("slug"))})
+        return {"schema_version": GRAPH_SCHEMA_VERSION, "seed": str(seed), "span": [min(layers), max(layers)],
+                "t_res": float("nan"), "t_module": float("nan"), "direction": "both",
+                "meta": {"source": str(data["metadata"].get("slug"))}, "nodes": nodes, "edges": edges}
     except (KeyError, TypeError, ValueError) as exc:
         raise CacheError(f"attribution graph JSON is malformed: {exc!r}") from exc

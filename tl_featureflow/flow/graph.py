@@ -14,11 +14,12 @@ from typing import Any, Literal
 
 from tl_featureflow._files import atomic_write_text, check_header, header
 from tl_featureflow.errors import CacheError, InvalidArgumentError, MissingDependencyError, UnknownFeatureError
+from tl_featureflow.flow import export
 from tl_featureflow.refs import FeatureRef
 
 __all__ = ["FlowNode", "FlowEdge", "FlowGraph", "GRAPH_SCHEMA_VERSION"]
 
-GRAPH_SCHEMA_VERSION = 1
+GRAPH_SCHEMA_VERSION = export.GRAPH_SCHEMA_VERSION
 
 Role = Literal["seed", "chain", "module"]
 
@@ -158,23 +159,17 @@ class FlowGraph:
             data = json.loads(text)
         except ValueError as exc:
             raise CacheError(f"flow graph JSON is corrupt: {exc}") from exc
-        from tl_featureflow.flow.export import from_neuronpedia, is_neuronpedia
-
-        return from_neuronpedia(data) if is_neuronpedia(data) else cls.from_dict(data)
+        return cls.from_dict(export.from_neuronpedia(data) if export.is_neuronpedia(data) else data)
 
     def to_neuronpedia(self, **kwargs: Any) -> dict[str, Any]:
         """The graph as the attribution-graph JSON circuit-tracer's viewer and Neuronpedia read
         (a JSON-ready dict; see :mod:`tl_featureflow.flow.export` for the mapping and ``kwargs``)."""
-        from tl_featureflow.flow.export import to_neuronpedia
-
-        return to_neuronpedia(self, **kwargs)
+        return export.to_neuronpedia(self.to_dict(), **kwargs)
 
     @classmethod
     def from_neuronpedia(cls, data: dict[str, Any]) -> FlowGraph:
         """Read back what :meth:`to_neuronpedia` wrote (exactly)."""
-        from tl_featureflow.flow.export import from_neuronpedia
-
-        return from_neuronpedia(data)
+        return cls.from_dict(export.from_neuronpedia(data))
 
     def save(self, path: str | Path, *, format: Literal["tl_featureflow", "neuronpedia"] = "tl_featureflow") -> Path:
         """Write the graph as JSON, atomically: ours, or ``format="neuronpedia"`` for circuit-tracer's

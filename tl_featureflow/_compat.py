@@ -55,6 +55,7 @@ __all__ = [
     "bind_arguments",
     "set_mlp_forward",
     "tensor_stamp",
+    "stored_kv_names",
     "stored_kv_weights",
     "multi_sae_trainer_class",
     "advance_past_checkpoint",
@@ -159,12 +160,17 @@ def tensor_stamp(tensor: torch.Tensor) -> tuple[Any, ...]:
     return id(tensor), tensor.data_ptr(), tensor._version, tensor.device, tensor.dtype
 
 
-def stored_kv_weights(attn: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(W_K, b_K, W_V, b_V)`` as stored: unexpanded ``[n_key_value_heads, ...]`` for grouped-query
-    attention (its public ``W_K`` repeats the heads on every read), as is for plain attention."""
+def stored_kv_names(attn: Any) -> tuple[str, str, str, str]:
+    """Attribute names of ``(W_K, b_K, W_V, b_V)`` as stored: the unexpanded ``[n_key_value_heads, ...]``
+    ones of grouped-query attention (its public ``W_K`` repeats the heads on every read), else the public."""
     if "_W_K" in attn._parameters and not attn.cfg.ungroup_grouped_query_attention:
-        return attn._W_K, attn._b_K, attn._W_V, attn._b_V
-    return attn.W_K, attn.b_K, attn.W_V, attn.b_V
+        return "_W_K", "_b_K", "_W_V", "_b_V"
+    return "W_K", "b_K", "W_V", "b_V"
+
+
+def stored_kv_weights(attn: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(W_K, b_K, W_V, b_V)`` as stored (see :func:`stored_kv_names`)."""
+    return tuple(getattr(attn, name) for name in stored_kv_names(attn))  # type: ignore[return-value]
 
 
 # -- SAELens: training ---------------------------------------------------------------------------------

@@ -189,8 +189,8 @@ def _steering(model: Any, bank: SAEBank, graphs: dict[str, Any], judge: Any | No
     judge = judge or OfflineJudge(model)
     for theme, graph in graphs.items():
         graph_layers = sorted({n.ref.layer for n in graph.nodes})
-        settings = SweepSettings(prompt=prompt, strengths=tuple(strengths), layers=(graph.seed.layer, graph_layers[-1])
-                                 if graph_layers[-1] != graph.seed.layer else (graph.seed.layer,), samples=samples,
+        settings = SweepSettings(prompt=prompt, strengths=tuple(strengths),
+                                 layers=tuple(sorted({graph.seed.layer, graph_layers[-1]})), samples=samples,
                                  scale=scale, max_new_tokens=max_new_tokens, batch_size=32)
         sweep = steering_sweep(model, bank, graph, settings, progress=progress)
         sweep.score(judge, THEMES[theme].description)

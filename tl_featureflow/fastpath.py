@@ -139,9 +139,9 @@ def _project_exact(attn: Any, x: Tensor, name: str, b: Tensor) -> Tensor:
 def _qkv_forward(attn: Any, query_input: Tensor, key_input: Tensor, value_input: Tensor,
                  exact: bool = False) -> tuple[Tensor, ...]:
     """TransformerLens's calculate_qkv_matrices (simple, non-4-bit case) without its per-step copies."""
-    W_K, b_K, W_V, b_V = _compat.stored_kv_weights(attn)
+    k_name, b_k_name, v_name, b_v_name = _compat.stored_kv_names(attn)
+    W_K, b_K, W_V, b_V = (getattr(attn, name) for name in (k_name, b_k_name, v_name, b_v_name))
     if exact:
-        k_name, v_name = ("_W_K", "_W_V") if W_K is not attn.W_K else ("W_K", "W_V")
         q = attn.hook_q(_project_exact(attn, query_input, "W_Q", attn.b_Q))
         k = attn.hook_k(_project_exact(attn, key_input, k_name, b_K))
         v = attn.hook_v(_project_exact(attn, value_input, v_name, b_V))

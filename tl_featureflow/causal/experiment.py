@@ -188,16 +188,17 @@ class _Experiment:
         from tl_featureflow.causal.results import ACTIVATION_GROUPS
 
         self.bank = self.tracer.bank
+        self.pred_keys = {layer: self.tracer.predecessor_keys(layer) for layer in self.layers}
         self.counts = {str(layer): {m: {g: 0 for g in ACTIVATION_GROUPS} for m in self.methods}
                        for layer in self.layers}
         keys = {("res", layer) for layer in self.layers}
-        keys |= {k for layer in self.layers for k in self.tracer.predecessor_keys(layer).values()}
+        keys |= {k for layer in self.layers for k in self.pred_keys[layer].values()}
         self.needed = self.bank.select(sites=sorted({k[0] for k in keys}), layers=sorted({k[1] for k in keys}))
 
     def add_pearson_matches(self, all_feats: Any) -> None:
         flat = {key: all_feats[key][:, 1:].reshape(-1, all_feats[key].shape[-1]) for key in all_feats}
         for layer in self.layers:
-            self.matches[(layer, "pearson")] = _pearson_matches(flat, layer, self.tracer.predecessor_keys(layer))
+            self.matches[(layer, "pearson")] = _pearson_matches(flat, layer, self.pred_keys[layer])
 
     def text_features(self, text: Tensor, all_feats: Any, t: int) -> Any:
         """Feature activations of one text (taken from the pearson pass when there was one)."""
@@ -222,7 +223,7 @@ class _Experiment:
         """For every chosen target and method: the active matched predecessors to rescale (counted by group)."""
         from tl_featureflow.causal.results import group_name
 
-        pred_keys = self.tracer.predecessor_keys(layer)
+        pred_keys = self.pred_keys[layer]
         best: dict[tuple[int, Site], Tensor] = {}
         if "exhaustive" in self.methods:
             best = _exhaustive_choices(self.flow, self.bank, text, layer, positions, pred_keys, feats, self.batch_rows)
@@ -243,7 +244,7 @@ class _Experiment:
                             best: dict[tuple[int, Site], Tensor]) -> dict[Site, list[int]]:
         """Per site, the target's matched predecessors (by ``method``) that are active at ``pos``."""
         out: dict[Site, list[int]] = {}
-        for site, key in self.tracer.predecessor_keys(layer).items():
+        for site, key in self.pred_keys[layer].items():
             if method == "exhaustive":
                 choice = best.get((pos, site))
                 cands = [] if choice is None else [int(choice[index])]
@@ -259,7 +260,7 @@ class _Experiment:
         """The rows of one target and method: one per r value (the r sweep for ``sweep_methods``)."""
         from tl_featureflow.refs import FeatureRef
 
-        pred_keys = self.tracer.predecessor_keys(layer)
+        pred_keys = self.pred_keys[layer]
         rows: Plan = []
         for rr in (self.rs if method in self.sweep_methods else self.rs[:1]):
             items = [Intervention(pred_keys[s][0], pred_keys[s][1], tuple(f), (pos,), rr)

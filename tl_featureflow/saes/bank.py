@@ -29,6 +29,7 @@ from jaxtyping import Float
 from sae_lens import SAE
 from torch import Tensor
 
+from tl_featureflow import _compat
 from tl_featureflow._files import atomic_directory, check_header, header, read_manifest, write_manifest
 from tl_featureflow.errors import BankError, CacheError, UnknownFeatureError
 from tl_featureflow.refs import SITES, FeatureRef, Key, Site, check_layer, check_site, hook_aliases, hook_name
@@ -194,7 +195,7 @@ class SAEBank(Mapping[Key, SAE]):
         sae = self[(site, layer)]
         W_dec = sae.W_dec.detach()
         if unit:
-            stamp = (W_dec.data_ptr(), W_dec._version)
+            stamp = _compat.tensor_stamp(sae.W_dec)
             cached = self._decoders.get((site, layer))
             if cached is None or cached[0] != stamp:
                 cached = (stamp, unit_rows(W_dec).to(W_dec.dtype))

@@ -2,6 +2,15 @@
 
 Round-trips exactly through JSON with a schema version (:meth:`FlowGraph.save` /
 :meth:`FlowGraph.load`).
+
+>>> import tempfile
+>>> from tl_featureflow.flow.tracer import FlowTracer
+>>> from tl_featureflow.synthetic import planted_chain_bank
+>>> graph = FlowTracer(planted_chain_bank()[0]).trace("2/res/1")
+>>> graph.seed, graph.span, [str(e.src) + " -> " + str(e.dst) for e in graph.edges][:2]
+(FeatureRef(layer=2, site='res', index=1), (0, 2), ['0/res/3 -> 1/res/7', '1/res/7 -> 2/res/1'])
+>>> FlowGraph.load(graph.save(tempfile.mkdtemp() + "/g.json")) == graph
+True
 """
 
 from __future__ import annotations

@@ -1,9 +1,19 @@
+"""Top contexts, histograms and labels: the streaming pass equals a brute-force computation over all activations."""
+
+import math
+import subprocess
+import sys
+import textwrap
+
 import pytest
 import torch
 
 import tl_featureflow as ff
 from conftest import D_VOCAB, make_bank
 from tl_featureflow import FlowTracer, FlowTransformer, TopContexts, collect_top_contexts
+from tl_featureflow.flow.contexts import HIST_EDGES, contexts_dir, feature_contexts
+
+N, LEFT, RIGHT = 4, 3, 2
 
 
 @pytest.fixture
@@ -11,38 +21,127 @@ def corpus():
     return torch.randint(0, D_VOCAB, (7, 10), generator=torch.Generator().manual_seed(3))
 
 
-def test_streaming_top_contexts_equal_brute_force(tiny_model, corpus, tmp_path):
+def _all_activations(model, bank, corpus):
+    _, feats = FlowTransformer.from_hooked(model).run_with_features(corpus, bank=bank)
+    return feats
+
+
+def test_streaming_top_contexts_equal_brute_force(tiny_model, corpus):
     bank = make_bank(layers=[0, 2])
-    contexts = collect_top_contexts(tiny_model, bank, corpus, n=4, batch_size=2, progress=False)
-    _, feats = FlowTransformer.from_hooked(tiny_model).run_with_features(corpus, bank=bank)
-    for key in bank:
-        acts = feats[key][:, 1:]                       # position 0 skipped
+    contexts = collect_top_contexts(tiny_model, bank, corpus, n=N, batch_size=2, left=LEFT, right=RIGHT,
+                                    progress=False)
+    seq = corpus.shape[1]
+    for key, all_acts in _all_activations(tiny_model, bank, corpus).items():
+        acts = all_acts[:, 1:]                         # position 0 skipped
         flat = acts.reshape(-1, acts.shape[-1]).T      # [d_sae, docs * (seq - 1)]
-        top = flat.topk(4, dim=1)
+        top = flat.topk(N, dim=1)
         fired = top.values > 0
         torch.testing.assert_close(contexts.values[key], torch.where(fired, top.values, 0.0), rtol=1e-5, atol=1e-5)
-        docs, pos = top.indices // 9, top.indices % 9 + 1
+        docs, pos = top.indices // (seq - 1), top.indices % (seq - 1) + 1
         assert torch.equal(contexts.doc[key][fired], docs[fired]) and torch.equal(contexts.pos[key][fired], pos[fired])
         assert bool((contexts.doc[key][~fired] == -1).all())
+        # windows: the tokens around each position and the feature's activation on each, -1 past the row
+        for f, slot in [(0, 0), (3, 1), (7, 3)]:
+            if not fired[f, slot]:
+                continue
+            d, p = int(docs[f, slot]), int(pos[f, slot])
+            for j, at in enumerate(range(p - LEFT, p + RIGHT + 1)):
+                inside = 0 <= at < seq
+                assert int(contexts.window_tokens[key][f, slot, j]) == (int(corpus[d, at]) if inside else -1)
+                expected = float(all_acts[d, at, f]) if inside else 0.0
+                assert float(contexts.window_acts[key][f, slot, j]) == pytest.approx(expected, abs=1e-5)
+        # histogram of positive activations with the same edges, and the sums
+        positive = acts.reshape(-1, acts.shape[-1])
+        for f in range(positive.shape[1]):
+            values = positive[:, f][positive[:, f] > 0].double()
+            bins = torch.bucketize(values.clamp(HIST_EDGES[0], HIST_EDGES[-1] * 0.999), HIST_EDGES, right=True) - 1
+            expected = torch.bincount(bins, minlength=len(HIST_EDGES) - 1)
+            assert torch.equal(contexts.hist[key][f], expected), (key, f)
+        torch.testing.assert_close(contexts.act_sum[key], positive.double().sum(0), rtol=1e-6, atol=1e-6)
+    assert contexts.n_tokens == corpus.shape[0] * (seq - 1)
+
     ref = ff.FeatureRef(2, "mlp", 5)
     examples = contexts.examples(ref, window=2)
     assert [e.activation for e in examples] == [v for v in contexts.values[ref.key][5].tolist() if v > 0]
     first = examples[0]
     assert f"[<{int(corpus[first.doc, first.pos])}>]" in first.text
 
-    saved = contexts.save(tmp_path / "ctx")
-    again = TopContexts.load(saved)
-    assert again.meta == contexts.meta and torch.equal(again.tokens, corpus)
-    assert all(torch.equal(again.values[k], contexts.values[k]) for k in bank)
 
-    # the cache is reused for the same bank and tokens, and not for others
-    cached = collect_top_contexts(tiny_model, bank, corpus, n=4, batch_size=3, path=saved, progress=False)
+def test_density_mean_and_quantiles_match_the_activations(tiny_model, corpus):
+    bank = make_bank(layers=[1])
+    contexts = collect_top_contexts(tiny_model, bank, corpus, n=N, progress=False)
+    acts = _all_activations(tiny_model, bank, corpus)[("res", 1)][:, 1:].reshape(-1, bank.d_sae("res", 1))
+    checked = 0
+    for f in range(acts.shape[1]):
+        values = acts[:, f][acts[:, f] > 0]
+        ref = f"1/res/{f}"
+        assert contexts.density(ref) == pytest.approx(len(values) / acts.shape[0])
+        if len(values) < 8:
+            continue
+        checked += 1
+        assert contexts.mean_active(ref) == pytest.approx(float(values.mean()), rel=1e-5)
+        for q in (0.25, 0.5, 0.9, 1.0):   # lies in the bin of the order statistic ceil(q * n)
+            kth = float(values.sort().values[math.ceil(q * len(values)) - 1])
+            b = int(torch.bucketize(torch.tensor(kth, dtype=torch.float64), HIST_EDGES, right=True)) - 1
+            assert float(HIST_EDGES[b]) * (1 - 1e-9) <= contexts.quantile(ref, q) <= float(HIST_EDGES[b + 1]) * (1 + 1e-9)
+    assert checked > 5
+    with pytest.raises(ff.InvalidArgumentError, match="quantile"):
+        contexts.quantile("1/res/0", 1.5)
+
+
+def test_a_stream_of_batches_equals_the_tensor_and_labels_read_well(tiny_model, corpus):
+    bank = make_bank(layers=[2])
+    whole = collect_top_contexts(tiny_model, bank, corpus, n=N, progress=False)
+    stream = collect_top_contexts(tiny_model, bank, (corpus[i : i + 3] for i in range(0, 7, 3)), n=N, progress=False)
+    for name in TopContexts._TABLES:
+        for key in bank:
+            torch.testing.assert_close(getattr(stream, name)[key], getattr(whole, name)[key], rtol=1e-5, atol=1e-5)
+    label = whole.label("2/res/0")
+    assert label.count("[") == 1 and " — …" in label
+    firing = whole.highlighted("2/res/0")[0]
+    assert firing.acts[firing.firing] == pytest.approx(firing.activation)
+    silent = torch.zeros_like(whole.values[("res", 2)][0])
+    assert whole.label("2/res/0") != "(never fired)" or bool((whole.values[("res", 2)][0] == silent).all())
+
+
+def test_saved_contexts_reload_and_the_cache_follows_bank_and_texts(tiny_model, corpus, tmp_path):
+    bank = make_bank(layers=[0, 2])
+    contexts = collect_top_contexts(tiny_model, bank, corpus, n=N, path=tmp_path / "ctx", progress=False)
+    again = TopContexts.load(tmp_path / "ctx")
+    assert again.meta == contexts.meta and again.n_tokens == contexts.n_tokens
+    for name in TopContexts._TABLES:
+        assert all(torch.equal(getattr(again, name)[k], getattr(contexts, name)[k]) for k in bank)
+    cached = collect_top_contexts(tiny_model, bank, corpus, n=N, batch_size=3, path=tmp_path / "ctx", progress=False)
     assert all(torch.equal(cached.values[k], contexts.values[k]) for k in bank)
-    other = collect_top_contexts(tiny_model, bank, corpus[:3], n=4, path=saved, progress=False)
-    assert other.tokens.shape[0] == 3 and TopContexts.load(saved).tokens.shape[0] == 3
+    other = collect_top_contexts(tiny_model, bank, corpus[:3], n=N, path=tmp_path / "ctx", progress=False)
+    assert other.n_tokens == 3 * 9 and TopContexts.load(tmp_path / "ctx").n_tokens == 3 * 9
 
+    # feature_contexts: one folder per bank fingerprint and texts; an edited bank misses the cache
+    first = feature_contexts(tiny_model, bank, corpus, progress=False)
+    folder = contexts_dir(bank, corpus, n=10)
+    assert (folder / "contexts.json").is_file() and first.meta["tokens"] == ff._files.tensor_digest(corpus)
+    edited = make_bank(layers=[0, 2])
+    with torch.no_grad():
+        edited[("res", 2)].W_dec[0] *= -1
+    assert contexts_dir(edited, corpus, n=10) != folder
+    changed = feature_contexts(tiny_model, edited, corpus, progress=False)
+    assert changed.meta["bank_fingerprint"] != first.meta["bank_fingerprint"]
+    assert contexts_dir(bank, corpus[:5], n=10) != folder
+    with pytest.raises(ff.FeatureFlowError, match="without a tokenizer"):
+        feature_contexts(tiny_model, bank, progress=False)
+
+
+def test_tracer_labels_are_contexts_first_then_logit_lens(tiny_model, corpus):
+    bank = make_bank(layers=[0, 1, 2])
+    contexts = collect_top_contexts(tiny_model, bank, corpus, n=N, progress=False)
     graph = FlowTracer(bank, contexts=contexts).trace("2/res/0", t_res=-1, t_module=-1)
-    assert any("[" in (node.label or "") for node in graph.nodes)
+    fired = [n for n in graph.nodes if contexts.values[n.ref.key][n.ref.index, 0] > 0]
+    assert fired and all(n.label == contexts.label(n.ref) for n in fired)
+    assert all(n.lens is None for n in graph.nodes)            # no model: no logit lens
+    with_model = FlowTracer(bank, tiny_model, contexts=contexts).trace("2/res/0", t_res=-1, t_module=-1)
+    assert all(n.lens for n in with_model.nodes) and [n.label for n in with_model.nodes] == [n.label for n in graph.nodes]
+    lens_only = FlowTracer(bank, tiny_model, contexts=None).trace("2/res/0", t_res=-1, t_module=-1)
+    assert all(n.label == n.lens for n in lens_only.nodes)
 
 
 def test_bad_tokens_are_refused(tiny_model):
@@ -50,3 +149,42 @@ def test_bad_tokens_are_refused(tiny_model):
         collect_top_contexts(tiny_model, make_bank(layers=[0]), torch.zeros(3, 4), progress=False)
     with pytest.raises(ff.InvalidArgumentError, match="outside the vocabulary"):
         collect_top_contexts(tiny_model, make_bank(layers=[0]), torch.full((3, 4), 10_000), progress=False)
+    with pytest.raises(ff.InvalidArgumentError, match="outside the vocabulary"):
+        collect_top_contexts(tiny_model, make_bank(layers=[0]), iter([torch.full((3, 4), 10_000)]), progress=False)
+
+
+_BOUNDED = textwrap.dedent("""
+    import resource, sys
+    limit = int(sys.argv[2]) * 2**20                      # the process may hold this much data, no more
+    resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
+    import torch
+    from tl_featureflow.saes.bank import SAEBank
+    from tl_featureflow.synthetic import sae_from_decoder, tiny_model
+    from tl_featureflow.flow.contexts import collect_top_contexts
+
+    model = tiny_model(d_model=32, n_layers=2)
+    W = torch.nn.functional.normalize(torch.randn(8192, 32, generator=torch.Generator().manual_seed(0)), dim=1)
+    bank = SAEBank({("res", 1): sae_from_decoder("res", 1, W, arch="topk")})
+    rows, seq, batch = int(sys.argv[1]), 64, 32
+    gen = torch.Generator().manual_seed(0)
+    stream = (torch.randint(0, 100, (batch, seq), generator=gen) for _ in range(rows // batch))
+    ctx = collect_top_contexts(model, bank, stream, n=10, progress=False)
+    try:                                                  # what keeping every activation would need
+        torch.zeros(ctx.n_tokens, 8192)
+        fits = 1
+    except (MemoryError, RuntimeError):
+        fits = 0
+    print(ctx.n_tokens, fits, int((ctx.values[("res", 1)][:, 0] > 0).sum()))
+""")
+
+
+@pytest.mark.slow
+def test_memory_stays_bounded_on_a_stream_larger_than_memory_allows_for_its_activations():
+    """129k positions x 8,192 features = 4.2 GB of activations; the pass runs with 2.5 GB allowed."""
+    out = subprocess.run([sys.executable, "-c", _BOUNDED, "2048", "2500"], capture_output=True, text=True,
+                         timeout=900)
+    assert out.returncode == 0, out.stderr[-2000:]
+    n_tokens, fits, fired = map(int, out.stdout.split())
+    assert n_tokens == 2048 * 63 and n_tokens * 8192 * 4 > 2500 * 2**20
+    assert fits == 0, "the memory limit did not bite: all activations would have fit"
+    assert fired > 4000                                     # the pass saw real activations

@@ -21,14 +21,19 @@ FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=1
          "--v=0"]
 
 
-def open_in_chromium(html: Path, screenshot: Path) -> tuple[str, list[str]]:
-    """The DOM after scripts ran, and the page's console messages."""
-    url = html.resolve().as_uri()
+def open_in_chromium(html: Path, screenshot: Path | None = None, fragment: str = "") -> tuple[str, list[str]]:
+    """The DOM after scripts ran, and the page's console messages (``fragment``: a #name to open at)."""
+    url = html.resolve().as_uri() + fragment
     dom = subprocess.run([CHROMIUM, *FLAGS, "--dump-dom", url], capture_output=True, text=True, timeout=180)
     console = [line for line in dom.stderr.splitlines() if ":CONSOLE" in line]
-    subprocess.run([CHROMIUM, *FLAGS, "--window-size=1200,2400", f"--screenshot={screenshot}", url],
-                   capture_output=True, text=True, timeout=180)
+    if screenshot is not None:
+        subprocess.run([CHROMIUM, *FLAGS, "--window-size=1200,2400", f"--screenshot={screenshot}", url],
+                       capture_output=True, text=True, timeout=180)
     return dom.stdout, console
+
+
+def _open_cards(dom: str) -> list[str]:
+    return re.findall(r'<details class="ff-card[^"]*" id="([^"]+)" open=""', dom)
 
 
 def test_demo_report_renders_in_chromium(tiny_cli, capsys):
@@ -47,6 +52,29 @@ def test_demo_report_renders_in_chromium(tiny_cli, capsys):
     assert re.search(r'class="(node|scatterlayer|trace bars|bars)', dom)     # marks were drawn
     shot = Path("demo/report.png")
     assert shot.is_file() and shot.stat().st_size > 20_000
+
+    # every node of every graph has a card, linked from its graph's table; the cards shade their contexts
+    from tl_featureflow import FlowGraph
+
+    refs = {str(n.ref) for g in Path("demo/graphs").glob("*.json") for n in FlowGraph.load(g).nodes}
+    ids = {"card-" + r.replace("/", "-") for r in refs}
+    assert set(re.findall(r'<details class="ff-card" id="([^"]+)"', dom)) == ids
+    assert all(f'href="#{i}"' in dom for i in ids)
+    assert "ff-tok ff-fire" in dom and "background: rgba(255, 140, 0" in dom
+    assert _open_cards(dom) == []                                   # closed until asked for
+    # a link to a card opens it
+    target = sorted(ids)[0]
+    opened, console = open_in_chromium(report, fragment=f"#{target}")
+    assert console == [] and _open_cards(opened) == [target]
+    # clicking a flow-graph node opens its card: plotly's click event, emitted in the page
+    seed = FlowGraph.load(sorted(Path("demo/graphs").glob("*.json"))[0]).seed
+    clicked = Path("demo/clicked.html")
+    clicked.write_text(report.read_text().replace("</body>", (
+        "<script>window.addEventListener('load', function () { setTimeout(function () {"
+        "var gd = document.querySelector('.plotly-graph-div');"
+        f"gd.emit('plotly_click', {{points: [{{customdata: '{seed}'}}]}}); }}, 0); }});</script></body>")))
+    dom_clicked, console = open_in_chromium(clicked)
+    assert console == [] and _open_cards(dom_clicked) == ["card-" + str(seed).replace("/", "-")]
     saved = Path(__file__).resolve().parents[1] / "featureflow-out" / "report-screenshot.png"
     saved.parent.mkdir(exist_ok=True)
     shutil.copyfile(shot, saved)

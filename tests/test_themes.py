@@ -36,6 +36,33 @@ def test_theme_features_pick_the_selective_feature(monkeypatch):
         themes.theme_features(None, None, [], layer=4)
 
 
+def test_candidates_show_their_contexts_and_on_theme_ones_come_first(monkeypatch):
+    def fake(model, bank, texts, site, layer, device=None):
+        acts = torch.zeros(len(texts), 2, 8)
+        if texts[0] not in themes.NEUTRAL_TEXTS:
+            acts[:, :, 3], acts[:, :, 2] = 4.0, 2.0      # 3 separates the texts best, 2 less so
+        return list(acts)
+
+    class Contexts:
+        def __contains__(self, key):
+            return True
+
+        def examples(self, ref, tokenizer=None, window=8):
+            text = {3: "the [stock] market fell", 2: "they prayed to [God] in church"}.get(ref.index, "x")
+            return [type("E", (), {"text": text})()] * 4
+
+    class Judge:
+        def similarity(self, texts, topic):
+            return torch.tensor([1.0 if "God" in t and "[" not in t else 0.0 for t in texts])
+
+    monkeypatch.setattr(themes, "feature_activations", fake)
+    plain = themes.theme_features(None, None, ["a", "b"], layer=4, k=2, contexts=Contexts())
+    assert [f.ref.index for f in plain] == [3, 2] and plain[0].contexts == ("the [stock] market fell",) * 3
+    ranked = themes.theme_features(None, None, ["a", "b"], layer=4, k=2, contexts=Contexts(), judge=Judge(),
+                                   topic="religion")
+    assert [f.ref.index for f in ranked] == [2, 3] and ranked[0].on_theme == 1.0 and ranked[1].on_theme == 0.0
+
+
 def test_builtin_themes_have_texts_and_descriptions():
     assert {"religion", "war", "love", "programming"} <= set(themes.THEMES)
     for theme in themes.THEMES.values():

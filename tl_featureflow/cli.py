@@ -53,6 +53,13 @@ def _heldout_tokens(model: Any, n: int) -> Any:
     return load_corpus(model.tokenizer, "heldout", progress=True).tokens[:n]
 
 
+def _context_tokens(model: Any) -> Any:
+    """The held-out rows features are labelled by (their top contexts)."""
+    from tl_featureflow.flow.contexts import DEFAULT_CONTEXT_ROWS
+
+    return _heldout_tokens(model, DEFAULT_CONTEXT_ROWS)
+
+
 def _setup(args: argparse.Namespace) -> tuple[Any, Any]:
     start = time.perf_counter()
     model = _load_model(args)
@@ -69,7 +76,7 @@ def _demo(args: argparse.Namespace) -> int:
     model, bank = _setup(args)
     texts = _heldout_tokens(model, args.texts)
     path = run_demo(model, bank, args.out, themes=args.themes, texts=texts, samples=args.samples,
-                    max_new_tokens=args.max_new_tokens)
+                    max_new_tokens=args.max_new_tokens, context_tokens=_context_tokens(model))
     print(f"\nDone. Open the report in a browser: {path.resolve()}")
     return 0
 
@@ -99,11 +106,12 @@ def _train_saes(args: argparse.Namespace) -> int:
 
 
 def _trace(args: argparse.Namespace) -> int:
+    from tl_featureflow.flow.contexts import feature_contexts
     from tl_featureflow.flow.tracer import FlowTracer
     from tl_featureflow.viz import plot
 
     model, bank = _setup(args)
-    tracer = FlowTracer(bank, model)
+    tracer = FlowTracer(bank, model, contexts=feature_contexts(model, bank, _context_tokens(model)))
     graph = tracer.trace(args.feature, t_res=args.t_res, t_module=args.t_module, direction=args.direction)
     out = Path(args.out or f"featureflow-out/graphs/{str(graph.seed).replace('/', '-')}.json")
     graph.save(out)
@@ -112,7 +120,10 @@ def _trace(args: argparse.Namespace) -> int:
     for node in graph.nodes:
         scores = ", ".join(f"s({s.upper()})={v:.2f}" for s in SITES
                            if (v := getattr(node, f"s_{s}")) is not None)
-        print(f"  {str(node.ref):>14}  {node.role:<6} {scores}  {node.label or ''}")
+        print(f"  {str(node.ref):>14}  {node.role:<6} {scores}")
+        print(f"  {'':>14}  fires on: {node.label or '?'}")
+        if node.lens and node.lens != node.label:
+            print(f"  {'':>14}  logit lens: {node.lens}")
     print(f"saved {out}")
     if args.html:
         print(f"figure: {plot.write_html(plot.flow_graph(graph), args.html)}")
@@ -161,7 +172,7 @@ def _steer(args: argparse.Namespace) -> int:
     if args.mode == "feature":
         getattr(steerer, args.op)(ref, args.strength)
     else:
-        graph = FlowTracer(bank, model).trace(ref)
+        graph = FlowTracer(bank, model, contexts=None).trace(ref, labels=False)
         steerer.along(graph, args.strength, mode=args.mode, op=args.op, up_to_layer=args.up_to_layer)
         print(f"steering {len(steerer.edits)} features of the flow graph of {ref} ({args.mode})")
     kwargs = dict(max_new_tokens=args.max_new_tokens, do_sample=args.samples > 0, top_p=0.7, temperature=1.27,

@@ -35,16 +35,20 @@ def seed_layer(bank: SAEBank) -> int:
 
 
 def pick_seed(model: Any, bank: SAEBank, tracer: Any, theme: Any, layer: int, *, min_nodes: int = 3,
-              ) -> tuple[dict[str, Any], Any]:
+              judge: Any = None) -> tuple[dict[str, Any], Any]:
     """The theme's best feature at ``layer`` whose flow graph has at least ``min_nodes`` features.
 
+    Candidates come from :func:`~tl_featureflow.steer.themes.theme_features` (with the
+    tracer's contexts, and ranked by how on-theme those are when a ``judge`` is given).
     Falls back to the best-scoring feature (any graph size), then to the feature with
     the largest mean activation on the theme's texts when no feature passes the filters
     (tiny or untrained banks).
     """
     from tl_featureflow.steer.themes import feature_activations, theme_features
 
-    candidates = theme_features(model, bank, theme.texts, layer=layer, k=8)
+    contexts = tracer.contexts
+    candidates = theme_features(model, bank, theme.texts, layer=layer, k=8, contexts=contexts, judge=judge,
+                                topic=theme.description)
     if not candidates:
         acts = torch.cat(feature_activations(model, bank, theme.texts, "res", layer))
         index = int(acts.mean(0).argmax())
@@ -60,7 +64,11 @@ def pick_seed(model: Any, bank: SAEBank, tracer: Any, theme: Any, layer: int, *,
             chosen, graph = candidate, candidate_graph
     info = {"feature": str(chosen.ref), "score": round(chosen.score, 3), "theme_mean": round(chosen.theme_mean, 3),
             "neutral_mean": round(chosen.neutral_mean, 3), "max_activation": round(chosen.max_activation, 3),
-            "chosen_by": "theme vs neutral contrast"}
+            "chosen_by": "theme vs neutral contrast" + (", then contexts on theme" if chosen.on_theme is not None
+                                                        else ""),
+            "contexts": list(chosen.contexts)}
+    if chosen.on_theme is not None:
+        info["on_theme"] = round(chosen.on_theme, 3)
     return info, graph
 
 
@@ -75,6 +83,7 @@ def run_demo(
     *,
     themes: Sequence[str] = ("religion", "war"),
     texts: torch.Tensor | None = None,
+    context_tokens: torch.Tensor | None = None,
     n_texts: int = 2,
     strengths: Sequence[float] = (8.0, 16.0),
     samples: int = 2,
@@ -87,10 +96,15 @@ def run_demo(
     """Run the demo into ``out`` and return the report's path.
 
     ``texts``: held-out token rows for validation (default: the offline corpus's
-    held-out split, ``n_texts`` rows). ``judge``: an :class:`OfflineJudge` (default:
-    one with the all-MiniLM-L6-v2 embedder over ``model``).
+    held-out split, ``n_texts`` rows). ``context_tokens``: the token rows the features'
+    top contexts (their labels and cards) are read from (default: the held-out split's
+    first rows, :func:`~tl_featureflow.flow.contexts.feature_contexts`, cached with the
+    bank). ``judge``: an :class:`OfflineJudge` (default: one with the all-MiniLM-L6-v2
+    embedder over ``model``).
     """
+    from tl_featureflow.flow.contexts import feature_contexts
     from tl_featureflow.flow.tracer import FlowTracer
+    from tl_featureflow.steer.judge import OfflineJudge
     from tl_featureflow.steer.themes import THEMES
     from tl_featureflow.viz.html import report_from_dir, versions
 
@@ -101,7 +115,10 @@ def run_demo(
         raise FeatureFlowError("the demo needs a model with a tokenizer")
     out = Path(out)
     start = time.perf_counter()
-    tracer = FlowTracer(bank, model)
+    log("reading what every feature fires on (top contexts, cached with the bank)...")
+    contexts = feature_contexts(model, bank, context_tokens, progress=progress)
+    tracer = FlowTracer(bank, model, contexts=contexts)
+    judge = judge or OfflineJudge(model)
     layer = seed_layer(bank)
     summary: list[str] = []
 
@@ -109,7 +126,8 @@ def run_demo(
         summary.append(line)
         log(line)
 
-    seeds, graphs = _trace_seeds(model, bank, tracer, themes, layer, out, say)            # 1. seeds, flow graphs
+    seeds, graphs = _trace_seeds(model, bank, tracer, themes, layer, out, say, judge)     # 1. seeds, flow graphs
+    _cards(tracer, graphs, out)
     if texts is None:
         from tl_featureflow.saes.corpus import load_corpus
 
@@ -123,6 +141,7 @@ def run_demo(
                 "themes": list(themes), "seed_layer": layer, "validation_layers": val_layers,
                 "validation_texts": int(len(texts)), "strengths": list(strengths), "samples": samples,
                 "max_new_tokens": max_new_tokens, "prompt": prompt, "scale": scale,
+                "context_tokens": contexts.n_tokens,
                 "seconds": round(time.perf_counter() - start, 1), "versions": versions()}
     atomic_write_json(out / "run.json", {"title": "tl_featureflow demo", "summary": summary, "seeds": seeds,
                                          "settings": settings})
@@ -132,21 +151,29 @@ def run_demo(
 
 
 def _trace_seeds(model: Any, bank: SAEBank, tracer: Any, themes: Sequence[str], layer: int, out: Path,
-                 say: Callable[[str], None]) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+                 say: Callable[[str], None], judge: Any) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
     """A seed feature per theme and its flow graph (saved under ``out/graphs``)."""
     from tl_featureflow.steer.themes import THEMES
 
     seeds: dict[str, dict[str, Any]] = {}
     graphs = {}
     for theme in themes:
-        info, graph = pick_seed(model, bank, tracer, THEMES[theme], layer)
+        info, graph = pick_seed(model, bank, tracer, THEMES[theme], layer, judge=judge)
         graph.save(out / "graphs" / f"{theme}.json")
         seeds[theme] = {**info, "graph_nodes": len(graph.nodes), "span": list(graph.span),
                         "logit_lens": [t for t, _ in tracer.logit_lens(graph.seed, k=6)]}
         graphs[theme] = graph
-        say(f"{theme}: seed {graph.seed}, flow graph of {len(graph.nodes)} features over layers "
-            f"{graph.span[0]}-{graph.span[1]}")
+        say(f"{theme}: seed {graph.seed} (fires on {graph.node(graph.seed).label}), flow graph of "
+            f"{len(graph.nodes)} features over layers {graph.span[0]}-{graph.span[1]}")
     return seeds, graphs
+
+
+def _cards(tracer: Any, graphs: dict[str, Any], out: Path) -> None:
+    """A card for every feature of the drawn graphs (``out/cards.json``, read by the report)."""
+    from tl_featureflow.flow.cards import build_cards, save_cards
+
+    refs = sorted({node.ref for graph in graphs.values() for node in graph.nodes})
+    save_cards(build_cards(refs, tracer), out / "cards.json")
 
 
 def _validation(model: Any, bank: SAEBank, tracer: Any, texts: torch.Tensor, layers: list[int], out: Path,
@@ -182,11 +209,9 @@ def _steering(model: Any, bank: SAEBank, graphs: dict[str, Any], judge: Any | No
               strengths: Sequence[float], samples: int, max_new_tokens: int, scale: str, out: Path,
               say: Callable[[str], None], progress: bool) -> None:
     """Promote each theme along its flow graph, score with the offline judge, save the sweeps."""
-    from tl_featureflow.steer.judge import OfflineJudge
     from tl_featureflow.steer.sweeps import SweepSettings, steering_sweep
     from tl_featureflow.steer.themes import THEMES
 
-    judge = judge or OfflineJudge(model)
     for theme, graph in graphs.items():
         graph_layers = sorted({n.ref.layer for n in graph.nodes})
         settings = SweepSettings(prompt=prompt, strengths=tuple(strengths),

@@ -1,9 +1,17 @@
-"""Top activating contexts of every feature, collected in one streaming pass.
+"""What every feature fires on: top activating contexts and activation histograms, in one streaming pass.
 
-Like Neuronpedia's dashboards: for each feature, the ``n`` token positions (over the
-given texts) where it fires hardest, with the surrounding tokens. Memory stays
-bounded: a running top-``n`` per feature (``[d_sae, n]`` per SAE) is merged batch by
-batch; activations are never all kept.
+Like Neuronpedia's feature pages: for each feature, the ``n`` token positions (over
+the given text) where it fires hardest, each with the tokens around it and the
+feature's activation on every one of them (for shading), plus a histogram of its
+positive activations (log-spaced bins) and how often it fires. Memory stays bounded
+whatever the stream's length: per SAE a running top-``n`` (``[d_sae, n]`` plus the
+windows, ``[d_sae, n, left + 1 + right]``) and a histogram (``[d_sae, n_bins]``) are
+merged batch by batch; activations are never all kept.
+
+These contexts are the features' primary labels (:meth:`TopContexts.label`): the
+tokens a feature fires on most, with its best context, the firing token in
+[brackets]. :func:`feature_contexts` computes them once per bank and model from
+held-out corpus text and caches them beside the bank in the cache.
 
 >>> import torch
 >>> from tl_featureflow.synthetic import planted_chain_bank, tiny_model
@@ -13,10 +21,16 @@ batch; activations are never all kept.
 >>> best = contexts.examples("2/res/1", window=2)[0]     # with a tokenizer: text instead of token ids
 >>> best.activation >= contexts.examples("2/res/1")[-1].activation
 True
+>>> contexts.label("2/res/1").count("[") == 1           # its firing tokens, then its best context
+True
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+from collections import Counter
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -25,16 +39,32 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from tl_featureflow._files import atomic_directory, check_header, header, read_manifest, tensor_digest, write_manifest
+from tl_featureflow._files import (
+    atomic_directory,
+    cache_root,
+    check_header,
+    entry_lock,
+    header,
+    read_manifest,
+    tensor_digest,
+    write_manifest,
+)
 from tl_featureflow.checks import check_tokens
 from tl_featureflow.errors import CacheError, FeatureFlowError, InvalidArgumentError
 from tl_featureflow.refs import FeatureRef, Key, Site
 from tl_featureflow.saes.bank import SAEBank
 
-__all__ = ["TopContexts", "Example", "collect_top_contexts"]
+__all__ = ["TopContexts", "Example", "collect_top_contexts", "feature_contexts", "HIST_EDGES",
+           "DEFAULT_CONTEXT_ROWS"]
 
 _MANIFEST = "contexts.json"
-_SCHEMA = 1
+_SCHEMA = 2
+#: Histogram bin edges of positive activations: log-spaced, 20 bins per decade from 1e-3 to 1e3
+#: (activations outside are counted in the first / last bin).
+HIST_EDGES: Float[Tensor, " n_edges"] = torch.logspace(-3, 3, 121, dtype=torch.float64)
+_LOG_LO, _LOG_STEP, _N_BINS = -3.0, 0.05, 120
+#: Held-out corpus rows (128 tokens each) :func:`feature_contexts` reads by default.
+DEFAULT_CONTEXT_ROWS = 192
 
 
 class Example(NamedTuple):
@@ -44,47 +74,153 @@ class Example(NamedTuple):
     pos: int
 
 
+class Highlighted(NamedTuple):
+    """One context, token by token: the pieces, the feature's activation on each, the firing index."""
+
+    pieces: list[str]
+    acts: list[float]
+    firing: int
+    activation: float
+
+
 @dataclass
 class TopContexts:
-    """Per SAE: ``values``/``doc``/``pos`` of shape ``[d_sae, n]``, strongest first.
+    """Per SAE (keyed ``(site, layer)``): the top-``n`` contexts of every feature, strongest first.
 
-    Empty slots (a feature that fired fewer than ``n`` times) have value 0 and doc -1.
-    ``tokens`` are the sequences the positions index into.
+    ``values``/``doc``/``pos`` are ``[d_sae, n]`` (an empty slot, a feature that fired
+    fewer than ``n`` times, has value 0 and doc/pos -1; ``doc`` counts rows of the
+    stream); ``window_tokens``/``window_acts`` are ``[d_sae, n, left + 1 + right]``, the
+    tokens around each position (-1 past a row's ends) and the feature's activation on
+    each; ``hist`` is ``[d_sae, n_bins]``, counts of positive activations in
+    :data:`HIST_EDGES`' bins; ``act_sum`` the sum of each feature's activations;
+    ``n_tokens`` the positions read.
     """
 
     n: int
+    left: int
+    right: int
     values: dict[Key, Float[Tensor, "d_sae n"]]
     doc: dict[Key, Int[Tensor, "d_sae n"]]
     pos: dict[Key, Int[Tensor, "d_sae n"]]
-    tokens: Int[Tensor, "n_doc seq"]
+    window_tokens: dict[Key, Int[Tensor, "d_sae n w"]]
+    window_acts: dict[Key, Float[Tensor, "d_sae n w"]]
+    hist: dict[Key, Int[Tensor, "d_sae n_bins"]]
+    act_sum: dict[Key, Float[Tensor, " d_sae"]]
+    n_tokens: int
     meta: dict[str, Any]
 
-    def examples(self, ref: FeatureRef | str, tokenizer: Any = None, *, window: int = 8) -> list[Example]:
-        """The feature's top examples, the firing token in [brackets] with ``window`` tokens around."""
+    # -- reading -------------------------------------------------------------------------------------
+    def __contains__(self, key: object) -> bool:
+        return key in self.values
+
+    def _ref(self, ref: FeatureRef | str) -> FeatureRef:
         ref = FeatureRef.parse(ref)
         if ref.key not in self.values:
             raise FeatureFlowError(f"no contexts for {ref.key}: collected for {sorted(self.values)}")
+        if not 0 <= ref.index < self.values[ref.key].shape[0]:
+            raise InvalidArgumentError(f"{ref}: index outside 0..{self.values[ref.key].shape[0] - 1}")
+        return ref
+
+    def highlighted(self, ref: FeatureRef | str, tokenizer: Any = None, *, left: int | None = None,
+                    right: int | None = None) -> list[Highlighted]:
+        """The feature's top contexts token by token, with its activation on each (for shading)."""
+        ref = self._ref(ref)
+        left = self.left if left is None else min(left, self.left)
+        right = self.right if right is None else min(right, self.right)
         out = []
-        for value, doc, pos in zip(*(t[ref.key][ref.index].tolist() for t in (self.values, self.doc, self.pos)), strict=False):
+        rows = zip(self.values[ref.key][ref.index].tolist(), self.doc[ref.key][ref.index].tolist(),
+                   self.window_tokens[ref.key][ref.index].tolist(), self.window_acts[ref.key][ref.index].tolist(),
+                   strict=True)
+        for value, doc, tokens, acts in rows:
             if doc < 0:
                 break
-            row = self.tokens[doc].tolist()
-            pieces = [_decode(tokenizer, row[i]) for i in range(max(0, pos - window), min(len(row), pos + window + 1))]
-            pieces[pos - max(0, pos - window)] = f"[{pieces[pos - max(0, pos - window)]}]"
-            out.append(Example(value, "".join(pieces), doc, pos))
+            span = range(self.left - left, self.left + right + 1)
+            kept = [i for i in span if tokens[i] >= 0]
+            out.append(Highlighted([_decode(tokenizer, tokens[i]) for i in kept], [acts[i] for i in kept],
+                                   kept.index(self.left), value))
         return out
+
+    def examples(self, ref: FeatureRef | str, tokenizer: Any = None, *, window: int = 8) -> list[Example]:
+        """The feature's top examples as text, the firing token in [brackets], ``window`` tokens each side."""
+        ref = self._ref(ref)
+        out = []
+        for h, doc, pos in zip(self.highlighted(ref, tokenizer, left=window, right=window),
+                               self.doc[ref.key][ref.index].tolist(), self.pos[ref.key][ref.index].tolist(),
+                               strict=False):
+            pieces = list(h.pieces)
+            pieces[h.firing] = f"[{pieces[h.firing]}]"
+            out.append(Example(h.activation, "".join(pieces), doc, pos))
+        return out
+
+    def firing_tokens(self, ref: FeatureRef | str, tokenizer: Any = None, k: int = 3) -> list[str]:
+        """The ``k`` tokens the feature fires on most among its top contexts (summed activation)."""
+        weights: Counter[str] = Counter()
+        for h in self.highlighted(ref, tokenizer, left=0, right=0):
+            weights[h.pieces[h.firing].strip() or h.pieces[h.firing]] += h.activation
+        return [token for token, _ in weights.most_common(k)]
+
+    def label(self, ref: FeatureRef | str, tokenizer: Any = None, *, k: int = 3, window: int = 4,
+              max_chars: int = 80) -> str:
+        """A short readable label: the tokens it fires on most, then its best context, firing token in [brackets].
+
+        ``"(never fired)"`` for a feature that did not fire on the texts read.
+        """
+        top = self.highlighted(ref, tokenizer, left=window, right=1)
+        if not top:
+            return "(never fired)"
+        tokens = " · ".join(repr(t)[1:-1] for t in self.firing_tokens(ref, tokenizer, k))
+        best = top[0]
+        pieces = list(best.pieces)
+        pieces[best.firing] = f"[{pieces[best.firing]}]"
+        context = " ".join("".join(pieces).split())
+        text = f"{tokens} — …{context}"
+        return text if len(text) <= max_chars else text[: max_chars - 1] + "…"
+
+    def histogram(self, ref: FeatureRef | str) -> tuple[Float[Tensor, " n_edges"], Int[Tensor, " n_bins"]]:
+        """``(edges, counts)`` of the feature's positive activations (log-spaced bins, :data:`HIST_EDGES`)."""
+        ref = self._ref(ref)
+        return HIST_EDGES.clone(), self.hist[ref.key][ref.index].clone()
+
+    def density(self, ref: FeatureRef | str) -> float:
+        """The share of the positions read where the feature fired (activation > 0)."""
+        ref = self._ref(ref)
+        return float(self.hist[ref.key][ref.index].sum()) / max(self.n_tokens, 1)
+
+    def mean_active(self, ref: FeatureRef | str) -> float:
+        """The feature's mean activation where it fired (0 when it never did)."""
+        ref = self._ref(ref)
+        fired = int(self.hist[ref.key][ref.index].sum())
+        return float(self.act_sum[ref.key][ref.index]) / fired if fired else 0.0
+
+    def quantile(self, ref: FeatureRef | str, q: float) -> float:
+        """The ``q`` quantile of the feature's positive activations, read off the histogram
+        (geometric interpolation within a bin: relative error below 12%); 0 if it never fired."""
+        if not 0.0 <= q <= 1.0:
+            raise InvalidArgumentError(f"q={q}: expected a quantile in [0, 1]")
+        ref = self._ref(ref)
+        counts = self.hist[ref.key][ref.index].double()
+        total = float(counts.sum())
+        if total == 0:
+            return 0.0
+        cumulative = counts.cumsum(0)
+        b = int(torch.searchsorted(cumulative, torch.tensor([q * total], dtype=torch.float64)).clamp(max=_N_BINS - 1))
+        before = float(cumulative[b - 1]) if b > 0 else 0.0
+        within = (q * total - before) / max(float(counts[b]), 1.0)
+        return 10 ** (_LOG_LO + _LOG_STEP * (b + within))
+
+    # -- saving --------------------------------------------------------------------------------------
+    _TABLES = ("values", "doc", "pos", "window_tokens", "window_acts", "hist", "act_sum")
 
     def save(self, path: str | Path) -> Path:
         """Write to folder ``path`` atomically (safetensors + checksummed manifest)."""
         from safetensors.torch import save_file
 
-        tensors = {"tokens": self.tokens.contiguous()}
-        for (site, layer) in self.values:
-            for name, table in (("values", self.values), ("doc", self.doc), ("pos", self.pos)):
-                tensors[f"{site}.{layer}.{name}"] = table[(site, layer)].contiguous()
+        tensors = {f"{site}.{layer}.{name}": getattr(self, name)[(site, layer)].contiguous()
+                   for (site, layer) in self.values for name in self._TABLES}
         with atomic_directory(path) as tmp:
             save_file(tensors, tmp / "contexts.safetensors")
-            write_manifest(tmp, _MANIFEST, {**header("TopContexts", _SCHEMA), "n": self.n, "meta": self.meta,
+            write_manifest(tmp, _MANIFEST, {**header("TopContexts", _SCHEMA), "n": self.n, "left": self.left,
+                                            "right": self.right, "n_tokens": self.n_tokens, "meta": self.meta,
                                             "keys": [list(k) for k in self.values]})
         return Path(path)
 
@@ -96,89 +232,214 @@ class TopContexts:
         check_header(manifest, "TopContexts", _SCHEMA, path)
         tensors = load_file(Path(path) / "contexts.safetensors")
         keys = [(site, int(layer)) for site, layer in manifest["keys"]]
-        tables = {name: {k: tensors[f"{k[0]}.{k[1]}.{name}"] for k in keys} for name in ("values", "doc", "pos")}
-        return cls(manifest["n"], tables["values"], tables["doc"], tables["pos"], tensors["tokens"], manifest["meta"])
+        tables = {name: {k: tensors[f"{k[0]}.{k[1]}.{name}"] for k in keys} for name in cls._TABLES}
+        return cls(manifest["n"], manifest["left"], manifest["right"], **tables, n_tokens=manifest["n_tokens"],
+                   meta=manifest["meta"])
 
 
 def _decode(tokenizer: Any, token: int) -> str:
     return tokenizer.decode([token]) if tokenizer is not None else f"<{token}>"
 
 
+class _Running:
+    """The running state of one SAE: top-n with windows, histogram, sums."""
+
+    def __init__(self, d_sae: int, n: int, width: int):
+        self.values = torch.zeros(d_sae, 0)
+        self.where = torch.zeros(d_sae, 0, 2, dtype=torch.int64)            # (doc, pos)
+        self.window_tokens = torch.zeros(d_sae, 0, width, dtype=torch.int64)
+        self.window_acts = torch.zeros(d_sae, 0, width)
+        self.hist = torch.zeros(d_sae * _N_BINS, dtype=torch.int64)
+        self.act_sum = torch.zeros(d_sae, dtype=torch.float64)
+        self.n = n
+
+    def update(self, acts: Float[Tensor, "b p d_sae"], tokens: Int[Tensor, "b p"], first_doc: int, offset: int,
+               left: int, right: int) -> None:
+        b, p, d_sae = acts.shape
+        scored = acts[:, offset:].reshape(-1, d_sae)                        # [b * p', d_sae]
+        fired = scored > 0
+        rows, feats = fired.nonzero(as_tuple=True)
+        logs = scored[rows, feats].double().log10()
+        bins = ((logs - _LOG_LO) / _LOG_STEP).floor().clamp(0, _N_BINS - 1).long()
+        self.hist += torch.bincount(feats * _N_BINS + bins, minlength=d_sae * _N_BINS)
+        self.act_sum += scored.double().sum(0)
+        m = min(self.n, scored.shape[0])
+        top_values, top_rows = scored.topk(m, dim=0)                        # [m, d_sae]
+        top_values, top_rows = top_values.T, top_rows.T                     # [d_sae, m]
+        docs, positions = top_rows // (p - offset), top_rows % (p - offset) + offset
+        span = torch.arange(-left, right + 1)
+        padded_acts = torch.nn.functional.pad(acts, (0, 0, left, right))    # [b, p + left + right, d_sae]
+        padded_tokens = torch.nn.functional.pad(tokens, (left, right), value=-1)
+        at = positions[..., None] + left + span                             # [d_sae, m, width]
+        feature = torch.arange(d_sae)[:, None, None]
+        window_acts = padded_acts[docs[..., None], at, feature]
+        window_tokens = padded_tokens[docs[..., None], at]
+        where = torch.stack([docs + first_doc, positions], dim=-1)
+        values = torch.cat([self.values, top_values], dim=1)
+        keep = values.topk(min(self.n, values.shape[1]), dim=1).indices     # [d_sae, n]
+        self.values = values.gather(1, keep)
+        self.where = _take(torch.cat([self.where, where], dim=1), keep)
+        self.window_tokens = _take(torch.cat([self.window_tokens, window_tokens], dim=1), keep)
+        self.window_acts = _take(torch.cat([self.window_acts, window_acts], dim=1), keep)
+
+
+def _take(table: Tensor, keep: Int[Tensor, "d k"]) -> Tensor:
+    return table.gather(1, keep[..., None].expand(-1, -1, table.shape[-1]))
+
+
+def _batches(tokens: Tensor | Iterable[Tensor], batch_size: int) -> Iterator[Tensor]:
+    if isinstance(tokens, Tensor):
+        for start in range(0, tokens.shape[0], batch_size):
+            yield tokens[start : start + batch_size]
+    else:
+        yield from tokens
+
+
 @torch.no_grad()
 def collect_top_contexts(
     model: Any,
     bank: SAEBank,
-    tokens: Int[Tensor, "n_doc seq"],
+    tokens: Int[Tensor, "n_doc seq"] | Iterable[Int[Tensor, "batch seq"]],
     *,
     n: int = 10,
     batch_size: int = 8,
+    left: int = 12,
+    right: int = 4,
     sites: list[Site] | None = None,
     layers: list[int] | None = None,
     skip_first: bool = True,
     path: str | Path | None = None,
+    device: torch.device | str | None = None,
     progress: bool = True,
 ) -> TopContexts:
-    """One pass over ``tokens`` keeping each feature's ``n`` strongest activations.
+    """One pass over ``tokens`` keeping each feature's ``n`` strongest contexts and its histogram.
 
     Args:
         model: a FlowTransformer (or a HookedTransformer, wrapped without copying).
         bank: the SAEs to read (optionally restricted by ``sites``/``layers``).
-        tokens: ``[n_doc, seq]`` token ids.
-        skip_first: ignore position 0 (BOS / attention-sink activations are outliers).
+        tokens: ``[n_doc, seq]`` token ids read ``batch_size`` rows at a time, or any
+            iterable of ``[batch, seq]`` batches (a stream: never held whole).
+        left, right: tokens kept on each side of a firing position (with their activations).
+        skip_first: ignore position 0 as a firing position (BOS / attention-sink outliers).
         path: a cache folder: loaded when it holds contexts of the same bank, tokens and
-            settings, else computed and written there.
+            settings, else computed and written there (a stream has no digest: not cached).
+        device: where the model runs (default: where its weights are).
     """
     from tqdm.auto import tqdm
 
     from tl_featureflow.model import FlowTransformer
 
-    check_tokens(tokens, model.cfg.d_vocab)
-    if n < 1 or batch_size < 1:
-        raise InvalidArgumentError(f"n={n} and batch_size={batch_size} must be positive")
+    if n < 1 or batch_size < 1 or left < 0 or right < 0:
+        raise InvalidArgumentError(f"n={n}, batch_size={batch_size} must be positive and left={left}, "
+                                   f"right={right} non-negative")
     chosen = bank.select(sites=sites, layers=layers)
-    meta = {"bank_fingerprint": chosen.fingerprint(), "tokens": tensor_digest(tokens),
-            "n": n, "skip_first": skip_first, "keys": [list(k) for k in chosen]}
-    if path is not None and (Path(path) / _MANIFEST).is_file():
-        try:
-            cached = TopContexts.load(path)
-            if cached.meta == meta:
-                return cached
-        except CacheError:
-            pass
+    is_tensor = isinstance(tokens, Tensor)
+    if is_tensor:
+        check_tokens(tokens, model.cfg.d_vocab)
+    meta = {"bank_fingerprint": chosen.fingerprint(), "tokens": tensor_digest(tokens) if is_tensor else None,
+            "n": n, "left": left, "right": right, "skip_first": skip_first, "keys": [list(k) for k in chosen]}
+    if path is not None and is_tensor:
+        cached = _load_matching(Path(path), meta)
+        if cached is not None:
+            return cached
     flow = FlowTransformer.from_hooked(model)
-    d_sae = {key: sae.cfg.d_sae for key, sae in chosen.items()}
-    values = {k: torch.zeros(d, 0) for k, d in d_sae.items()}
-    where = {k: torch.zeros(d, 0, dtype=torch.int64) for k, d in d_sae.items()}
-    seq = tokens.shape[1]
-    device = next(flow.parameters()).device
-    for start in tqdm(range(0, tokens.shape[0], batch_size), desc="top contexts", unit="batch", disable=not progress):
-        batch = tokens[start : start + batch_size].to(device)
-        _, feats = flow.run_with_features(batch, bank=chosen, return_logits=False)
+    device = torch.device(device) if device is not None else next(flow.parameters()).device
+    offset = 1 if skip_first else 0
+    state = {key: _Running(sae.cfg.d_sae, n, left + 1 + right) for key, sae in chosen.items()}
+    total = -(-tokens.shape[0] // batch_size) if is_tensor else None
+    n_docs = n_tokens = 0
+    for batch in tqdm(_batches(tokens, batch_size), total=total, desc="feature contexts", unit="batch",
+                      disable=not progress):
+        if not is_tensor:
+            check_tokens(batch, model.cfg.d_vocab)
+        n_ctx = getattr(model.cfg, "n_ctx", None)
+        if batch.shape[1] <= offset or (n_ctx is not None and batch.shape[1] > n_ctx):
+            raise InvalidArgumentError(f"token rows of length {batch.shape[1]}: expected more than {offset} and at "
+                                       f"most the model's n_ctx ({n_ctx})")
+        _, feats = flow.run_with_features(batch.to(device), bank=chosen, return_logits=False)
         for key, acts in feats.items():
-            if skip_first:
-                acts = acts[:, 1:]
-            offset = 1 if skip_first else 0
-            flat = acts.reshape(-1, acts.shape[-1]).T.float().cpu()       # [d_sae, b*p]
-            width = acts.shape[1]
-            ids = torch.arange(flat.shape[1])
-            flat_where = (start + ids // width) * seq + (ids % width + offset)  # doc * seq + pos
-            merged_values = torch.cat([values[key], flat], dim=1)
-            merged_where = torch.cat([where[key], flat_where.expand(flat.shape[0], -1)], dim=1)
-            top = merged_values.topk(min(n, merged_values.shape[1]), dim=1)
-            values[key] = top.values
-            where[key] = merged_where.gather(1, top.indices)
-    out_values, out_doc, out_pos = {}, {}, {}
-    for key in d_sae:
-        v, w = values[key], where[key]
-        pad = n - v.shape[1]
-        if pad > 0:
-            v = torch.cat([v, torch.zeros(v.shape[0], pad)], dim=1)
-            w = torch.cat([w, torch.full((w.shape[0], pad), -1, dtype=torch.int64)], dim=1)
-        fired = v > 0
-        out_values[key] = torch.where(fired, v, torch.zeros_like(v))
-        out_doc[key] = torch.where(fired, w // seq, torch.full_like(w, -1))
-        out_pos[key] = torch.where(fired, w % seq, torch.full_like(w, -1))
-    result = TopContexts(n, out_values, out_doc, out_pos, tokens.cpu(), meta)
-    if path is not None:
+            state[key].update(acts.float().cpu(), batch.cpu(), n_docs, offset, left, right)
+        n_docs += batch.shape[0]
+        n_tokens += batch.shape[0] * (batch.shape[1] - offset)
+    result = _finish(state, n, left, right, n_tokens, meta)
+    if path is not None and is_tensor:
         result.save(path)
     return result
+
+
+def _finish(state: dict[Key, _Running], n: int, left: int, right: int, n_tokens: int,
+            meta: dict[str, Any]) -> TopContexts:
+    """Pad every table to ``n`` slots and blank the slots of positions that did not fire."""
+    tables: dict[str, dict[Key, Tensor]] = {name: {} for name in TopContexts._TABLES}
+    for key, run in state.items():
+        d_sae, pad = run.values.shape[0], n - run.values.shape[1]
+        values, where = run.values, run.where
+        window_tokens, window_acts = run.window_tokens, run.window_acts
+        if pad > 0:
+            values = torch.cat([values, torch.zeros(d_sae, pad)], dim=1)
+            where = torch.cat([where, torch.full((d_sae, pad, 2), -1, dtype=torch.int64)], dim=1)
+            window_tokens = torch.cat([window_tokens, torch.full((d_sae, pad, window_tokens.shape[-1]), -1,
+                                                                 dtype=torch.int64)], dim=1)
+            window_acts = torch.cat([window_acts, torch.zeros(d_sae, pad, window_acts.shape[-1])], dim=1)
+        fired = values > 0
+        tables["values"][key] = torch.where(fired, values, 0.0)
+        tables["doc"][key] = torch.where(fired, where[..., 0], -1)
+        tables["pos"][key] = torch.where(fired, where[..., 1], -1)
+        tables["window_tokens"][key] = torch.where(fired[..., None], window_tokens, -1)
+        tables["window_acts"][key] = torch.where(fired[..., None], window_acts, 0.0)
+        tables["hist"][key] = run.hist.view(d_sae, _N_BINS)
+        tables["act_sum"][key] = run.act_sum
+    return TopContexts(n, left, right, **tables, n_tokens=n_tokens, meta=meta)
+
+
+def _load_matching(path: Path, meta: dict[str, Any]) -> TopContexts | None:
+    if not (path / _MANIFEST).is_file():
+        return None
+    try:
+        cached = TopContexts.load(path)
+    except CacheError:
+        return None
+    return cached if cached.meta == meta else None
+
+
+def contexts_dir(bank: SAEBank, tokens: Tensor, **settings: Any) -> Path:
+    """Where :func:`feature_contexts` caches the contexts of ``bank`` on ``tokens``: under the
+    bank's fingerprint, so a retrained or edited bank never reads stale contexts."""
+    key = hashlib.sha256(json.dumps([tensor_digest(tokens), settings], sort_keys=True).encode()).hexdigest()[:16]
+    return cache_root() / "contexts" / bank.fingerprint()[:16] / key
+
+
+def feature_contexts(
+    model: Any,
+    bank: SAEBank,
+    tokens: Int[Tensor, "n_doc seq"] | None = None,
+    *,
+    n: int = 10,
+    rows: int = DEFAULT_CONTEXT_ROWS,
+    batch_size: int = 8,
+    cache: bool = True,
+    device: torch.device | str | None = None,
+    progress: bool = True,
+) -> TopContexts:
+    """The contexts of every feature of ``bank``, computed once and cached.
+
+    ``tokens`` default to the first ``rows`` rows (128 tokens each) of the offline
+    corpus's held-out split (the SAEs never trained on them), which needs the model's
+    tokenizer. The result is cached under the bank's fingerprint and the tokens'
+    digest (:func:`contexts_dir`): the first call for a bank pays one streaming pass,
+    later ones load it; a changed bank or other texts compute afresh. Pass your own
+    ``tokens`` to label features by your texts.
+    """
+    if tokens is None:
+        if getattr(model, "tokenizer", None) is None:
+            raise FeatureFlowError("feature_contexts needs token ids (tokens=...) for a model without a tokenizer")
+        from tl_featureflow.saes.corpus import load_corpus
+
+        tokens = load_corpus(model.tokenizer, "heldout", progress=progress).tokens[:rows]
+        tokens = tokens[:, : getattr(model.cfg, "n_ctx", tokens.shape[1])]
+    if not cache:
+        return collect_top_contexts(model, bank, tokens, n=n, batch_size=batch_size, device=device, progress=progress)
+    folder = contexts_dir(bank, tokens, n=n)
+    with entry_lock(folder):          # two notebooks asking at once compute it once
+        return collect_top_contexts(model, bank, tokens, n=n, batch_size=batch_size, path=folder, device=device,
+                                    progress=progress)

@@ -40,7 +40,9 @@ class FlowNode:
     ``role`` is ``seed``, ``chain`` (a res feature of the residual chain) or ``module``
     (an mlp/att predecessor attached to the chain). Res nodes carry their predecessor
     scores ``s_res``, ``s_mlp``, ``s_att`` (None for sites the bank lacks); ``label``
-    is a short human-readable description when one is known (e.g. logit-lens tokens).
+    is a short human-readable description when one is known: what the feature fires on
+    (its top contexts, :meth:`TopContexts.label`), else its logit-lens tokens; ``lens``
+    holds the logit-lens tokens (the tokens its decoder direction promotes).
     """
 
     ref: FeatureRef
@@ -49,6 +51,7 @@ class FlowNode:
     s_mlp: float | None = None
     s_att: float | None = None
     label: str | None = None
+    lens: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)

@@ -120,12 +120,15 @@ class FlowTracer:
 
     Args:
         bank: the SAEs; matching reads their unit decoder rows.
-        model: optional; when given, graph nodes are labelled with the tokens their
-            decoder direction promotes (logit lens), and its ``d_model`` must match.
+        model: optional; when given, its ``d_model`` must match, and graph nodes get the
+            tokens their decoder direction promotes (logit lens) as a second label.
         device: where matching runs (default: where the SAEs are).
         chunk_size: rows per chunk of the similarity computation (default: ~128 MB).
-        contexts: optional :class:`~tl_featureflow.flow.contexts.TopContexts`; node labels
-            then end with each feature's strongest context.
+        contexts: what features fire on, their primary labels: a
+            :class:`~tl_featureflow.flow.contexts.TopContexts`, ``"auto"`` (the default:
+            :func:`~tl_featureflow.flow.contexts.feature_contexts` of the bank on held-out
+            corpus text, computed once per bank and cached, when the model has a tokenizer
+            and a label is first needed), or None (logit-lens labels only).
     """
 
     def __init__(
@@ -135,7 +138,7 @@ class FlowTracer:
         *,
         device: torch.device | str | None = None,
         chunk_size: int | None = None,
-        contexts: Any | None = None,
+        contexts: Any | None = "auto",
     ):
         if not isinstance(bank, SAEBank):
             raise FeatureFlowError(f"FlowTracer needs an SAEBank, got {type(bank).__name__}")
@@ -150,9 +153,28 @@ class FlowTracer:
         first = next(iter(bank.values()))
         self.device = torch.device(device) if device is not None else first.W_dec.device
         self.chunk_size = chunk_size
-        self.contexts = contexts
+        if isinstance(contexts, str) and contexts != "auto":
+            raise InvalidArgumentError(f"contexts={contexts!r}: expected a TopContexts, 'auto' or None")
+        self._contexts = contexts
         self._matches: dict[tuple[Key, Key, int], Matching] = {}
         self._rotations: dict[int, Tensor] = {}
+
+    @property
+    def contexts(self) -> Any | None:
+        """The features' top contexts (computed and cached on first use when ``contexts="auto"``)."""
+        if isinstance(self._contexts, str):
+            tokenizer = getattr(self.model, "tokenizer", None) if self.model is not None else None
+            if tokenizer is None:
+                self._contexts = None
+            else:
+                from tl_featureflow.flow.contexts import feature_contexts
+
+                self._contexts = feature_contexts(self.model, self.bank)
+        return self._contexts
+
+    @contexts.setter
+    def contexts(self, value: Any | None) -> None:
+        self._contexts = value
 
     # -- building blocks -------------------------------------------------------------------------
     def _key(self, key: tuple[Any, Any], what: str) -> Key:
@@ -195,6 +217,20 @@ class FlowTracer:
     def _top(self, vector: Float[Tensor, " d_model"], key: Key, k: int) -> list[tuple[FeatureRef, float]]:
         scores, indices = topk_cosine(vector[None], self._decoder(key), min(k, self.bank.d_sae(*key)))
         return [(FeatureRef(key[1], key[0], int(i)), float(s)) for i, s in zip(indices[0].tolist(), scores[0].tolist(), strict=False)]
+
+    def similar(self, ref: FeatureRef | str, key: tuple[Site, int], k: int = 3) -> list[tuple[FeatureRef, float]]:
+        """The ``k`` features of the SAE at ``key`` whose decoder directions are closest to ``ref``'s (cosine)."""
+        ref = self.bank.check_ref(ref)
+        key = self._key(key, "key")
+        check_int(k, "k", low=1)
+        return self._top(self._decoder(ref.key)[ref.index], key, k)
+
+    def successors(self, ref: FeatureRef | str, k: int = 3) -> list[tuple[FeatureRef, float]]:
+        """Where a feature goes: for a res feature of layer L, its top-``k`` matches in res(L+1);
+        for an mlp/att feature of layer L, the res(L) features it feeds most. Empty at the bank's end."""
+        ref = self.bank.check_ref(ref)
+        key = ("res", ref.layer + 1) if ref.site == "res" else ("res", ref.layer)
+        return self.similar(ref, key, k) if key in self.bank else []
 
     def predecessors(self, ref: FeatureRef | str, k: int = 1) -> Predecessors:
         """Top-``k`` predecessors of a res feature in res(L-1), mlp(L) and att(L)."""
@@ -281,9 +317,13 @@ class FlowTracer:
     # -- graphs ----------------------------------------------------------------------------------
     def _res_node(self, ref: FeatureRef, role: str, labels: bool) -> tuple[FlowNode, Predecessors]:
         preds = self.predecessors(ref)
-        label = self.describe(ref) if labels else None
-        node = FlowNode(ref, role, preds.s("res"), preds.s("mlp"), preds.s("att"), label)  # type: ignore[arg-type]
+        label, lens = self._labels(ref) if labels else (None, None)
+        node = FlowNode(ref, role, preds.s("res"), preds.s("mlp"), preds.s("att"), label, lens)  # type: ignore[arg-type]
         return node, preds
+
+    def _labels(self, ref: FeatureRef) -> tuple[str | None, str | None]:
+        lens = self.lens_label(ref) if self.model is not None else None
+        return self.describe(ref) or lens, lens
 
     def trace(
         self,
@@ -307,7 +347,7 @@ class FlowTracer:
         seed = self._res_ref(ref)
         if direction not in ("backward", "forward", "both"):
             raise InvalidArgumentError(f"direction={direction!r}: expected 'backward', 'forward' or 'both'")
-        labels = (self.model is not None or self.contexts is not None) if labels is None else labels
+        labels = (self.model is not None or self._contexts not in (None, "auto")) if labels is None else labels
         nodes: dict[FeatureRef, FlowNode] = {}
         edges: list[FlowEdge] = []
 
@@ -317,8 +357,8 @@ class FlowTracer:
             for site in ("mlp", "att"):
                 for module_ref, score in preds.get(site, [])[:1]:
                     if score >= t_module:
-                        nodes[module_ref] = FlowNode(module_ref, "module",
-                                                     label=self.describe(module_ref) if labels else None)
+                        label, lens = self._labels(module_ref) if labels else (None, None)
+                        nodes[module_ref] = FlowNode(module_ref, "module", label=label, lens=lens)
                         edges.append(FlowEdge(module_ref, ref, score))
             return preds
 
@@ -346,8 +386,9 @@ class FlowTracer:
 
     # -- labels ----------------------------------------------------------------------------------
     @torch.no_grad()
-    def logit_lens(self, ref: FeatureRef | str, k: int = 8) -> list[tuple[str, float]]:
-        """The ``k`` tokens a feature's decoder direction promotes most: ``W_dec[i] @ W_U``.
+    def logit_lens(self, ref: FeatureRef | str, k: int = 8, *, suppressed: bool = False) -> list[tuple[str, float]]:
+        """The ``k`` tokens a feature's decoder direction promotes most: ``W_dec[i] @ W_U``
+        (with ``suppressed=True``: the ``k`` it suppresses most, most negative first).
 
         The final norm's weight (when the model has one) scales the direction first, as
         it would on its way to the unembedding.
@@ -361,22 +402,23 @@ class FlowTracer:
         if ln_w is not None:
             direction = direction * ln_w
         logits = direction @ W_U
-        values, ids = logits.topk(k)
+        values, ids = logits.topk(k, largest=not suppressed)
         tokenizer = getattr(self.model, "tokenizer", None)
         names = [tokenizer.decode([i]) if tokenizer is not None else str(i) for i in ids.tolist()]
         return list(zip(names, values.tolist(), strict=False))
 
+    def lens_label(self, ref: FeatureRef | str, k: int = 5) -> str:
+        """The top ``k`` logit-lens tokens as one line (the second line of a feature's label)."""
+        return " ".join(repr(token) for token, _ in self.logit_lens(ref, k))
+
     def describe(self, ref: FeatureRef | str, k: int = 5) -> str | None:
-        """A short label: the top logit-lens tokens, then the strongest context when known."""
-        parts = []
-        if self.model is not None:
-            parts.append(" ".join(repr(token) for token, _ in self.logit_lens(ref, k)))
+        """A feature's primary label: what it fires on (:meth:`TopContexts.label`) when contexts are
+        known, else its top ``k`` logit-lens tokens; None with neither."""
         ref = FeatureRef.parse(ref)
-        if self.contexts is not None and ref.key in self.contexts.values:
-            examples = self.contexts.examples(ref, getattr(self.model, "tokenizer", None), window=6)
-            if examples:
-                parts.append(examples[0].text.replace("\n", " "))
-        return " | ".join(parts) or None
+        contexts = self.contexts
+        if contexts is not None and ref.key in contexts:
+            return contexts.label(ref, getattr(self.model, "tokenizer", None))
+        return self.lens_label(ref, k) if self.model is not None else None
 
     # -- causal validation -----------------------------------------------------------------------
     def validate(self, tokens: Tensor, *, layers: Iterable[int], model: Any | None = None, **kwargs: Any) -> Any:

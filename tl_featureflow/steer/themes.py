@@ -6,7 +6,10 @@ texts relative to neutral text (:data:`~tl_featureflow.steer.judge.NEUTRAL_TEXTS
     score(f) = mean activation on theme tokens - mean activation on neutral tokens
 
 (BOS excluded), a contrast in the spirit of the paper's choice of features "by
-their activation on theme texts".
+their activation on theme texts". Given the bank's top contexts (held-out text the
+features fire on most), each candidate shows them, so a reader sees why it was
+chosen; given a judge and the theme's topic too, candidates whose contexts are on
+topic come first (see :func:`theme_features`).
 
 On the embedded model (needs its tokenizer)::
 
@@ -17,7 +20,8 @@ On the embedded model (needs its tokenizer)::
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 
@@ -83,6 +87,8 @@ class ThemeFeature:
     theme_mean: float
     neutral_mean: float
     max_activation: float
+    contexts: tuple[str, ...] = ()
+    on_theme: float | None = None
 
 
 @torch.no_grad()
@@ -113,6 +119,11 @@ def theme_features(
     neutral: Sequence[str] = NEUTRAL_TEXTS,
     min_share: float = 0.5,
     max_neutral_ratio: float = 0.2,
+    contexts: Any = None,
+    judge: Any = None,
+    topic: str | None = None,
+    pool: int = 3,
+    n_contexts: int = 3,
     device: torch.device | str | None = None,
 ) -> list[ThemeFeature]:
     """The ``k`` features of ``(site, layer)`` that best separate ``texts`` from ``neutral``.
@@ -121,6 +132,13 @@ def theme_features(
     feature for one token of one example is not a theme feature), and so are features
     whose neutral mean exceeds ``max_neutral_ratio`` times their theme mean (dense
     features that fire on everything, a little more on the theme).
+
+    With ``contexts`` (a :class:`~tl_featureflow.flow.contexts.TopContexts` of the bank)
+    each candidate carries its ``n_contexts`` strongest contexts. With a ``judge`` and
+    the theme's ``topic`` as well, the ``k * pool`` best candidates by contrast are
+    ranked by ``on_theme``, the judge's mean similarity of their contexts with the topic:
+    a feature that separates the example texts yet fires on off-topic text elsewhere
+    ranks below one whose contexts are on theme.
     """
     if not texts:
         raise FeatureFlowError("theme_features needs at least one theme text")
@@ -130,6 +148,23 @@ def theme_features(
     per_text = torch.stack([acts.amax(0) > 0 for acts in per_text_acts]).float().mean(0)
     score = theme.mean(0) - base.mean(0)
     score[(per_text < min_share) | (base.mean(0) > max_neutral_ratio * theme.mean(0))] = -float("inf")
-    top = score.topk(min(k, score.numel())).indices.tolist()
-    return [ThemeFeature(FeatureRef(layer, site, i), float(score[i]), float(theme[:, i].mean()),
-                         float(base[:, i].mean()), float(theme[:, i].max())) for i in top if score[i] > 0]
+    ranked = judge is not None and topic is not None and contexts is not None
+    top = score.topk(min(k * pool if ranked else k, score.numel())).indices.tolist()
+    found = [ThemeFeature(FeatureRef(layer, site, i), float(score[i]), float(theme[:, i].mean()),
+                          float(base[:, i].mean()), float(theme[:, i].max())) for i in top if score[i] > 0]
+    if contexts is not None:
+        tokenizer = getattr(model, "tokenizer", None)
+        found = [replace(f, contexts=tuple(e.text for e in contexts.examples(f.ref, tokenizer, window=6)[:n_contexts]))
+                 if f.ref.key in contexts else f for f in found]
+    if ranked:
+        found = [replace(f, on_theme=_on_theme(judge, f.contexts, topic)) for f in found]
+        found.sort(key=lambda f: -(f.on_theme if f.on_theme is not None else -1.0))
+    return found[:k]
+
+
+def _on_theme(judge: Any, contexts: Sequence[str], topic: str) -> float | None:
+    """The judge's mean similarity of a feature's contexts (brackets dropped) with the topic."""
+    if not contexts:
+        return None
+    plain = [text.replace("[", "").replace("]", "") for text in contexts]
+    return float(judge.similarity(plain, topic).mean())

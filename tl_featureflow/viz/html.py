@@ -8,6 +8,7 @@ every file is optional)::
     flowmap/              a FlowMap (FlowMap.save)
     validation.json       a ValidationReport
     steering/*.json       SteeringSweeps (already scored, or not)
+    cards.json            FeatureCards of the graphs' features (a list of FeatureCard.to_dict())
 
 :func:`report_from_dir` turns it into one HTML file with plotly.js embedded once, so
 it opens with no network (``featureflow report RUN_DIR``).
@@ -28,8 +29,9 @@ from typing import Any
 from tl_featureflow._files import atomic_write_text, read_json
 from tl_featureflow.errors import FeatureFlowError
 from tl_featureflow.viz import plot
+from tl_featureflow.viz.cards import CARD_CSS, CARD_SCRIPT, card_id, cards_html
 
-__all__ = ["Section", "table_html", "render_report", "report_from_dir", "versions"]
+__all__ = ["Section", "Raw", "table_html", "render_report", "report_from_dir", "versions"]
 
 _CSS = """
 body { font-family: system-ui, -apple-system, Segoe UI, sans-serif; margin: 2em auto; max-width: 1200px;
@@ -43,6 +45,10 @@ th { background: #f4f6f8; }
 .figure { margin: 1em 0; }
 code, pre { background: #f6f8fa; padding: 2px 4px; }
 """
+
+
+class Raw(str):
+    """A table cell that is already HTML (not escaped by :func:`table_html`)."""
 
 
 @dataclass
@@ -65,6 +71,8 @@ def table_html(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = N
     def cell(value: Any) -> str:
         if isinstance(value, float):
             return floats.format(value)
+        if isinstance(value, Raw):
+            return str(value)
         return html.escape("" if value is None else str(value))
 
     head = "".join(f"<th>{html.escape(str(c))}</th>" for c in columns)
@@ -87,7 +95,7 @@ def render_report(title: str, sections: Sequence[Section], *, settings: dict[str
                   path: str | Path) -> Path:
     """Write the report to ``path`` (atomically) and return the path."""
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-             f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>",
+             f"<style>{_CSS}{CARD_CSS}</style></head><body><h1>{html.escape(title)}</h1>",
              f"<p class='note'>Written {time.strftime('%Y-%m-%d %H:%M:%S %Z')} by tl_featureflow.</p>"]
     toc = "".join(f"<li><a href='#s{i}'>{html.escape(s.title)}</a></li>" for i, s in enumerate(sections))
     parts.append(f"<ul>{toc}</ul>")
@@ -105,20 +113,37 @@ def render_report(title: str, sections: Sequence[Section], *, settings: dict[str
                      for k, v in (settings or {}).items()]
     parts.append("<h2 id='settings'>Settings and versions</h2>" + table_html(settings_rows)
                  + table_html([{"package": k, "version": v} for k, v in versions().items()]))
-    parts.append("</body></html>")
+    parts.append(CARD_SCRIPT + "</body></html>")
     path = Path(path)
     atomic_write_text(path, "\n".join(parts))
     return path
 
 
-def _graph_section(graph: Any, name: str, info: dict[str, Any]) -> Section:
-    rows = [{"feature": str(n.ref), "role": n.role, "s(RES)": n.s_res, "s(MLP)": n.s_mlp, "s(ATT)": n.s_att,
-             "label": n.label} for n in graph.nodes]
+def _graph_section(graph: Any, name: str, info: dict[str, Any], carded: set[str]) -> Section:
+    def feature(ref: Any) -> Any:
+        return Raw(f"<a href='#{card_id(ref)}'>{html.escape(str(ref))}</a>") if card_id(ref) in carded else str(ref)
+
+    rows = [{"feature": feature(n.ref), "role": n.role, "s(RES)": n.s_res, "s(MLP)": n.s_mlp, "s(ATT)": n.s_att,
+             "fires on": n.label, "logit lens": n.lens} for n in graph.nodes]
     text = f"<p>Seed <code>{graph.seed}</code>, {len(graph.nodes)} features, {len(graph.edges)} edges, " \
            f"span layers {graph.span[0]}-{graph.span[1]} (t_res {graph.t_res}, t_module {graph.t_module}).</p>"
-    if info:
-        text += "<p class='note'>" + html.escape(", ".join(f"{k}: {v}" for k, v in info.items())) + "</p>"
+    shown = {k: v for k, v in info.items() if k != "contexts"}
+    if shown:
+        text += "<p class='note'>" + html.escape(", ".join(f"{k}: {v}" for k, v in shown.items())) + "</p>"
+    if info.get("contexts"):
+        text += ("<p class='note'>The seed's top contexts (why it was chosen):</p><ul>"
+                 + "".join(f"<li><code>{html.escape(c)}</code></li>" for c in info["contexts"]) + "</ul>")
+    if carded:
+        text += "<p class='note'>Click a node (or a feature in the table) to open its card below.</p>"
     return Section(f"Flow graph: {name}", text, [plot.flow_graph(graph), plot.flow_sankey(graph)], [table_html(rows)])
+
+
+def _cards_section(cards: list[Any]) -> Section:
+    text = ("<p>What each feature of the flow graphs fires on: its strongest contexts in held-out text (the "
+            "firing token outlined, every token shaded by the feature's activation on it), the histogram of its "
+            "positive activations, the tokens its decoder promotes and suppresses (logit lens), its predecessors "
+            "and successors by decoder cosine. Click a card to open it.</p>")
+    return Section("Feature cards", text + cards_html(cards))
 
 
 def _validation_section(report: Any) -> Section:
@@ -187,8 +212,10 @@ def report_from_dir(run_dir: str | Path, out: str | Path | None = None, *, title
     if run.get("summary"):
         sections.append(Section("Summary", "".join(f"<p>{html.escape(line)}</p>" for line in run["summary"])))
     seeds = run.get("seeds", {})
+    cards = _read_cards(run_dir / "cards.json")
+    carded = {card_id(c.ref) for c in cards}
     for path in sorted((run_dir / "graphs").glob("*.json")):
-        sections.append(_graph_section(FlowGraph.load(path), path.stem, seeds.get(path.stem, {})))
+        sections.append(_graph_section(FlowGraph.load(path), path.stem, seeds.get(path.stem, {}), carded))
     if (run_dir / "flowmap").is_dir():
         fmap = FlowMap.load(run_dir / "flowmap")
         sections.append(Section("Flow map", "<p>Predecessor scores and cosine groups of every res feature.</p>",
@@ -198,7 +225,16 @@ def report_from_dir(run_dir: str | Path, out: str | Path | None = None, *, title
         sections.append(_validation_section(ValidationReport.load(run_dir / "validation.json")))
     for path in sorted((run_dir / "steering").glob("*.json")):
         sections.append(_steering_section(SteeringSweep.load(path), path.stem))
+    if cards:
+        sections.append(_cards_section(cards))
     if not sections:
         raise FeatureFlowError(f"{run_dir} holds no results (graphs/, flowmap/, validation.json, steering/)")
     return render_report(title or run.get("title", f"Feature flow report: {run_dir.name}"), sections,
                          settings=run.get("settings", {}), path=out or run_dir / "report.html")
+
+
+def _read_cards(path: Path) -> list[Any]:
+    """The FeatureCards saved in a run folder (none when the file is missing)."""
+    from tl_featureflow.flow.cards import load_cards
+
+    return load_cards(path) if path.is_file() else []

@@ -10,11 +10,13 @@
 True
 
 Builders: :func:`flow_graph`, :func:`flow_sankey`, :func:`score_distributions`,
-:func:`group_composition`, :func:`validation`, :func:`r_sweep`, :func:`steering`.
+:func:`group_composition`, :func:`validation`, :func:`r_sweep`, :func:`steering`, and
+:func:`feature_card` (HTML, not a figure: a feature's contexts, histogram and neighbours).
 """
 
 from __future__ import annotations
 
+import html
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -26,7 +28,7 @@ from tl_featureflow._files import atomic_write_text
 from tl_featureflow.errors import FeatureFlowError, InvalidArgumentError
 
 __all__ = ["flow_graph", "flow_sankey", "score_distributions", "group_composition", "validation", "r_sweep",
-           "steering", "write_html", "to_html", "SITE_COLORS", "LANES"]
+           "steering", "feature_card", "write_html", "to_html", "SITE_COLORS", "LANES"]
 
 SITE_COLORS = {"res": "#1f77b4", "mlp": "#2ca02c", "att": "#d62728"}
 LANES = {"att": 1.0, "res": 0.0, "mlp": -1.0}     # y of each site's lane in flow_graph
@@ -41,8 +43,17 @@ def _node_hover(node: Any) -> str:
         if value is not None:
             lines.append(f"s({site.upper()}) = {value:.3f}")
     if node.label:
-        lines.append(f"label: {node.label}")
+        lines.append(f"fires on: {html.escape(node.label)}")
+    lens = getattr(node, "lens", None)
+    if lens and lens != node.label:
+        lines.append(f"logit lens: {html.escape(lens)}")
     return "<br>".join(lines)
+
+
+def _short(label: str, n: int = 32) -> str:
+    """The first part of a label (the tokens a feature fires on), cut to ``n`` characters."""
+    head = label.split(" — ")[0]
+    return head if len(head) <= n else head[: n - 1] + "…"
 
 
 def _positions(graph: Any) -> dict[Any, tuple[float, float]]:
@@ -83,7 +94,7 @@ def flow_graph(graph: Any, *, title: str | None = None, height: int = 420) -> go
         fig.add_trace(go.Scatter(
             x=[pos[n.ref][0] for n in nodes], y=[pos[n.ref][1] for n in nodes], mode="markers+text",
             name=site.upper(), text=[str(n.ref.index) for n in nodes], textposition="top center",
-            hovertext=[_node_hover(n) for n in nodes], hoverinfo="text",
+            hovertext=[_node_hover(n) for n in nodes], hoverinfo="text", customdata=[str(n.ref) for n in nodes],
             marker={"size": [20 if n.ref == graph.seed else 13 for n in nodes], "color": SITE_COLORS[site],
                     "line": {"width": [3 if n.ref == graph.seed else 1 for n in nodes], "color": "black"}}))
     layers = sorted({n.ref.layer for n in graph.nodes})
@@ -100,7 +111,7 @@ def flow_sankey(graph: Any, *, title: str | None = None) -> go.Figure:
     """The same flow as a Sankey diagram: link value = cosine, nodes coloured by site."""
     refs = [n.ref for n in graph.nodes]
     index = {ref: i for i, ref in enumerate(refs)}
-    labels = [f"{r}" + (f" ({graph.node(r).label})" if graph.node(r).label else "") for r in refs]
+    labels = [f"{r}" + (f" ({_short(graph.node(r).label)})" if graph.node(r).label else "") for r in refs]
     fig = go.Figure(go.Sankey(
         arrangement="snap",
         node={"label": labels, "color": [SITE_COLORS[r.site] for r in refs], "pad": 12,
@@ -241,6 +252,25 @@ def steering(sweep: Any, metric: str = "score", *, title: str | None = None) -> 
                                      f"{'r' if op == 'rescale' else 'strength'}",
                       xaxis_title="r" if op == "rescale" else "strength", yaxis_title=metric, template="plotly_white")
     return fig
+
+
+def feature_card(card_or_ref: Any, *, model: Any = None, bank: Any = None, tokens: Any = None,
+                 contexts: Any = None, tracer: Any = None) -> Any:
+    """A feature's card (:class:`~tl_featureflow.viz.cards.CardView`): renders inline in a notebook,
+    ``.save(path)`` writes one offline HTML page.
+
+    Pass a :class:`~tl_featureflow.flow.cards.FeatureCard`, or a feature and what computes its
+    card (``model`` and ``bank``, or a ``tracer``; contexts from ``contexts``, else from one pass
+    over ``tokens``, else the bank's cached held-out contexts): the one builder here that
+    computes, by delegating to :func:`tl_featureflow.flow.cards.build_card`.
+    """
+    from tl_featureflow.viz.cards import CardView
+
+    if hasattr(card_or_ref, "contexts") and hasattr(card_or_ref, "successors"):
+        return CardView(card_or_ref)
+    from tl_featureflow.flow.cards import build_card
+
+    return CardView(build_card(card_or_ref, model=model, bank=bank, tokens=tokens, contexts=contexts, tracer=tracer))
 
 
 def to_html(fig: go.Figure, *, include_plotlyjs: bool = True, div_id: str | None = None) -> str:

@@ -62,6 +62,9 @@ _EXPORTS: dict[str, str] = {
     "fold_jumprelu_threshold": "tl_featureflow.flow.matching",
     "TopContexts": "tl_featureflow.flow.contexts",
     "collect_top_contexts": "tl_featureflow.flow.contexts",
+    "feature_contexts": "tl_featureflow.flow.contexts",
+    "FeatureCard": "tl_featureflow.flow.cards",
+    "build_card": "tl_featureflow.flow.cards",
     # causal/
     "validate": "tl_featureflow.causal.experiment",
     "ValidationReport": "tl_featureflow.causal.results",
@@ -98,7 +101,8 @@ if TYPE_CHECKING:  # pragma: no cover
         ModelMismatchError,
         UnknownFeatureError,
     )
-    from tl_featureflow.flow.contexts import TopContexts, collect_top_contexts
+    from tl_featureflow.flow.cards import FeatureCard, build_card
+    from tl_featureflow.flow.contexts import TopContexts, collect_top_contexts, feature_contexts
     from tl_featureflow.flow.flowmap import FlowMap
     from tl_featureflow.flow.graph import FlowEdge, FlowGraph, FlowNode
     from tl_featureflow.flow.matching import fold_jumprelu_threshold, permutation_match, topk_cosine

@@ -60,6 +60,39 @@ def test_add_at_module_sites_and_scales(tiny_model, tokens):
         Steerer(tiny_model, bank, scale={"2/mlp/4": 0.5}).add("2/mlp/5", 1.0)
 
 
+def test_typical_scale_is_the_median_of_the_features_own_activations(tiny_model, tokens):
+    """Planted stream: the scale is the median positive activation, read off the contexts' histogram."""
+    from tl_featureflow.flow.contexts import HIST_EDGES, collect_top_contexts
+    from tl_featureflow.steer.steerer import typical_activation
+
+    bank = make_bank(arch="jumprelu")
+    stream = torch.randint(0, 50, (12, 12), generator=torch.Generator().manual_seed(5))
+    contexts = collect_top_contexts(tiny_model, bank, stream, n=3, progress=False)
+    _, feats = ff.FlowTransformer.from_hooked(tiny_model).run_with_features(stream, bank=bank)
+    acts = feats["mlp", 2][:, 1:].reshape(-1, bank.d_sae("mlp", 2))
+    fired = [f for f in range(acts.shape[1]) if int((acts[:, f] > 0).sum()) >= 5]
+    assert fired
+    for f in fired:                 # by hand: the lower median of the positive activations, same log bin
+        values = acts[:, f][acts[:, f] > 0].sort().values
+        median = float(values[(len(values) + 1) // 2 - 1])
+        b = int(torch.bucketize(torch.tensor(median, dtype=torch.float64), HIST_EDGES, right=True)) - 1
+        typical = typical_activation(contexts, f"2/mlp/{f}")
+        assert HIST_EDGES[b] * (1 - 1e-9) <= typical <= HIST_EDGES[b + 1] * (1 + 1e-9)
+    ref = f"2/mlp/{fired[0]}"
+    names = ["blocks.2.hook_mlp_out"]
+    _, clean = tiny_model.run_with_cache(tokens, names_filter=names)
+    with Steerer(tiny_model, bank, scale="typical", contexts=contexts).add(ref, 2.0):
+        _, steered = tiny_model.run_with_cache(tokens, names_filter=names)
+    v = bank["mlp", 2].W_dec.detach()[fired[0]] * typical_activation(contexts, ref)
+    torch.testing.assert_close(steered[names[0]] - clean[names[0]], (2.0 * v).expand_as(clean[names[0]]),
+                               rtol=0, atol=1e-5)
+    silent = [f for f in range(acts.shape[1]) if not bool((acts[:, f] > 0).any())]
+    if silent:
+        with pytest.raises(ff.FeatureFlowError, match="never fired"):
+            with Steerer(tiny_model, bank, scale="typical", contexts=contexts).add(f"2/mlp/{silent[0]}", 1.0):
+                tiny_model(tokens)
+
+
 def test_rescale_one_is_identity_and_zero_removes_the_feature(tiny_model, tokens):
     bank = make_bank()
     clean = _resid(tiny_model, tokens)

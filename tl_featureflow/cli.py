@@ -168,7 +168,12 @@ def _steer(args: argparse.Namespace) -> int:
 
     model, bank = _setup(args)
     ref = bank.check_ref(args.feature)
-    steerer = Steerer(model, bank, positions=args.positions, scale=args.scale)
+    contexts = None
+    if args.scale == "typical":
+        from tl_featureflow.flow.contexts import feature_contexts
+
+        contexts = feature_contexts(model, bank, _context_tokens(model))
+    steerer = Steerer(model, bank, positions=args.positions, scale=args.scale, contexts=contexts)
     if args.mode == "feature":
         getattr(steerer, args.op)(ref, args.strength)
     else:
@@ -307,8 +312,9 @@ def build_parser() -> argparse.ArgumentParser:
     steer.add_argument("--mode", default="feature", choices=["feature", "single", "cumulative"],
                        help="the feature alone, or its flow graph at one layer / cumulatively (default: feature)")
     steer.add_argument("--up-to-layer", type=int, help="layer for single/cumulative (default: seed / span end)")
-    steer.add_argument("--scale", default="threshold", choices=["unit", "decoder", "threshold"],
-                       help="direction scale for add (default: threshold, i.e. SAE Match folding)")
+    steer.add_argument("--scale", default="threshold", choices=["unit", "decoder", "threshold", "typical"],
+                       help="direction scale for add (default: threshold, i.e. SAE Match folding; typical: each "
+                            "feature's median activation on held-out text)")
     steer.add_argument("--positions", default="all", choices=["all", "prompt", "generated"])
     steer.add_argument("--prompt", default="I think", help="prompt (default: 'I think')")
     steer.add_argument("--max-new-tokens", type=int, default=36)

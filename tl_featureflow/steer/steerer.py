@@ -61,12 +61,21 @@ from tl_featureflow.refs import FeatureRef, Site, check_layer, check_site, hook_
 from tl_featureflow.saes.bank import SAEBank
 from tl_featureflow.saes.features import rescale_delta
 
-__all__ = ["Steerer", "Positions", "Schedule", "FlowMode", "Coefficient", "flow_coefficients", "POSITIONS"]
+__all__ = ["Steerer", "Positions", "Schedule", "FlowMode", "Coefficient", "flow_coefficients", "POSITIONS", "SCALES",
+           "typical_activation"]
 
 Positions = Literal["all", "prompt", "generated"]
 Schedule = Literal["constant", "linear", "exponential"]
 FlowMode = Literal["single", "cumulative"]
 Op = Literal["add", "rescale"]
+SCALES = ("unit", "decoder", "threshold", "typical")
+
+
+def typical_activation(contexts: Any, ref: FeatureRef | str, q: float = 0.5) -> float:
+    """A feature's typical activation: the ``q`` quantile (default the median) of its positive
+    activations in ``contexts`` (a TopContexts; read off its histogram, within one log bin, 12%);
+    0 for a feature that never fired. ``Steerer(scale="typical")`` multiplies decoder rows by it."""
+    return float(contexts.quantile(ref, q))
 Coefficient = float | Sequence[float] | Tensor
 POSITIONS: tuple[str, ...] = get_args(Positions)
 _COUNTER_HOOK = "blocks.0.hook_resid_pre"
@@ -162,8 +171,14 @@ class Steerer:
         scale: how ``add`` scales the direction: ``"unit"`` (unit decoder row, the
             default), ``"decoder"`` (the raw decoder row: strength in activation units),
             ``"threshold"`` (decoder row times the JumpReLU threshold: SAE Match's
-            folding), or a mapping ``ref -> typical activation`` (e.g. measured max
-            activations) multiplying the raw decoder row.
+            folding), ``"typical"`` (decoder row times the feature's typical activation:
+            the median of its positive activations on held-out text, read off the
+            histogram of ``contexts``; so strength 1 adds what the feature itself
+            usually writes), or a mapping ``ref -> typical activation`` (e.g. measured
+            max activations) multiplying the raw decoder row.
+        contexts: for ``scale="typical"``: a :class:`~tl_featureflow.flow.contexts.TopContexts`
+            of the bank (default: :func:`~tl_featureflow.flow.contexts.feature_contexts`,
+            computed once per bank and cached; needs the model's tokenizer).
         device: where coefficients and directions live (default: the model's).
     """
 
@@ -173,7 +188,8 @@ class Steerer:
         bank: SAEBank | None = None,
         *,
         positions: Positions = "all",
-        scale: Literal["unit", "decoder", "threshold"] | Mapping[FeatureRef | str, float] = "unit",
+        scale: Literal["unit", "decoder", "threshold", "typical"] | Mapping[FeatureRef | str, float] = "unit",
+        contexts: Any = None,
         device: torch.device | str | None = None,
     ):
         if not (hasattr(model, "hooks") and hasattr(model, "hook_dict") and hasattr(model, "generate")):
@@ -185,13 +201,14 @@ class Steerer:
         if bank is not None and bank.d_model != model.cfg.d_model:
             raise FeatureFlowError(
                 f"the bank's SAEs read d_in={bank.d_model} but the model has d_model={model.cfg.d_model}")
-        if isinstance(scale, str) and scale not in ("unit", "decoder", "threshold"):
-            raise InvalidArgumentError(f"unknown scale {scale!r}: expected 'unit', 'decoder', 'threshold' or a mapping")
+        if isinstance(scale, str) and scale not in SCALES:
+            raise InvalidArgumentError(f"unknown scale {scale!r}: expected one of {SCALES} or a mapping")
         self.model = model
         self.bank = bank
         self.positions: Positions = positions
         self.scale = scale if isinstance(scale, str) else {FeatureRef.parse(k): float(v) for k, v in scale.items()}
         self.device = torch.device(device) if device is not None else torch.device(model.cfg.device)
+        self.contexts = contexts
         self._edits: list[_Edit] = []
         self._state = _State()
 
@@ -341,10 +358,23 @@ class Steerer:
                 raise FeatureFlowError(f"scale='threshold' needs a JumpReLU SAE, but the SAE of {ref} is "
                                        f"{type(sae).__name__}: use scale='unit', 'decoder' or a mapping")
             return row * float(threshold.detach()[ref.index])
+        if self.scale == "typical":
+            return row * self._typical(ref)
         assert isinstance(self.scale, dict)
         if ref not in self.scale:
             raise UnknownFeatureError(f"scale mapping has no typical activation for {ref}")
         return row * self.scale[ref]
+
+    def _typical(self, ref: FeatureRef) -> float:
+        if self.contexts is None:
+            from tl_featureflow.flow.contexts import feature_contexts
+
+            self.contexts = feature_contexts(self.model, self.bank)  # type: ignore[arg-type]
+        value = typical_activation(self.contexts, ref)
+        if value <= 0:
+            raise FeatureFlowError(f"scale='typical': {ref} never fired on the {self.contexts.n_tokens} tokens its "
+                                   "contexts were read from, so it has no typical activation; use another scale")
+        return value
 
     def _hook_name(self, key: tuple[Site, int]) -> str:
         name = hook_name(*key)

@@ -148,7 +148,7 @@ class TopContexts:
                                self.doc[ref.key][ref.index].tolist(), self.pos[ref.key][ref.index].tolist(),
                                strict=False):
             pieces = list(h.pieces)
-            pieces[h.firing] = f"[{pieces[h.firing]}]"
+            pieces[h.firing] = _mark(pieces[h.firing])
             out.append(Example(h.activation, "".join(pieces), doc, pos))
         return out
 
@@ -171,7 +171,7 @@ class TopContexts:
         tokens = " · ".join(repr(t)[1:-1] for t in self.firing_tokens(ref, tokenizer, k))
         best = top[0]
         pieces = list(best.pieces)
-        pieces[best.firing] = f"[{pieces[best.firing]}]"
+        pieces[best.firing] = _mark(pieces[best.firing])
         context = " ".join("".join(pieces).split())
         text = f"{tokens} — …{context}"
         return text if len(text) <= max_chars else text[: max_chars - 1] + "…"
@@ -235,6 +235,12 @@ class TopContexts:
         tables = {name: {k: tensors[f"{k[0]}.{k[1]}.{name}"] for k in keys} for name in cls._TABLES}
         return cls(manifest["n"], manifest["left"], manifest["right"], **tables, n_tokens=manifest["n_tokens"],
                    meta=manifest["meta"])
+
+
+def _mark(piece: str) -> str:
+    """The firing token in [brackets], its leading space outside: ``" Lord"`` -> ``" [Lord]"``."""
+    body = piece.lstrip()
+    return piece[: len(piece) - len(body)] + f"[{body or piece}]" if body else f"[{piece}]"
 
 
 def _decode(tokenizer: Any, token: int) -> str:

@@ -50,6 +50,13 @@ def _node_hover(node: Any) -> str:
     return "<br>".join(lines)
 
 
+def _node_text(node: Any) -> str:
+    """A node's caption: its index and the token it fires on most (the first part of its label)."""
+    if not node.label:
+        return str(node.ref.index)
+    return f"{node.ref.index} {_short(node.label.split(' · ')[0], 14)}"
+
+
 def _short(label: str, n: int = 32) -> str:
     """The first part of a label (the tokens a feature fires on), cut to ``n`` characters."""
     head = label.split(" — ")[0]
@@ -93,7 +100,7 @@ def flow_graph(graph: Any, *, title: str | None = None, height: int = 420) -> go
             continue
         fig.add_trace(go.Scatter(
             x=[pos[n.ref][0] for n in nodes], y=[pos[n.ref][1] for n in nodes], mode="markers+text",
-            name=site.upper(), text=[str(n.ref.index) for n in nodes], textposition="top center",
+            name=site.upper(), text=[_node_text(n) for n in nodes], textposition="top center",
             hovertext=[_node_hover(n) for n in nodes], hoverinfo="text", customdata=[str(n.ref) for n in nodes],
             marker={"size": [20 if n.ref == graph.seed else 13 for n in nodes], "color": SITE_COLORS[site],
                     "line": {"width": [3 if n.ref == graph.seed else 1 for n in nodes], "color": "black"}}))

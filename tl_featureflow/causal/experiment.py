@@ -10,7 +10,7 @@ docs/performance.md.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,7 +52,22 @@ def _pearson_matches(acts: dict, layer: int, pred_keys: dict) -> dict[Site, Tens
     return out
 
 
-def _method_matches(tracer: Any, layer: int, method: str, seed: int) -> dict[Site, Tensor]:
+def _cosine_matches(tracer: Any, key: Any, dst: Any, k: int, alive: Mapping[Any, Tensor] | None) -> Tensor:
+    """Top-``k`` cosine matches ``[d_dst, k]``; with ``alive``, among the source's live features only."""
+    from tl_featureflow.flow.matching import topk_cosine
+
+    if alive is None or key not in alive:
+        return tracer.match(key, dst, k).indices
+    keep = alive[key].nonzero().squeeze(1).to(tracer.device)
+    if len(keep) == 0:
+        return torch.full((tracer.bank.d_sae(*dst), k), -1, dtype=torch.long)
+    _, idx = topk_cosine(tracer.bank.decoder(*dst, device=tracer.device),
+                         tracer.bank.decoder(*key, device=tracer.device)[keep], min(k, len(keep)))
+    return keep[idx]
+
+
+def _method_matches(tracer: Any, layer: int, method: str, seed: int,
+                    alive: Mapping[Any, Tensor] | None = None) -> dict[Site, Tensor]:
     """For every res(layer) feature, its matched predecessor indices per site: ``[d_sae, m]`` (-1: none)."""
     from tl_featureflow.flow.matching import permutation_match
 
@@ -61,15 +76,15 @@ def _method_matches(tracer: Any, layer: int, method: str, seed: int) -> dict[Sit
     for site, key in tracer.predecessor_keys(layer).items():
         width = tracer.bank.d_sae(*key)
         if method == "top1":
-            out[site] = tracer.match(key, dst, 1).indices
+            out[site] = _cosine_matches(tracer, key, dst, 1, alive)
         elif method == "top5":
-            out[site] = tracer.match(key, dst, min(5, width)).indices
+            out[site] = _cosine_matches(tracer, key, dst, min(5, width), alive)
         elif method == "random":
-            top = tracer.match(key, dst, min(5, width)).indices
+            top = _cosine_matches(tracer, key, dst, min(5, width), alive)
             gen = torch.Generator().manual_seed(seed * 1009 + layer * 7 + len(out))
             pick = torch.randint(0, top.shape[1], (top.shape[0], 1), generator=gen).to(top.device)
             out[site] = top.gather(1, pick)
-        elif method in ("exhaustive", "pearson"):
+        elif method in ("exhaustive", "exhaustive_single", "attribution", "pearson"):
             continue  # need activations: chosen in validate
         elif method == "permutation":
             _, indices = permutation_match(tracer.bank.decoder(*dst), tracer.bank.decoder(*key))
@@ -94,6 +109,8 @@ def validate(
     batch_rows: int = 16,
     sweep_methods: Sequence[str] = ("top1",),
     loss_samples: int = 0,
+    pearson: Mapping[tuple[int, Site], Tensor] | None = None,
+    alive: Mapping[Any, Tensor] | None = None,
     progress: bool = True,
 ) -> Any:
     """The paper's deactivation experiment (method section 5), layer-local and batched.
@@ -110,8 +127,21 @@ def validate(
     Methods: ``top1``, ``top5`` (all five; a predecessor counts as active if any of
     the five is), ``random`` (one of the top five, seeded), ``permutation`` (SAE Match),
     ``pearson`` (data-based: the feature whose activations over all the given texts,
-    position 0 excluded, correlate best with the target's), ``exhaustive`` (per site, the active feature whose removal alone lowers the target
-    most, found by trying each: the upper bound of single-feature matching).
+    position 0 excluded, correlate best with the target's; or precomputed on a token
+    stream of their own, ``pearson=`` :func:`~tl_featureflow.causal.pearson.pearson_matches`,
+    as the paper did on 100K tokens), ``exhaustive`` (per site, the active feature whose
+    removal alone lowers the target most, found by trying each; the sites' choices are
+    removed together), ``exhaustive_single`` (the paper's exhaustive search: the one active
+    predecessor feature, over all three sites, whose removal alone lowers the target most)
+    and ``attribution`` (the active predecessor feature with the largest contribution to
+    the target's pre-activation, :mod:`~tl_featureflow.causal.attribution`: one forward,
+    no search). With ``attribution``, every sampled target's split is kept in
+    ``report.attributions`` (site shares, and the rank of each site's top-1 cosine match
+    among that site's contributors).
+
+    ``alive``: per SAE key, a bool mask of features that fire on held-out text (e.g. from
+    ``TopContexts.hist``): top1/top5/random then match among live features only, and
+    ``meta["dead_top1"]`` reports how often the unrestricted top-1 match is dead.
 
     ``loss_samples`` interventions per text and layer (main ``r``, seeded) also get the
     relative change of the LM loss, ``(L_new - L_old) / L_old``, from a full forward.
@@ -124,9 +154,15 @@ def validate(
     flow = FlowTransformer.from_hooked(model)
     run = _Experiment(tracer, flow, list(layers), list(methods), rs, list(sweep_methods), max_targets, batch_rows,
                       loss_samples, torch.Generator().manual_seed(seed))
-    run.matches = {(layer, m): _method_matches(tracer, layer, m, seed) for layer in layers for m in methods}
+    run.matches = {(layer, m): _method_matches(tracer, layer, m, seed, alive) for layer in layers for m in methods}
     all_feats = None
-    if "pearson" in methods:  # the paper's data-based matching: correlations over all the given texts
+    if "pearson" in methods and pearson is not None:
+        for layer in layers:
+            missing = [site for site in run.pred_keys[layer] if (layer, site) not in pearson]
+            if missing:
+                raise InvalidArgumentError(f"pearson matches lack layer {layer}, sites {missing}")
+            run.matches[(layer, "pearson")] = {site: pearson[(layer, site)] for site in run.pred_keys[layer]}
+    elif "pearson" in methods:  # data-based matching from the texts themselves
         _, all_feats = flow.run_with_features(tokens, bank=run.needed, return_logits=False)
         run.add_pearson_matches(all_feats)
     rows: list[Any] = []
@@ -141,10 +177,27 @@ def validate(
     meta = {"layers": list(layers), "methods": list(methods), "r": rs[0], "r_values": rs,
             "sweep_methods": list(sweep_methods), "loss_samples": loss_samples,
             "positions_per_text": positions_per_text, "max_targets": max_targets, "seed": seed,
-            "n_texts": int(tokens.shape[0]), "bank": bank.describe()}
+            "n_texts": int(tokens.shape[0]), "bank": bank.describe(),
+            "pearson_source": None if "pearson" not in methods else
+            (getattr(pearson, "meta", {"source": "given"}) if pearson is not None
+             else {"source": "validation texts", "n_tokens": int(tokens.shape[0] * (tokens.shape[1] - 1))})}
+    if alive is not None:
+        meta["dead_top1"] = _dead_top1(tracer, layers, alive)
     from tl_featureflow.causal.results import ValidationReport
 
-    return ValidationReport(rows, run.counts, meta)
+    return ValidationReport(rows, run.counts, meta, attributions=run.attributions)
+
+
+def _dead_top1(tracer: Any, layers: Sequence[int], alive: Mapping[Any, Tensor]) -> dict[str, dict[str, float]]:
+    """Per layer and site, the share of res(L) features whose unrestricted top-1 match is dead."""
+    out: dict[str, dict[str, float]] = {}
+    for layer in layers:
+        out[str(layer)] = {}
+        for site, key in tracer.predecessor_keys(layer).items():
+            if key in alive:
+                top = tracer.match(key, ("res", layer), 1).indices[:, 0].cpu()
+                out[str(layer)][site] = float((~alive[key].cpu()[top]).float().mean())
+    return out
 
 
 def _check_arguments(tracer: Any, model: Any, tokens: Tensor, layers: Sequence[int], methods: Sequence[str],
@@ -183,6 +236,7 @@ class _Experiment:
     gen: torch.Generator
     matches: dict[tuple[int, str], dict[Site, Tensor]] = field(default_factory=dict)
     counts: dict[str, dict[str, dict[str, int]]] = field(default_factory=dict)
+    attributions: list[dict[str, Any]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         from tl_featureflow.causal.results import ACTIVATION_GROUPS
@@ -224,13 +278,20 @@ class _Experiment:
         from tl_featureflow.causal.results import group_name
 
         pred_keys = self.pred_keys[layer]
-        best: dict[tuple[int, Site], Tensor] = {}
-        if "exhaustive" in self.methods:
+        best: dict[tuple[int, Any], Any] = {}
+        if {"exhaustive", "exhaustive_single"} & set(self.methods):
             best = _exhaustive_choices(self.flow, self.bank, text, layer, positions, pred_keys, feats, self.batch_rows)
+        raw = None
+        if "attribution" in self.methods:
+            from tl_featureflow.causal.attribution import model_activations
+
+            raw = model_activations(self.flow, text, layer)
         plan: Plan = []
         for pos in positions:
             active = (feats["res", layer][0, pos] > 0).nonzero().squeeze(1)
             chosen = active[torch.randperm(len(active), generator=self.gen)[:self.max_targets]].tolist()
+            if raw is not None and chosen:
+                best.update(self.attribute(t, raw, layer, pos, chosen))
             for index in chosen:
                 for method in self.methods:
                     active_preds = self.active_predecessors(method, layer, pos, index, feats, best)
@@ -244,6 +305,12 @@ class _Experiment:
                             best: dict[tuple[int, Site], Tensor]) -> dict[Site, list[int]]:
         """Per site, the target's matched predecessors (by ``method``) that are active at ``pos``."""
         out: dict[Site, list[int]] = {}
+        if method in ("exhaustive_single", "attribution"):     # one feature, from any site
+            site, feature = best.get((pos, method, index), (None, -1))
+            if site is not None and site in self.pred_keys[layer]:
+                if float(feats[self.pred_keys[layer][site]][0, pos, feature]) > 0:
+                    out[site] = [feature]
+            return out
         for site, key in self.pred_keys[layer].items():
             if method == "exhaustive":
                 choice = best.get((pos, site))
@@ -254,6 +321,31 @@ class _Experiment:
             if on:
                 out[site] = on
         return out
+
+    def attribute(self, t: int, raw: dict[str, Tensor], layer: int, pos: int,
+                  targets: list[int]) -> dict[tuple[int, str, int], tuple[Site | None, int]]:
+        """Split the targets' pre-activations; record the split; return each target's largest contributor."""
+        from tl_featureflow.causal.attribution import split_at
+
+        split = split_at(self.bank, raw, layer, pos, targets)
+        sites, indices = split.best()
+        parts = {site: split.site_parts(site) for site in split.bias}
+        top1 = self.matches.get((layer, "top1")) or _method_matches(self.tracer, layer, "top1", 0)
+        for i, target in enumerate(targets):
+            record: dict[str, Any] = {"text": t, "position": pos, "target": f"{layer}/res/{target}",
+                                      "pre": float(split.pre[i]), "constant": float(split.constant[i]),
+                                      "best": None if sites[i] is None else f"{sites[i]}:{indices[i]}"}
+            for site in split.bias:
+                record[f"{site}_features"] = float(split.features[site][:, i].sum())
+                record[f"{site}_error"] = float(split.error[site][i])
+                record[f"{site}_bias"] = float(split.bias[site][i])
+                record[f"{site}_total"] = float(parts[site][i])
+                if site in top1:
+                    match = int(top1[site][target, 0])
+                    record[f"{site}_top1_rank"] = int(split.rank(site, match)[i]) if match >= 0 else 0
+                    record[f"{site}_active"] = int(split.indices[site].numel())
+            self.attributions.append(record)
+        return {(pos, "attribution", target): (sites[i], indices[i]) for i, target in enumerate(targets)}
 
     def plan_target(self, t: int, feats: Any, layer: int, pos: int, index: int, method: str, group: str,
                     active_preds: dict[Site, list[int]]) -> Plan:
@@ -286,8 +378,13 @@ class _Experiment:
 
 def _exhaustive_choices(flow: Any, bank: SAEBank, text: Tensor, layer: int, positions: Sequence[int],
                         pred_keys: dict[Site, tuple[Site, int]], feats: Any, batch_rows: int) -> dict:
-    """Per (position, site): for every res(layer) feature, the active feature of that site whose
-    removal alone leaves it lowest. One row per (position, active feature) serves all targets."""
+    """Every active predecessor feature removed alone, one row each (a row serves all targets).
+
+    Returns ``{(pos, site): Tensor[d_sae]}``, per site the feature whose removal leaves each
+    res(layer) feature lowest (method ``exhaustive``), and ``{(pos, "exhaustive_single", i):
+    (site, feature)}``, the single best removal over all sites (the paper's exhaustive search)
+    for every res(layer) feature ``i`` active at ``pos``.
+    """
     trials: list[tuple[int, Site, int]] = []
     for pos in positions:
         for site, key in pred_keys.items():
@@ -297,12 +394,18 @@ def _exhaustive_choices(flow: Any, bank: SAEBank, text: Tensor, layer: int, posi
         return {}
     all_acts = res_activations(flow, bank, text, layer, [p for p, _, _ in trials],   # [n_trials, d_sae]
                                [[Intervention(pred_keys[s][0], pred_keys[s][1], (f,), (p,), 0.0)] for p, s, f in trials],
-                               chunk_rows=batch_rows)
-    out: dict[tuple[int, Site], Tensor] = {}
+                               chunk_rows=batch_rows).cpu()
+    out: dict = {}
     for pos in positions:
+        at_pos = [i for i, (p, _, _) in enumerate(trials) if p == pos]
         for site in pred_keys:
-            rows = [i for i, (p, s, _) in enumerate(trials) if p == pos and s == site]
+            rows = [i for i in at_pos if trials[i][1] == site]
             if rows:
                 features = torch.tensor([trials[i][2] for i in rows])
-                out[(pos, site)] = features[all_acts[rows].argmin(dim=0).cpu()]   # per target feature
+                out[(pos, site)] = features[all_acts[rows].argmin(dim=0)]   # per target feature
+        if at_pos:
+            winners = all_acts[at_pos].argmin(dim=0)                           # [d_sae]: row of the best single removal
+            for target in (feats["res", layer][0, pos] > 0).nonzero().squeeze(1).tolist():
+                _, site, feature = trials[at_pos[int(winners[target])]]
+                out[(pos, "exhaustive_single", target)] = (site, feature)
     return out

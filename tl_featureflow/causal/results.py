@@ -9,7 +9,8 @@ from typing import Any
 
 from tl_featureflow._files import atomic_write_text, check_header, header, read_json
 
-__all__ = ["ACTIVATION_GROUPS", "GROUPS", "METHODS", "group_name", "ValidationRow", "ValidationReport"]
+__all__ = ["ACTIVATION_GROUPS", "GROUPS", "METHODS", "TABLE1_METHODS", "PAPER_TABLE1", "group_name", "ValidationRow",
+           "ValidationReport"]
 
 #: The 8 activation groups of a target: which predecessor sites have an active matched feature
 #: (not to be confused with the translated/processed/newborn labels of flow.origins).
@@ -17,8 +18,18 @@ ACTIVATION_GROUPS: tuple[str, ...] = ("From nowhere", "RES", "MLP", "ATT", "RES 
                                       "RES & MLP & ATT")
 GROUPS = ACTIVATION_GROUPS   # the name before 0.2
 #: Matching methods of the deactivation experiment (see causal.experiment.validate).
-METHODS: tuple[str, ...] = ("top1", "top5", "random", "permutation", "pearson", "exhaustive")
-_SCHEMA = 1
+METHODS: tuple[str, ...] = ("top1", "top5", "random", "permutation", "pearson", "exhaustive", "exhaustive_single",
+                             "attribution")
+#: Table 1's methods, as the paper compared them (plus ours): see :meth:`ValidationReport.table1`.
+TABLE1_METHODS: tuple[str, ...] = ("top1", "pearson", "exhaustive_single", "attribution", "exhaustive")
+#: The paper's Table 1 (Gemma 2 2B, Gemma Scope 16k, 1,894 features at two layers).
+PAPER_TABLE1: dict[str, dict[str, float]] = {
+    "top1": {"activation_change": 0.75, "success_rate": 0.65},
+    "pearson": {"activation_change": 0.74, "success_rate": 0.65},
+    "exhaustive_single": {"activation_change": 0.83, "success_rate": 0.73},
+}
+_SINGLE_SITE = ("RES", "MLP", "ATT")
+_SCHEMA = 2
 
 
 def group_name(active_sites: set[str]) -> str:
@@ -60,6 +71,40 @@ class ValidationReport:
     rows: list[ValidationRow]
     group_counts: dict[str, dict[str, dict[str, int]]] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
+    attributions: list[dict[str, Any]] = field(default_factory=list)
+
+    def paper_targets(self) -> list[tuple[int, int, str]]:
+        """The paper's Table-1 target set: ``(text, position, target)`` of every target whose top-1
+        cosine or pearson group is a single site (From RES, From MLP or From ATT)."""
+        main_r = self.meta.get("r", 0.0)
+        found = {(row.text, row.position, row.target) for row in self.rows
+                 if row.r == main_r and row.method in ("top1", "pearson") and row.group in _SINGLE_SITE}
+        return sorted(found)
+
+    def table1(self, methods: tuple[str, ...] | None = None, *, by_group: bool = False) -> dict[str, dict[str, float]]:
+        """Table 1 as the paper measured it: the same targets (:meth:`paper_targets`) for every method.
+
+        Per method: ``success_rate``, ``activation_change`` and ``n``. A target for which a method
+        found no active predecessor counts as a failure with activation change 0 (the paper
+        deactivated each method's own match on the same targets). ``by_group``: keys
+        ``"method / GROUP"`` by the target's top-1 cosine group (RES, MLP, ATT, or "other").
+        """
+        main_r = self.meta.get("r", 0.0)
+        present = {row.method for row in self.rows}
+        methods = tuple(m for m in (methods or TABLE1_METHODS) if m in present)
+        targets = self.paper_targets()
+        index = {(row.method, row.text, row.position, row.target): row for row in self.rows if row.r == main_r}
+        groups = {(t, p, g): index[("top1", t, p, g)].group if ("top1", t, p, g) in index else "other"
+                  for t, p, g in targets}
+        table: dict[str, list[tuple[bool, float]]] = {}
+        for method in methods:
+            for target in targets:
+                row = index.get((method, *target))
+                outcome = (row.success, row.activation_change) if row is not None else (False, 0.0)
+                group = groups[target] if groups[target] in _SINGLE_SITE else "other"
+                table.setdefault(f"{method} / {group}" if by_group else method, []).append(outcome)
+        return {name: {"success_rate": sum(s for s, _ in v) / len(v), "activation_change": sum(c for _, c in v) / len(v),
+                       "n": len(v)} for name, v in table.items()}
 
     def summary(self, by: str = "method") -> dict[str, dict[str, float]]:
         """Success rate, mean activation change and count, by ``method`` or ``group``
@@ -99,7 +144,7 @@ class ValidationReport:
     def to_json(self) -> str:
         return json.dumps({**header("ValidationReport", _SCHEMA),
                            "meta": self.meta, "group_counts": self.group_counts,
-                           "rows": [asdict(r) for r in self.rows]})
+                           "rows": [asdict(r) for r in self.rows], "attributions": self.attributions})
 
     def save(self, path: str | Path) -> Path:
         atomic_write_text(path, self.to_json())
@@ -108,5 +153,7 @@ class ValidationReport:
     @classmethod
     def load(cls, path: str | Path) -> ValidationReport:
         data = read_json(path, "a validation report")
-        check_header(data, "ValidationReport", _SCHEMA, path)
-        return cls([ValidationRow(**r) for r in data["rows"]], data["group_counts"], data["meta"])
+        old = isinstance(data, dict) and data.get("schema_version") == 1     # version 1: no attributions
+        check_header(data, "ValidationReport", 1 if old else _SCHEMA, path)
+        return cls([ValidationRow(**r) for r in data["rows"]], data["group_counts"], data["meta"],
+                   attributions=list(data.get("attributions", [])))

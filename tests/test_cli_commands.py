@@ -28,6 +28,31 @@ def test_map_and_validate(tiny_cli, capsys):
     assert {r.method for r in report.rows} <= {"top1", "random"} and report.rows
 
 
+def test_validate_paper_writes_table1_beside_the_papers_numbers(tiny_cli, capsys, monkeypatch):
+    monkeypatch.setattr(cli, "_train_tokens", lambda model, n: cli._heldout_tokens(model, 3))
+    code, out, _ = run(["validate", "--paper", *tiny_cli, "--texts", "2", "--out", "t1"], capsys)
+    assert code == 0, out
+    text = Path("t1/table1.md").read_text()
+    assert "**Table 1**" in text and "| top-1 cosine |" in text and "65.0%" in text     # the paper's column
+    assert "Where the targets' pre-activations come from" in text
+    report = ValidationReport.load("t1/validation.json")
+    assert report.meta["layers"] == [1, 2]                       # 1/4, 1/2, 3/4 of 3 layers, covered by the bank
+    assert {"top1", "pearson", "exhaustive_single", "attribution"} <= {r.method for r in report.rows}
+    assert report.meta["pearson_source"]["source"] == "given tokens" and "dead_top1" in report.meta
+    assert "Table 1, the paper&#x27;s way" in Path("t1/report.html").read_text() or \
+        "Table 1, the paper's way" in Path("t1/report.html").read_text()
+
+
+def test_paper_layers_are_the_covered_quarter_points():
+    from conftest import make_bank
+    from tl_featureflow.causal.protocol import paper_layers
+
+    assert paper_layers(30, make_bank(layers=range(12, 18))) == [15]
+    assert paper_layers(30, make_bank(layers=range(6, 24))) == [8, 15, 22]
+    with pytest.raises(ff.FeatureFlowError, match="covers none"):
+        paper_layers(30, make_bank(layers=[3, 4]))
+
+
 def test_steer_prints_unsteered_and_steered(tiny_cli, capsys):
     code, out, _ = run(["steer", "1/res/3", *tiny_cli, "--strength", "40", "--samples", "0",
                         "--max-new-tokens", "6", "--scale", "unit"], capsys)

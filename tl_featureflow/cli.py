@@ -19,6 +19,8 @@ from tl_featureflow.causal.results import METHODS
 from tl_featureflow.refs import LABELS, SITES
 from tl_featureflow.saes.presets import PRESETS
 
+VALIDATE_OUT = "featureflow-out/validation.json"
+
 
 class _Parser(argparse.ArgumentParser):
     """argparse, but a bad argument is one line on stderr (and exit status 2)."""
@@ -142,6 +144,37 @@ def _map(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_tokens(model: Any, n_tokens: int) -> Any:
+    """Training-split rows holding about ``n_tokens`` tokens (for Pearson correlations)."""
+    from tl_featureflow.saes.corpus import load_corpus
+
+    rows = load_corpus(model.tokenizer, "train", progress=True).tokens
+    return rows[: -(-n_tokens // (rows.shape[1] - 1))]
+
+
+def _validate_paper(args: argparse.Namespace, model: Any, bank: Any, tokens: Any) -> int:
+    from tl_featureflow._files import atomic_write_json, atomic_write_text
+    from tl_featureflow.causal.protocol import run_paper_protocol, table1_markdown
+    from tl_featureflow.flow.contexts import feature_contexts
+    from tl_featureflow.viz.html import report_from_dir
+
+    out = Path(args.out if args.out != VALIDATE_OUT else "featureflow-out/table1")
+    contexts = feature_contexts(model, bank, _context_tokens(model))
+    alive = {key: contexts.hist[key].sum(1) > 0 for key in contexts.hist}
+    report = run_paper_protocol(model, bank, tokens, layers=args.layers, alive=alive,
+                                pearson_tokens=_train_tokens(model, args.pearson_tokens), progress=True)
+    out.mkdir(parents=True, exist_ok=True)
+    report.save(out / "validation.json")
+    command = "featureflow validate --paper " + " ".join(a for a in sys.argv[2:] if a != "--paper")
+    text = "# Table 1, the paper's way\n\n" + table1_markdown(report, command=command.strip())
+    atomic_write_text(out / "table1.md", text)
+    atomic_write_json(out / "run.json", {"title": "Table 1, the paper's way", "summary": [], "settings": {
+        "command": command.strip(), "bank": bank.describe(), "texts": int(tokens.shape[0])}})
+    print(text)
+    print(f"saved {out / 'table1.md'}, {out / 'validation.json'} and {report_from_dir(out)}")
+    return 0
+
+
 def _validate(args: argparse.Namespace) -> int:
     from tl_featureflow.causal.experiment import validate
     from tl_featureflow.demo import seed_layer
@@ -149,6 +182,8 @@ def _validate(args: argparse.Namespace) -> int:
 
     model, bank = _setup(args)
     tokens = _heldout_tokens(model, args.texts)
+    if args.paper:
+        return _validate_paper(args, model, bank, tokens)
     layers = args.layers or [seed_layer(bank)]
     report = validate(FlowTracer(bank, model), model, tokens, layers=layers, methods=args.methods, r=args.r,
                       loss_samples=args.loss_samples, progress=True)
@@ -286,7 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
     val = sub.add_parser("validate", help="the deactivation experiment on held-out text",
                          description="For active res features, rescale their matched predecessors at the same token "
                          "and read the feature again (method section 5).",
-                         epilog="examples:\n  featureflow validate --texts 4\n"
+                         epilog="examples:\n  featureflow validate --texts 4\n  featureflow validate --paper --texts 12\n"
                          "  featureflow validate --layers 13 15 17 --methods top1 random exhaustive --r 0 -1",
                          formatter_class=raw)
     _common(val)
@@ -295,7 +330,14 @@ def build_parser() -> argparse.ArgumentParser:
     val.add_argument("--methods", nargs="+", default=[m for m in METHODS if m != "pearson"], choices=list(METHODS))
     val.add_argument("--r", type=float, nargs="+", default=[0.0], help="rescaling factor(s); the first is the main")
     val.add_argument("--loss-samples", type=int, default=0, help="interventions per text with the LM-loss change")
-    val.add_argument("--out", default="featureflow-out/validation.json")
+    val.add_argument("--out", default=VALIDATE_OUT,
+                     help=f"report JSON (default: {VALIDATE_OUT}); with --paper a folder (default: featureflow-out/table1)")
+    val.add_argument("--paper", action="store_true",
+                     help="the paper's Table-1 protocol at 1/4, 1/2, 3/4 of the depth (where the bank covers them): "
+                          "its target set, top-1 cosine, Pearson from training tokens, exhaustive single-feature "
+                          "search, plus attribution; writes table1.md, validation.json and report.html")
+    val.add_argument("--pearson-tokens", type=int, default=100_000,
+                     help="training tokens for Pearson correlations with --paper (default: 100000, the paper's)")
     val.set_defaults(func=_validate)
 
     steer = sub.add_parser("steer", help="generate with and without steering a feature (or its flow graph)",

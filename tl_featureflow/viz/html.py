@@ -158,7 +158,32 @@ def _validation_section(report: Any) -> Section:
     figures = [plot.validation(report), plot.validation(report, by_group=True), plot.group_composition(report)]
     if any(len(report.r_sweep(m)) > 1 for m in {r.method for r in report.rows}):
         figures.append(plot.r_sweep(report))
-    return Section("Causal validation", text, figures, [table_html(rows)])
+    return Section("Causal validation", text, figures, _table1_tables(report) + [table_html(rows)])
+
+
+def _table1_tables(report: Any) -> list[str]:
+    """Table 1 on the paper's target set beside the paper's numbers, and the attribution summary."""
+    from tl_featureflow.causal.protocol import attribution_summary
+    from tl_featureflow.causal.results import PAPER_TABLE1
+
+    if not {"exhaustive_single", "pearson", "attribution"} & {row.method for row in report.rows}:
+        return []
+    table = report.table1()
+    rows = [{"method": m, "success rate": v["success_rate"], "activation change": v["activation_change"], "n": v["n"],
+             "paper: success": PAPER_TABLE1.get(m, {}).get("success_rate"),
+             "paper: activation change": PAPER_TABLE1.get(m, {}).get("activation_change")} for m, v in table.items()]
+    out = ["<h3>Table 1, the paper's way</h3><p class='note'>Targets whose top-1 cosine or Pearson group is a single "
+           f"site ({len(report.paper_targets())}); the same targets for every method; exhaustive_single is the paper's "
+           "exhaustive search (the best single feature over all sites).</p>", table_html(rows)]
+    summary = attribution_summary(report)
+    if summary:
+        out.append(f"<h3>Where the targets' pre-activations come from ({summary['n']} targets)</h3>")
+        out.append(table_html([{"part": k, "mean share": v} for k, v in summary["shares"].items()]))
+        out.append(table_html([{"site": site, "top-1 match is the largest contributor": r["rank1"],
+                                "match not active": r["inactive"], "median rank when active": r["median_rank"],
+                                "largest contributor sits here": summary["best_site"].get(site)}
+                               for site, r in summary["top1_rank"].items()]))
+    return out
 
 
 def _steering_section(sweep: Any, name: str) -> Section:

@@ -6,6 +6,14 @@ On the embedded SmolLM2 with its quick bank (trained on first use), one held-out
 text of 128 tokens: ``rows`` interventions (each removes the top active feature of
 res(L-1), mlp(L) and att(L) at one position) are measured both ways in one run, the
 results are checked equal, and interventions per second are reported as a ratio.
+
+Then the whole experiment (``validate``) on ``--texts`` held-out texts at the same layer,
+one r, in one run: today's methods (top1, random, per-site exhaustive) against the paper's
+protocol (top1, pearson, exhaustive_single, attribution, per-site exhaustive; the Pearson
+matches computed beforehand from training tokens, as ``validate --paper`` caches them),
+as interventions (rows) per second and seconds per text. Both stay on the layer-local
+batched path: the paper's methods add one forward per text (attribution) and share the
+exhaustive trials.
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=128)
     parser.add_argument("--layer", type=int, default=15)
+    parser.add_argument("--texts", type=int, default=2)
     args = parser.parse_args()
     model = ff.load_embedded_model()
     bank = ff.load_embedded_bank("quick", model=model)
@@ -56,6 +65,27 @@ def main() -> None:
     print(f"layer-local batched: {t_local:.2f} s ({args.rows / t_local:.1f} interventions/s)")
     print(f"full forward each:   {t_full:.2f} s ({args.rows / t_full:.1f} interventions/s)")
     print(f"speed-up {t_full / t_local:.1f}x (goal >= 10x); max |difference| {err:.2e}")
+    protocols(model, bank, layer, args.texts)
+
+
+def protocols(model, bank, layer: int, n_texts: int) -> None:  # type: ignore[no-untyped-def]
+    from tl_featureflow.causal.pearson import pearson_matches
+    from tl_featureflow.saes.corpus import load_corpus as corpus
+
+    texts = corpus(model.tokenizer, "heldout", progress=False).tokens[:n_texts]
+    pearson = pearson_matches(model, bank, [layer], tokens=corpus(model.tokenizer, "train", progress=False).tokens[:64],
+                              progress=False)
+    tracer = ff.FlowTracer(bank, model, contexts=None)
+    runs = {"today (top1, random, exhaustive)": ("top1", "random", "exhaustive"),
+            "paper (top1, pearson, exhaustive_single, attribution, exhaustive)":
+                ("top1", "pearson", "exhaustive_single", "attribution", "exhaustive")}
+    print(f"# validate at layer {layer}, {n_texts} texts, r = 0")
+    for name, methods in runs.items():
+        start = time.perf_counter()
+        report = ff.validate(tracer, model, texts, layers=[layer], methods=methods, pearson=pearson, progress=False)
+        seconds = time.perf_counter() - start
+        print(f"{name}: {len(report.rows)} interventions in {seconds:.1f} s: {len(report.rows) / seconds:.1f} "
+              f"interventions/s, {seconds / n_texts:.1f} s per text")
 
 
 if __name__ == "__main__":

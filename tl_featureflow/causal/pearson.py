@@ -34,6 +34,7 @@ from tl_featureflow.checks import check_tokens
 from tl_featureflow.errors import CacheError, FeatureFlowError, InvalidArgumentError
 from tl_featureflow.refs import Site
 from tl_featureflow.saes.bank import SAEBank
+from tl_featureflow.saes.stream import token_batches
 
 __all__ = ["PearsonMatches", "pearson_matches", "correlation_argmax", "DEFAULT_PEARSON_TOKENS"]
 
@@ -80,14 +81,6 @@ def correlation_argmax(n: int, x: Tensor, xx: Tensor, y: Tensor, yy: Tensor, xy:
     best = corr.argmax(dim=1)
     best[~ok_y | torch.isinf(corr.max(dim=1).values)] = -1
     return best[:, None]
-
-
-def _stream_rows(tokens: Tensor | Iterable[Tensor], batch_size: int) -> Iterable[Tensor]:
-    if isinstance(tokens, Tensor):
-        for start in range(0, tokens.shape[0], batch_size):
-            yield tokens[start : start + batch_size]
-    else:
-        yield from tokens
 
 
 @torch.no_grad()
@@ -154,7 +147,7 @@ def pearson_matches(
                 for layer in layers for site, key in pred_keys[layer].items()}
         seen = 0
         total = -(-tokens.shape[0] // batch_size) if isinstance(tokens, Tensor) else None
-        for batch in tqdm(_stream_rows(tokens, batch_size), total=total, desc="pearson", unit="batch",
+        for batch in tqdm(token_batches(tokens, batch_size), total=total, desc="pearson", unit="batch",
                           disable=not progress):
             check_tokens(batch, model.cfg.d_vocab, min_pos=2)
             _, feats = flow.run_with_features(batch.to(device), bank=needed, return_logits=False)

@@ -30,7 +30,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -53,6 +53,7 @@ from tl_featureflow.checks import check_tokens
 from tl_featureflow.errors import CacheError, FeatureFlowError, InvalidArgumentError
 from tl_featureflow.refs import FeatureRef, Key, Site
 from tl_featureflow.saes.bank import SAEBank
+from tl_featureflow.saes.stream import token_batches
 
 __all__ = ["TopContexts", "Example", "collect_top_contexts", "feature_contexts", "HIST_EDGES",
            "DEFAULT_CONTEXT_ROWS"]
@@ -293,14 +294,6 @@ def _take(table: Tensor, keep: Int[Tensor, "d k"]) -> Tensor:
     return table.gather(1, keep[..., None].expand(-1, -1, table.shape[-1]))
 
 
-def _batches(tokens: Tensor | Iterable[Tensor], batch_size: int) -> Iterator[Tensor]:
-    if isinstance(tokens, Tensor):
-        for start in range(0, tokens.shape[0], batch_size):
-            yield tokens[start : start + batch_size]
-    else:
-        yield from tokens
-
-
 @torch.no_grad()
 def collect_top_contexts(
     model: Any,
@@ -354,7 +347,7 @@ def collect_top_contexts(
     state = {key: _Running(sae.cfg.d_sae, n, left + 1 + right) for key, sae in chosen.items()}
     total = -(-tokens.shape[0] // batch_size) if is_tensor else None
     n_docs = n_tokens = 0
-    for batch in tqdm(_batches(tokens, batch_size), total=total, desc="feature contexts", unit="batch",
+    for batch in tqdm(token_batches(tokens, batch_size), total=total, desc="feature contexts", unit="batch",
                       disable=not progress):
         if not is_tensor:
             check_tokens(batch, model.cfg.d_vocab)

@@ -1,8 +1,8 @@
-"""ActivationStream: deterministic batches of model activations for SAE training."""
+"""ActivationStream: deterministic batches of model activations for SAE training; token batches of a stream."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -11,7 +11,16 @@ from torch import Tensor
 
 from tl_featureflow.errors import FeatureFlowError
 
-__all__ = ["ActivationStream"]
+__all__ = ["ActivationStream", "token_batches"]
+
+
+def token_batches(tokens: Tensor | Iterable[Tensor], batch_size: int) -> Iterator[Tensor]:
+    """Rows of a ``[rows, seq]`` tensor ``batch_size`` at a time, or the batches of an iterable as they come."""
+    if isinstance(tokens, Tensor):
+        for start in range(0, tokens.shape[0], batch_size):
+            yield tokens[start : start + batch_size]
+    else:
+        yield from tokens
 
 
 class ActivationStream:

@@ -99,6 +99,8 @@ def test_validate_runs_the_new_methods_and_records_attributions(tiny_model):
         assert parts == pytest.approx(record["pre"], abs=1e-4)
         for site in ("res", "att", "mlp"):
             assert 0 <= record[f"{site}_top1_rank"] <= record[f"{site}_active"]
+            assert record["best_contribution"] >= record[f"{site}_top1_contribution"] - 1e-9
+            assert (record[f"{site}_top1_rank"] == 0) == (record[f"{site}_top1_contribution"] == 0.0)
     # the attribution row removes the recorded best contributor
     best = {(a["text"], a["position"], a["target"]): a["best"] for a in report.attributions}
     for row in (r for r in report.rows if r.method == "attribution"):

@@ -92,6 +92,13 @@ class PreactivationSplit:
             indices.append(best_index)
         return sites, indices
 
+    def contribution(self, site: Site, feature: int) -> Float[Tensor, " n"]:
+        """Per target, ``feature``'s contribution (0 when it is not active)."""
+        where = (self.indices[site] == feature).nonzero()
+        if not len(where):
+            return torch.zeros(len(self.targets), dtype=torch.float64)
+        return self.features[site][int(where[0, 0])]
+
     def rank(self, site: Site, feature: int) -> Int[Tensor, " n"]:
         """Per target, the rank (1 = largest) of ``feature``'s contribution among the site's active
         features; 0 when that feature is not active."""

@@ -343,7 +343,10 @@ class _Experiment:
                 if site in top1:
                     match = int(top1[site][target, 0])
                     record[f"{site}_top1_rank"] = int(split.rank(site, match)[i]) if match >= 0 else 0
+                    record[f"{site}_top1_contribution"] = float(split.contribution(site, match)[i]) if match >= 0 else 0.0
                     record[f"{site}_active"] = int(split.indices[site].numel())
+                if sites[i] is not None:
+                    record["best_contribution"] = float(split.contribution(sites[i], indices[i])[i])
             self.attributions.append(record)
         return {(pos, "attribution", target): (sites[i], indices[i]) for i, target in enumerate(targets)}
 

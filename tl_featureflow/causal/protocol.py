@@ -117,9 +117,15 @@ def attribution_summary(report: ValidationReport) -> dict[str, Any]:
                            "inactive": sum(v == 0 for v in values) / len(values),
                            "median_rank": statistics.median(active) if active else float("nan"),
                            "median_active": statistics.median(a[f"{site}_active"] for a in records)}
+    for site in sites:
+        active = [a[f"{site}_top1_contribution"] / a["pre"] for a in records if a.get(f"{site}_top1_rank", 0) > 0]
+        if site in ranks:
+            ranks[site]["median_share_when_active"] = statistics.median(active) if active else float("nan")
     best = [a["best"].split(":")[0] for a in records if a.get("best")]
+    best_share = [a["best_contribution"] / a["pre"] for a in records if "best_contribution" in a]
     return {"n": len(records), "shares": shares, "top1_rank": ranks,
-            "best_site": {site: best.count(site) / len(best) for site in sites} if best else {}}
+            "best_site": {site: best.count(site) / len(best) for site in sites} if best else {},
+            "best_share": statistics.median(best_share) if best_share else float("nan")}
 
 
 def _pct(x: float) -> str:
@@ -185,13 +191,15 @@ def table1_markdown(report: ValidationReport, *, command: str = "") -> str:
         lines += ["", f"Where the targets' pre-activations come from ({summary['n']} sampled targets; mean share of "
                   "the pre-activation, the parts sum to 100%):", "", "| part | share |", "|---|---|"]
         lines += [f"| {part} | {_pct(value)} |" for part, value in summary["shares"].items()]
-        lines += ["", "Is the top-1 cosine match the feature that carries it? Per site:", "",
+        lines += ["", f"The largest single contributor carries a median {_pct(summary['best_share'])} of a target's "
+                  "pre-activation. Is the top-1 cosine match the feature that carries it? Per site:", "",
                   "| site | match is the largest contributor | match not active | median rank when active | "
-                  "active features (median) | largest single contributor sits here |", "|---|---|---|---|---|---|"]
+                  "median share when active | active features (median) | largest single contributor sits here |",
+                  "|---|---|---|---|---|---|---|"]
         for site, ranks in summary["top1_rank"].items():
             lines.append(f"| {site.upper()} | {_pct(ranks['rank1'])} | {_pct(ranks['inactive'])} | "
-                         f"{ranks['median_rank']:g} | {ranks['median_active']:g} | "
-                         f"{_pct(summary['best_site'].get(site, 0.0))} |")
+                         f"{ranks['median_rank']:g} | {_pct(ranks.get('median_share_when_active', float('nan')))} | "
+                         f"{ranks['median_active']:g} | {_pct(summary['best_site'].get(site, 0.0))} |")
     return "\n".join(lines) + "\n"
 
 

@@ -38,7 +38,7 @@ def test_validate_paper_writes_table1_beside_the_papers_numbers(tiny_cli, capsys
     report = ValidationReport.load("t1/validation.json")
     assert report.meta["layers"] == [1, 2]                       # 1/4, 1/2, 3/4 of 3 layers, covered by the bank
     assert {"top1", "pearson", "exhaustive_single", "attribution"} <= {r.method for r in report.rows}
-    assert report.meta["pearson_source"]["source"] == "given tokens" and "dead_top1" in report.meta
+    assert report.meta["pearson_source"]["source"] == "offline corpus, train split" and "dead_top1" in report.meta
     assert "Table 1, the paper&#x27;s way" in Path("t1/report.html").read_text() or \
         "Table 1, the paper's way" in Path("t1/report.html").read_text()
 

@@ -162,7 +162,8 @@ def _validate_paper(args: argparse.Namespace, model: Any, bank: Any, tokens: Any
     contexts = feature_contexts(model, bank, _context_tokens(model))
     alive = {key: contexts.hist[key].sum(1) > 0 for key in contexts.hist}
     report = run_paper_protocol(model, bank, tokens, layers=args.layers, alive=alive,
-                                pearson_tokens=_train_tokens(model, args.pearson_tokens), progress=True)
+                                pearson_tokens=_train_tokens(model, args.pearson_tokens),
+                                pearson_source="offline corpus, train split", progress=True)
     out.mkdir(parents=True, exist_ok=True)
     report.save(out / "validation.json")
     command = "featureflow validate --paper " + " ".join(a for a in sys.argv[2:] if a != "--paper")

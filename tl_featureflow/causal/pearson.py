@@ -38,6 +38,7 @@ from tl_featureflow.saes.stream import token_batches
 
 __all__ = ["PearsonMatches", "pearson_matches", "correlation_argmax", "DEFAULT_PEARSON_TOKENS"]
 
+_IDENTITY = ("bank_fingerprint", "layers", "tokens")
 #: The paper estimated correlations on 100K tokens (its appendix C.4).
 DEFAULT_PEARSON_TOKENS = 100_000
 
@@ -93,6 +94,7 @@ def pearson_matches(
     n_tokens: int = DEFAULT_PEARSON_TOKENS,
     batch_size: int = 8,
     cache: bool = True,
+    source: str | None = None,
     device: torch.device | str | None = None,
     progress: bool = True,
 ) -> PearsonMatches:
@@ -101,7 +103,8 @@ def pearson_matches(
     ``tokens`` default to the offline corpus's *training* split (not the held-out texts
     validation reads), its first rows up to ``n_tokens`` tokens; that default is cached
     under the bank's fingerprint (``<cache>/pearson/...``). Pass ``tokens`` (a tensor, or
-    an iterable of batches) to correlate over your own stream (a tensor is cached too).
+    an iterable of batches) to correlate over your own stream (a tensor is cached too);
+    ``source`` names it in ``meta``.
     """
     from tqdm.auto import tqdm
 
@@ -125,7 +128,7 @@ def pearson_matches(
         tokens = rows[: -(-n_tokens // (rows.shape[1] - 1))]
         source = "offline corpus, train split"
     else:
-        source = "given tokens"
+        source = source or "given tokens"
     keys = sorted({("res", layer) for layer in layers} | {k for d in pred_keys.values() for k in d.values()})
     needed = bank.select(sites=sorted({k[0] for k in keys}), layers=sorted({k[1] for k in keys}))
     meta: dict[str, Any] = {"source": source, "bank_fingerprint": bank.fingerprint(), "layers": list(layers)}
@@ -133,7 +136,8 @@ def pearson_matches(
     if cache and isinstance(tokens, Tensor):
         check_tokens(tokens, model.cfg.d_vocab)
         meta["tokens"] = tensor_digest(tokens)
-        key = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:16]
+        identity = {k: meta[k] for k in _IDENTITY}           # what the result depends on (not its name)
+        key = hashlib.sha256(json.dumps({**identity, "source": "given tokens"}, sort_keys=True).encode()).hexdigest()[:16]
         folder = cache_root() / "pearson" / bank.fingerprint()[:16] / key
         cached = _load(folder, meta)
         if cached is not None:
@@ -188,7 +192,7 @@ def _load(folder: Any, meta: dict[str, Any]) -> PearsonMatches | None:
     except (CacheError, OSError):
         return None
     saved = manifest["meta"]
-    if {k: saved.get(k) for k in meta} != meta:
+    if any(saved.get(k) != meta.get(k) for k in _IDENTITY):
         return None
     matches = {(int(name.split(".")[0]), name.split(".")[1]): t for name, t in tensors.items()}
-    return PearsonMatches(matches, saved)
+    return PearsonMatches(matches, {**saved, "source": meta["source"]})

@@ -51,6 +51,7 @@ def run_paper_protocol(
     layers: Sequence[int] | None = None,
     tracer: Any = None,
     pearson_tokens: int | Tensor | None = None,
+    pearson_source: str | None = None,
     alive: dict[Any, Tensor] | None = None,
     r: Sequence[float] = PAPER_R,
     loss_samples: int = 2,
@@ -77,7 +78,7 @@ def run_paper_protocol(
         contexts = feature_contexts(model, bank, progress=progress)
         alive = {key: contexts.hist[key].sum(1) > 0 for key in contexts.hist}
     if isinstance(pearson_tokens, Tensor):
-        pearson = pearson_matches(model, bank, layers, tokens=pearson_tokens, progress=progress)
+        pearson = pearson_matches(model, bank, layers, tokens=pearson_tokens, source=pearson_source, progress=progress)
     else:
         pearson = pearson_matches(model, bank, layers, n_tokens=pearson_tokens or DEFAULT_PEARSON_TOKENS,
                                   progress=progress)

@@ -3,7 +3,7 @@ import torch
 from sae_lens import StandardSAE, StandardSAEConfig
 from sae_lens.saes.sae import SAEMetadata
 
-from conftest import D_MODEL
+from conftest import D_MODEL, make_sae
 from tl_featureflow import SAEBank
 from tl_featureflow.refs import hook_name
 from tl_featureflow.saes.quality import BankQualityWarning, QualityReport, evaluate_bank
@@ -61,3 +61,18 @@ def test_layer_local_loss_equals_a_full_forward(tiny_model, tokens):
         clean = float(_ce(tiny_model(tokens[:2]), tokens[:2]))
     assert row.ce_spliced == pytest.approx(full, rel=1e-5)
     assert row.ce_clean == pytest.approx(clean, rel=1e-6)
+
+
+def test_the_report_says_when_a_bank_is_below_the_matching_knee():
+    from tl_featureflow.saes.quality import MATCHING_STILL_IMPROVING_AT, SAEQuality
+
+    rows = [SAEQuality("res", 15, 0.9, 32.0, 0.01)]
+    small = QualityReport(rows, meta={"training_tokens": 196_608})
+    assert small.below_knee() and "Warning: these SAEs saw 196,608 training tokens" in small.table()
+    large = QualityReport(rows, meta={"training_tokens": MATCHING_STILL_IMPROVING_AT})
+    assert not large.below_knee() and "Warning" not in large.table()
+    assert not QualityReport(rows).below_knee()                    # unknown budget: no claim
+    bank = SAEBank({("res", 1): make_sae("res", 1)}, metadata={"quality": small.to_dict() | {"meta": {}},
+                                                               "training_tokens": 49_152})
+    assert QualityReport.of_bank(bank).meta["training_tokens"] == 49_152
+    assert QualityReport.of_bank(SAEBank({("res", 1): make_sae("res", 1)})) is None

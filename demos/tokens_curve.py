@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 import tl_featureflow as ff
-from tl_featureflow.causal.protocol import paper_layers  # noqa: F401  (the protocol's own layer rule)
 from tl_featureflow.flow.contexts import feature_contexts
 from tl_featureflow.saes.corpus import load_corpus
 
@@ -36,7 +35,7 @@ def main() -> None:
                              out=Path(args.out) / f"bank-{budget}", progress=False)
         trained = time.perf_counter() - start
         contexts = feature_contexts(model, bank, progress=False)
-        alive = {key: contexts.hist[key].sum(1) > 0 for key in contexts.hist}
+        alive = contexts.alive()
         report = ff.validate(ff.FlowTracer(bank, model, contexts=None), model, texts, layers=[15],
                              methods=("top1", "exhaustive_single", "attribution"), alive=alive, progress=False)
         table = report.table1()

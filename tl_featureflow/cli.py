@@ -147,10 +147,9 @@ def _map(args: argparse.Namespace) -> int:
 
 def _train_tokens(model: Any, n_tokens: int) -> Any:
     """Training-split rows holding about ``n_tokens`` tokens (for Pearson correlations)."""
-    from tl_featureflow.saes.corpus import load_corpus
+    from tl_featureflow.causal.pearson import training_rows
 
-    rows = load_corpus(model.tokenizer, "train", progress=True).tokens
-    return rows[: -(-n_tokens // (rows.shape[1] - 1))]
+    return training_rows(model, n_tokens)
 
 
 def _validate_paper(args: argparse.Namespace, model: Any, bank: Any, tokens: Any) -> int:
@@ -161,7 +160,7 @@ def _validate_paper(args: argparse.Namespace, model: Any, bank: Any, tokens: Any
 
     out = Path(args.out if args.out != VALIDATE_OUT else "featureflow-out/table1")
     contexts = feature_contexts(model, bank, _context_tokens(model))
-    alive = {key: contexts.hist[key].sum(1) > 0 for key in contexts.hist}
+    alive = contexts.alive()
     report = run_paper_protocol(model, bank, tokens, layers=args.layers, alive=alive,
                                 pearson_tokens=_train_tokens(model, args.pearson_tokens),
                                 pearson_source="offline corpus, train split", progress=True)

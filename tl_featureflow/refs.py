@@ -20,6 +20,7 @@ from tl_featureflow.checks import check_int
 from tl_featureflow.errors import UnknownFeatureError
 
 __all__ = [
+    "predecessor_keys",
     "Site",
     "SITES",
     "Key",
@@ -79,6 +80,17 @@ def sae_hook_name(site: Site, layer: int, point: str = "hook_sae_acts_post") -> 
     ``hook_sae_acts_pre``, ``hook_sae_recons``, ``hook_sae_error``, ``hook_sae_output``).
     """
     return f"{hook_name(site, layer)}.{point}"
+
+
+def predecessor_keys(layer: int) -> dict[Site, Key]:
+    """Where the predecessors of res(``layer``) features live: res(L-1), mlp(L), att(L) (res only
+    from layer 1 on). Callers keep those their bank has.
+
+    >>> predecessor_keys(3)
+    {'res': ('res', 2), 'mlp': ('mlp', 3), 'att': ('att', 3)}
+    """
+    keys: dict[Site, Key] = {"res": ("res", layer - 1), "mlp": ("mlp", layer), "att": ("att", layer)}
+    return {site: key for site, key in keys.items() if key[1] >= 0}
 
 
 def resid_pre_hook(layer: int) -> str:

@@ -39,7 +39,7 @@ from torch import Tensor
 
 from tl_featureflow.checks import check_tokens
 from tl_featureflow.errors import FeatureFlowError, InvalidArgumentError
-from tl_featureflow.refs import Site, hook_name
+from tl_featureflow.refs import Site, hook_name, predecessor_keys, resid_pre_hook
 from tl_featureflow.saes.bank import SAEBank
 
 __all__ = ["PreactivationSplit", "split_preactivations", "split_from_activations", "PREDECESSOR_SITES"]
@@ -183,25 +183,26 @@ def split_preactivations(model: Any, bank: SAEBank, tokens: Int[Tensor, "1 seq"]
 @torch.no_grad()
 def model_activations(flow: Any, tokens: Tensor, layer: int) -> dict[str, Tensor]:
     """The model's activations ``[seq, d_model]`` of one text at res(L-1), att(L), mlp(L) and res(L)."""
-    names = _names(layer, flow.cfg.n_layers)
+    names = _names(layer)
     _, cache = flow.run_with_cache(tokens, names_filter=list(names.values()), stop_at_layer=layer + 1)
     return {part: cache[name][0] for part, name in names.items()}
 
 
-def _names(layer: int, n_layers: int) -> dict[str, str]:
-    names = {"att": hook_name("att", layer), "mlp": hook_name("mlp", layer), "target": hook_name("res", layer)}
-    names["res"] = hook_name("res", layer - 1) if layer > 0 else "blocks.0.hook_resid_pre"
-    return names
+def _names(layer: int) -> dict[str, str]:
+    """The hooks of x_res(L-1) (what enters layer L), x_att(L), x_mlp(L) and x_res(L)."""
+    return {"res": resid_pre_hook(layer), "att": hook_name("att", layer), "mlp": hook_name("mlp", layer),
+            "target": hook_name("res", layer)}
 
 
 @torch.no_grad()
 def split_at(bank: SAEBank, raw: dict[str, Tensor], layer: int, position: int,
              targets: list[int]) -> PreactivationSplit:
     """:func:`split_from_activations` at one position of cached activations (:func:`model_activations`)."""
-    keys = {"res": ("res", layer - 1), "att": ("att", layer), "mlp": ("mlp", layer)}
+    keys = predecessor_keys(layer)
     saes = {site: bank[key] for site, key in keys.items() if key in bank}
     acts = {site: sae.encode(raw[site][position].to(sae.W_enc.dtype)) for site, sae in saes.items()}
     res_sae = bank["res", layer]
     x = raw["target"][position].to(res_sae.W_enc.dtype)
     pre = (res_sae.process_sae_in(x) @ res_sae.W_enc + res_sae.b_enc)[targets]
-    return split_from_activations(res_sae, targets, {s: raw[s][position] for s in keys}, saes, acts, pre)
+    return split_from_activations(res_sae, targets, {s: raw[s][position] for s in PREDECESSOR_SITES}, saes, acts,
+                                  pre)

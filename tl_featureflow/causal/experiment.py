@@ -52,23 +52,29 @@ def _pearson_matches(acts: dict, layer: int, pred_keys: dict) -> dict[Site, Tens
     return out
 
 
-def _cosine_matches(tracer: Any, key: Any, dst: Any, k: int, alive: Mapping[Any, Tensor] | None) -> Tensor:
-    """Top-``k`` cosine matches ``[d_dst, k]``; with ``alive``, among the source's live features only."""
+def _cosine_matches(tracer: Any, key: Any, dst: Any, k: int, alive: Mapping[Any, Tensor] | None,
+                    cache: dict[Any, Tensor]) -> Tensor:
+    """Top-``k`` cosine matches ``[d_dst, k]``; with ``alive``, among the source's live features only
+    (kept in ``cache``: top5 and random share one computation)."""
     from tl_featureflow.flow.matching import topk_cosine
 
     if alive is None or key not in alive:
         return tracer.match(key, dst, k).indices
-    keep = alive[key].nonzero().squeeze(1).to(tracer.device)
-    if len(keep) == 0:
-        return torch.full((tracer.bank.d_sae(*dst), k), -1, dtype=torch.long)
-    _, idx = topk_cosine(tracer.bank.decoder(*dst, device=tracer.device),
-                         tracer.bank.decoder(*key, device=tracer.device)[keep], min(k, len(keep)))
-    return keep[idx]
+    if (key, dst, k) not in cache:
+        keep = alive[key].nonzero().squeeze(1).to(tracer.device)
+        if len(keep) == 0:
+            cache[(key, dst, k)] = torch.full((tracer.bank.d_sae(*dst), k), -1, dtype=torch.long)
+        else:
+            _, idx = topk_cosine(tracer.bank.decoder(*dst, device=tracer.device),
+                                 tracer.bank.decoder(*key, device=tracer.device)[keep], min(k, len(keep)))
+            cache[(key, dst, k)] = keep[idx]
+    return cache[(key, dst, k)]
 
 
-def _method_matches(tracer: Any, layer: int, method: str, seed: int,
-                    alive: Mapping[Any, Tensor] | None = None) -> dict[Site, Tensor]:
+def _method_matches(tracer: Any, layer: int, method: str, seed: int, alive: Mapping[Any, Tensor] | None = None,
+                    cache: dict[Any, Tensor] | None = None) -> dict[Site, Tensor]:
     """For every res(layer) feature, its matched predecessor indices per site: ``[d_sae, m]`` (-1: none)."""
+    cache = {} if cache is None else cache
     from tl_featureflow.flow.matching import permutation_match
 
     dst = ("res", layer)
@@ -76,11 +82,11 @@ def _method_matches(tracer: Any, layer: int, method: str, seed: int,
     for site, key in tracer.predecessor_keys(layer).items():
         width = tracer.bank.d_sae(*key)
         if method == "top1":
-            out[site] = _cosine_matches(tracer, key, dst, 1, alive)
+            out[site] = _cosine_matches(tracer, key, dst, 1, alive, cache)
         elif method == "top5":
-            out[site] = _cosine_matches(tracer, key, dst, min(5, width), alive)
+            out[site] = _cosine_matches(tracer, key, dst, min(5, width), alive, cache)
         elif method == "random":
-            top = _cosine_matches(tracer, key, dst, min(5, width), alive)
+            top = _cosine_matches(tracer, key, dst, min(5, width), alive, cache)
             gen = torch.Generator().manual_seed(seed * 1009 + layer * 7 + len(out))
             pick = torch.randint(0, top.shape[1], (top.shape[0], 1), generator=gen).to(top.device)
             out[site] = top.gather(1, pick)
@@ -154,7 +160,8 @@ def validate(
     flow = FlowTransformer.from_hooked(model)
     run = _Experiment(tracer, flow, list(layers), list(methods), rs, list(sweep_methods), max_targets, batch_rows,
                       loss_samples, torch.Generator().manual_seed(seed))
-    run.matches = {(layer, m): _method_matches(tracer, layer, m, seed, alive) for layer in layers for m in methods}
+    live: dict[Any, Tensor] = {}
+    run.matches = {(layer, m): _method_matches(tracer, layer, m, seed, alive, live) for layer in layers for m in methods}
     all_feats = None
     if "pearson" in methods and pearson is not None:
         for layer in layers:
@@ -330,7 +337,9 @@ class _Experiment:
         split = split_at(self.bank, raw, layer, pos, targets)
         sites, indices = split.best()
         parts = {site: split.site_parts(site) for site in split.bias}
-        top1 = self.matches.get((layer, "top1")) or _method_matches(self.tracer, layer, "top1", 0)
+        if (layer, "top1") not in self.matches:          # the ranks compare with top-1 cosine even when it is not run
+            self.matches[(layer, "top1")] = _method_matches(self.tracer, layer, "top1", 0)
+        top1 = self.matches[(layer, "top1")]
         for i, target in enumerate(targets):
             record: dict[str, Any] = {"text": t, "position": pos, "target": f"{layer}/res/{target}",
                                       "pre": float(split.pre[i]), "constant": float(split.constant[i]),

@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterable, Sequence
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -32,11 +33,11 @@ from torch import Tensor
 from tl_featureflow._files import atomic_directory, cache_root, entry_lock, read_manifest, tensor_digest, write_manifest
 from tl_featureflow.checks import check_tokens
 from tl_featureflow.errors import CacheError, FeatureFlowError, InvalidArgumentError
-from tl_featureflow.refs import Site
+from tl_featureflow.refs import Site, predecessor_keys
 from tl_featureflow.saes.bank import SAEBank
 from tl_featureflow.saes.stream import token_batches
 
-__all__ = ["PearsonMatches", "pearson_matches", "correlation_argmax", "DEFAULT_PEARSON_TOKENS"]
+__all__ = ["PearsonMatches", "pearson_matches", "training_rows", "correlation_argmax", "DEFAULT_PEARSON_TOKENS"]
 
 _IDENTITY = ("bank_fingerprint", "layers", "tokens")
 #: The paper estimated correlations on 100K tokens (its appendix C.4).
@@ -84,6 +85,16 @@ def correlation_argmax(n: int, x: Tensor, xx: Tensor, y: Tensor, yy: Tensor, xy:
     return best[:, None]
 
 
+def training_rows(model: Any, n_tokens: int, *, progress: bool = True) -> Int[Tensor, "rows seq"]:
+    """The offline corpus's training-split rows (cut to the model's ``n_ctx``) holding about ``n_tokens``
+    tokens after position 0 (the default stream of :func:`pearson_matches`)."""
+    from tl_featureflow.saes.corpus import load_corpus
+
+    rows = load_corpus(model.tokenizer, "train", progress=progress).tokens
+    rows = rows[:, : getattr(model.cfg, "n_ctx", rows.shape[1])]
+    return rows[: -(-n_tokens // (rows.shape[1] - 1))]
+
+
 @torch.no_grad()
 def pearson_matches(
     model: Any,
@@ -112,20 +123,14 @@ def pearson_matches(
 
     if n_tokens < 2:
         raise InvalidArgumentError(f"n_tokens={n_tokens}: expected at least 2")
-    pred_keys = {layer: {site: key for site, key in (("res", ("res", layer - 1)), ("mlp", ("mlp", layer)),
-                                                     ("att", ("att", layer))) if key in bank and key[1] >= 0}
-                 for layer in layers}
+    pred_keys = {layer: {site: key for site, key in predecessor_keys(layer).items() if key in bank} for layer in layers}
     for layer in layers:
         if ("res", layer) not in bank or not pred_keys[layer]:
             raise FeatureFlowError(f"layer {layer} needs a res SAE and a predecessor SAE: the bank has {bank.describe()}")
     if tokens is None:
         if getattr(model, "tokenizer", None) is None:
             raise FeatureFlowError("pearson_matches needs tokens=... for a model without a tokenizer")
-        from tl_featureflow.saes.corpus import load_corpus
-
-        rows = load_corpus(model.tokenizer, "train", progress=progress).tokens
-        rows = rows[:, : getattr(model.cfg, "n_ctx", rows.shape[1])]
-        tokens = rows[: -(-n_tokens // (rows.shape[1] - 1))]
+        tokens = training_rows(model, n_tokens, progress=progress)
         source = "offline corpus, train split"
     else:
         source = source or "given tokens"
@@ -142,7 +147,7 @@ def pearson_matches(
         cached = _load(folder, meta)
         if cached is not None:
             return cached
-    with entry_lock(folder) if folder is not None else _nothing():
+    with entry_lock(folder) if folder is not None else nullcontext():
         if folder is not None and (cached := _load(folder, meta)) is not None:
             return cached
         flow = FlowTransformer.from_hooked(model)
@@ -165,14 +170,6 @@ def pearson_matches(
         if folder is not None:
             _save(folder, result)
     return result
-
-
-class _nothing:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 def _save(folder: Any, result: PearsonMatches) -> None:

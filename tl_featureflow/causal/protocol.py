@@ -76,7 +76,7 @@ def run_paper_protocol(
         from tl_featureflow.flow.contexts import feature_contexts
 
         contexts = feature_contexts(model, bank, progress=progress)
-        alive = {key: contexts.hist[key].sum(1) > 0 for key in contexts.hist}
+        alive = contexts.alive()
     if isinstance(pearson_tokens, Tensor):
         pearson = pearson_matches(model, bank, layers, tokens=pearson_tokens, source=pearson_source, progress=progress)
     else:

@@ -62,8 +62,9 @@ _MANIFEST = "contexts.json"
 _SCHEMA = 2
 #: Histogram bin edges of positive activations: log-spaced, 20 bins per decade from 1e-3 to 1e3
 #: (activations outside are counted in the first / last bin).
-HIST_EDGES: Float[Tensor, " n_edges"] = torch.logspace(-3, 3, 121, dtype=torch.float64)
 _LOG_LO, _LOG_STEP, _N_BINS = -3.0, 0.05, 120
+HIST_EDGES: Float[Tensor, " n_edges"] = torch.logspace(_LOG_LO, _LOG_LO + _LOG_STEP * _N_BINS, _N_BINS + 1,
+                                                       dtype=torch.float64)
 #: Held-out corpus rows (128 tokens each) :func:`feature_contexts` reads by default.
 DEFAULT_CONTEXT_ROWS = 192
 
@@ -114,6 +115,10 @@ class TopContexts:
     def __contains__(self, key: object) -> bool:
         return key in self.values
 
+    def alive(self) -> dict[Key, Tensor]:
+        """Per SAE, a bool mask ``[d_sae]`` of the features that fired at least once on the texts read."""
+        return {key: counts.sum(1) > 0 for key, counts in self.hist.items()}
+
     def _ref(self, ref: FeatureRef | str) -> FeatureRef:
         ref = FeatureRef.parse(ref)
         if ref.key not in self.values:
@@ -148,9 +153,7 @@ class TopContexts:
         for h, doc, pos in zip(self.highlighted(ref, tokenizer, left=window, right=window),
                                self.doc[ref.key][ref.index].tolist(), self.pos[ref.key][ref.index].tolist(),
                                strict=False):
-            pieces = list(h.pieces)
-            pieces[h.firing] = _mark(pieces[h.firing])
-            out.append(Example(h.activation, "".join(pieces), doc, pos))
+            out.append(Example(h.activation, _marked(h), doc, pos))
         return out
 
     def firing_tokens(self, ref: FeatureRef | str, tokenizer: Any = None, k: int = 3) -> list[str]:
@@ -170,10 +173,7 @@ class TopContexts:
         if not top:
             return "(never fired)"
         tokens = " · ".join(repr(t)[1:-1] for t in self.firing_tokens(ref, tokenizer, k))
-        best = top[0]
-        pieces = list(best.pieces)
-        pieces[best.firing] = _mark(pieces[best.firing])
-        context = " ".join("".join(pieces).split())
+        context = " ".join(_marked(top[0]).split())
         text = f"{tokens} — …{context}"
         return text if len(text) <= max_chars else text[: max_chars - 1] + "…"
 
@@ -236,6 +236,13 @@ class TopContexts:
         tables = {name: {k: tensors[f"{k[0]}.{k[1]}.{name}"] for k in keys} for name in cls._TABLES}
         return cls(manifest["n"], manifest["left"], manifest["right"], **tables, n_tokens=manifest["n_tokens"],
                    meta=manifest["meta"])
+
+
+def _marked(context: Highlighted) -> str:
+    """A context as text, its firing token in [brackets]."""
+    pieces = list(context.pieces)
+    pieces[context.firing] = _mark(pieces[context.firing])
+    return "".join(pieces)
 
 
 def _mark(piece: str) -> str:

@@ -47,7 +47,7 @@ from tl_featureflow.flow.flowmap import (
 from tl_featureflow.flow.graph import FlowEdge, FlowGraph, FlowNode
 from tl_featureflow.flow.matching import topk_cosine
 from tl_featureflow.flow.origins import Classification, LayerScores, classify_scores
-from tl_featureflow.refs import FeatureRef, Key, Site, check_layer, check_site
+from tl_featureflow.refs import FeatureRef, Key, Site, check_layer, check_site, predecessor_keys
 from tl_featureflow.saes.bank import SAEBank
 
 __all__ = ["FlowTracer", "Matching", "Predecessors", "PAPER_THRESHOLDS"]
@@ -190,8 +190,7 @@ class FlowTracer:
 
     def predecessor_keys(self, layer: int) -> dict[Site, Key]:
         """The SAEs that predecessors of res features at ``layer`` come from, by site."""
-        candidates: dict[Site, Key] = {"res": ("res", layer - 1), "mlp": ("mlp", layer), "att": ("att", layer)}
-        return {site: key for site, key in candidates.items() if key in self.bank and key[1] >= 0}
+        return {site: key for site, key in predecessor_keys(layer).items() if key in self.bank}
 
     def match(self, src: tuple[Site, int], dst: tuple[Site, int], k: int = 1) -> Matching:
         """For every feature of ``dst``, its top-``k`` features of ``src`` (cached)."""

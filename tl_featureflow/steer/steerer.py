@@ -69,6 +69,9 @@ Schedule = Literal["constant", "linear", "exponential"]
 FlowMode = Literal["single", "cumulative"]
 Op = Literal["add", "rescale"]
 SCALES = ("unit", "decoder", "threshold", "typical")
+Coefficient = float | Sequence[float] | Tensor
+POSITIONS: tuple[str, ...] = get_args(Positions)
+_COUNTER_HOOK = "blocks.0.hook_resid_pre"
 
 
 def typical_activation(contexts: Any, ref: FeatureRef | str, q: float = 0.5) -> float:
@@ -76,9 +79,6 @@ def typical_activation(contexts: Any, ref: FeatureRef | str, q: float = 0.5) -> 
     activations in ``contexts`` (a TopContexts; read off its histogram, within one log bin, 12%);
     0 for a feature that never fired. ``Steerer(scale="typical")`` multiplies decoder rows by it."""
     return float(contexts.quantile(ref, q))
-Coefficient = float | Sequence[float] | Tensor
-POSITIONS: tuple[str, ...] = get_args(Positions)
-_COUNTER_HOOK = "blocks.0.hook_resid_pre"
 
 
 def flow_coefficients(

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from tl_featureflow._files import atomic_write_text
+from tl_featureflow.viz.tables import Raw, table_html
 
 __all__ = ["card_id", "card_html", "cards_html", "CardView", "CARD_CSS", "CARD_SCRIPT"]
 
@@ -116,19 +117,11 @@ def _histogram_svg(edges: list[float], counts: list[int], width: int = 360, heig
     return f"<svg class='ff-hist' width='{width}' height='{height}' role='img'>{rects}{labels}</svg>"
 
 
-def _link(ref: Any, score: float, labels: dict[str, str], linked: set[str] | None) -> dict[str, str]:
+def _link(ref: Any, score: float, labels: dict[str, str], linked: set[str] | None) -> dict[str, Any]:
     name = html.escape(str(ref))
     target = card_id(ref)
     shown = f"<a href='#{target}'>{name}</a>" if linked is None or target in linked else name
-    return {"feature": shown, "cosine": f"{score:.3f}", "label": html.escape(labels.get(str(ref), ""))}
-
-
-def _table(rows: list[dict[str, str]], columns: list[str]) -> str:
-    if not rows:
-        return ""
-    head = "".join(f"<th>{c}</th>" for c in columns)
-    body = "".join("<tr>" + "".join(f"<td>{row.get(c, '')}</td>" for c in columns) + "</tr>" for row in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    return {"feature": Raw(shown), "cosine": score, "label": labels.get(str(ref), "")}
 
 
 def card_html(card: Any, *, linked: set[str] | None = None, open: bool = False) -> str:
@@ -158,9 +151,9 @@ def card_html(card: Any, *, linked: set[str] | None = None, open: bool = False) 
     if preds:
         scores = ", ".join(f"s({site.upper()}) = {value:.3f}" for site, value in card.scores.items())
         parts.append(f"<div class='ff-lens'>predecessors{': ' + scores if scores else ''}</div>"
-                     + _table(preds, ["site", "feature", "cosine", "label"]))
+                     + table_html(preds, ["site", "feature", "cosine", "label"]))
     if card.successors:
-        parts.append("<div class='ff-lens'>successors</div>" + _table(
+        parts.append("<div class='ff-lens'>successors</div>" + table_html(
             [_link(ref, score, card.labels, linked) for ref, score in card.successors], ["feature", "cosine", "label"]))
     parts.append("</details>")
     return "".join(parts)

@@ -30,6 +30,7 @@ from tl_featureflow._files import atomic_write_text, read_json
 from tl_featureflow.errors import FeatureFlowError
 from tl_featureflow.viz import plot
 from tl_featureflow.viz.cards import CARD_CSS, CARD_SCRIPT, card_id, cards_html
+from tl_featureflow.viz.tables import Raw, table_html
 
 __all__ = ["Section", "Raw", "table_html", "render_report", "report_from_dir", "versions"]
 
@@ -47,10 +48,6 @@ code, pre { background: #f6f8fa; padding: 2px 4px; }
 """
 
 
-class Raw(str):
-    """A table cell that is already HTML (not escaped by :func:`table_html`)."""
-
-
 @dataclass
 class Section:
     """A titled part of the report: text (HTML), tables (HTML) and plotly figures."""
@@ -59,25 +56,6 @@ class Section:
     text: str = ""
     figures: list[Any] = field(default_factory=list)
     tables: list[str] = field(default_factory=list)
-
-
-def table_html(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None,
-               *, floats: str = "{:.3f}") -> str:
-    """An HTML table of ``rows`` (dicts), cells escaped; floats formatted with ``floats``."""
-    if not rows:
-        return "<p class='note'>(no rows)</p>"
-    columns = list(columns or rows[0].keys())
-
-    def cell(value: Any) -> str:
-        if isinstance(value, float):
-            return floats.format(value)
-        if isinstance(value, Raw):
-            return str(value)
-        return html.escape("" if value is None else str(value))
-
-    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in columns)
-    body = "".join("<tr>" + "".join(f"<td>{cell(row.get(c))}</td>" for c in columns) + "</tr>" for row in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
 def versions() -> dict[str, str]:

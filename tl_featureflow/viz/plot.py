@@ -271,12 +271,11 @@ def feature_card(card_or_ref: Any, *, model: Any = None, bank: Any = None, token
     over ``tokens``, else the bank's cached held-out contexts): the one builder here that
     computes, by delegating to :func:`tl_featureflow.flow.cards.build_card`.
     """
+    from tl_featureflow.flow.cards import FeatureCard, build_card
     from tl_featureflow.viz.cards import CardView
 
-    if hasattr(card_or_ref, "contexts") and hasattr(card_or_ref, "successors"):
+    if isinstance(card_or_ref, FeatureCard):
         return CardView(card_or_ref)
-    from tl_featureflow.flow.cards import build_card
-
     return CardView(build_card(card_or_ref, model=model, bank=bank, tokens=tokens, contexts=contexts, tracer=tracer))
 
 

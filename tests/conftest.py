@@ -173,7 +173,7 @@ def text_model_factory(tmp_path_factory):
 
     def factory():
         torch.manual_seed(0)
-        return FlowTransformer(tiny_cfg(d_vocab=len(tokenizer)), tokenizer=tokenizer).eval()
+        return FlowTransformer(tiny_cfg(d_vocab=len(tokenizer), n_ctx=256), tokenizer=tokenizer).eval()
 
     return factory
 

@@ -68,10 +68,12 @@ def test_demo_then_report(tiny_cli, capsys):
                         "--max-new-tokens", "6"], capsys)
     assert code == 0 and "Open the report" in out
     for name in ("run.json", "validation.json", "graphs/religion.json", "graphs/war.json",
-                 "steering/promote-religion.json", "report.html"):
+                 "steering/promote-religion.json", "report_cards/religion.json", "report_cards/war.json",
+                 "report.html"):
         assert Path("demo", name).is_file(), name
     html = Path("demo/report.html").read_text()
     assert html.count("class=\"plotly-graph-div\"") >= 8 and "Settings and versions" in html
+    assert "Steering report card" in html and html.count("report-card-verdict") == 2 and "prompting" in html
     code, out, _ = run(["demo", *tiny_cli, "--out", "demo", "--texts", "2", "--samples", "1",
                         "--max-new-tokens", "6"], capsys)
     assert "reusing the saved result" in out

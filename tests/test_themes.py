@@ -51,9 +51,13 @@ def test_candidates_show_their_contexts_and_on_theme_ones_come_first(monkeypatch
             text = {3: "the [stock] market fell", 2: "they prayed to [God] in church"}.get(ref.index, "x")
             return [type("E", (), {"text": text})()] * 4
 
-    class Judge:
+        def highlighted(self, ref, tokenizer=None, left=8, right=8):   # token pieces, no marks
+            pieces = {3: ["the", " stock", " market"], 2: ["pray", " to", " God", ": ", "items", "[0]"]}
+            return [type("H", (), {"pieces": pieces.get(ref.index, ["x"])})()] * 4
+
+    class Judge:   # sees the plain contexts: real brackets kept, no marks added
         def similarity(self, texts, topic):
-            return torch.tensor([1.0 if "God" in t and "[" not in t else 0.0 for t in texts])
+            return torch.tensor([1.0 if t == "pray to God: items[0]" else 0.0 for t in texts])
 
     monkeypatch.setattr(themes, "feature_activations", fake)
     plain = themes.theme_features(None, None, ["a", "b"], layer=4, k=2, contexts=Contexts())

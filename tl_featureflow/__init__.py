@@ -75,6 +75,10 @@ _EXPORTS: dict[str, str] = {
     "SteeringSweep": "tl_featureflow.steer.sweeps",
     "SweepSettings": "tl_featureflow.steer.sweeps",
     "OfflineJudge": "tl_featureflow.steer.judge",
+    "steering_report_card": "tl_featureflow.steer.report_card",
+    "ReportCard": "tl_featureflow.steer.report_card",
+    "CardSettings": "tl_featureflow.steer.report_card",
+    "probe_seeds": "tl_featureflow.steer.probe",
 }
 
 # Submodules reachable as attributes (``ff.plot.flow_graph(graph)``), imported on first use.
@@ -115,6 +119,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from tl_featureflow.steer import judge as evaluation
     from tl_featureflow.steer import themes
     from tl_featureflow.steer.judge import OfflineJudge
+    from tl_featureflow.steer.probe import probe_seeds
+    from tl_featureflow.steer.report_card import CardSettings, ReportCard, steering_report_card
     from tl_featureflow.steer.steerer import Steerer, flow_coefficients
     from tl_featureflow.steer.sweeps import SteeringSweep, SweepSettings, steering_sweep
     from tl_featureflow.viz import html as html_report

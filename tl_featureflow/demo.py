@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -35,15 +36,19 @@ def seed_layer(bank: SAEBank) -> int:
 
 
 def pick_seed(model: Any, bank: SAEBank, tracer: Any, theme: Any, layer: int, *, min_nodes: int = 3,
-              judge: Any = None) -> tuple[dict[str, Any], Any]:
+              judge: Any = None, probe_samples: int = 0, probe_strength: float = 4.0,
+              progress: bool = False) -> tuple[dict[str, Any], Any]:
     """The theme's best feature at ``layer`` whose flow graph has at least ``min_nodes`` features.
 
     Candidates come from :func:`~tl_featureflow.steer.themes.theme_features` (with the
     tracer's contexts, and ranked by how on-theme those are when a ``judge`` is given).
-    Falls back to the best-scoring feature (any graph size), then to the feature with
+    With ``probe_samples > 0`` and a judge, a steering probe re-ranks them
+    (:func:`~tl_featureflow.steer.probe.probe_seeds`: each candidate steered alone at
+    ``probe_strength`` typical activations, ranked by the judge's score). Falls back to the best-scoring feature (any graph size), then to the feature with
     the largest mean activation on the theme's texts when no feature passes the filters
     (tiny or untrained banks).
     """
+    from tl_featureflow.steer.steerer import typical_activation
     from tl_featureflow.steer.themes import feature_activations, theme_features
 
     contexts = tracer.contexts
@@ -55,6 +60,18 @@ def pick_seed(model: Any, bank: SAEBank, tracer: Any, theme: Any, layer: int, *,
         info = {"feature": f"{layer}/res/{index}", "score": None, "theme_mean": float(acts[:, index].mean()),
                 "chosen_by": "largest mean activation (no selective feature found)"}
         return info, tracer.trace(FeatureRef(layer, "res", index))
+    probes = []
+    steerable = [c for c in candidates if contexts is not None and c.ref.key in contexts
+                 and typical_activation(contexts, c.ref) > 0]       # the probe's strength is in typical units
+    if probe_samples > 0 and judge is not None and steerable:
+        from tl_featureflow.steer.judge_set import ON_TOPIC
+        from tl_featureflow.steer.probe import probe_seeds
+
+        probes = probe_seeds(model, bank, steerable, theme.description, judge=judge, strength=probe_strength,
+                             samples=probe_samples, contexts=contexts, on_topic=ON_TOPIC.get(theme.name),
+                             progress=progress)
+        order = {p.ref: i for i, p in enumerate(probes)}
+        candidates = sorted(candidates, key=lambda c: order.get(c.ref, len(order)))
     chosen, graph = candidates[0], tracer.trace(candidates[0].ref)
     for candidate in candidates[1:4]:       # trace the next candidates only while the graph is too small
         if len(graph.nodes) >= min_nodes:
@@ -65,8 +82,13 @@ def pick_seed(model: Any, bank: SAEBank, tracer: Any, theme: Any, layer: int, *,
     info = {"feature": str(chosen.ref), "score": round(chosen.score, 3), "theme_mean": round(chosen.theme_mean, 3),
             "neutral_mean": round(chosen.neutral_mean, 3), "max_activation": round(chosen.max_activation, 3),
             "chosen_by": "theme vs neutral contrast" + (", then contexts on theme" if chosen.on_theme is not None
-                                                        else ""),
+                                                        else "")
+            + (f", then a steering probe ({probe_samples} samples at {probe_strength:g} typical activations)"
+               if probes else ""),
             "contexts": list(chosen.contexts)}
+    if probes:
+        info["probe"] = [{"feature": str(p.ref), "score": round(p.score, 3), "behavioural": round(p.behavioural, 3),
+                          "coherence": round(p.coherence, 3)} for p in probes]
     if chosen.on_theme is not None:
         info["on_theme"] = round(chosen.on_theme, 3)
     return info, graph
@@ -126,7 +148,7 @@ def run_demo(
         summary.append(line)
         log(line)
 
-    seeds, graphs = _trace_seeds(model, bank, tracer, themes, layer, out, say, judge)     # 1. seeds, flow graphs
+    seeds, graphs = _trace_seeds(model, bank, tracer, themes, layer, out, say, judge, progress)  # 1. seeds, graphs
     _cards(tracer, graphs, out)
     if texts is None:
         from tl_featureflow.saes.corpus import load_corpus
@@ -134,8 +156,8 @@ def run_demo(
         texts = load_corpus(model.tokenizer, "heldout", progress=progress).tokens[:n_texts]
     val_layers = [layer] + ([layer + 1] if ("res", layer + 1) in bank else [])
     _validation(model, bank, tracer, texts, val_layers, out, say, log, progress)            # 2. causal check
-    scale = "threshold" if all(getattr(sae, "threshold", None) is not None for sae in bank.values()) else "unit"
-    _steering(model, bank, graphs, judge, prompt, strengths, samples, max_new_tokens, scale, out, say,
+    scale = _steering_scale(graphs, contexts, bank)
+    _steering(model, bank, graphs, judge, prompt, strengths, samples, max_new_tokens, scale, contexts, out, say,
               progress)                                                                      # 3. steering
     settings = {"model": model.cfg.model_name, "bank": bank.describe(), "bank_preset": bank.metadata.get("preset"),
                 "themes": list(themes), "seed_layer": layer, "validation_layers": val_layers,
@@ -151,14 +173,16 @@ def run_demo(
 
 
 def _trace_seeds(model: Any, bank: SAEBank, tracer: Any, themes: Sequence[str], layer: int, out: Path,
-                 say: Callable[[str], None], judge: Any) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
-    """A seed feature per theme and its flow graph (saved under ``out/graphs``)."""
+                 say: Callable[[str], None], judge: Any,
+                 progress: bool) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+    """A seed feature per theme (re-ranked by a steering probe) and its flow graph (saved under ``out/graphs``)."""
     from tl_featureflow.steer.themes import THEMES
 
     seeds: dict[str, dict[str, Any]] = {}
     graphs = {}
     for theme in themes:
-        info, graph = pick_seed(model, bank, tracer, THEMES[theme], layer, judge=judge)
+        info, graph = pick_seed(model, bank, tracer, THEMES[theme], layer, judge=judge, probe_samples=4,
+                                progress=progress)
         graph.save(out / "graphs" / f"{theme}.json")
         seeds[theme] = {**info, "graph_nodes": len(graph.nodes), "span": list(graph.span),
                         "logit_lens": [t for t, _ in tracer.logit_lens(graph.seed, k=6)]}
@@ -205,17 +229,30 @@ def _validation(model: Any, bank: SAEBank, tracer: Any, texts: torch.Tensor, lay
     return report
 
 
+def _steering_scale(graphs: dict[str, Any], contexts: Any, bank: SAEBank) -> str:
+    """``"typical"`` (each feature's median activation) when every graph feature fired in the contexts;
+    else the JumpReLU ``"threshold"``, else ``"unit"`` (tiny or untrained banks)."""
+    from tl_featureflow.steer.steerer import typical_activation
+
+    refs = {node.ref for graph in graphs.values() for node in graph.nodes}
+    if all(ref.key in contexts and typical_activation(contexts, ref) > 0 for ref in refs):
+        return "typical"
+    return "threshold" if all(getattr(sae, "threshold", None) is not None for sae in bank.values()) else "unit"
+
+
 def _steering(model: Any, bank: SAEBank, graphs: dict[str, Any], judge: Any | None, prompt: str,
-              strengths: Sequence[float], samples: int, max_new_tokens: int, scale: str, out: Path,
+              strengths: Sequence[float], samples: int, max_new_tokens: int, scale: str, contexts: Any, out: Path,
               say: Callable[[str], None], progress: bool) -> None:
-    """Promote each theme along its flow graph, score with the offline judge, save the sweeps."""
+    """Promote each theme along its flow graph, score with the offline judge, save the sweeps; then a
+    report card per theme (prompting vs the seed alone vs the flow graph, ``out/report_cards``)."""
+    from tl_featureflow.steer.report_card import CardSettings, steering_report_card
     from tl_featureflow.steer.sweeps import SweepSettings, steering_sweep
     from tl_featureflow.steer.themes import THEMES
 
     for theme, graph in graphs.items():
         graph_layers = sorted({n.ref.layer for n in graph.nodes})
-        settings = SweepSettings(prompt=prompt, strengths=tuple(strengths),
-                                 layers=tuple(sorted({graph.seed.layer, graph_layers[-1]})), samples=samples,
+        layers = tuple(sorted({graph.seed.layer, graph_layers[-1]}))
+        settings = SweepSettings(prompt=prompt, strengths=tuple(strengths), layers=layers, samples=samples,
                                  scale=scale, max_new_tokens=max_new_tokens, batch_size=32)
         sweep = steering_sweep(model, bank, graph, settings, progress=progress)
         sweep.score(judge, THEMES[theme].description)
@@ -225,3 +262,14 @@ def _steering(model: Any, bank: SAEBank, graphs: dict[str, Any], judge: Any | No
             setting, value = sweep.best(mode=mode)
             say(f"steering {theme}, {mode}: best at layer {setting.layer}, strength {setting.strength:g}: "
                 f"score {value:.2f} (unsteered {base:.2f})")
+        card_settings = CardSettings(prompt=prompt, strengths=(2.0, 4.0), layers=layers, select_samples=1,
+                                     samples=2 * samples, neutral_samples=1, max_new_tokens=max_new_tokens,
+                                     scale=scale)
+        with warnings.catch_warnings(record=True) as caught:    # shown in the summary, not lost on stderr
+            warnings.simplefilter("always")
+            card = steering_report_card(model, bank, graph, THEMES[theme], judge=judge, settings=card_settings,
+                                        contexts=contexts, progress=progress)
+        card.save(out / "report_cards" / f"{theme}.json")
+        say(f"report card: {card.verdict()}")
+        for warning in caught:
+            say(f"report card note ({theme}): {warning.message}")

@@ -21,7 +21,7 @@ With a text prompt and a judge: ``sweep.score(OfflineJudge(model), "anger and ra
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -38,7 +38,7 @@ from tl_featureflow.steer.judge import NEUTRAL_TEXTS, OfflineJudge, perplexity
 from tl_featureflow.steer.steerer import Op, Positions, Schedule, Steerer, flow_coefficients
 
 __all__ = ["SweepSettings", "SweepSetting", "SweepRow", "SteeringSweep", "steering_sweep", "sweep_settings",
-           "SWEEP_SCHEMA_VERSION"]
+           "setting_coefficients", "generate_rows", "GeneratedRows", "SWEEP_SCHEMA_VERSION"]
 
 SWEEP_SCHEMA_VERSION = 2
 _FORMAT_V1 = "tl_featureflow.steering_sweep/1"   # version 1: settings inside ``meta`` (still read)
@@ -248,19 +248,6 @@ def sweep_settings(
     return settings
 
 
-def _row_coefficients(graph: Any, settings: Sequence[SweepSetting], schedule: Schedule,
-                      alpha: float) -> dict[FeatureRef, list[float | None]]:
-    """For each feature, its coefficient in each row (None where the row leaves it alone)."""
-    table: dict[FeatureRef, list[float | None]] = {}
-    for row, setting in enumerate(settings):
-        if setting.mode == "baseline":
-            continue
-        for ref, coef in flow_coefficients(graph, setting.strength, schedule=schedule, alpha=alpha,
-                                           mode=setting.mode, up_to_layer=setting.layer):  # type: ignore[arg-type]
-            table.setdefault(ref, [None] * len(settings))[row] = float(coef)
-    return table
-
-
 def steering_sweep(
     model: Any,
     bank: SAEBank,
@@ -302,23 +289,87 @@ def steering_sweep(
     grid = sweep_settings(graph, settings.strengths, layers=settings.layers, modes=settings.modes, op=settings.op,
                           baseline=settings.baseline)
     plan = [(s, k) for s in grid for k in range(settings.samples)]
+    coefficients = {s: setting_coefficients(graph, s, settings.schedule, settings.alpha) for s in grid}
+    start = time.perf_counter()
+    generated = generate_rows(model, bank, prompt_ids, [coefficients[s] for s, _ in plan], settings,
+                              scale=steer_scale, progress=progress)
+    rows = [SweepRow(s.mode, s.layer, s.strength, s.op, k, text, tokens)
+            for (s, k), (tokens, text) in zip(plan, generated.rows, strict=True)]
+    meta = {"seed_feature": str(graph.seed), "prompt_tokens": prompt_ids[0].tolist(),
+            "layers": sorted({s.layer for s in grid if s.layer is not None}), "stop_token": generated.stop_token,
+            "seconds": round(time.perf_counter() - start, 2), "generate_calls": generated.calls}
+    return SteeringSweep(rows, settings, meta)
+
+
+def setting_coefficients(graph: Any, setting: SweepSetting, schedule: Schedule,
+                         alpha: float) -> dict[FeatureRef, float]:
+    """The features one grid point steers and the coefficient of each (none for the baseline)."""
+    if setting.mode == "baseline":
+        return {}
+    return {ref: float(coef) for ref, coef in flow_coefficients(
+        graph, setting.strength, schedule=schedule, alpha=alpha, mode=setting.mode,  # type: ignore[arg-type]
+        up_to_layer=setting.layer)}
+
+
+@dataclass
+class GeneratedRows:
+    """What :func:`generate_rows` returns: ``(tokens, text)`` per row, the stop token and the
+    number of ``generate`` calls."""
+
+    rows: list[tuple[list[int], str]]
+    stop_token: int | None
+    calls: int
+
+
+def generate_rows(
+    model: Any,
+    bank: SAEBank,
+    prompt_ids: torch.Tensor,
+    edits: Sequence[Mapping[FeatureRef, float]],
+    settings: SweepSettings,
+    *,
+    scale: Any = None,
+    contexts: Any = None,
+    seed_offset: int = 0,
+    progress: bool = True,
+    desc: str = "steering sweep",
+) -> GeneratedRows:
+    """Generate one continuation of ``prompt_ids`` per row of ``edits`` (``{ref: coefficient}``,
+    empty for an unsteered row), ``settings.batch_size`` rows per ``generate`` call.
+
+    Each call gets a :class:`Steerer` whose per-row coefficient vectors give every row its
+    own edits (``settings.op``; rows that leave a feature alone get the neutral value, 0
+    for ``add``, 1 for ``rescale``). ``torch.manual_seed(settings.seed + seed_offset + i)``
+    before the i-th call; sampling, lengths and positions come from ``settings``.
+    Continuations are cut after the model's stop token (EOS).
+    """
+    if prompt_ids.shape[-1] + settings.max_new_tokens > model.cfg.n_ctx:
+        raise FeatureFlowError(f"a prompt of {prompt_ids.shape[-1]} tokens plus max_new_tokens="
+                               f"{settings.max_new_tokens} does not fit the model's context of {model.cfg.n_ctx} "
+                               "tokens: shorten the prompt or ask for fewer tokens")
     stop_token = model.tokenizer.eos_token_id if model.tokenizer is not None else None
     size = settings.batch_size if settings.batched else 1
-    chunks = [plan[i:i + size] for i in range(0, len(plan), size)]
-    rows: list[SweepRow] = []
-    start = time.perf_counter()
-    for i, chunk in enumerate(tqdm(chunks, desc="steering sweep", unit="batch", disable=not progress)):
-        steerer = _chunk_steerer(model, bank, graph, settings, [s for s, _ in chunk], steer_scale)
-        torch.manual_seed(settings.seed + i)
+    chunks = [list(edits[i:i + size]) for i in range(0, len(edits), size)]
+    neutral = 0.0 if settings.op == "add" else 1.0
+    out_rows: list[tuple[list[int], str]] = []
+    for i, chunk in enumerate(tqdm(chunks, desc=desc, unit="batch", disable=not progress)):
+        steerer = Steerer(model, bank, positions=settings.positions,
+                          scale=scale if scale is not None else settings.scale, contexts=contexts)
+        refs = list(dict.fromkeys(ref for row in chunk for ref in row))
+        for ref in refs:
+            values = [row.get(ref, neutral) for row in chunk]
+            getattr(steerer, settings.op)(ref, values if settings.batched else values[0])
+        torch.manual_seed(settings.seed + seed_offset + i)
         with steerer:
             out = model.generate(prompt_ids.expand(len(chunk), -1), max_new_tokens=settings.max_new_tokens,
                                  do_sample=settings.do_sample, top_p=settings.top_p,
                                  temperature=settings.temperature, stop_at_eos=stop_token is not None, verbose=False)
-        rows += _rows_of(model, chunk, out[:, prompt_ids.shape[1]:].tolist(), stop_token)
-    meta = {"seed_feature": str(graph.seed), "prompt_tokens": prompt_ids[0].tolist(),
-            "layers": sorted({s.layer for s in grid if s.layer is not None}), "stop_token": stop_token,
-            "seconds": round(time.perf_counter() - start, 2), "generate_calls": len(chunks)}
-    return SteeringSweep(rows, settings, meta)
+        for tokens in out[:, prompt_ids.shape[1]:].tolist():
+            if stop_token is not None and stop_token in tokens:
+                tokens = tokens[:tokens.index(stop_token) + 1]
+            text = model.tokenizer.decode(tokens, skip_special_tokens=True) if model.tokenizer is not None else ""
+            out_rows.append((tokens, text))
+    return GeneratedRows(out_rows, stop_token, len(chunks))
 
 
 def _prompt_tokens(model: Any, settings: SweepSettings, prompt_tokens: torch.Tensor | None) -> torch.Tensor:
@@ -332,27 +383,3 @@ def _prompt_tokens(model: Any, settings: SweepSettings, prompt_tokens: torch.Ten
     else:
         ids = model.to_tokens(settings.prompt)
     return ids.to(model.cfg.device)
-
-
-def _chunk_steerer(model: Any, bank: SAEBank, graph: Any, settings: SweepSettings,
-                   chunk: Sequence[SweepSetting], scale: Any) -> Steerer:
-    """A Steerer whose per-row coefficients run the settings of ``chunk`` as the rows of one batch."""
-    table = _row_coefficients(graph, chunk, settings.schedule, settings.alpha)
-    neutral = 0.0 if settings.op == "add" else 1.0
-    steerer = Steerer(model, bank, positions=settings.positions, scale=scale)
-    for ref, coefs in table.items():
-        values = [neutral if c is None else c for c in coefs]
-        getattr(steerer, settings.op)(ref, values if settings.batched else values[0])
-    return steerer
-
-
-def _rows_of(model: Any, chunk: Sequence[tuple[SweepSetting, int]], new_tokens: list[list[int]],
-             stop_token: int | None) -> list[SweepRow]:
-    """Sweep rows of one ``generate`` call (continuations cut after the stop token)."""
-    rows = []
-    for (setting, sample), tokens in zip(chunk, new_tokens, strict=True):
-        if stop_token is not None and stop_token in tokens:
-            tokens = tokens[:tokens.index(stop_token) + 1]
-        text = model.tokenizer.decode(tokens, skip_special_tokens=True) if model.tokenizer is not None else ""
-        rows.append(SweepRow(setting.mode, setting.layer, setting.strength, setting.op, sample, text, tokens))
-    return rows

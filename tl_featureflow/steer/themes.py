@@ -157,14 +157,22 @@ def theme_features(
         found = [replace(f, contexts=tuple(e.text for e in contexts.examples(f.ref, tokenizer, window=6)[:n_contexts]))
                  if f.ref.key in contexts else f for f in found]
     if ranked:
-        found = [replace(f, on_theme=_on_theme(judge, f.contexts, topic)) for f in found]
+        tokenizer = getattr(model, "tokenizer", None)
+        found = [replace(f, on_theme=_on_theme(judge, _plain_contexts(contexts, f.ref, tokenizer, n_contexts), topic))
+                 for f in found]
         found.sort(key=lambda f: -(f.on_theme if f.on_theme is not None else -1.0))
     return found[:k]
 
 
+def _plain_contexts(contexts: Any, ref: FeatureRef, tokenizer: Any, n: int) -> list[str]:
+    """A feature's ``n`` strongest contexts as plain text (no marks: real brackets in code stay)."""
+    if ref.key not in contexts:
+        return []
+    return ["".join(h.pieces) for h in contexts.highlighted(ref, tokenizer, left=6, right=6)[:n]]
+
+
 def _on_theme(judge: Any, contexts: Sequence[str], topic: str) -> float | None:
-    """The judge's mean similarity of a feature's contexts (brackets dropped) with the topic."""
+    """The judge's mean similarity of a feature's contexts with the topic."""
     if not contexts:
         return None
-    plain = [text.replace("[", "").replace("]", "") for text in contexts]
-    return float(judge.similarity(plain, topic).mean())
+    return float(judge.similarity(list(contexts), topic).mean())

@@ -8,6 +8,7 @@ every file is optional)::
     flowmap/              a FlowMap (FlowMap.save)
     validation.json       a ValidationReport
     steering/*.json       SteeringSweeps (already scored, or not)
+    report_cards/*.json   steering ReportCards (prompting vs one feature vs the flow graph)
     cards.json            FeatureCards of the graphs' features (a list of FeatureCard.to_dict())
 
 :func:`report_from_dir` turns it into one HTML file with plotly.js embedded once, so
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import html
 import json
+import math
 import platform
 import time
 from collections.abc import Sequence
@@ -199,11 +201,43 @@ def _steering_section(sweep: Any, name: str) -> Section:
     return Section(f"Steering: {name}", text, figures, tables)
 
 
+_CARD_COLUMNS = {"method": "method", "layer": "layer", "strength": "strength", "score": "score (B x C)",
+                 "concept": "concept", "fluency": "fluency", "ppl_ratio": "ppl ratio",
+                 "neutral_concept": "neutral: concept", "neutral_fluency": "neutral: fluency",
+                 "instruction": "neutral: instruction", "harmonic": "neutral: harmonic mean"}
+
+
+def _report_card_section(cards: Sequence[Any]) -> Section:
+    """The steering report cards: prompting vs the seed alone vs the flow graph, one table per theme."""
+    first = cards[0].settings
+    text = (f"<p>For each theme: the unsteered model, <b>prompting</b> (the unsteered model asked for the topic in "
+            f"its prompt), the seed feature alone and its flow graph (single-layer and cumulative; constant, "
+            f"exponential and linear schedules). Each method's layer and strength ({first.scale} units) are chosen "
+            f"on {first.select_samples} sample(s) per setting, then measured on {first.samples} fresh samples of "
+            f"<code>{html.escape(first.prompt)}</code> (the paper's score: behavioural x coherence; the perplexity "
+            f"ratio to the unsteered model) and {first.neutral_samples} per neutral instruction "
+            f"({len(first.neutral_prompts)}; concept, fluency, instruction relevance and AxBench's harmonic mean). "
+            f"Scores from the offline judge, a proxy.</p>")
+    tables = []
+    for card in cards:
+        rows = [{label: _blank_nan(getattr(r, key)) for key, label in _CARD_COLUMNS.items()} for r in card.rows]
+        tables.append(f"<h3>{html.escape(card.theme)}: seed <code>{html.escape(str(card.meta.get('seed_feature')))}"
+                      f"</code>, flow graph of {card.meta.get('graph_nodes')} features</h3>"
+                      f"<p class='report-card-verdict'>{html.escape(card.verdict())}</p>"
+                      + table_html(rows, floats="{:.2f}"))
+    return Section("Steering report card", text, [], tables)
+
+
+def _blank_nan(value: Any) -> Any:
+    return None if isinstance(value, float) and math.isnan(value) else value
+
+
 def report_from_dir(run_dir: str | Path, out: str | Path | None = None, *, title: str | None = None) -> Path:
     """Build the HTML report of a run folder (see the module docs); returns its path."""
     from tl_featureflow.causal.results import ValidationReport
     from tl_featureflow.flow.flowmap import FlowMap
     from tl_featureflow.flow.graph import FlowGraph
+    from tl_featureflow.steer.report_card import ReportCard
     from tl_featureflow.steer.sweeps import SteeringSweep
 
     run_dir = Path(run_dir)
@@ -228,6 +262,9 @@ def report_from_dir(run_dir: str | Path, out: str | Path | None = None, *, title
         sections.append(_validation_section(ValidationReport.load(run_dir / "validation.json")))
     for path in sorted((run_dir / "steering").glob("*.json")):
         sections.append(_steering_section(SteeringSweep.load(path), path.stem))
+    card_paths = sorted((run_dir / "report_cards").glob("*.json"))
+    if card_paths:
+        sections.append(_report_card_section([ReportCard.load(path) for path in card_paths]))
     if cards:
         sections.append(_cards_section(cards))
     if not sections:

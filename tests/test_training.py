@@ -57,8 +57,9 @@ def test_training_improves_saves_and_records_metadata(model, rows, tmp_path):
     assert not [p for p in (tmp_path / "run").iterdir() if p.name.startswith(".")]  # no temporary debris
 
 
-def test_an_interrupted_run_resumes_to_the_same_bank(model, rows, tmp_path, monkeypatch):
-    whole = train_bank(model, preset="tiny", out=tmp_path / "a", tokens=rows, progress=False)
+@pytest.mark.parametrize("trainer", ["fast", "saelens"])
+def test_an_interrupted_run_resumes_to_the_same_bank(model, rows, tmp_path, monkeypatch, trainer):
+    whole = train_bank(model, preset="tiny", out=tmp_path / "a", tokens=rows, progress=False, trainer=trainer)
     original = ActivationStream.batch
     checkpoints_at_kill = []
 
@@ -70,10 +71,11 @@ def test_an_interrupted_run_resumes_to_the_same_bank(model, rows, tmp_path, monk
 
     monkeypatch.setattr(ActivationStream, "batch", killed)
     with pytest.raises(KeyboardInterrupt):
-        train_bank(model, preset="tiny", out=tmp_path / "b", tokens=rows, progress=False)
+        train_bank(model, preset="tiny", out=tmp_path / "b", tokens=rows, progress=False, trainer=trainer)
     monkeypatch.setattr(ActivationStream, "batch", original)
     assert checkpoints_at_kill and not (tmp_path / "b" / "bank").exists()
-    resumed = train_bank(model, preset="tiny", out=tmp_path / "b", tokens=rows, progress=False)
+    resumed = train_bank(model, preset="tiny", out=tmp_path / "b", tokens=rows, progress=False, trainer=trainer)
+    assert resumed.metadata["trainer"] == trainer
     mine, theirs = _state(whole), _state(resumed)
     assert all(torch.equal(mine[k], theirs[k]) for k in mine)
 
@@ -128,3 +130,15 @@ def test_an_output_folder_of_another_run_is_not_overwritten(model, rows, tmp_pat
     with pytest.raises(ff.FeatureFlowError, match="not empty"):
         train_bank(model, preset="tiny", out=tmp_path / "other", tokens=rows, progress=False)
     assert json.loads(run_json)["preset"]["name"] == "tiny"
+
+
+def test_the_fast_step_trains_the_bank_saelens_would(model, rows, tmp_path):
+    fast = train_bank(model, preset="tiny", out=tmp_path / "fast", tokens=rows, progress=False)
+    theirs = train_bank(model, preset="tiny", out=tmp_path / "saelens", tokens=rows, progress=False,
+                        trainer="saelens")
+    assert fast.metadata["trainer"] == "fast" and theirs.metadata["trainer"] == "saelens"
+    for key, sae in theirs.items():            # 256 steps of float32 rounding apart, no more
+        for name, tensor in sae.state_dict().items():
+            torch.testing.assert_close(fast[key].state_dict()[name], tensor, rtol=1e-3, atol=1e-4)
+    with pytest.raises(ff.InvalidArgumentError, match="unknown trainer"):
+        train_bank(model, preset="tiny", out=tmp_path / "x", tokens=rows, progress=False, trainer="mine")

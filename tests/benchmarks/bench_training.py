@@ -1,4 +1,4 @@
-"""Benchmark: SAELens's BatchTopK training step against the dense matmuls it needs (issue 12's floor).
+"""Benchmark: our sparse BatchTopK training step against SAELens's and the dense-matmul floor (issue 12).
 
     .venv/bin/python tests/benchmarks/bench_training.py [--d-in 576] [--expansion 3] [--k 32] [--batch 256]
                                                         [--steps 200] [--threads 1] [--device cpu]
@@ -6,14 +6,17 @@
 At the quick preset's shapes (SmolLM2's d_model 576, d_sae 1,728, k 32, 256 tokens a step),
 in one run, on the same random activations:
 
-1. SAELens's ``MultiSAETrainer`` driving one ``BatchTopKTrainingSAE`` (what ``train_bank`` runs),
+1. SAELens's ``MultiSAETrainer`` driving one ``BatchTopKTrainingSAE`` (``train_bank(trainer="saelens")``),
    time per step and per SAE-token;
-2. the floor: the five dense matmuls of a step (encode, decode, and the three of the backward
+2. the same trainer with our step (``train_bank(trainer="fast")``, the default:
+   :mod:`tl_featureflow.saes.fast_step`, same loss and gradients), same data and seed;
+3. the floor: the five dense matmuls of a step (encode, decode, and the three of the backward
    pass: ``dW_dec = a^T g``, ``da = g W_dec^T``, ``dW_enc = x^T g_pre``), timed alone;
-3. where SAELens's step time goes: torch profiler, top operators by self time.
+4. where each step's time goes: torch profiler, top operators by self time.
 
-The ratio (1) / (2) is what a faster step could win before exploiting sparsity (98% of the
-activations are zero at k 32 of 1,728, so sparse decoding can go below the dense floor).
+Ratios: (1) / (2) is our speed-up per SAE-token (goal >= 2); (2) / (3) compares our step
+with the dense floor (below 1.0: sparse decoding goes under it, 98% of the activations
+are zero at k 32 of 1,728).
 """
 
 from __future__ import annotations
@@ -27,8 +30,8 @@ from _timing import timed  # noqa: I001 - puts the project on sys.path first
 from tl_featureflow import _compat  # noqa: E402
 
 
-def saelens_steps(d_in: int, d_sae: int, k: int, batch: int, steps: int, device: str) -> float:
-    """Seconds per step of SAELens's trainer (after 10 warm-up steps)."""
+def saelens_steps(d_in: int, d_sae: int, k: int, batch: int, steps: int, device: str, fast: bool = False) -> float:
+    """Seconds per step of SAELens's trainer (after 10 warm-up steps), with our step if ``fast``."""
     from sae_lens import BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig
     from sae_lens.config import SAETrainerConfig
 
@@ -51,6 +54,8 @@ def saelens_steps(d_in: int, d_sae: int, k: int, batch: int, steps: int, device:
                                               data_provider=provider(), save_checkpoint_fn=lambda p: None)
     for trainer in multi.trainers.values():
         _compat.estimate_scaling_factor(trainer, d_in, iter([data[-1], data[-2]]), 2)
+        if fast:
+            assert _compat.use_fast_step(trainer) is None
     with _compat.quiet_sae_lens_bars():
         multi.fit()
     return (stamps[-1] - stamps[10]) / (len(stamps) - 11)
@@ -76,9 +81,11 @@ def profile(d_in: int, d_sae: int, k: int, batch: int, device: str) -> None:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
-        saelens_steps(d_in, d_sae, k, batch, 40, device)
-    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+    for fast in (False, True):
+        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+            saelens_steps(d_in, d_sae, k, batch, 40, device, fast=fast)
+        print(f"\n{'our step' if fast else 'SAELens step'}:")
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
 
 
 def main() -> None:
@@ -95,13 +102,18 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     d_sae = args.d_in * args.expansion
     step = saelens_steps(args.d_in, d_sae, args.k, args.batch, args.steps, args.device)
+    ours = saelens_steps(args.d_in, d_sae, args.k, args.batch, args.steps, args.device, fast=True)
     floor = dense_floor(args.d_in, d_sae, args.batch, args.steps, args.device)
     print(f"device {args.device}, {torch.get_num_threads()} thread(s), d_in {args.d_in}, d_sae {d_sae}, k {args.k}, "
           f"batch {args.batch} tokens, {args.steps} steps")
     print(f"| SAELens BatchTopK step (MultiSAETrainer, one SAE) | {1e3 * step:.1f} ms | "
           f"{args.batch / step:,.0f} SAE-tokens/s |")
     print(f"| dense floor: the five matmuls of a step | {1e3 * floor:.1f} ms | {args.batch / floor:,.0f} SAE-tokens/s |")
+    print(f"| our step (same trainer, sparse BatchTopK maths) | {1e3 * ours:.1f} ms | "
+          f"{args.batch / ours:,.0f} SAE-tokens/s |")
     print(f"| ratio SAELens / floor | {step / floor:.2f} | |")
+    print(f"| ratio SAELens / ours (speed-up) | {step / ours:.2f} | |")
+    print(f"| ratio ours / floor | {ours / floor:.2f} | |")
     if not args.no_profile:
         profile(args.d_in, d_sae, args.k, args.batch, args.device)
 

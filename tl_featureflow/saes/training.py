@@ -20,10 +20,11 @@ import json
 import shutil
 import tempfile
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from jaxtyping import Int
@@ -82,6 +83,7 @@ def train_bank(
     training_tokens: int | None = None,
     seed: int = 0,
     metadata: dict[str, Any] | None = None,
+    trainer: Literal["fast", "saelens"] = "fast",
     progress: bool = True,
 ) -> SAEBank:
     """Train one SAE per ``(site, layer)`` with SAELens and return them as an :class:`SAEBank`.
@@ -96,10 +98,16 @@ def train_bank(
         eval_tokens: held-out rows for the quality report (default: the corpus's held-out
             split when ``tokens`` is not given; no report when neither is available).
         training_tokens: overrides the preset's token budget.
+        trainer: ``"fast"`` (default): SAELens's trainer (its Adam, schedule, checkpoints
+            and dead-feature statistics) with our sparse BatchTopK step
+            (:mod:`tl_featureflow.saes.fast_step`, same loss and gradients, ~3x faster);
+            ``"saelens"``: SAELens's own step.
 
     Returns the bank, also saved (atomically) to ``out/bank``; its metadata records the
     model, corpus hash, preset, tokens and library versions.
     """
+    if trainer not in ("fast", "saelens"):
+        raise InvalidArgumentError(f"unknown trainer {trainer!r}: expected 'fast' or 'saelens'")
     preset = _resolve_preset(preset, training_tokens)
     sites, layers = _check_request(model, sites, preset_layers(preset, model.cfg.n_layers) if layers is None else layers)
     tokens, eval_tokens, corpus_meta = _training_rows(model, preset, tokens, eval_tokens, progress)
@@ -109,7 +117,7 @@ def train_bank(
     run = {
         "model": getattr(model.cfg, "model_name", "unknown"), "d_model": model.cfg.d_model,
         "n_layers": model.cfg.n_layers, "preset": asdict(preset), "keys": [list(k) for k in keys], "seed": seed,
-        "corpus": corpus_meta,
+        "corpus": corpus_meta, "trainer": trainer,
     }
     # checked before anything is written: a corpus too small for one chunk or batch
     stream = ActivationStream(model, tokens, list(dict.fromkeys(hooks.values())), batch_tokens=preset.batch_tokens,
@@ -118,13 +126,14 @@ def train_bank(
     _claim_run_folder(out, run)
     device = str(next(model.parameters()).device)
     saes = _new_training_saes(hooks, model.cfg.d_model, preset, device, seed, run["model"])
-    trained, elapsed = _fit(saes, hooks, stream, preset, model.cfg.d_model, out / "checkpoints", device, progress)
+    trained, elapsed = _fit(saes, hooks, stream, preset, model.cfg.d_model, out / "checkpoints", device, progress,
+                            trainer)
     inference = _to_inference(trained, names, out, device)
     quality = _quality(model, inference, eval_tokens, preset, out, progress)
     bank = SAEBank(inference, metadata={
         **(metadata or {}), "model": run["model"], "corpus": corpus_meta, "preset": preset.name,
         "preset_settings": asdict(preset), "training_tokens": preset.training_tokens, "seed": seed,
-        "train_seconds_last_session": round(elapsed, 1), **_versions(), "quality": quality,
+        "train_seconds_last_session": round(elapsed, 1), "trainer": trainer, **_versions(), "quality": quality,
     })
     bank.save(out / "bank")
     return bank
@@ -183,7 +192,7 @@ def _new_training_saes(hooks: dict[str, str], d_model: int, preset: Preset, devi
 
 
 def _fit(saes: dict[str, Any], hooks: dict[str, str], stream: ActivationStream, preset: Preset, d_model: int,
-         checkpoint_dir: Path, device: str, progress: bool) -> tuple[dict[str, Any], float]:
+         checkpoint_dir: Path, device: str, progress: bool, trainer: str = "fast") -> tuple[dict[str, Any], float]:
     """Drive SAELens's MultiSAETrainer over the stream, resuming from the newest complete checkpoint."""
     from sae_lens.config import SAETrainerConfig
 
@@ -201,6 +210,11 @@ def _fit(saes: dict[str, Any], hooks: dict[str, str], stream: ActivationStream, 
 
     multi = _compat.multi_sae_trainer_class()(cfg=trainer_cfg, saes=saes, hook_names=hooks, data_provider=iter(()),
                                               save_checkpoint_fn=mark_complete)
+    if trainer == "fast":
+        for name, sae_trainer in multi.trainers.items():
+            reason = _compat.use_fast_step(sae_trainer)
+            if reason is not None:
+                warnings.warn(f"{name}: SAELens's own training step ({reason})", stacklevel=3)
     resume = _latest_checkpoint(checkpoint_dir)
     if resume is not None:
         multi.load_checkpoint(resume)

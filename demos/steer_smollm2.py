@@ -53,7 +53,7 @@ def probe_table(info: dict) -> list[str]:
 
 def examples(card: ReportCard, n_chars: int = 150) -> list[str]:
     out = []
-    for method in ("unsteered", "prompting", "feature", card.best_steering("score").method):
+    for method in dict.fromkeys(("unsteered", "prompting", "feature", card.best_steering("score").method)):
         rows = [g for g in card.generations if g["method"] == method and g["prompt"] == 0]
         best = max(rows, key=lambda g: g["score"])
         out.append(f"- {method} (paper prompt, best of {len(rows)}): {best['text'][:n_chars]!r}")

@@ -26,7 +26,8 @@ def test_no_command_prints_help(capsys):
 def test_train_saes_arguments_parse():
     args = build_parser().parse_args(["train-saes", "--preset", "tiny", "--layers", "1", "2", "--sites", "res",
                                       "--out", "x"])
-    assert (args.preset, args.layers, args.sites, args.out) == ("tiny", [1, 2], ["res"], "x")
+    assert (args.preset, args.layers, args.sites, args.out, args.trainer) == ("tiny", [1, 2], ["res"], "x", "fast")
+    assert build_parser().parse_args(["train-saes", "--trainer", "saelens"]).trainer == "saelens"
     import pytest
 
     with pytest.raises(SystemExit):

@@ -106,7 +106,8 @@ def test_train_saes_into_a_folder(tiny_cli, capsys, monkeypatch, tmp_path):
     monkeypatch.setenv("TL_FEATUREFLOW_CACHE", str(tmp_path / "cache"))
     with pytest.warns(BankQualityWarning, match="explain less than 50%"):    # 2,048 tokens on a random model
         code, out, _ = run(["train-saes", "--preset", "tiny", "--layers", "1", "--sites", "res", "--tokens", "2048",
-                            "--out", "bank-run"], capsys)
+                            "--out", "bank-run", "--trainer", "saelens"], capsys)
     assert code == 0 and "bank saved to bank-run/bank" in out
     bank = ff.SAEBank.load("bank-run/bank")
     assert list(bank) == [("res", 1)] and bank.metadata["training_tokens"] == 2048
+    assert bank.metadata["trainer"] == "saelens"

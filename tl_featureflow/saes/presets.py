@@ -50,6 +50,10 @@ PRESETS: dict[str, Preset] = {
     # ~15 minutes on a 2-core CPU for SmolLM2 (layers 12-17): see docs/performance.md
     "quick": Preset("quick", n_layers=6, expansion=3, k=32, training_tokens=196_608, n_norm_batches=4,
                     n_checkpoints=3, eval_rows=128, loss_rows=8),
+    # every layer and site at the quick preset's width and budget (issue 12's whole-depth bank):
+    # measured in docs/performance.md (the goal: <= 25 minutes and <= 12 GB on this 2-core CPU)
+    "deep": Preset("deep", n_layers=None, expansion=3, k=32, training_tokens=196_608, n_norm_batches=4,
+                   n_checkpoints=3, eval_rows=64, loss_rows=4),
     # every layer and site: hours on a CPU, minutes on a GPU
     "full": Preset("full", n_layers=None, expansion=4, k=32, training_tokens=2_000_000),
     # seconds, for tests and trying the pipeline on a new model

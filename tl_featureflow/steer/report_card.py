@@ -190,14 +190,32 @@ class ReportCard:
         steered = [r for r in self.rows if r.method not in ("unsteered", "prompting")]
         return max(steered, key=lambda r: -math.inf if math.isnan(getattr(r, metric)) else getattr(r, metric))
 
+    def stderr(self, method: str, metric: str = "harmonic") -> float:
+        """The standard error of a method's mean ``metric`` over its generations (``score``,
+        ``concept``, ``fluency``: the paper's prompt; ``harmonic``, ``instruction``: neutral prompts)."""
+        neutral = metric in ("harmonic", "instruction")
+        values = [g[metric] for g in self.generations
+                  if g["method"] == method and (g["prompt"] > 0) == neutral and metric in g]
+        values = [v for v in values if not math.isnan(v)]
+        if len(values) < 2:
+            return math.nan
+        mean = sum(values) / len(values)
+        return math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1) / len(values))
+
     def verdict(self) -> str:
-        """A plain sentence: where the best steering stands against prompting."""
-        best, prompting = self.best_steering("harmonic"), self.row("prompting")
-        paper_best = self.best_steering("score")
-        side = "beats" if best.harmonic > prompting.harmonic else "does not beat"
-        return (f"{self.theme}: the best steering ({best.method}, harmonic {best.harmonic:.2f}) {side} prompting "
-                f"({prompting.harmonic:.2f}) on neutral instructions; on the paper's prompt the best steering "
-                f"({paper_best.method}) scores {paper_best.score:.2f} against prompting's {prompting.score:.2f}.")
+        """A plain sentence: where the best steering stands against prompting, with standard errors
+        (a difference within one combined standard error is called level)."""
+        parts = []
+        for metric, where in (("harmonic", "on neutral instructions (harmonic mean)"),
+                              ("score", "on the paper's prompt (behavioural x coherence)")):
+            best, prompting = self.best_steering(metric), self.row("prompting")
+            a, b = getattr(best, metric), getattr(prompting, metric)
+            se = math.hypot(self.stderr(best.method, metric), self.stderr("prompting", metric))
+            side = ("beats" if a - b > se else "is below" if b - a > se else "is level with") if not math.isnan(se) \
+                else ("beats" if a > b else "is below")
+            parts.append(f"{where}, the best steering ({best.method}, {a:.2f} ± {self.stderr(best.method, metric):.2f}) "
+                         f"{side} prompting ({b:.2f} ± {self.stderr('prompting', metric):.2f})")
+        return f"{self.theme}: " + "; ".join(parts) + "."
 
     def to_markdown(self) -> str:
         """The card as a Markdown table (the format of docs/results.md)."""

@@ -62,6 +62,25 @@ def test_score_distributions_and_group_composition(planted):
     assert plot.score_distributions(fmap).data
 
 
+def test_chain_lengths_count_the_planted_chain(planted):
+    from tl_featureflow.synthetic import planted_chain_bank
+
+    tracer, _ = planted
+    fmap = tracer.flow_map(progress=False)
+    truth = planted_chain_bank()[1]             # 0/res/3 -(0.9)- 1/res/7 -(0.6)- 2/res/1 -(0.3)- 3/res/5
+    lengths = fmap.chain_lengths(0.5)
+    assert [int(lengths[layer][int(ref.split("/")[-1])]) for layer, ref in enumerate(truth.chain) if layer in lengths
+            ] == [0, 1, 2, 0][4 - len(lengths):]
+    fig = plot.chain_lengths(fmap)
+    assert [t.name for t in fig.data] == [name for name, *_ in plot.CHAIN_BUCKETS]
+    for i, layer in enumerate(fmap.layers):
+        assert sum(t.y[i] for t in fig.data) == pytest.approx(1.0)
+        two = next(t for t in fig.data if t.name == "2").y[i]
+        assert two == pytest.approx(float((lengths[layer] == 2).float().mean()))
+    with pytest.raises(ff.FeatureFlowError, match="FlowMap"):
+        plot.chain_lengths(object())
+
+
 def _report():
     rows = [ValidationRow(0, 1, "2/res/1", "top1", "RES", 2.0, 0.0, 0.0, ["1/res/7"]),
             ValidationRow(0, 1, "2/res/1", "random", "RES", 2.0, 1.0, 0.0, ["1/res/3"]),

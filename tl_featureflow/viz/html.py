@@ -255,8 +255,11 @@ def report_from_dir(run_dir: str | Path, out: str | Path | None = None, *, title
         sections.append(_graph_section(FlowGraph.load(path), path.stem, seeds.get(path.stem, {}), carded))
     if (run_dir / "flowmap").is_dir():
         fmap = FlowMap.load(run_dir / "flowmap")
-        sections.append(Section("Flow map", "<p>Predecessor scores and cosine groups of every res feature.</p>",
-                                [plot.score_distributions(fmap), plot.group_composition(fmap)],
+        sections.append(Section("Flow map", "<p>Predecessor scores and cosine groups of every res feature, and "
+                                "how far back each feature's residual chain goes (top-1 matches at or above "
+                                "t_res 0.5).</p>",
+                                [plot.score_distributions(fmap), plot.group_composition(fmap),
+                                 plot.chain_lengths(fmap)],
                                 [table_html([{"layer": k, **v} for k, v in fmap.groups().items()])]))
     if (run_dir / "validation.json").is_file():
         sections.append(_validation_section(ValidationReport.load(run_dir / "validation.json")))

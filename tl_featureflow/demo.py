@@ -44,7 +44,8 @@ def pick_seed(model: Any, bank: SAEBank, tracer: Any, theme: Any, layer: int, *,
     tracer's contexts, and ranked by how on-theme those are when a ``judge`` is given).
     With ``probe_samples > 0`` and a judge, a steering probe re-ranks them
     (:func:`~tl_featureflow.steer.probe.probe_seeds`: each candidate steered alone at
-    ``probe_strength`` typical activations, ranked by the judge's score). Falls back to the best-scoring feature (any graph size), then to the feature with
+    ``probe_strength`` typical activations, ranked by the judge's score). Falls back to
+    the best-scoring feature (any graph size), then to the feature with
     the largest mean activation on the theme's texts when no feature passes the filters
     (tiny or untrained banks).
     """
@@ -107,7 +108,7 @@ def run_demo(
     texts: torch.Tensor | None = None,
     context_tokens: torch.Tensor | None = None,
     n_texts: int = 2,
-    strengths: Sequence[float] = (8.0, 16.0),
+    strengths: Sequence[float] = (2.0, 4.0),
     samples: int = 2,
     max_new_tokens: int = 36,
     prompt: str = "I think",

@@ -1,7 +1,7 @@
 """The ``featureflow`` command. Imports stay lazy so ``--help`` answers at once.
 
 Every subcommand works on the embedded SmolLM2 (offline) with its SAE bank: the
-``quick`` preset by default (trained on first use, ~15 min on 2 CPU cores), another
+``quick`` preset by default (trained on first use, ~8 min on 2 CPU cores), another
 preset with ``--preset``, or any saved :class:`~tl_featureflow.saes.bank.SAEBank` folder
 with ``--bank``. Results go under ``featureflow-out/`` unless ``--out`` says otherwise.
 """

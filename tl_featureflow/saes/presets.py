@@ -47,7 +47,7 @@ class Preset:
 
 
 PRESETS: dict[str, Preset] = {
-    # ~15 minutes on a 2-core CPU for SmolLM2 (layers 12-17): see docs/performance.md
+    # ~8 minutes on a 2-core CPU for SmolLM2 (layers 12-17, our training step): see docs/performance.md
     "quick": Preset("quick", n_layers=6, expansion=3, k=32, training_tokens=196_608, n_norm_batches=4,
                     n_checkpoints=3, eval_rows=128, loss_rows=8),
     # every layer and site at the quick preset's width and budget (issue 12's whole-depth bank):

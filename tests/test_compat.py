@@ -166,6 +166,22 @@ def test_estimate_scaling_factor_sets_the_trainers_scaler(tmp_path):
     assert trainer.activation_scaler.scaling_factor == pytest.approx(8 ** 0.5 / (2.0 * 8 ** 0.5))
 
 
+def test_replace_train_step_makes_fit_call_ours_with_sae_and_scaled_batch(tmp_path):
+    multi = _tiny_multi_trainer(tmp_path)
+    trainer = multi.trainers["a"]
+    theirs, seen = trainer._train_step, []
+
+    def ours(sae, sae_in):
+        seen.append((sae is trainer.sae, tuple(sae_in.shape)))
+        return theirs(sae=sae, sae_in=sae_in)      # SAELens's signature: _train_step(sae, sae_in)
+
+    _compat.replace_train_step(trainer, ours)
+    with _compat.quiet_sae_lens_bars():
+        multi.fit()
+    assert seen == [(True, (16, 8))] * 4
+    assert type(trainer)._train_step is not ours      # the class is untouched
+
+
 def test_quiet_sae_lens_bars_replaces_and_restores_tqdm():
     import sae_lens.training.activation_scaler as scaler
     import sae_lens.training.multi_sae_trainer as trainer

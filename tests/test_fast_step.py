@@ -7,6 +7,7 @@ from sae_lens.config import SAETrainerConfig
 from sae_lens.saes.sae import TrainStepInput
 
 from tl_featureflow import _compat
+from tl_featureflow.saes import fast_step
 from tl_featureflow.saes.fast_step import batchtopk_step, supports
 
 
@@ -77,7 +78,7 @@ def _trainer_run(fast: bool, steps: int = 240):
     trainer = multi.trainers["s"]
     _compat.estimate_scaling_factor(trainer, d_in, iter(data[:2]), 2)
     if fast:
-        assert _compat.use_fast_step(trainer) is None
+        assert fast_step.use_fast_step(trainer) is None
     step, record = trainer._train_step, []
 
     def recording(sae, sae_in):

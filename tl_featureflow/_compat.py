@@ -193,17 +193,10 @@ def advance_past_checkpoint(multi: Any) -> None:
     multi.checkpoint_thresholds = [t for t in multi.checkpoint_thresholds if t >= multi.n_training_samples]
 
 
-def use_fast_step(trainer: Any) -> str | None:
-    """Make one SAELens ``SAETrainer`` run :func:`tl_featureflow.saes.fast_step.train_step` in place of
-    its private ``_train_step(sae, sae_in)`` (same maths; on this instance only). Returns why it
-    cannot (the SAE's kind is not supported: SAELens's step stays), or None."""
-    from tl_featureflow.saes import fast_step
-
-    reason = fast_step.supports(trainer.sae, trainer.cfg)
-    if reason is None:
-        state: dict[str, Any] = {}
-        trainer._train_step = lambda sae, sae_in: fast_step.train_step(trainer, sae, sae_in, state)
-    return reason
+def replace_train_step(trainer: Any, step: Callable[[Any, torch.Tensor], Any]) -> None:
+    """Make one SAELens ``SAETrainer`` call ``step(sae, sae_in)`` in place of its private
+    ``_train_step(sae, sae_in)`` (on this instance only; ``fit`` and checkpoints stay SAELens's)."""
+    trainer._train_step = step
 
 
 def estimate_scaling_factor(trainer: Any, d_in: int, batches: Iterator[torch.Tensor], n_batches: int) -> None:

@@ -28,6 +28,7 @@ import torch
 from _timing import timed  # noqa: I001 - puts the project on sys.path first
 
 from tl_featureflow import _compat  # noqa: E402
+from tl_featureflow.saes import fast_step  # noqa: E402
 
 
 def saelens_steps(d_in: int, d_sae: int, k: int, batch: int, steps: int, device: str, fast: bool = False) -> float:
@@ -55,7 +56,7 @@ def saelens_steps(d_in: int, d_sae: int, k: int, batch: int, steps: int, device:
     for trainer in multi.trainers.values():
         _compat.estimate_scaling_factor(trainer, d_in, iter([data[-1], data[-2]]), 2)
         if fast:
-            assert _compat.use_fast_step(trainer) is None
+            assert fast_step.use_fast_step(trainer) is None
     with _compat.quiet_sae_lens_bars():
         multi.fit()
     return (stamps[-1] - stamps[10]) / (len(stamps) - 11)

@@ -37,7 +37,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-__all__ = ["StepResult", "batchtopk_step"]
+__all__ = ["StepResult", "batchtopk_step", "supports", "train_step", "use_fast_step"]
 
 
 @dataclass
@@ -267,3 +267,15 @@ def train_step(trainer: Any, sae: Any, sae_in: Tensor, state: dict[str, Any]) ->
                            loss=result.loss, losses={"mse_loss": result.mse,
                                                      "auxiliary_reconstruction_loss": result.aux},
                            metrics={"topk_threshold": sae.topk_threshold})
+
+
+def use_fast_step(trainer: Any) -> str | None:
+    """Make one SAELens ``SAETrainer`` run :func:`train_step` (through ``_compat.replace_train_step``).
+    Returns why it cannot (the SAE's kind is not supported: SAELens's step stays), or None."""
+    from tl_featureflow import _compat
+
+    reason = supports(trainer.sae, trainer.cfg)
+    if reason is None:
+        state: dict[str, Any] = {}
+        _compat.replace_train_step(trainer, lambda sae, sae_in: train_step(trainer, sae, sae_in, state))
+    return reason

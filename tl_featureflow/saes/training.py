@@ -34,6 +34,7 @@ from tl_featureflow import _compat
 from tl_featureflow._files import atomic_write_json, tensor_digest
 from tl_featureflow.errors import FeatureFlowError, InvalidArgumentError, ModelMismatchError
 from tl_featureflow.refs import SITES, Key, Site, check_layer, hook_name
+from tl_featureflow.saes import fast_step
 from tl_featureflow.saes.bank import SAEBank
 from tl_featureflow.saes.presets import PRESETS, TRAINING_VERSION, Preset, preset_layers
 from tl_featureflow.saes.stream import ActivationStream
@@ -212,7 +213,7 @@ def _fit(saes: dict[str, Any], hooks: dict[str, str], stream: ActivationStream, 
                                               save_checkpoint_fn=mark_complete)
     if trainer == "fast":
         for name, sae_trainer in multi.trainers.items():
-            reason = _compat.use_fast_step(sae_trainer)
+            reason = fast_step.use_fast_step(sae_trainer)
             if reason is not None:
                 warnings.warn(f"{name}: SAELens's own training step ({reason})", stacklevel=3)
     resume = _latest_checkpoint(checkpoint_dir)

@@ -90,7 +90,8 @@ def batchtopk_step(
     flat, order = flat.sort()
     values = values[order]
     rows, cols = flat // m, flat % m
-    coef = values / norms[cols] if norms is not None else values           # what multiplies W_dec's rows
+    norm_c = norms[cols] if norms is not None else None                    # each kept entry's decoder norm
+    coef = values / norm_c if norm_c is not None else values               # what multiplies W_dec's rows
     by_col = (cols * n + rows).argsort()                                    # A^T's entry order
     pattern = _Pattern(rows, cols, by_col, n, m)
     sae_out = pattern.matrix(coef) @ W_dec + b_dec
@@ -101,17 +102,13 @@ def batchtopk_step(
     dW_dec = pattern.transposed(coef) @ g
     dcoef = pattern.sampled(g, W_dec)
     dnorms = torch.zeros(m, dtype=x.dtype, device=x.device)
-    if norms is not None:
-        dvalues = dcoef / norms[cols]
-        dnorms.index_add_(0, cols, -dcoef * values / norms[cols] ** 2)
+    if norm_c is not None:
+        dvalues = dcoef / norm_c
+        dhidden = dvalues * (values > 0)                                     # relu's gradient (0 at 0, as torch)
+        dnorms.index_add_(0, cols, dhidden * pre[rows, cols] - dcoef * values / norm_c ** 2)
+        dpre = dhidden * norm_c
     else:
-        dvalues = dcoef
-    dhidden = dvalues * (values > 0)                                         # relu's gradient (0 at 0, as torch)
-    if norms is not None:
-        dnorms.index_add_(0, cols, dhidden * pre[rows, cols])
-        dpre = dhidden * norms[cols]
-    else:
-        dpre = dhidden
+        dpre = dcoef * (values > 0)
     dW_enc_t = pattern.transposed(dpre) @ x_in
     db_enc = torch.zeros(m, dtype=x.dtype, device=x.device).index_add_(0, cols, dpre)
     db_dec = g.sum(0)

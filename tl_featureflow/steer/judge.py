@@ -44,6 +44,7 @@ from torch import Tensor
 from tl_featureflow.errors import FeatureFlowError, InvalidArgumentError, MissingDependencyError
 
 __all__ = ["SentenceEmbedder", "OfflineJudge", "Calibration", "repetition", "distinct_ngrams", "perplexity",
+           "perplexity_of_rows",
            "NEUTRAL_TEXTS"]
 
 # Everyday sentences on no particular theme: the off-topic anchor for suppression.
@@ -150,6 +151,15 @@ def perplexity(
             mask = (~after).float()
         out[start:start + cont.shape[0]] = torch.exp((nll * mask).sum(1) / mask.sum(1).clamp_min(1.0)).cpu()
     return out
+
+
+def perplexity_of_rows(model: Any, prompt: Int[Tensor, "1 p"], rows: Sequence[Sequence[int]],
+                       stop_token: int | None = None) -> Float[Tensor, " rows"]:
+    """:func:`perplexity` of continuations of different lengths (padded with ``stop_token``, ignored after it)."""
+    length = max(len(r) for r in rows)
+    fill = stop_token if stop_token is not None else 0
+    return perplexity(model, prompt, torch.tensor([list(r) + [fill] * (length - len(r)) for r in rows]),
+                      stop_token=stop_token)
 
 
 @dataclass

@@ -96,13 +96,10 @@ def probe_seeds(
         b = torch.as_tensor([float(x) for x in score_fn(texts, topic)])
         c = torch.ones_like(b)
     else:
-        from tl_featureflow.steer.judge import perplexity
+        from tl_featureflow.steer.judge import perplexity_of_rows
 
         tokens = [t for t, _ in out.rows]
-        length = max(len(t) for t in tokens)
-        fill = out.stop_token if out.stop_token is not None else 0
-        ppl = perplexity(model, ids.cpu(), torch.tensor([t + [fill] * (length - len(t)) for t in tokens]),
-                         stop_token=out.stop_token)
+        ppl = perplexity_of_rows(model, ids.cpu(), tokens, out.stop_token)
         judge.calibrate(topic, off_topic=texts[:samples], on_topic=on_topic, reference_ppl=ppl[:samples],
                         reference_tokens=tokens[:samples])
         b, c = judge.behavioural(texts), judge.coherence(ppl, tokens)

@@ -53,9 +53,9 @@ from tl_featureflow._files import atomic_write_json, check_header, header, read_
 from tl_featureflow.errors import CacheError, FeatureFlowError, InvalidArgumentError
 from tl_featureflow.refs import FeatureRef
 from tl_featureflow.saes.bank import SAEBank
-from tl_featureflow.steer.judge import perplexity
+from tl_featureflow.steer.judge import perplexity_of_rows
 from tl_featureflow.steer.steerer import Schedule, flow_coefficients
-from tl_featureflow.steer.sweeps import SweepSettings, generate_rows
+from tl_featureflow.steer.sweeps import SweepSettings, generate_rows, settings_from_dict
 
 __all__ = ["Method", "PAPER_METHODS", "CardSettings", "CardRow", "ReportCard", "steering_report_card",
            "harmonic", "NEUTRAL_PROMPTS", "REPORT_CARD_SCHEMA_VERSION"]
@@ -142,8 +142,7 @@ class CardSettings:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CardSettings:
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in data.items() if k in names})
+        return settings_from_dict(cls, data)
 
 
 @dataclass
@@ -337,28 +336,28 @@ def steering_report_card(
                     on_topic)
     chosen: dict[str, tuple[int | None, float, float]] = {}
     selection = []
-    for m, layer, s in candidates:
-        idx = [i for i, p in enumerate(select) if p.method == m.name and p.layer == layer and p.strength == s]
-        value = float(scores["score"][idx].mean())
+    n_sel = settings.select_samples
+    for c, (m, layer, s) in enumerate(candidates):      # candidate c's rows follow the unsteered ones, in order
+        value = float(scores["score"][n_sel * (c + 1):n_sel * (c + 2)].mean())
         selection.append({"method": m.name, "layer": layer, "strength": s, "score": round(value, 4)})
         if m.name not in chosen or value > chosen[m.name][2]:
             chosen[m.name] = (layer, s, value)
 
     # 2. measurement: the chosen settings on fresh samples, paper's prompt and neutral prompts
-    methods = ["unsteered", *chosen]
+    by_name = {m.name: m for m in settings.methods}
+    measured: dict[str, tuple[int | None, float | None, dict[FeatureRef, float]]] = {"unsteered": (None, None, {})}
     generations: list[dict[str, Any]] = []
     card_rows = {name: CardRow(name) for name in ["unsteered", "prompting", *chosen]}
     for name, (layer, s, value) in chosen.items():
-        method = next(m for m in settings.methods if m.name == name)
+        measured[name] = (layer, s, _edits(by_name[name], graph, layer, s))
         card_rows[name].layer, card_rows[name].strength = layer, s
-        card_rows[name].paper_strength = method.paper_strength(s, graph.seed.layer)
+        card_rows[name].paper_strength = by_name[name].paper_strength(s, graph.seed.layer)
         card_rows[name].selection_score = value
     per_prompt: list[dict[str, Any]] = []
     for j, prompt in enumerate(prompts):
         n = settings.samples if j == 0 else settings.neutral_samples
-        plans = [_Plan(name, *(chosen[name][:2] if name in chosen else (None, None)), j, k,
-                       _edits(next(m for m in settings.methods if m.name == name), graph, *chosen[name][:2])
-                       if name in chosen else {}) for name in methods for k in range(n)]
+        plans = [_Plan(name, layer, s, j, k, edits) for name, (layer, s, edits) in measured.items()
+                 for k in range(n)]
         rows = run(prompt, plans, 1000 * (j + 1), f"{theme.name}: prompt {j + 1}/{len(prompts)}")
         ask = [_Plan("prompting", None, None, j, k, {}) for k in range(n)]   # same sampling seed as the others
         rows += run(asked[j], ask, 1000 * (j + 1), f"{theme.name}: prompting {j + 1}/{len(prompts)}")
@@ -423,10 +422,7 @@ def _score(model: Any, judge: Any, topic: str, prompt: Tensor, rows: list[tuple[
     unsteered rows of this prompt (``neutral_reference``: more unsteered texts for the concept's anchor)."""
     tokens = [t for t, _ in rows]
     texts = [t for _, t in rows]
-    stop = model.tokenizer.eos_token_id
-    length = max(len(t) for t in tokens)
-    ppl = perplexity(model, prompt.cpu(), torch.tensor([t + [stop] * (length - len(t)) for t in tokens]),
-                     stop_token=stop)
+    ppl = perplexity_of_rows(model, prompt.cpu(), tokens, model.tokenizer.eos_token_id)
     base = [i for i, u in enumerate(unsteered) if u]
     if not base:
         raise FeatureFlowError("scoring needs unsteered rows of the same prompt")

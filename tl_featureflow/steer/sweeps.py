@@ -24,7 +24,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from tqdm.auto import tqdm
@@ -34,14 +34,21 @@ from tl_featureflow.checks import check_tokens
 from tl_featureflow.errors import CacheError, FeatureFlowError, InvalidArgumentError
 from tl_featureflow.refs import FeatureRef
 from tl_featureflow.saes.bank import SAEBank
-from tl_featureflow.steer.judge import NEUTRAL_TEXTS, OfflineJudge, perplexity
+from tl_featureflow.steer.judge import NEUTRAL_TEXTS, OfflineJudge, perplexity_of_rows
 from tl_featureflow.steer.steerer import Op, Positions, Schedule, Steerer, flow_coefficients
 
 __all__ = ["SweepSettings", "SweepSetting", "SweepRow", "SteeringSweep", "steering_sweep", "sweep_settings",
            "setting_coefficients", "generate_rows", "GeneratedRows", "SWEEP_SCHEMA_VERSION"]
 
 SWEEP_SCHEMA_VERSION = 2
-_FORMAT_V1 = "tl_featureflow.steering_sweep/1"   # version 1: settings inside ``meta`` (still read)
+_FORMAT_V1 = "tl_featureflow.steering_sweep/1"
+_T = TypeVar("_T")   # version 1: settings inside ``meta`` (still read)
+
+
+def settings_from_dict(cls: type[_T], data: dict[str, Any]) -> _T:
+    """A settings dataclass from its ``asdict`` form read back from JSON (lists as tuples; unknown keys ignored)."""
+    names = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+    return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in data.items() if k in names})
 
 
 @dataclass(frozen=True)
@@ -97,8 +104,7 @@ class SweepSettings:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SweepSettings:
         """Settings from :meth:`to_dict` (or a version-1 sweep's ``meta``); unknown keys are ignored."""
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in data.items() if k in names})
+        return settings_from_dict(cls, data)
 
 
 @dataclass(frozen=True)
@@ -157,11 +163,7 @@ class SteeringSweep:
         if model is None:
             raise FeatureFlowError("scoring a sweep needs the judge's language model: OfflineJudge(model)")
         prompt = torch.tensor([self.meta["prompt_tokens"]])
-        length = max(len(r.tokens) for r in self.rows)
-        pad = self.meta.get("stop_token")
-        fill = pad if pad is not None else 0
-        conts = torch.tensor([r.tokens + [fill] * (length - len(r.tokens)) for r in self.rows])
-        ppl = perplexity(model, prompt, conts, stop_token=pad)
+        ppl = perplexity_of_rows(model, prompt, [r.tokens for r in self.rows], self.meta.get("stop_token"))
         base_idx = [i for i, r in enumerate(self.rows) if r.mode == "baseline"]
         base_texts = [self.rows[i].text for i in base_idx]
         if suppress:

@@ -1,6 +1,11 @@
 """What a bank's training budget buys: top-1 matching, the exhaustive bound and EV against training tokens.
 
     .venv/bin/python demos/tokens_curve.py [--budgets 49152 98304 196608 393216] [--texts 8] [--out featureflow-out/curve]
+    .venv/bin/python demos/tokens_curve.py --checkpoints RUN_DIR [--every 2] [--texts 8]
+
+With ``--checkpoints`` no bank is trained: the points are the checkpoints of one long run (the
+``paper`` preset's run folder; with a constant learning rate a checkpoint's bank is exactly the
+bank of a run that stopped there, tests/test_training.py), plus its final bank, at layer 15.
 
 For each budget, a bank of the quick preset's settings at layers 14-15 (res, mlp, att; 6 SAEs) is
 trained on that many tokens (resumable, cached in ``--out``), then validated the paper's way at
@@ -17,7 +22,26 @@ from pathlib import Path
 
 import tl_featureflow as ff
 from tl_featureflow.flow.contexts import feature_contexts
+from tl_featureflow.saes import training
 from tl_featureflow.saes.corpus import load_corpus
+from tl_featureflow.saes.quality import evaluate_bank
+
+KEYS = [("res", 14), ("res", 15), ("mlp", 15), ("att", 15)]
+
+
+def _banks(model, args):
+    """(tokens, bank, training seconds or None) per point of the curve."""
+    if args.checkpoints:
+        for tokens, folder in list(training.checkpoints(args.checkpoints).items())[args.every - 1::args.every]:
+            yield tokens, training.load_checkpoint_bank(folder, keys=KEYS), None
+        final = ff.SAEBank.load(Path(args.checkpoints) / "bank").select(layers=[14, 15])
+        yield final.metadata["training_tokens"], ff.SAEBank({k: final[k] for k in KEYS}, metadata=final.metadata), None
+        return
+    for budget in args.budgets:
+        start = time.perf_counter()
+        bank = ff.train_bank(model, layers=[14, 15], preset="quick", training_tokens=budget,
+                             out=Path(args.out) / f"bank-{budget}", progress=False)
+        yield budget, bank, time.perf_counter() - start
 
 
 def main() -> None:
@@ -25,15 +49,16 @@ def main() -> None:
     parser.add_argument("--budgets", type=int, nargs="+", default=[49_152, 98_304, 196_608, 393_216])
     parser.add_argument("--texts", type=int, default=8)
     parser.add_argument("--out", default="featureflow-out/curve")
+    parser.add_argument("--checkpoints", help="a run folder: measure its checkpoints instead of training banks")
+    parser.add_argument("--every", type=int, default=1, help="with --checkpoints: every n-th checkpoint (default: 1)")
     args = parser.parse_args()
     model = ff.load_embedded_model()
-    texts = load_corpus(model.tokenizer, "heldout", progress=False).tokens[: args.texts]
+    heldout = load_corpus(model.tokenizer, "heldout", progress=False).tokens
+    texts = heldout[: args.texts]
     rows = []
-    for budget in args.budgets:
-        start = time.perf_counter()
-        bank = ff.train_bank(model, layers=[14, 15], preset="quick", training_tokens=budget,
-                             out=Path(args.out) / f"bank-{budget}", progress=False)
-        trained = time.perf_counter() - start
+    for budget, bank, trained in _banks(model, args):
+        if "quality" not in bank.metadata:
+            bank.metadata["quality"] = evaluate_bank(model, bank, heldout[:128], loss_rows=0, progress=False).to_dict()
         contexts = feature_contexts(model, bank, progress=False)
         alive = contexts.alive()
         report = ff.validate(ff.FlowTracer(bank, model, contexts=None), model, texts, layers=[15],
@@ -44,7 +69,7 @@ def main() -> None:
                            for m in ("top1", "exhaustive_single", "attribution"))
         row = (f"| {budget:,} | {quality[('res', 15)]:.3f} | {quality[('mlp', 15)]:.3f} | {quality[('att', 15)]:.3f} | "
                f"{100 * top1:.1f}% | {100 * exh:.1f}% | {100 * (exh - top1):.1f} | {100 * attr:.1f}% | "
-               f"{table['top1']['n']} | {trained:.0f} s |")
+               f"{table['top1']['n']} | {'-' if trained is None else f'{trained:.0f} s'} |")
         rows.append(row)
         print(row, flush=True)
     print("| training tokens | EV res15 | EV mlp15 | EV att15 | top-1 | exhaustive (paper's) | gap (points) | "

@@ -32,3 +32,44 @@ def test_train_saes_arguments_parse():
 
     with pytest.raises(SystemExit):
         build_parser().parse_args(["train-saes", "--sites", "resid"])
+
+
+def _cache_banks(tmp_path, monkeypatch, tokens_by_preset):
+    import json
+
+    from tl_featureflow import embedded
+
+    monkeypatch.setattr(embedded, "embedded_bank_dir", lambda preset="quick": tmp_path / preset)
+    for preset, tokens in tokens_by_preset.items():
+        (tmp_path / preset / "bank").mkdir(parents=True, exist_ok=True)
+        (tmp_path / preset / "bank" / "bank.json").write_text(json.dumps({"metadata": {"training_tokens": tokens}}))
+
+
+def test_the_best_cached_bank_has_the_most_tokens(tmp_path, monkeypatch):
+    import pytest
+
+    import tl_featureflow as ff
+    from tl_featureflow.embedded import best_cached_preset
+
+    _cache_banks(tmp_path, monkeypatch, {})
+    assert best_cached_preset() == "quick"                        # nothing cached: quick, trained on first use
+    _cache_banks(tmp_path, monkeypatch, {"quick": 589_824, "deep": 196_608})
+    assert best_cached_preset() == "quick"
+    _cache_banks(tmp_path, monkeypatch, {"deep": 589_824})
+    assert best_cached_preset() == "deep"                         # equal tokens: the earlier candidate (more layers)
+    _cache_banks(tmp_path, monkeypatch, {"paper": 1_572_864})
+    assert best_cached_preset() == "deep"                         # the paper bank has no flow across layers
+    assert best_cached_preset(("full", "paper", "deep", "quick")) == "paper"
+    with pytest.raises(ff.InvalidArgumentError, match="nope"):
+        best_cached_preset(("nope",))
+
+
+def test_commands_without_a_preset_load_the_best_cached_bank(tmp_path, monkeypatch):
+    from tl_featureflow import cli, embedded
+
+    _cache_banks(tmp_path, monkeypatch, {"quick": 589_824, "paper": 1_572_864})
+    loaded = []
+    monkeypatch.setattr(embedded, "load_embedded_bank", lambda preset, **kw: loaded.append(preset))
+    for argv in (["demo"], ["validate", "--paper"], ["demo", "--preset", "deep"]):
+        cli._load_bank(build_parser().parse_args(argv), model=None)
+    assert loaded == ["quick", "paper", "deep"]

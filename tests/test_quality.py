@@ -64,12 +64,12 @@ def test_layer_local_loss_equals_a_full_forward(tiny_model, tokens):
 
 
 def test_the_report_says_when_a_bank_is_below_the_matching_knee():
-    from tl_featureflow.saes.quality import MATCHING_STILL_IMPROVING_AT, SAEQuality
+    from tl_featureflow.saes.quality import MATCHING_KNEE, SAEQuality
 
     rows = [SAEQuality("res", 15, 0.9, 32.0, 0.01)]
     small = QualityReport(rows, meta={"training_tokens": 196_608})
     assert small.below_knee() and "Warning: these SAEs saw 196,608 training tokens" in small.table()
-    large = QualityReport(rows, meta={"training_tokens": MATCHING_STILL_IMPROVING_AT})
+    large = QualityReport(rows, meta={"training_tokens": MATCHING_KNEE})
     assert not large.below_knee() and "Warning" not in large.table()
     assert not QualityReport(rows).below_knee()                    # unknown budget: no claim
     bank = SAEBank({("res", 1): make_sae("res", 1)}, metadata={"quality": small.to_dict() | {"meta": {}},

@@ -55,6 +55,11 @@ def test_training_improves_saves_and_records_metadata(model, rows, tmp_path):
     mine, theirs = _state(bank), _state(loaded)
     assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
     assert not [p for p in (tmp_path / "run").iterdir() if p.name.startswith(".")]  # no temporary debris
+    # one threshold per feature (saes/thresholds.py), each SAE's L0 kept
+    assert all(sae.threshold.unique().numel() > sae.cfg.d_sae // 4 for sae in bank.values())
+    infos = bank.metadata["thresholds"]["saes"]
+    assert sorted(infos) == sorted(f"{layer}/{site}" for site, layer in bank)
+    assert all(info["l0_after"] == pytest.approx(info["l0_before"], rel=0.02) for info in infos.values())
 
 
 @pytest.mark.parametrize("trainer", ["fast", "saelens"])
@@ -142,3 +147,23 @@ def test_the_fast_step_trains_the_bank_saelens_would(model, rows, tmp_path):
             torch.testing.assert_close(fast[key].state_dict()[name], tensor, rtol=1e-3, atol=1e-4)
     with pytest.raises(ff.InvalidArgumentError, match="unknown trainer"):
         train_bank(model, preset="tiny", out=tmp_path / "x", tokens=rows, progress=False, trainer="mine")
+
+
+def test_a_checkpoint_bank_is_the_bank_of_a_run_that_stopped_there(model, rows, tmp_path):
+    """Constant learning rate and a deterministic stream: the curve of a long run's checkpoints is exact."""
+    from dataclasses import replace
+
+    preset = replace(training.PRESETS["tiny"], calibration_tokens=0)   # SAELens's conversion on both sides
+    train_bank(model, preset=preset, out=tmp_path / "long", tokens=rows[:200], layers=[1], sites=["res"],
+               progress=False)
+    found = training.checkpoints(tmp_path / "long")
+    assert len(found) == preset.n_checkpoints
+    tokens = min(found)
+    early = training.load_checkpoint_bank(found[tokens], keys=[("res", 1)])
+    assert early.metadata["training_tokens"] == tokens < preset.training_tokens
+    short = train_bank(model, preset=preset, out=tmp_path / "short", tokens=rows[:200], layers=[1], sites=["res"],
+                       training_tokens=tokens, progress=False)
+    for name, tensor in short["res", 1].state_dict().items():
+        torch.testing.assert_close(early["res", 1].state_dict()[name], tensor, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ff.FeatureFlowError, match=r"\('mlp', 1\)"):
+        training.load_checkpoint_bank(found[tokens], keys=[("mlp", 1)])

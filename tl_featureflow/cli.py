@@ -1,8 +1,8 @@
 """The ``featureflow`` command. Imports stay lazy so ``--help`` answers at once.
 
 Every subcommand works on the embedded SmolLM2 (offline) with its SAE bank: the
-``quick`` preset by default (trained on first use, ~8 min on 2 CPU cores), another
-preset with ``--preset``, or any saved :class:`~tl_featureflow.saes.bank.SAEBank` folder
+best bank already in the cache by default (the ``quick`` preset, trained on first use, when
+there is none), another preset with ``--preset``, or any saved :class:`~tl_featureflow.saes.bank.SAEBank` folder
 with ``--bank``. Results go under ``featureflow-out/`` unless ``--out`` says otherwise.
 """
 
@@ -44,9 +44,12 @@ def _load_bank(args: argparse.Namespace, model: Any) -> Any:
         if hasattr(model, "check_bank"):
             model.check_bank(bank)
         return bank
-    from tl_featureflow.embedded import load_embedded_bank
+    from tl_featureflow.embedded import FLOW_PRESETS, best_cached_preset, load_embedded_bank
 
-    return load_embedded_bank(args.preset, model=model, device=args.device)
+    preset = args.preset
+    if preset is None:   # the best bank already in the cache (the quick one, trained now, when there is none)
+        preset = best_cached_preset(("full", "paper", *FLOW_PRESETS[1:]) if getattr(args, "paper", False) else FLOW_PRESETS)
+    return load_embedded_bank(preset, model=model, device=args.device)
 
 
 def _heldout_tokens(model: Any, n: int) -> Any:
@@ -245,8 +248,10 @@ def _report(args: argparse.Namespace) -> int:
 def _common(p: argparse.ArgumentParser, *, bank: bool = True) -> None:
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     if bank:
-        p.add_argument("--preset", default="quick", choices=list(PRESETS),
-                       help="the embedded model's SAE bank (default: quick, trained on first use)")
+        p.add_argument("--preset", default=None, choices=list(PRESETS),
+                       help="the embedded model's SAE bank (default: the cached one trained on the most tokens, "
+                            "full > deep > quick; with validate --paper also the paper bank; else quick, trained "
+                            "on first use)")
         p.add_argument("--bank", help="a saved SAEBank folder instead of the embedded model's bank")
 
 

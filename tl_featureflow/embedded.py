@@ -45,6 +45,8 @@ __all__ = [
     "load_embedded_model",
     "load_embedded_hf_model",
     "embedded_bank_dir",
+    "best_cached_preset",
+    "FLOW_PRESETS",
     "load_embedded_bank",
 ]
 
@@ -228,6 +230,36 @@ def embedded_bank_dir(preset: str = "quick") -> Path:
     return cache_root() / "banks" / f"{EMBEDDED_MODEL_NAME}-{preset}-corpus{corpus.hash}-v{TRAINING_VERSION}"
 
 
+#: Presets whose banks cover consecutive layers (flow graphs, the demo), best first on equal tokens.
+FLOW_PRESETS: tuple[str, ...] = ("full", "deep", "quick")
+
+
+def best_cached_preset(candidates: tuple[str, ...] = FLOW_PRESETS) -> str:
+    """The candidate preset whose embedded bank is in the cache with the most training tokens per SAE.
+
+    Ties go to the earlier candidate; ``candidates[-1]`` (trained on first use) when none is
+    cached. Reads only each bank's index, not its SAEs.
+    """
+    unknown = [name for name in candidates if name not in _presets()]
+    if unknown or not candidates:
+        raise InvalidArgumentError(f"unknown presets {unknown or list(candidates)}: expected some of {sorted(_presets())}")
+    best: tuple[int, str] | None = None
+    for name in candidates:
+        index = embedded_bank_dir(name) / "bank" / "bank.json"
+        if not index.is_file():
+            continue
+        tokens = int(json.loads(index.read_text()).get("metadata", {}).get("training_tokens", 0))
+        if best is None or tokens > best[0]:
+            best = (tokens, name)
+    return best[1] if best else candidates[-1]
+
+
+def _presets() -> dict[str, Any]:
+    from tl_featureflow.saes.presets import PRESETS
+
+    return PRESETS
+
+
 def load_embedded_bank(
     preset: str = "quick",
     *,
@@ -269,7 +301,7 @@ def _train_embedded_bank(preset: str, folder: Path, model: FlowTransformer | Non
     """Train the embedded model's bank for ``preset`` into ``folder``, saying so first."""
     from tl_featureflow.saes.training import PRESETS, train_bank
 
-    expected = {"quick": "about 8 minutes on 2 CPU cores", "deep": "about 25 minutes", "full": "hours on a CPU",
+    expected = {"quick": "about 20 minutes on 2 CPU cores", "deep": "about 30 minutes", "paper": "about an hour", "full": "hours on a CPU",
                 "smoke": "about a minute"}.get(preset, "a while")
     print(f"No SAE bank for {EMBEDDED_MODEL_NAME} yet: training the {PRESETS[preset].describe()} "
           f"({expected}) into {folder}. An interrupted run resumes where it stopped.", flush=True)

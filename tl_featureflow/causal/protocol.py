@@ -22,6 +22,7 @@ from torch import Tensor
 from tl_featureflow.causal.results import PAPER_TABLE1, TABLE1_METHODS, ValidationReport
 from tl_featureflow.errors import FeatureFlowError
 from tl_featureflow.saes.bank import SAEBank
+from tl_featureflow.saes.presets import table1_layers
 
 __all__ = ["paper_layers", "run_paper_protocol", "table1_markdown", "attribution_summary", "PAPER_METHODS",
            "PAPER_R"]
@@ -29,12 +30,11 @@ __all__ = ["paper_layers", "run_paper_protocol", "table1_markdown", "attribution
 PAPER_METHODS: tuple[str, ...] = ("top1", "pearson", "exhaustive_single", "attribution", "exhaustive", "random")
 #: The main r first (0: remove), then the sweep (the paper swept r from -2 to 3).
 PAPER_R: tuple[float, ...] = (0.0, -2.0, -1.0, 0.5, 1.5, 2.0, 3.0)
-_FRACTIONS = (0.25, 0.5, 0.75)
 
 
 def paper_layers(n_layers: int, bank: SAEBank) -> list[int]:
     """The layers at about 1/4, 1/2 and 3/4 of the depth that the bank covers (res(L-1), res(L), mlp(L), att(L))."""
-    wanted = sorted({min(n_layers - 1, max(1, round(f * n_layers))) for f in _FRACTIONS})
+    wanted = table1_layers(n_layers)
     covered = [layer for layer in wanted
                if all(key in bank for key in (("res", layer), ("res", layer - 1), ("mlp", layer), ("att", layer)))]
     if not covered:

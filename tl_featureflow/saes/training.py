@@ -8,8 +8,10 @@ checkpoint and ends with the same SAEs as an uninterrupted run.
 
 SAEs are trained as BatchTopK (a fixed average number ``k`` of active features per
 token: sparsity is set directly instead of tuned through an L1 coefficient) and saved
-by SAELens as **JumpReLU** SAEs with the learned threshold, so everything that expects
-JumpReLU thresholds (folding, threshold-scaled steering) works on them.
+by SAELens as **JumpReLU** SAEs. SAELens's conversion gives every feature the same
+threshold; we then calibrate one threshold per feature
+(:func:`~tl_featureflow.saes.thresholds.calibrate_bank`, at each SAE's own L0), so folding,
+threshold-scaled steering and "fell below its threshold" mean something per feature.
 
 >>> bank = train_bank(model, preset="quick", out="banks/smollm2-quick")   # doctest: +SKIP
 """
@@ -36,24 +38,31 @@ from tl_featureflow.errors import FeatureFlowError, InvalidArgumentError, ModelM
 from tl_featureflow.refs import SITES, Key, Site, check_layer, hook_name
 from tl_featureflow.saes import fast_step
 from tl_featureflow.saes.bank import SAEBank
-from tl_featureflow.saes.presets import PRESETS, TRAINING_VERSION, Preset, preset_layers
+from tl_featureflow.saes.presets import PRESETS, TRAINING_VERSION, Preset, preset_keys, preset_layers
 from tl_featureflow.saes.stream import ActivationStream
 
-__all__ = ["TRAINING_VERSION", "Preset", "PRESETS", "preset_layers", "ActivationStream", "train_bank"]
+__all__ = ["TRAINING_VERSION", "Preset", "PRESETS", "preset_layers", "ActivationStream", "train_bank", "checkpoints",
+           "load_checkpoint_bank"]
 
 _COMPLETE = "complete.json"
 
-def _check_request(model: Any, sites: Sequence[str], layers: Sequence[int]) -> tuple[list[Site], list[int]]:
+def _check_request(model: Any, sites: Sequence[str], layers: Sequence[int] | None, preset: Preset) -> list[Key]:
+    """The ``(site, layer)`` keys to train: the preset's (``layers=None``) or every site x layer asked for."""
     bad_sites = [s for s in sites if s not in SITES]
     if bad_sites or not sites:
         raise InvalidArgumentError(f"unknown sites {bad_sites or list(sites)}: expected some of {SITES}")
+    if layers is None:
+        keys = [key for key in preset_keys(preset, model.cfg.n_layers) if key[0] in sites]
+        if not keys:
+            raise InvalidArgumentError(f"the {preset.name} preset trains no SAE at sites {list(sites)}")
+        return keys  # type: ignore[return-value]
     layers = [check_layer(layer) for layer in layers]
     too_deep = [layer for layer in layers if layer >= model.cfg.n_layers]
     if too_deep or not layers:
         raise ModelMismatchError(
             f"layers {too_deep or layers} are not layers of the model, which has {model.cfg.n_layers} (0-{model.cfg.n_layers - 1})"
         )
-    return [s for s in SITES if s in sites], sorted(set(layers))  # type: ignore[misc]
+    return [(site, layer) for layer in sorted(set(layers)) for site in SITES if site in sites]
 
 
 def _latest_checkpoint(folder: Path) -> Path | None:
@@ -92,7 +101,8 @@ def train_bank(
     Args:
         model: a HookedTransformer (the embedded SmolLM2 or any other).
         sites, layers: what to train (default layers: the preset's choice for this model).
-        preset: ``"quick"``, ``"full"``, ``"tiny"`` or a :class:`Preset`.
+        preset: a name in :data:`PRESETS` (``"quick"``, ``"paper"``, ``"deep"``, ``"full"``, ``"tiny"``,
+            ``"smoke"``) or a :class:`Preset`.
         out: the run folder. Checkpoints go to ``out/checkpoints`` (resumed from when
             present), the bank to ``out/bank``. A folder holding another run is refused.
         tokens: ``[n_rows, ctx]`` training rows (default: the offline corpus's train split).
@@ -110,9 +120,8 @@ def train_bank(
     if trainer not in ("fast", "saelens"):
         raise InvalidArgumentError(f"unknown trainer {trainer!r}: expected 'fast' or 'saelens'")
     preset = _resolve_preset(preset, training_tokens)
-    sites, layers = _check_request(model, sites, preset_layers(preset, model.cfg.n_layers) if layers is None else layers)
+    keys = _check_request(model, sites, layers, preset)
     tokens, eval_tokens, corpus_meta = _training_rows(model, preset, tokens, eval_tokens, progress)
-    keys: list[Key] = [(site, layer) for layer in layers for site in sites]
     names = {f"{site}_{layer}": (site, layer) for site, layer in keys}
     hooks = {name: hook_name(*key) for name, key in names.items()}
     run = {
@@ -122,22 +131,62 @@ def train_bank(
     }
     # checked before anything is written: a corpus too small for one chunk or batch
     stream = ActivationStream(model, tokens, list(dict.fromkeys(hooks.values())), batch_tokens=preset.batch_tokens,
-                              chunk_rows=preset.chunk_rows, seed=seed, stop_at_layer=max(layers) + 1)
+                              chunk_rows=preset.chunk_rows, seed=seed, stop_at_layer=max(layer for _, layer in keys) + 1)
     out = Path(out)
     _claim_run_folder(out, run)
     device = str(next(model.parameters()).device)
     saes = _new_training_saes(hooks, model.cfg.d_model, preset, device, seed, run["model"])
     trained, elapsed = _fit(saes, hooks, stream, preset, model.cfg.d_model, out / "checkpoints", device, progress,
                             trainer)
-    inference = _to_inference(trained, names, out, device)
+    inference, thresholds = _per_feature_thresholds(model, _to_inference(trained, names, out, device), tokens, preset,
+                                                    seed, progress)
     quality = _quality(model, inference, eval_tokens, preset, out, progress)
-    bank = SAEBank(inference, metadata={
+    bank = SAEBank(inference, metadata={**thresholds,
         **(metadata or {}), "model": run["model"], "corpus": corpus_meta, "preset": preset.name,
         "preset_settings": asdict(preset), "training_tokens": preset.training_tokens, "seed": seed,
         "train_seconds_last_session": round(elapsed, 1), "trainer": trainer, **_versions(), "quality": quality,
     })
     bank.save(out / "bank")
     return bank
+
+
+def checkpoints(out: str | Path) -> dict[int, Path]:
+    """A run folder's complete checkpoints by tokens seen (SAELens names each by its sample count)."""
+    folder = Path(out) / "checkpoints"
+    found = {int(path.name): path for path in folder.iterdir()
+             if (path / _COMPLETE).is_file() and path.name.isdigit()} if folder.is_dir() else {}
+    return dict(sorted(found.items()))
+
+
+def load_checkpoint_bank(checkpoint: str | Path, *, keys: Sequence[Key] | None = None,
+                         device: str = "cpu") -> SAEBank:
+    """The bank a run would have ended with at one of its checkpoints (SAELens's conversion, one threshold per SAE).
+
+    Each training SAE is loaded, its activation scaling folded in and converted to JumpReLU
+    the way :func:`train_bank` converts the final SAEs. With ``keys`` only those SAEs.
+    Metadata: ``training_tokens`` (the tokens seen) and ``checkpoint``.
+    """
+    from sae_lens.saes.sae import SAE, TrainingSAE
+
+    checkpoint = Path(checkpoint)
+    folders = {(site, int(layer)): path for path in sorted(checkpoint.iterdir()) if (path / "cfg.json").is_file()
+               for site, layer in [path.name.split("_")]}
+    wanted = list(folders) if keys is None else list(keys)
+    missing = [key for key in wanted if key not in folders]
+    if not folders or missing:
+        raise FeatureFlowError(f"checkpoint {checkpoint} holds SAEs {sorted(folders)}: expected {missing or 'some'}")
+    saes: dict[Key, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="ff-checkpoint-") as final:
+        for key in wanted:
+            sae = TrainingSAE.load_from_disk(folders[key], device=device)
+            scaler = folders[key] / "activation_scaler.json"
+            factor = json.loads(scaler.read_text()).get("scaling_factor") if scaler.is_file() else None
+            if factor is not None:
+                sae.fold_activation_norm_scaling_factor(factor)
+            sae.save_inference_model(Path(final) / folders[key].name)
+            saes[key] = SAE.load_from_disk(Path(final) / folders[key].name, device=device)
+    return SAEBank(saes, metadata={"training_tokens": int(checkpoint.name) if checkpoint.name.isdigit() else None,
+                                   "checkpoint": str(checkpoint)})
 
 
 # -- the steps of train_bank ---------------------------------------------------------------------------
@@ -248,6 +297,18 @@ def _to_inference(trained: dict[str, Any], names: dict[str, Key], out: Path, dev
             sae.save_inference_model(Path(final) / name)
             inference[names[name]] = SAE.load_from_disk(Path(final) / name, device=device)
     return inference
+
+
+def _per_feature_thresholds(model: Any, inference: dict[Key, Any], tokens: Tensor, preset: Preset, seed: int,
+                            progress: bool) -> tuple[dict[Key, Any], dict[str, Any]]:
+    """One JumpReLU threshold per feature (:mod:`~tl_featureflow.saes.thresholds`) unless the preset keeps SAELens's one."""
+    if not preset.calibration_tokens:
+        return inference, {"thresholds": {"method": "one per SAE (SAELens's BatchTopK conversion)"}}
+    from tl_featureflow.saes.thresholds import calibrate_bank
+
+    bank = calibrate_bank(model, SAEBank(inference), tokens, n_tokens=preset.calibration_tokens, seed=seed + 1,
+                          progress=progress)
+    return dict(bank.items()), {"thresholds": bank.metadata["thresholds"]}
 
 
 def _quality(model: Any, inference: dict[Key, Any], eval_tokens: Tensor | None, preset: Preset, out: Path,

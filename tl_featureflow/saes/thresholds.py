@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -113,27 +114,33 @@ class _Cuts:
 
     def at_l0(self, target: float, scale: float, iterations: int) -> tuple[Tensor, float]:
         """Thresholds whose mean L0 over the tokens is ``target`` (bisection on log lambda) and that lambda."""
-        low, high = -12.0, 12.0                    # log10(lambda / scale): a higher lambda fires less
-        for _ in range(iterations):
-            mid = (low + high) / 2
-            theta, n_fired = self.thresholds(scale * 10 ** mid)
-            l0 = float(n_fired.sum()) / self.n_tokens
-            if abs(l0 - target) <= 1e-3 * target:
-                break
-            low, high = (mid, high) if l0 > target else (low, mid)
-        return theta, scale * 10 ** mid
+        last: list[Tensor] = []
+
+        def l0_at(log_lam: float) -> float:
+            theta, n_fired = self.thresholds(scale * 10 ** log_lam)
+            last[:] = [theta]
+            return float(n_fired.sum()) / self.n_tokens
+
+        log_lam = _bisect_log10(l0_at, target, -12.0, 12.0, iterations)   # log10(lambda / scale)
+        return last[0], scale * 10 ** log_lam
+
+
+def _bisect_log10(l0_at: Callable[[float], float], target: float, low: float, high: float, iterations: int) -> float:
+    """Where the decreasing ``l0_at`` meets ``target`` (within 0.1%), by bisection on ``[low, high]``."""
+    for _ in range(iterations):
+        mid = (low + high) / 2
+        l0 = l0_at(mid)
+        if abs(l0 - target) <= 1e-3 * target:
+            break
+        low, high = (mid, high) if l0 > target else (low, mid)
+    return mid
 
 
 def _scaled_to_l0(pre: Tensor, theta: Tensor, target: float, iterations: int = 40) -> Tensor:
     """``theta`` times the one factor that makes the mean L0 over ``pre``'s tokens equal ``target``."""
-    low, high = -3.0, 3.0                          # log10 of the factor
-    for _ in range(iterations):
-        mid = (low + high) / 2
-        l0 = float((pre > theta * 10 ** mid).sum()) / pre.shape[0]
-        if abs(l0 - target) <= 1e-3 * target:
-            break
-        low, high = (mid, high) if l0 > target else (low, mid)
-    return theta * 10 ** mid
+    log_factor = _bisect_log10(lambda m: float((pre > theta * 10 ** m).sum()) / pre.shape[0], target, -3.0, 3.0,
+                               iterations)
+    return theta * 10 ** log_factor
 
 
 @dataclass(frozen=True)
@@ -219,7 +226,7 @@ def calibrate_thresholds(
     theta0 = work.threshold.detach().clone()
     mse0, acts, residual = measure(theta0)
     l0_before = float((acts > 0).sum(-1).float().mean())
-    dead_before = float(((acts > 0).sum(0) == 0).float().mean())
+    dead_before = float((fired_before == 0).float().mean())
     target = l0_before if target_l0 is None else float(target_l0)
     theta, best, history, lam = theta0, (math.inf, theta0), [], math.nan
     for step in range(rounds):

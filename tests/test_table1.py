@@ -9,7 +9,9 @@ from conftest import D_VOCAB, make_bank
 from tl_featureflow.causal import experiment
 from tl_featureflow.causal.attribution import model_activations, split_at, split_preactivations
 from tl_featureflow.causal.pearson import pearson_matches
+from tl_featureflow.causal.protocol import table1_markdown
 from tl_featureflow.causal.results import ValidationReport, ValidationRow
+from tl_featureflow.viz.html import _table1_tables
 
 
 @pytest.fixture
@@ -176,3 +178,25 @@ def test_live_only_matching_and_the_dead_share(tiny_model, text):
     report = ff.validate(tracer, tiny_model, text, layers=[2], methods=("top1",), alive=alive, progress=False)
     assert report.meta["dead_top1"]["2"]["mlp"] == pytest.approx(by_hand)
     assert report.meta["dead_top1"]["2"]["res"] == 0.0
+
+
+def test_table1_per_layer_splits_targets_by_their_own_layer():
+    def row(target, method, group, z_new):
+        return ValidationRow(0, 1, target, method, group, 1.0, z_new, 0.0, ["x"])
+
+    rows = [row("5/res/1", "top1", "RES", 0.0), row("5/res/1", "exhaustive_single", "RES", 0.0),
+            row("9/res/1", "top1", "MLP", 0.5), row("9/res/1", "exhaustive_single", "MLP", 0.0),
+            row("9/res/2", "top1", "ATT", 1.0), row("9/res/2", "exhaustive_single", "ATT", 0.0)]
+    counts = {"5": {"top1": {"RES": 1}}, "9": {"top1": {"MLP": 1, "ATT": 1}}}
+    attributions = [{"target": "5/res/1"}, {"target": "9/res/2"}]
+    report = ValidationReport(rows, counts, {"r": 0.0}, attributions)
+    at9 = report.at_layers(9)
+    assert {r.target for r in at9.rows} == {"9/res/1", "9/res/2"} and list(at9.group_counts) == ["9"]
+    assert at9.attributions == [{"target": "9/res/2"}]
+    assert at9.table1()["top1"] == {"success_rate": 0.0, "activation_change": pytest.approx(0.25), "n": 2}
+    assert report.at_layers([5]).table1()["top1"] == {"success_rate": 1.0, "activation_change": 1.0, "n": 1}
+    assert len(report.at_layers([5, 9]).rows) == len(rows) and len(report.rows) == 6     # the report is kept
+    plain = ValidationReport(rows, counts, {"r": 0.0})
+    assert "| top-1 cosine | 100.0% (1) | 0.0% (2) |" in table1_markdown(plain)
+    page = "".join(_table1_tables(plain))
+    assert "Per layer" in page and "layer 9" in page

@@ -164,6 +164,16 @@ def table1_markdown(report: ValidationReport, *, command: str = "") -> str:
                  else "-" for g in groups]
         if any(c != "-" for c in cells):
             lines.append(f"| {names[method]} | " + " | ".join(cells) + " |")
+    layers = sorted(int(layer) for layer in report.group_counts)
+    if len(layers) > 1:
+        per_layer = {layer: report.at_layers(layer).table1() for layer in layers}
+        lines += ["", "Table 1 per layer (success rate, n; each layer's own target set):", "",
+                  "| method | " + " | ".join(f"layer {layer}" for layer in layers) + " |", "|---|" + "---|" * len(layers)]
+        for method in TABLE1_METHODS:
+            cells = [f"{_pct(t[method]['success_rate'])} ({t[method]['n']})" if method in t else "-"
+                     for t in per_layer.values()]
+            if any(c != "-" for c in cells):
+                lines.append(f"| {names[method]} | " + " | ".join(cells) + " |")
     lines += ["", "Our broader table (every target with an active match of that method; groups of all kinds):", "",
               "| method | success rate | activation change | n | mean abs. loss change |", "|---|---|---|---|---|"]
     for method, row in report.summary().items():

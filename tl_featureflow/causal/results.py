@@ -106,6 +106,25 @@ class ValidationReport:
         return {name: {"success_rate": sum(s for s, _ in v) / len(v), "activation_change": sum(c for _, c in v) / len(v),
                        "n": len(v)} for name, v in table.items()}
 
+    def at_layers(self, layers: int | list[int]) -> ValidationReport:
+        """The part of the report whose targets sit at ``layers`` (rows, attributions, group counts; same meta).
+
+        Table 1 per layer: ``report.at_layers(15).table1()``. The paper's target set is then
+        the one of those layers alone (each target is chosen by its own layer's rows).
+
+        >>> row = lambda target: ValidationRow(0, 1, target, "top1", "RES", 1.0, 0.0, 0.0)
+        >>> ValidationReport([row("8/res/1"), row("15/res/2")]).at_layers(15).rows[0].target
+        '15/res/2'
+        """
+        wanted = {int(layer) for layer in ([layers] if isinstance(layers, int) else layers)}
+
+        def here(target: str) -> bool:
+            return int(target.split("/", 1)[0]) in wanted
+
+        return ValidationReport([row for row in self.rows if here(row.target)],
+                                {layer: counts for layer, counts in self.group_counts.items() if int(layer) in wanted},
+                                dict(self.meta), [a for a in self.attributions if here(a["target"])])
+
     def summary(self, by: str = "method") -> dict[str, dict[str, float]]:
         """Success rate, mean activation change and count, by ``method`` or ``group``
         (``"method,group"`` for both), at the experiment's main ``r``."""

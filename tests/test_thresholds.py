@@ -136,3 +136,39 @@ def test_bad_calibration_input():
         calibrate_thresholds(planted_sae(SCALES), torch.randn(10, 8))
     with pytest.raises(ff.InvalidArgumentError, match="d_sae"):
         cut_thresholds(torch.zeros(4, 3), torch.zeros(4, 2), 1.0)
+
+
+def _cut_by_hand(pre, delta, lam, max_rows=None, min_fired=None):
+    """Each feature on its own: try every prefix of its positive values, largest first."""
+    theta = torch.empty(pre.shape[1], dtype=pre.dtype)
+    for j in range(pre.shape[1]):
+        values, order = pre[:, j].sort(descending=True)
+        positive = int((values > 0).sum())
+        m = positive if max_rows is None else min(positive, max_rows)
+        gains = torch.cumsum(delta[order[:m], j].double() + lam, 0)
+        n = int(gains.argmin()) + 1 if m and float(gains.min()) < 0 else 0
+        if min_fired is not None:
+            n = max(n, min(int(min_fired[j]), m))
+        if n == 0:
+            theta[j] = torch.nextafter(values[0], torch.tensor(math.inf, dtype=pre.dtype)) if m else 0.0
+        else:
+            theta[j] = (values[n - 1] + (values[n].clamp(min=0) if n < m else 0.0)) / 2
+    return theta.clamp(min=THRESHOLD_FLOOR)
+
+
+def test_the_sparse_cuts_equal_a_by_hand_search_per_feature():
+    from tl_featureflow.saes.thresholds import _Cuts
+
+    gen = torch.Generator().manual_seed(3)
+    pre = torch.randn(300, 40, generator=gen, dtype=torch.float64) - 1.0       # ~16% positive, as in real SAEs
+    pre[:, 5] = -1.0                                                           # a feature that is never positive
+    delta = torch.randn(300, 40, generator=gen, dtype=torch.float64)
+    for lam in (-0.5, 0.0, 0.3, 2.0):
+        torch.testing.assert_close(cut_thresholds(pre, delta, lam), _cut_by_hand(pre, delta, lam), rtol=0, atol=0)
+    min_fired = torch.randint(0, 30, (40,), generator=gen)
+    cuts = _Cuts(pre, 20, min_fired)
+    cuts.set_delta(delta)
+    theta, n_fired = cuts.thresholds(0.3)
+    torch.testing.assert_close(theta, _cut_by_hand(pre, delta, 0.3, 20, min_fired), rtol=0, atol=0)
+    assert int(n_fired[5]) == 0 and float(theta[5]) == THRESHOLD_FLOOR
+    assert bool((n_fired <= 20).all())

@@ -225,3 +225,26 @@ def test_grouped_query_attention_stores_kv_unexpanded():
     assert W_K is attn._W_K and torch.equal(attn.W_K, W_K.repeat_interleave(2, dim=0))
     plain = HookedTransformer(tiny_cfg()).blocks[0].attn
     assert _compat.stored_kv_weights(plain)[0] is plain.W_K
+
+
+def test_fuse_adam_gives_torchs_fused_step_and_survives_a_resume(tmp_path):
+    multi = _tiny_multi_trainer(tmp_path)
+    trainer = multi.trainers["a"]
+    params = list(trainer.sae.parameters())
+    start = [p.detach().clone() for p in params]
+    reference = [torch.nn.Parameter(p.clone()) for p in start]
+    group = trainer.optimizer.param_groups[0]
+    fused = torch.optim.Adam(reference, lr=group["lr"], betas=group["betas"], fused=True)
+    assert _compat.fuse_adam(trainer)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        for mine, ref in zip(params, reference, strict=True):
+            mine.grad = torch.randn(mine.shape, generator=gen)
+            ref.grad = mine.grad.clone()
+        trainer.optimizer.step()
+        fused.step()
+    assert all(torch.equal(m.detach(), r.detach()) for m, r in zip(params, reference, strict=True))
+    assert not all(torch.equal(m.detach(), s) for m, s in zip(params, start, strict=True))
+    resumed = torch.optim.Adam(reference, lr=group["lr"])                 # SAELens's default, then its saved state
+    resumed.load_state_dict(trainer.optimizer.state_dict())
+    assert resumed.param_groups[0]["fused"] is True

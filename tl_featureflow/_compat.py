@@ -199,6 +199,21 @@ def replace_train_step(trainer: Any, step: Callable[[Any, torch.Tensor], Any]) -
     trainer._train_step = step
 
 
+def fuse_adam(trainer: Any) -> bool:
+    """Make one SAELens ``SAETrainer``'s Adam take torch's fused step (one kernel per tensor
+    instead of ~10 elementwise passes; SAELens builds it with the default). Returns whether it
+    did: only for the CPU and CUDA, where torch has the fused kernel. The optimiser, its state
+    and its scheduler stay SAELens's; the flag is saved with the optimiser's state, so a
+    resumed run keeps it."""
+    optimizer = trainer.optimizer
+    devices = {p.device.type for group in optimizer.param_groups for p in group["params"]}
+    if not isinstance(optimizer, torch.optim.Adam) or not devices <= {"cpu", "cuda"}:
+        return False
+    for group in optimizer.param_groups:
+        group["foreach"], group["fused"] = False, True
+    return True
+
+
 def estimate_scaling_factor(trainer: Any, d_in: int, batches: Iterator[torch.Tensor], n_batches: int) -> None:
     """Let one SAELens trainer's activation scaler estimate its normalisation factor."""
     trainer.activation_scaler.estimate_scaling_factor(d_in=d_in, data_provider=batches,

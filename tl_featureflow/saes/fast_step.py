@@ -266,13 +266,20 @@ def train_step(trainer: Any, sae: Any, sae_in: Tensor, state: dict[str, Any]) ->
                            metrics={"topk_threshold": sae.topk_threshold})
 
 
-def use_fast_step(trainer: Any) -> str | None:
+def use_fast_step(trainer: Any, *, fused_adam: bool = True) -> str | None:
     """Make one SAELens ``SAETrainer`` run :func:`train_step` (through ``_compat.replace_train_step``).
-    Returns why it cannot (the SAE's kind is not supported: SAELens's step stays), or None."""
+    Returns why it cannot (the SAE's kind is not supported: SAELens's step stays), or None.
+
+    ``fused_adam``: the trainer's Adam takes torch's fused step (``_compat.fuse_adam``; 0.44 vs
+    5.96 ms per step at width 1,728 on this CPU, the same update to float rounding), which
+    made Adam 12% of a `deep` training's time before.
+    """
     from tl_featureflow import _compat
 
     reason = supports(trainer.sae, trainer.cfg)
     if reason is None:
         state: dict[str, Any] = {}
         _compat.replace_train_step(trainer, lambda sae, sae_in: train_step(trainer, sae, sae_in, state))
+        if fused_adam:
+            _compat.fuse_adam(trainer)
     return reason

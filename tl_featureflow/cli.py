@@ -300,7 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--tokens", type=int, help="training tokens (default: the preset's)")
     train.add_argument("--out", help="run folder (default: the embedded model's bank in the cache)")
     train.add_argument("--trainer", default="fast", choices=["fast", "saelens"],
-                       help="fast (default): SAELens's trainer with our sparse BatchTopK step (same maths, ~2.7x "
+                       help="fast (default): SAELens's trainer with our sparse BatchTopK step (same maths, ~3.3x "
                        "faster); saelens: SAELens's own step")
     train.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     train.set_defaults(func=_train_saes)

@@ -18,6 +18,7 @@ threshold-scaled steering and "fell below its threshold" mean something per feat
 
 from __future__ import annotations
 
+import gc
 import json
 import shutil
 import tempfile
@@ -138,8 +139,12 @@ def train_bank(
     saes = _new_training_saes(hooks, model.cfg.d_model, preset, device, seed, run["model"])
     trained, elapsed = _fit(saes, hooks, stream, preset, model.cfg.d_model, out / "checkpoints", device, progress,
                             trainer)
-    inference, thresholds = _per_feature_thresholds(model, _to_inference(trained, names, out, device), tokens, preset,
-                                                    seed, progress)
+    inference = _to_inference(trained, names, out, device)
+    # the training SAEs, their trainers' Adam states (a reference cycle through our step) and the stream's last
+    # chunk: gigabytes for `deep`, not needed by calibration and the quality report
+    del saes, trained, stream
+    gc.collect()
+    inference, thresholds = _per_feature_thresholds(model, inference, tokens, preset, seed, progress)
     quality = _quality(model, inference, eval_tokens, preset, out, progress)
     bank = SAEBank(inference, metadata={**thresholds,
         **(metadata or {}), "model": run["model"], "corpus": corpus_meta, "preset": preset.name,

@@ -164,9 +164,9 @@ def table1_markdown(report: ValidationReport, *, command: str = "") -> str:
                  else "-" for g in groups]
         if any(c != "-" for c in cells):
             lines.append(f"| {names[method]} | " + " | ".join(cells) + " |")
-    layers = sorted(int(layer) for layer in report.group_counts)
-    if len(layers) > 1:
-        per_layer = {layer: report.at_layers(layer).table1() for layer in layers}
+    per_layer = report.table1_by_layer()
+    if len(per_layer) > 1:
+        layers = list(per_layer)
         lines += ["", "Table 1 per layer (success rate, n; each layer's own target set):", "",
                   "| method | " + " | ".join(f"layer {layer}" for layer in layers) + " |", "|---|" + "---|" * len(layers)]
         for method in TABLE1_METHODS:

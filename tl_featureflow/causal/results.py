@@ -116,14 +116,20 @@ class ValidationReport:
         >>> ValidationReport([row("8/res/1"), row("15/res/2")]).at_layers(15).rows[0].target
         '15/res/2'
         """
+        from tl_featureflow.refs import FeatureRef
+
         wanted = {int(layer) for layer in ([layers] if isinstance(layers, int) else layers)}
 
         def here(target: str) -> bool:
-            return int(target.split("/", 1)[0]) in wanted
+            return FeatureRef.parse(target).layer in wanted
 
         return ValidationReport([row for row in self.rows if here(row.target)],
                                 {layer: counts for layer, counts in self.group_counts.items() if int(layer) in wanted},
                                 dict(self.meta), [a for a in self.attributions if here(a["target"])])
+
+    def table1_by_layer(self) -> dict[int, dict[str, dict[str, float]]]:
+        """:meth:`table1` of each validated layer on its own (:meth:`at_layers`), by layer."""
+        return {layer: self.at_layers(layer).table1() for layer in sorted(int(key) for key in self.group_counts)}
 
     def summary(self, by: str = "method") -> dict[str, dict[str, float]]:
         """Success rate, mean activation change and count, by ``method`` or ``group``

@@ -99,21 +99,21 @@ class _Cuts:
         order = order[torch.argsort(feature[order], stable=True)]
         token, feature, values = token[order], feature[order], values[order]
         self.all_feature, self.all_values = feature, values         # every positive entry (the L0 counts)
-        rank = torch.arange(1, len(feature) + 1, device=pre.device) - self._starts(feature, d_sae)[feature]
+        rank = torch.arange(1, len(feature) + 1, device=pre.device) - self._segments(feature, d_sae)[1][feature]
         if max_rows < self.n_tokens:                                # each feature's max_rows largest
             kept = rank <= max_rows
             token, feature, values, rank = token[kept], feature[kept], values[kept], rank[kept]
         self.token, self.feature, self.values, self.rank = token, feature, values, rank
-        self.counts = torch.bincount(feature, minlength=d_sae)
-        self.starts = self._starts(feature, d_sae)
+        self.counts, self.starts = self._segments(feature, d_sae)
         self.padded = torch.cat([values, values.new_zeros(1)])     # index len(values) reads 0 ("none left out")
         self.min_fired = None if min_fired is None else torch.minimum(min_fired, self.counts)
         self.d_sae = d_sae
 
     @staticmethod
-    def _starts(feature: Tensor, d_sae: int) -> Tensor:
+    def _segments(feature: Tensor, d_sae: int) -> tuple[Tensor, Tensor]:
+        """Per feature: how many entries it has and where its segment starts (``feature`` sorted)."""
         counts = torch.bincount(feature, minlength=d_sae)
-        return torch.cumsum(counts, 0) - counts
+        return counts, torch.cumsum(counts, 0) - counts
 
     def set_delta(self, delta: Tensor) -> None:
         """``delta``: ``[n, d_sae]``, or its values at the entries (``[len(self.values)]``)."""

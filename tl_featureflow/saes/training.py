@@ -171,7 +171,7 @@ def load_checkpoint_bank(checkpoint: str | Path, *, keys: Sequence[Key] | None =
     the way :func:`train_bank` converts the final SAEs. With ``keys`` only those SAEs.
     Metadata: ``training_tokens`` (the tokens seen) and ``checkpoint``.
     """
-    from sae_lens.saes.sae import SAE, TrainingSAE
+    from sae_lens.saes.sae import TrainingSAE
 
     checkpoint = Path(checkpoint)
     folders = {(site, int(layer)): path for path in sorted(checkpoint.iterdir()) if (path / "cfg.json").is_file()
@@ -180,16 +180,15 @@ def load_checkpoint_bank(checkpoint: str | Path, *, keys: Sequence[Key] | None =
     missing = [key for key in wanted if key not in folders]
     if not folders or missing:
         raise FeatureFlowError(f"checkpoint {checkpoint} holds SAEs {sorted(folders)}: expected {missing or 'some'}")
-    saes: dict[Key, Any] = {}
-    with tempfile.TemporaryDirectory(prefix="ff-checkpoint-") as final:
-        for key in wanted:
-            sae = TrainingSAE.load_from_disk(folders[key], device=device)
-            scaler = folders[key] / "activation_scaler.json"
-            factor = json.loads(scaler.read_text()).get("scaling_factor") if scaler.is_file() else None
-            if factor is not None:
-                sae.fold_activation_norm_scaling_factor(factor)
-            sae.save_inference_model(Path(final) / folders[key].name)
-            saes[key] = SAE.load_from_disk(Path(final) / folders[key].name, device=device)
+    trained: dict[str, Any] = {}
+    for key in wanted:
+        sae = TrainingSAE.load_from_disk(folders[key], device=device)
+        scaler = folders[key] / "activation_scaler.json"
+        factor = json.loads(scaler.read_text()).get("scaling_factor") if scaler.is_file() else None
+        if factor is not None:
+            sae.fold_activation_norm_scaling_factor(factor)
+        trained[folders[key].name] = sae
+    saes = _to_inference(trained, {folders[key].name: key for key in wanted}, None, device)
     return SAEBank(saes, metadata={"training_tokens": int(checkpoint.name) if checkpoint.name.isdigit() else None,
                                    "checkpoint": str(checkpoint)})
 
@@ -292,8 +291,9 @@ def _fit(saes: dict[str, Any], hooks: dict[str, str], stream: ActivationStream, 
     return trained, time.perf_counter() - start
 
 
-def _to_inference(trained: dict[str, Any], names: dict[str, Key], out: Path, device: str) -> dict[Key, Any]:
-    """BatchTopK -> JumpReLU with SAELens's own conversion (save_inference_model, load_from_disk)."""
+def _to_inference(trained: dict[str, Any], names: dict[str, Key], out: Path | None, device: str) -> dict[Key, Any]:
+    """BatchTopK -> JumpReLU with SAELens's own conversion (save_inference_model, load_from_disk), through a
+    temporary folder in ``out`` (the system's when None)."""
     from sae_lens.saes.sae import SAE
 
     inference: dict[Key, Any] = {}

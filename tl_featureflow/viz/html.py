@@ -155,9 +155,8 @@ def _table1_tables(report: Any) -> list[str]:
     out = ["<h3>Table 1, the paper's way</h3><p class='note'>Targets whose top-1 cosine or Pearson group is a single "
            f"site ({len(report.paper_targets())}); the same targets for every method; exhaustive_single is the paper's "
            "exhaustive search (the best single feature over all sites).</p>", table_html(rows)]
-    layers = sorted(int(layer) for layer in report.group_counts)
-    if len(layers) > 1:
-        per_layer = {layer: report.at_layers(layer).table1() for layer in layers}
+    per_layer = report.table1_by_layer()
+    if len(per_layer) > 1:
         out.append("<p class='note'>Per layer: success rate (each layer's own target set).</p>")
         out.append(table_html([{"method": m, **{f"layer {layer}": t[m]["success_rate"] for layer, t in per_layer.items()
                                                 if m in t}} for m in table]))

@@ -139,3 +139,34 @@ def test_every_public_name_resolves_and_plot_is_reachable_from_the_package():
     assert ff.plot.flow_graph is plot.flow_graph
     with pytest.raises(AttributeError, match="no attribute 'plots'"):
         ff.plots  # noqa: B018
+
+
+def _one_node_graph():
+    bank, truth = planted_chain_bank()
+    graph = ff.FlowTracer(bank).trace(truth.chain[2], t_res=0.999, t_module=0.999)
+    assert len(graph.nodes) == 1 and not graph.edges          # the seed alone
+    return graph
+
+
+def test_every_figure_says_so_on_empty_input():
+    """A graph of one node, a sweep without steered rows, a report without rows: each builder returns a
+    figure with a message instead of traces plotly.js cannot draw (a Sankey with no links throws)."""
+    graph = _one_node_graph()
+    assert plot.flow_graph(graph).data                           # the node itself is drawn
+    empty_report = ValidationReport([], {}, {"r": 0.0})
+    baseline_only = SteeringSweep([SweepRow("baseline", None, 0.0, "add", 0, "", [], {"score": 0.1})],
+                                  SweepSettings(op="add"))
+    figures = {"sankey": plot.flow_sankey(graph), "validation": plot.validation(empty_report),
+               "by group": plot.validation(empty_report, by_group=True), "r sweep": plot.r_sweep(empty_report),
+               "groups": plot.group_composition(empty_report),
+               "steering": plot.steering(baseline_only), "empty sweep": plot.steering(SteeringSweep([], SweepSettings()))}
+    for name, fig in figures.items():
+        assert not any(t.type == "sankey" or len(getattr(t, "x", None) or []) for t in fig.data), name
+        assert len(fig.layout.annotations) >= 1 and fig.layout.annotations[-1].text, name
+    assert "no edges" in figures["sankey"].layout.annotations[0].text
+    assert plot.flow_sankey(planted_chain_graph()).data[0].type == "sankey"   # graphs with edges keep their Sankey
+
+
+def planted_chain_graph():
+    bank, truth = planted_chain_bank()
+    return ff.FlowTracer(bank).trace(truth.chain[2], t_res=0.25, t_module=0.15)

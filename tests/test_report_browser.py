@@ -80,6 +80,32 @@ def test_demo_report_renders_in_chromium(tiny_cli, capsys):
     shutil.copyfile(shot, saved)
 
 
+def test_a_report_of_a_run_that_found_little_renders(tmp_path):
+    """A flow graph of one node (the seed alone: what a fresh smoke bank gave the war theme on a new machine),
+    a validation report without rows and a sweep with only its baseline: every figure renders, no console error."""
+    from tl_featureflow import FlowTracer
+    from tl_featureflow.causal.results import ValidationReport
+    from tl_featureflow.steer.sweeps import SteeringSweep, SweepRow, SweepSettings
+    from tl_featureflow.synthetic import planted_chain_bank
+    from tl_featureflow.viz.html import report_from_dir
+
+    bank, truth = planted_chain_bank()
+    run = tmp_path / "run"
+    alone = FlowTracer(bank).trace(truth.chain[2], t_res=0.999, t_module=0.999)
+    assert len(alone.nodes) == 1 and not alone.edges
+    alone.save(run / "graphs" / "war.json")
+    ValidationReport([], {}, {"r": 0.0}).save(run / "validation.json")
+    SteeringSweep([SweepRow("baseline", None, 0.0, "add", 0, "I think so", [],
+                            {"score": 0.1, "behavioural": 0.2, "coherence": 0.5})],
+                  SweepSettings(op="add")).save(run / "steering" / "war.json")
+    report = report_from_dir(run)
+    n_figures = report.read_text().count('class="plotly-graph-div"')
+    dom, console = open_in_chromium(report)
+    assert console == [], f"console messages: {console}"
+    assert n_figures >= 5 and len(re.findall(r'class="[^"]*js-plotly-plot', dom)) == n_figures
+    assert "no edges" in dom
+
+
 def test_a_broken_page_is_caught(tmp_path):
     bad = tmp_path / "bad.html"
     bad.write_text("<html><body><script>throw new Error('boom')</script></body></html>")

@@ -37,6 +37,18 @@ GROUP_COLORS = {"translated": "#1f77b4", "processed": "#9467bd", "newborn": "#2c
 _EDGE_SCALE = "Viridis"
 
 
+def _nothing_to_show(fig: go.Figure, message: str) -> go.Figure:
+    """``fig`` with ``message`` in its middle and no axes: what a builder returns for empty input
+    (a graph of one node, a sweep or report with no rows), so that a report of a run that found
+    little still renders (plotly.js throws on a Sankey with no links)."""
+    fig.add_annotation(text=html.escape(message), x=0.5, y=0.5, xref="paper", yref="paper", showarrow=False,
+                       font={"size": 14, "color": "#555"})
+    fig.update_xaxes(visible=False)
+    fig.update_yaxes(visible=False)
+    fig.update_layout(template="plotly_white")
+    return fig
+
+
 def _node_hover(node: Any) -> str:
     lines = [f"<b>{node.ref}</b> ({node.role})"]
     for site in ("res", "mlp", "att"):
@@ -116,7 +128,15 @@ def flow_graph(graph: Any, *, title: str | None = None, height: int = 420) -> go
 
 
 def flow_sankey(graph: Any, *, title: str | None = None) -> go.Figure:
-    """The same flow as a Sankey diagram: link value = cosine, nodes coloured by site."""
+    """The same flow as a Sankey diagram: link value = cosine, nodes coloured by site.
+
+    A graph without edges (its seed alone) has no flow to draw: the figure says so.
+    """
+    if not graph.edges:
+        fig = go.Figure()
+        fig.update_layout(title=title or f"Flow of {graph.seed} (Sankey)")
+        return _nothing_to_show(fig, f"{len(graph.nodes)} feature(s), no edges: nothing flows above the "
+                                     f"thresholds (t_res {graph.t_res}, t_module {graph.t_module})")
     refs = [n.ref for n in graph.nodes]
     index = {ref: i for i, ref in enumerate(refs)}
     labels = [f"{r}" + (f" ({_short(graph.node(r).label)})" if graph.node(r).label else "") for r in refs]
@@ -166,7 +186,7 @@ def score_distributions(source: Any, layers: Iterable[int] | None = None, *, tit
                                  boxpoints=False))
     fig.update_layout(title=title or "Predecessor scores per layer", boxmode="group", template="plotly_white",
                       xaxis_title="layer", yaxis_title="max cosine with the predecessor site")
-    return fig
+    return fig if fig.data else _nothing_to_show(fig, "no predecessor scores")
 
 
 def group_composition(source: Any, *, method: str = "top1", title: str | None = None) -> go.Figure:
@@ -196,7 +216,7 @@ def group_composition(source: Any, *, method: str = "top1", title: str | None = 
     fig.update_layout(barmode="stack", title=title or f"Group composition per layer: {kind}",
                       xaxis_title="layer", yaxis={"title": "share of features", "tickformat": ".0%"},
                       template="plotly_white")
-    return fig
+    return fig if layers else _nothing_to_show(fig, f"no {kind} to show")
 
 
 #: Chain-length buckets of :func:`chain_lengths` (layers back at or above ``t_res``).
@@ -225,7 +245,7 @@ def chain_lengths(fmap: Any, *, t_res: float = 0.5, title: str | None = None) ->
     fig.update_layout(barmode="stack", title=title or f"Residual chain length per layer (t_res {t_res:g})",
                       xaxis_title="layer", yaxis={"title": "share of features", "tickformat": ".0%"},
                       legend_title="layers back", template="plotly_white")
-    return fig
+    return fig if layers else _nothing_to_show(fig, "no layers with res scores")
 
 
 def validation(report: Any, *, by_group: bool = False, title: str | None = None) -> go.Figure:
@@ -252,7 +272,7 @@ def validation(report: Any, *, by_group: bool = False, title: str | None = None)
     fig.update_layout(title=title or "Deactivation: does removing the matched predecessor remove the target?",
                       barmode="group", template="plotly_white", showlegend=by_group)
     fig.update_yaxes(range=[0, 1.1])
-    return fig
+    return fig if summary else _nothing_to_show(fig, "no validation rows (no active targets with matches)")
 
 
 def r_sweep(report: Any, methods: Sequence[str] | None = None, *, title: str | None = None) -> go.Figure:
@@ -265,7 +285,7 @@ def r_sweep(report: Any, methods: Sequence[str] | None = None, *, title: str | N
             fig.add_trace(go.Scatter(x=list(sweep), y=list(sweep.values()), mode="lines+markers", name=method))
     fig.update_layout(title=title or "Activation change vs r", xaxis_title="r (rescaling of the predecessor)",
                       yaxis_title="mean activation change 1 - z_new / z_old", template="plotly_white")
-    return fig
+    return fig if fig.data else _nothing_to_show(fig, "no method was run at more than one r")
 
 
 def steering(sweep: Any, metric: str = "score", *, title: str | None = None) -> go.Figure:
@@ -288,7 +308,7 @@ def steering(sweep: Any, metric: str = "score", *, title: str | None = None) -> 
     fig.update_layout(title=title or f"Steering {sweep.meta.get('seed_feature', '')}: {metric} vs "
                                      f"{'r' if op == 'rescale' else 'strength'}",
                       xaxis_title="r" if op == "rescale" else "strength", yaxis_title=metric, template="plotly_white")
-    return fig
+    return fig if lines else _nothing_to_show(fig, "no steered settings in this sweep")
 
 
 def feature_card(card_or_ref: Any, *, model: Any = None, bank: Any = None, tokens: Any = None,

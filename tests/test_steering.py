@@ -222,6 +222,58 @@ def test_no_hook_remains_after_exception_nesting_or_interrupt(tiny_model, tokens
     assert leftover_hooks() == []
 
 
+@pytest.mark.parametrize("positions", ["all", "generated"])
+def test_nested_steerers_exit_in_any_order(tiny_model, tokens, positions):
+    """Issue 24 #3: entered a then b, exited a first; the model then runs b's edit alone (it ran a's)."""
+    bank = make_bank()
+    a = Steerer(tiny_model, bank, positions=positions).add("1/res/5", 3.0)
+    b = Steerer(tiny_model, bank, positions="prompt").add("2/res/1", -4.0)
+    prompt = tokens[:1, :5]
+    with Steerer(tiny_model, bank, positions="prompt").add("2/res/1", -4.0):
+        alone, alone_gen = tiny_model(tokens), _generate_plain(tiny_model, prompt)
+    clean = tiny_model(tokens)
+    a.__enter__()
+    b.__enter__()
+    a.__exit__(None, None, None)
+    assert torch.equal(tiny_model(tokens), alone) and "generate" in vars(tiny_model)   # b still counts positions
+    assert torch.equal(_generate_plain(tiny_model, prompt), alone_gen)
+    b.__exit__(None, None, None)
+    assert torch.equal(tiny_model(tokens), clean)
+    assert leftover_hooks() == [] and "generate" not in vars(tiny_model)
+
+
+def _generate_plain(model, prompt):
+    return model.generate(prompt, max_new_tokens=4, do_sample=False, stop_at_eos=False, verbose=False).clone()
+
+
+def test_a_steerer_refuses_forwards_and_steerers_from_other_threads(tiny_model, tokens):
+    """Issue 24 #4: one model's hooks are shared by every thread; a second thread is refused, not mixed in."""
+    import threading
+
+    bank = make_bank()
+    errors: list[BaseException] = []
+
+    def in_thread(fn):
+        def run():
+            try:
+                fn()
+            except BaseException as e:  # noqa: BLE001 - the test reads it
+                errors.append(e)
+        thread = threading.Thread(target=run)
+        thread.start()
+        thread.join()
+
+    with Steerer(tiny_model, bank).add("1/res/5", 3.0) as steerer:
+        in_thread(lambda: tiny_model(tokens))
+        in_thread(lambda: Steerer(tiny_model, bank).add("2/res/1", 1.0).__enter__())
+        tiny_model(tokens)                                        # its own thread is fine
+    assert [type(e) for e in errors] == [ff.FeatureFlowError] * 2
+    assert "another thread" in str(errors[0]) and "another thread" in str(errors[1]) and not steerer.active
+    assert leftover_hooks() == []
+    in_thread(lambda: tiny_model(tokens))                         # nothing active: any thread may run the model
+    assert len(errors) == 2
+
+
 def test_hooks_for_run_with_hooks_and_attached_flow_transformer(tiny_model, tokens):
     bank = make_bank()
     steerer = Steerer(tiny_model, bank).add("2/res/3", 4.0)

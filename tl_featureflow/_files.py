@@ -87,9 +87,10 @@ def _umask() -> int:
 
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write ``text`` to ``path`` so that readers see the old file or the new, never half."""
-    path = Path(path)
+    path = _through_link(Path(path))
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    clean_debris(path)
+    fd, tmp = tempfile.mkstemp(prefix=_tmp_prefix(path), suffix=".tmp", dir=path.parent)
     try:
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual file mode
         with os.fdopen(fd, "w", encoding="utf-8") as f:
@@ -126,12 +127,16 @@ def atomic_directory(final: str | Path) -> Iterator[Path]:
     >>> (final / "a.txt").read_text(), tmp.exists()
     ('new', False)
 
-    An existing ``final`` is moved aside first and deleted only once the new
-    folder is in place.
+    An existing ``final`` is moved aside first (``.final.*.old``) and deleted only once the new
+    folder is in place; a kill between the two renames leaves it there, and the next write or
+    :func:`recover_directory` puts it back. A symlink at ``final`` keeps pointing at the new
+    folder (the target is replaced). Debris of writers that died (``.final.<pid>.*.tmp``) is removed.
     """
-    final = Path(final)
+    final = _through_link(Path(final))
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    recover_directory(final)
+    clean_debris(final)
+    tmp = Path(tempfile.mkdtemp(prefix=_tmp_prefix(final), suffix=".tmp", dir=final.parent))
     try:
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; give the usual folder mode
         yield tmp
@@ -146,6 +151,51 @@ def atomic_directory(final: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _through_link(path: Path) -> Path:
+    """The path a write should replace: a symlink's target (so the link keeps working), else ``path``."""
+    return path.resolve() if path.is_symlink() else path
+
+
+def _tmp_prefix(final: Path) -> str:
+    """Temporary names carry the writer's pid, so that debris of a dead writer can be told apart."""
+    return f".{final.name}.{os.getpid()}."
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:      # someone else's live process
+        return True
+    return True
+
+
+def clean_debris(final: str | Path) -> list[Path]:
+    """Remove ``.final.<pid>.*.tmp`` files and folders left by writers that died; returns what was removed."""
+    final = Path(final)
+    removed = []
+    for path in final.parent.glob(f".{final.name}.*.tmp"):
+        pid = path.name[len(final.name) + 2:].split(".", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
+def recover_directory(final: str | Path) -> bool:
+    """Put back the folder an :func:`atomic_directory` swap moved aside, if it was killed before
+    the new one went in (``final`` missing, ``.final.*.old`` present). Returns True if it did."""
+    final = _through_link(Path(final))
+    if final.exists() or final.is_symlink():
+        return False
+    olds = sorted(final.parent.glob(f".{final.name}.*.old"), key=lambda p: p.stat().st_mtime)
+    if not olds:
+        return False
+    os.replace(olds[-1], final)
+    return True
 
 
 def file_sha256(path: str | Path) -> str:

@@ -39,14 +39,42 @@ def check_int(value: object, name: str, *, low: int = 0, high: int | None = None
     return value
 
 
+def check_number(value: object, name: str, *, low: float | None = None, positive: bool = False,
+                 error: type[FeatureFlowError] = InvalidArgumentError, context: str = "") -> float:
+    """``value`` as a float if it is a finite real number (not a bool), at least ``low`` and above 0
+    when ``positive``; else raise ``error``. NaN and inf are refused: they would flow on silently.
+
+    >>> check_number(0.5, "r"), check_number(2, "strength")
+    (0.5, 2.0)
+    >>> check_number(float("nan"), "r")
+    Traceback (most recent call last):
+    ...
+    tl_featureflow.errors.InvalidArgumentError: r=nan is not a finite number: expected a finite real number
+    """
+    import math
+    import numbers
+
+    want = ("a positive" if positive else "a finite") + " real number" + (f" >= {low:g}" if low is not None else "")
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise error(f"{name}={value!r} is not a number{context}: expected {want}")
+    number = float(value)
+    if not math.isfinite(number):
+        raise error(f"{name}={value!r} is not a finite number{context}: expected {want}")
+    if (low is not None and number < low) or (positive and number <= 0):
+        raise error(f"{name}={value!r} is out of range{context}: expected {want}")
+    return number
+
+
 def _expected(low: int, high: int | None) -> str:
     if high is not None:
         return f"an int in {low}..{high}"
     return "a non-negative int" if low == 0 else f"an int >= {low}"
 
 
-def check_tokens(tokens: Any, d_vocab: int, *, name: str = "tokens", min_pos: int = 1) -> Int[Tensor, "batch pos"]:
-    """``tokens`` as a non-empty ``[batch, pos]`` integer tensor of ids in ``0..d_vocab-1``.
+def check_tokens(tokens: Any, d_vocab: int, *, name: str = "tokens", min_pos: int = 1,
+                 n_ctx: int | None = None) -> Int[Tensor, "batch pos"]:
+    """``tokens`` as a non-empty ``[batch, pos]`` integer tensor of ids in ``0..d_vocab-1``,
+    at most ``n_ctx`` positions long (the model's context) when given.
 
     Out-of-vocabulary ids would otherwise surface as an IndexError deep inside an
     embedding lookup (or, on some devices, as garbage); empty inputs as empty results.
@@ -60,6 +88,9 @@ def check_tokens(tokens: Any, d_vocab: int, *, name: str = "tokens", min_pos: in
     if tokens.ndim != 2 or tokens.shape[0] == 0 or tokens.shape[1] < min_pos:
         raise InvalidArgumentError(f"{name} must be [batch, pos] with batch >= 1 and pos >= {min_pos}, "
                                    f"got shape {tuple(tokens.shape)}")
+    if n_ctx is not None and tokens.shape[1] > n_ctx:
+        raise InvalidArgumentError(f"{name} have {tokens.shape[1]} positions but the model's context is {n_ctx} "
+                                   f"(cfg.n_ctx): cut them to at most {n_ctx}, e.g. tokens[:, :{n_ctx}]")
     bad = tokens[(tokens < 0) | (tokens >= d_vocab)]
     if bad.numel():
         shown = sorted(set(bad.tolist()))[:5]

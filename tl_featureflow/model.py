@@ -373,7 +373,7 @@ class FlowTransformer(HookedSAETransformer):
         if source is None:
             raise FeatureFlowError("no SAE bank: attach(bank) first or pass bank=")
         if isinstance(tokens, Tensor):
-            check_tokens(tokens, self.cfg.d_vocab)
+            check_tokens(tokens, self.cfg.d_vocab, n_ctx=self.cfg.n_ctx)
         chosen = source.select(sites=sites, layers=layers)
         names = {sae_hook_name(*key): key for key in chosen}
         stop = None if return_logits else max(chosen.layers) + 1

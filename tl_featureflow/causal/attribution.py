@@ -168,7 +168,7 @@ def split_preactivations(model: Any, bank: SAEBank, tokens: Int[Tensor, "1 seq"]
     """
     from tl_featureflow.model import FlowTransformer
 
-    check_tokens(tokens, model.cfg.d_vocab)
+    check_tokens(tokens, model.cfg.d_vocab, n_ctx=model.cfg.n_ctx)
     if tokens.shape[0] != 1:
         raise InvalidArgumentError(f"split_preactivations takes one text [1, seq], got shape {tuple(tokens.shape)}")
     if not 0 <= position < tokens.shape[1]:

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from tl_featureflow.causal.interventions import Intervention, intervened, res_activations, target_activations
 from tl_featureflow.causal.results import METHODS
-from tl_featureflow.checks import check_tokens
+from tl_featureflow.checks import check_int, check_number, check_tokens
 from tl_featureflow.errors import FeatureFlowError, InvalidArgumentError
 from tl_featureflow.refs import Site
 from tl_featureflow.saes.bank import SAEBank
@@ -157,6 +157,10 @@ def validate(
     from tl_featureflow.model import FlowTransformer
 
     rs = _check_arguments(tracer, model, tokens, layers, methods, r)
+    for name, value, low in (("positions_per_text", positions_per_text, 1), ("max_targets", max_targets, 1),
+                             ("batch_rows", batch_rows, 1), ("loss_samples", loss_samples, 0), ("seed", seed, 0)):
+        check_int(value, name, low=low)
+    layers = list(layers)
     flow = FlowTransformer.from_hooked(model)
     run = _Experiment(tracer, flow, list(layers), list(methods), rs, list(sweep_methods), max_targets, batch_rows,
                       loss_samples, torch.Generator().manual_seed(seed))
@@ -210,13 +214,22 @@ def _dead_top1(tracer: Any, layers: Sequence[int], alive: Mapping[Any, Tensor]) 
 def _check_arguments(tracer: Any, model: Any, tokens: Tensor, layers: Sequence[int], methods: Sequence[str],
                      r: float | Sequence[float]) -> list[float]:
     """Everything :func:`validate` needs checked before it runs; returns the r values (main first)."""
-    rs = [float(r)] if isinstance(r, (int, float)) else [float(x) for x in r]
+    if isinstance(r, Sequence) and not isinstance(r, str):
+        rs = [check_number(x, "r", context=f" (in r={list(r)!r})") for x in r]
+    else:
+        rs = [check_number(r, "r")]
     if not rs:
-        raise InvalidArgumentError("r must be a number or a non-empty list of numbers")
+        raise InvalidArgumentError("r=[] is empty: expected a number or a non-empty list of numbers (0 removes)")
+    if isinstance(methods, str) or not methods:
+        raise InvalidArgumentError(f"methods={methods!r}: expected a non-empty list of some of {METHODS}")
     bad = [m for m in methods if m not in METHODS]
     if bad:
         raise InvalidArgumentError(f"unknown matching methods {bad}: expected some of {METHODS}")
-    check_tokens(tokens, model.cfg.d_vocab, min_pos=2)
+    if isinstance(layers, (str, int)) or not isinstance(layers, Sequence) or not layers:
+        raise InvalidArgumentError(f"layers={layers!r}: expected a non-empty list of layer indices, e.g. [14]")
+    for layer in layers:
+        check_int(layer, "layer", context=f" (in layers={list(layers)!r})")
+    check_tokens(tokens, model.cfg.d_vocab, n_ctx=model.cfg.n_ctx, min_pos=2)
     for layer in layers:
         if ("res", layer) not in tracer.bank or not tracer.predecessor_keys(layer):
             raise FeatureFlowError(f"layer {layer} needs a res SAE and at least one predecessor SAE: "

@@ -132,7 +132,7 @@ def res_activations(
                 raise FeatureFlowError(
                     f"intervention at {item.key} cannot reach res({layer}) through layer {layer} alone: "
                     f"expected one of {sorted(allowed)}")
-    if check_tokens(tokens, model.cfg.d_vocab).shape[0] != 1:
+    if check_tokens(tokens, model.cfg.d_vocab, n_ctx=model.cfg.n_ctx).shape[0] != 1:
         raise InvalidArgumentError(f"tokens must be one text [1, pos], got shape {tuple(tokens.shape)}")
     target_sae = bank[("res", layer)]
     out_name = hook_name("res", layer)

@@ -139,7 +139,7 @@ def pearson_matches(
     meta: dict[str, Any] = {"source": source, "bank_fingerprint": bank.fingerprint(), "layers": list(layers)}
     folder = None
     if cache and isinstance(tokens, Tensor):
-        check_tokens(tokens, model.cfg.d_vocab)
+        check_tokens(tokens, model.cfg.d_vocab, n_ctx=model.cfg.n_ctx)
         meta["tokens"] = tensor_digest(tokens)
         identity = {k: meta[k] for k in _IDENTITY}           # what the result depends on (not its name)
         key = hashlib.sha256(json.dumps({**identity, "source": "given tokens"}, sort_keys=True).encode()).hexdigest()[:16]
@@ -158,7 +158,7 @@ def pearson_matches(
         total = -(-tokens.shape[0] // batch_size) if isinstance(tokens, Tensor) else None
         for batch in tqdm(token_batches(tokens, batch_size), total=total, desc="pearson", unit="batch",
                           disable=not progress):
-            check_tokens(batch, model.cfg.d_vocab, min_pos=2)
+            check_tokens(batch, model.cfg.d_vocab, n_ctx=model.cfg.n_ctx, min_pos=2)
             _, feats = flow.run_with_features(batch.to(device), bank=needed, return_logits=False)
             flat = {k: feats[k][:, 1:].reshape(-1, feats[k].shape[-1]).cpu() for k in keys}
             for (layer, site), s in sums.items():

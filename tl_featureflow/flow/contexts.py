@@ -341,7 +341,7 @@ def collect_top_contexts(
     chosen = bank.select(sites=sites, layers=layers)
     is_tensor = isinstance(tokens, Tensor)
     if is_tensor:
-        check_tokens(tokens, model.cfg.d_vocab)
+        check_tokens(tokens, model.cfg.d_vocab, n_ctx=model.cfg.n_ctx)
     meta = {"bank_fingerprint": chosen.fingerprint(), "tokens": tensor_digest(tokens) if is_tensor else None,
             "n": n, "left": left, "right": right, "skip_first": skip_first, "keys": [list(k) for k in chosen]}
     if path is not None and is_tensor:
@@ -357,7 +357,7 @@ def collect_top_contexts(
     for batch in tqdm(token_batches(tokens, batch_size), total=total, desc="feature contexts", unit="batch",
                       disable=not progress):
         if not is_tensor:
-            check_tokens(batch, model.cfg.d_vocab)
+            check_tokens(batch, model.cfg.d_vocab, n_ctx=model.cfg.n_ctx)
         n_ctx = getattr(model.cfg, "n_ctx", None)
         if batch.shape[1] <= offset or (n_ctx is not None and batch.shape[1] > n_ctx):
             raise InvalidArgumentError(f"token rows of length {batch.shape[1]}: expected more than {offset} and at "

@@ -16,10 +16,11 @@ True
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from tl_featureflow._files import atomic_write_text, check_header, header
 from tl_featureflow.errors import CacheError, InvalidArgumentError, MissingDependencyError, UnknownFeatureError
@@ -99,6 +100,30 @@ class FlowGraph:
     def __post_init__(self) -> None:
         self.nodes = sorted(self.nodes, key=lambda n: n.ref)
         self.edges = sorted(self.edges, key=lambda e: (e.dst, e.src))
+        self._check()
+
+    def _check(self) -> None:
+        """A graph that cannot come out of tracing is refused (issue 24 #8: such graphs loaded silently)."""
+        refs = {n.ref for n in self.nodes}
+        roles = get_args(Role)
+        problems = [f"node {n.ref} has role {n.role!r} (expected one of {roles})" for n in self.nodes
+                    if n.role not in roles]
+        if len(refs) != len(self.nodes):
+            problems.append("a feature appears as two nodes")
+        if self.seed not in refs:
+            problems.append(f"the seed {self.seed} is not a node")
+        problems += [f"edge {e.src} -> {e.dst} names a feature that is not a node" for e in self.edges
+                     if e.src not in refs or e.dst not in refs]
+        problems += [f"edge {e.src} -> {e.dst} has score {e.score!r} (expected a finite cosine)" for e in self.edges
+                     if not math.isfinite(e.score)]
+        if len(self.span) != 2 or self.span[0] > self.span[1]:
+            problems.append(f"span {tuple(self.span)} is not (l_start, l_end) with l_start <= l_end")
+        if math.isinf(self.t_res) or math.isinf(self.t_module):     # NaN: not known (a graph written elsewhere)
+            problems.append(f"thresholds t_res={self.t_res}, t_module={self.t_module} are infinite")
+        if self.direction not in ("backward", "forward", "both"):
+            problems.append(f"direction {self.direction!r} (expected 'backward', 'forward' or 'both')")
+        if problems:
+            raise InvalidArgumentError(f"not a flow graph of {self.seed}: " + "; ".join(problems[:5]))
 
     def __contains__(self, ref: object) -> bool:
         return any(n.ref == ref for n in self.nodes)
@@ -158,8 +183,8 @@ class FlowGraph:
                 direction=str(data["direction"]),
                 meta=dict(data.get("meta", {})),
             )
-        except (KeyError, TypeError, ValueError, IndexError) as exc:
-            raise CacheError(f"not a valid flow graph: {exc!r}") from exc
+        except (KeyError, TypeError, ValueError, IndexError) as exc:   # InvalidArgumentError is a ValueError
+            raise CacheError(f"not a valid flow graph: {exc}") from exc
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=1)

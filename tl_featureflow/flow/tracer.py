@@ -430,7 +430,7 @@ class FlowTracer:
         model = model if model is not None else self.model
         if model is None:
             raise FeatureFlowError("validate needs a model: FlowTracer(bank, model) or validate(..., model=)")
-        return validate(self, model, tokens, layers=list(layers), **kwargs)
+        return validate(self, model, tokens, layers=layers, **kwargs)
 
     # -- the full map ----------------------------------------------------------------------------
     def fingerprint(self) -> str:

@@ -30,7 +30,14 @@ from sae_lens import SAE
 from torch import Tensor
 
 from tl_featureflow import _compat
-from tl_featureflow._files import atomic_directory, check_header, header, read_manifest, write_manifest
+from tl_featureflow._files import (
+    atomic_directory,
+    check_header,
+    header,
+    read_manifest,
+    recover_directory,
+    write_manifest,
+)
 from tl_featureflow.errors import BankError, CacheError, UnknownFeatureError
 from tl_featureflow.refs import SITES, FeatureRef, Key, Site, check_layer, check_site, hook_aliases, hook_name
 from tl_featureflow.saes.features import unit_rows
@@ -235,6 +242,11 @@ class SAEBank(Mapping[Key, SAE]):
         ``path`` is replaced; any other existing file or non-empty folder is refused.
         """
         path = Path(path)
+        for key, sae in self._saes.items():     # a NaN written in place would save, then fail every load
+            bad = [name for name, t in sae.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
+            if bad:
+                raise BankError(f"the SAE for {key} ({sae.cfg.metadata.hook_name}) has NaN or inf entries in {bad}: "
+                                "refusing to save it")
         if path.exists() and not (path / INDEX_FILE).is_file():
             if path.is_file() or any(path.iterdir()):
                 raise BankError(f"refusing to overwrite {path}: it exists and is not a saved SAEBank")
@@ -274,6 +286,7 @@ class SAEBank(Mapping[Key, SAE]):
         a partial or corrupt bank raises :class:`~tl_featureflow.errors.CacheError`.
         """
         path = Path(path)
+        recover_directory(path)              # a save killed between its two renames left the old bank aside
         if not path.is_dir():
             raise CacheError(f"no saved SAEBank at {path}: expected a folder written by SAEBank.save")
         index = read_manifest(path, INDEX_FILE, verify=verify)

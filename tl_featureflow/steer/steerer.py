@@ -38,14 +38,24 @@ learn where a generation starts, whether it uses the cache, and how long the pro
 is, and a hook at ``blocks.0.hook_resid_pre`` counts the positions each forward
 adds. Steered greedy generation gives the same tokens with and without the cache.
 
-Hooks go on through ``model.hooks(...)``, so the user's own hooks and contexts are
-left alone and exactly this Steerer's hooks are removed on exit, also on exceptions
-and KeyboardInterrupt (which are never swallowed).
+Each Steerer adds its hooks to TransformerLens's hook points at a level of its own
+(``HookPoint.add_hook(level=)``) and removes exactly those on exit, also on exceptions
+and KeyboardInterrupt (which are never swallowed): the user's own hooks and contexts
+are left alone, and nested Steerers may exit in any order.
+
+Threads: hooks live on the model, which every thread shares. A Steerer belongs to the
+thread that entered it: a forward from another thread that runs through its hooks,
+or a Steerer entered in another thread while one is active on the same model, raises
+:class:`~tl_featureflow.errors.FeatureFlowError` (steer from one thread, or give each
+thread its own model).
 """
 
 from __future__ import annotations
 
+import itertools
 import math
+import threading
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -56,6 +66,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from tl_featureflow import _compat
+from tl_featureflow.checks import check_number
 from tl_featureflow.errors import FeatureFlowError, InvalidArgumentError, UnknownFeatureError
 from tl_featureflow.refs import FeatureRef, Site, check_layer, check_site, hook_name
 from tl_featureflow.saes.bank import SAEBank
@@ -158,6 +169,14 @@ class _Generation:
 class _State:
     generation: _Generation | None = None
     stack: ExitStack | None = None
+    thread: int | None = None    # the thread that entered the Steerer
+
+
+# Hook levels of our own: TransformerLens's `hooks()` contexts use small integers (their nesting depth).
+_LEVELS = itertools.count(1 << 30)
+# Per model, the Steerers active on it (in the order entered) and the ExitStack of its `generate` wrapper.
+_ACTIVE: weakref.WeakKeyDictionary[Any, list[Steerer]] = weakref.WeakKeyDictionary()
+_GENERATE: weakref.WeakKeyDictionary[Any, ExitStack] = weakref.WeakKeyDictionary()
 
 
 class Steerer:
@@ -206,7 +225,10 @@ class Steerer:
         self.model = model
         self.bank = bank
         self.positions: Positions = positions
-        self.scale = scale if isinstance(scale, str) else {FeatureRef.parse(k): float(v) for k, v in scale.items()}
+        self.scale = scale if isinstance(scale, str) else {
+            FeatureRef.parse(k): check_number(v, f"scale[{str(k)!r}]", positive=True,
+                                              context=" (a typical activation of the feature)")
+            for k, v in scale.items()}
         self.device = torch.device(device) if device is not None else torch.device(model.cfg.device)
         self.contexts = contexts
         self._edits: list[_Edit] = []
@@ -298,22 +320,53 @@ class Steerer:
 
     def __enter__(self) -> Steerer:
         self._check_inactive("enter")
+        me = threading.get_ident()
+        active = _ACTIVE.setdefault(self.model, [])
+        foreign = [s for s in active if s._state.thread != me]
+        if foreign:
+            raise FeatureFlowError(f"{foreign[0]!r} is active on this model in another thread: a model's hooks are "
+                                   "shared by every thread, so its forwards would be steered by both; steer from one "
+                                   "thread, or give each thread its own model")
+        level = next(_LEVELS)
         stack = ExitStack()
         try:
-            stack.enter_context(self.model.hooks(fwd_hooks=self.hooks()))
-            if self.positions != "all":
-                self._wrap_generate(stack)
+            for name, fn in self.hooks():
+                point = self.model.hook_dict[name]
+                stack.callback(point.remove_hooks, "fwd", including_permanent=False, level=level)
+                point.add_hook(self._owned(fn), dir="fwd", level=level)
+            active.append(self)
+            stack.callback(self._leave, active)
+            if self.positions != "all" and self.model not in _GENERATE:
+                _GENERATE[self.model] = ExitStack()
+                _wrap_generate(self.model, _GENERATE[self.model])
         except BaseException:
             stack.close()
             raise
-        self._state.stack = stack
+        self._state.stack, self._state.thread = stack, me
         return self
 
     def __exit__(self, *exc: object) -> None:
         stack, self._state.stack = self._state.stack, None
-        self._state.generation = None
+        self._state.generation, self._state.thread = None, None
         if stack is not None:
             stack.close()   # never swallows: returns None
+
+    def _leave(self, active: list[Steerer]) -> None:
+        """Off the model's active list; the last Steerer that counts positions unwraps ``generate``."""
+        active.remove(self)
+        if not any(s.positions != "all" for s in active) and self.model in _GENERATE:
+            _GENERATE.pop(self.model).close()
+
+    def _owned(self, fn: Callable) -> Callable:
+        """``fn``, refusing to run in a thread other than the one that entered this Steerer."""
+        def hook(h: Tensor, hook: Any) -> Any:
+            if threading.get_ident() != self._state.thread:
+                raise FeatureFlowError(f"{self!r} was entered in another thread: this forward ran through its "
+                                       "hooks (a model's hooks are shared by every thread); steer from one thread, "
+                                       "or give each thread its own model")
+            return fn(h, hook)
+
+        return hook
 
     @property
     def active(self) -> bool:
@@ -440,25 +493,30 @@ class Steerer:
 
         return hook
 
-    def _wrap_generate(self, stack: ExitStack) -> None:
-        """While active, ``model.generate`` tells the Steerer that a generation starts and
-        whether it uses the KV cache (TransformerLens's own default when not given)."""
-        model, state = self.model, self._state
-        method = type(model).generate
 
-        def make(previous: Callable) -> Callable:
-            def generate(*args: Any, **kwargs: Any) -> Any:
-                arguments = _compat.bind_arguments(method, model, *args, **kwargs)
-                cached = bool(arguments.get("use_past_kv_cache", True))
-                outer, state.generation = state.generation, _Generation(cached=cached)
-                try:
-                    return previous(*args, **kwargs)
-                finally:
-                    state.generation = outer
+def _wrap_generate(model: Any, stack: ExitStack) -> None:
+    """While Steerers that count positions are active, ``model.generate`` tells each of them that
+    a generation starts and whether it uses the KV cache (TransformerLens's own default when not
+    given). One wrapper per model, whatever the number of Steerers or the order they exit in."""
+    method = type(model).generate
 
-            return generate
+    def make(previous: Callable) -> Callable:
+        def generate(*args: Any, **kwargs: Any) -> Any:
+            arguments = _compat.bind_arguments(method, model, *args, **kwargs)
+            cached = bool(arguments.get("use_past_kv_cache", True))
+            states = [s._state for s in _ACTIVE.get(model, []) if s.positions != "all"]
+            outer = [state.generation for state in states]
+            for state in states:
+                state.generation = _Generation(cached=cached)
+            try:
+                return previous(*args, **kwargs)
+            finally:
+                for state, before in zip(states, outer, strict=True):
+                    state.generation = before
 
-        _compat.wrap_instance_method(stack, model, "generate", make)
+        return generate
+
+    _compat.wrap_instance_method(stack, model, "generate", make)
 
 
 def _rows(coef: Tensor, batch: int, key: tuple[Site, int]) -> Tensor:

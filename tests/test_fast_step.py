@@ -113,3 +113,21 @@ def test_unsupported_saes_keep_saelens_step():
                                                                  normalize_activations="layer_norm"))
     assert "layer_norm" in supports(layer_norm)
     assert supports(_sae()) is None
+
+
+def test_batch_topk_keeps_the_same_set_with_and_without_the_cutoff_hint():
+    """Issue 24 #10: with 200 ties at the cutoff, topk on the candidates and on the whole kept different sets,
+    and the hint is not checkpointed, so a resumed run drifted (4.3e-7 from the uninterrupted one)."""
+    from tl_featureflow.saes.fast_step import _batch_topk
+
+    torch.manual_seed(0)
+    a = torch.rand(4096)
+    a[torch.randint(0, 4096, (200,))] = 0.75
+    K = int((a > 0.75).sum()) + 50
+    with_hint, without = _batch_topk(a, K, 0.5)[1], _batch_topk(a, K, None)[1]
+    assert with_hint.numel() == without.numel() == K
+    assert torch.equal(with_hint.sort().values, without.sort().values)
+    ties = (a == 0.75).nonzero().squeeze(1)
+    kept_ties = sorted(set(without.tolist()) & set(ties.tolist()))
+    assert kept_ties == ties.tolist()[:50]                              # the lowest indices win
+    assert torch.equal(a[without], _batch_topk(a, K, None)[0])

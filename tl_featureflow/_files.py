@@ -38,6 +38,30 @@ __all__ = [
 _CHUNK = 8 * 1024 * 1024
 
 
+@contextmanager
+def exclusive_lock(lock: str | Path, what: str) -> Iterator[Path]:
+    """Hold ``lock`` (a file) exclusively, or raise :class:`CacheError` at once if another process
+    holds it: for work that must not run twice at the same place (two trainings into one run
+    folder). Released by the OS if the holder dies; not a lock where ``fcntl`` is missing."""
+    lock = Path(lock)
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield lock
+        return
+    with open(lock, "a+") as handle:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise CacheError(f"{what} is already running (another process holds {lock}): wait for it to finish, "
+                             "or use another folder") from None
+        try:
+            yield lock
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
 def cache_root() -> Path:
     """Folder of tl_featureflow's caches: ``$TL_FEATUREFLOW_CACHE``, else
     ``$XDG_CACHE_HOME/tl_featureflow``, else ``~/.cache/tl_featureflow``."""

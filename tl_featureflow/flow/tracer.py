@@ -464,8 +464,11 @@ class FlowTracer:
         if not planned:
             raise FeatureFlowError(f"no layer of {wanted} has predecessor SAEs (res(L-1), mlp(L) or att(L))")
         method = thresholds if isinstance(thresholds, str) else "fixed"
+        # fixed thresholds are part of what a map means: a resume with others is refused (issue 24 #7)
+        fixed = (None if isinstance(thresholds, str) else float(thresholds) if isinstance(thresholds, (int, float))
+                 else {site: float(v) for site, v in sorted(thresholds.items())})
         meta = {"k": k, "bank_fingerprint": self.bank.fingerprint(), "bank": self.bank.describe(),
-                "threshold_method": method, "quantile": quantile, "planned": planned}
+                "threshold_method": method, "fixed_thresholds": fixed, "quantile": quantile, "planned": planned}
         done: dict[int, LayerScores] = {}
         thr: dict[int, dict[Site, float]] = {}
         written: dict[int, dict[str, Any]] = {}

@@ -126,14 +126,24 @@ def batchtopk_step(
 
 
 def _batch_topk(acts: Tensor, K: int, cutoff: float | None) -> tuple[Tensor, Tensor]:
-    """The ``K`` largest of ``acts`` (values, flat indices), searched above ``cutoff`` when enough pass."""
+    """The ``K`` largest of ``acts`` (values, flat indices), searched above ``cutoff`` when enough pass.
+
+    Ties at the K-th value go to the lowest indices, so the kept set does not depend on the
+    cutoff (a speed hint that a resumed run does not have): ``torch.topk`` alone breaks ties
+    differently on the candidates and on the whole (issue 24 #10).
+    """
+    pool = None
     if cutoff is not None and cutoff > 0:
         candidates = (acts > cutoff).nonzero().squeeze(-1)
         if candidates.numel() >= K:
-            top = acts[candidates].topk(K)
-            return top.values, candidates[top.indices]
-    top = acts.topk(K)
-    return top.values, top.indices
+            pool = candidates
+    values = acts if pool is None else acts[pool]
+    kth = values.topk(K).values[-1]
+    above = (values > kth).nonzero().squeeze(-1)
+    ties = (values == kth).nonzero().squeeze(-1)[: K - above.numel()]   # nonzero lists them in index order
+    picked = torch.cat([above, ties])
+    flat = picked if pool is None else pool[picked]
+    return acts[flat], flat
 
 
 class _Pattern:

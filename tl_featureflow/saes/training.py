@@ -34,7 +34,7 @@ from jaxtyping import Int
 from torch import Tensor
 
 from tl_featureflow import _compat
-from tl_featureflow._files import atomic_write_json, tensor_digest
+from tl_featureflow._files import atomic_write_json, exclusive_lock, tensor_digest
 from tl_featureflow.errors import FeatureFlowError, InvalidArgumentError, ModelMismatchError
 from tl_featureflow.refs import SITES, Key, Site, check_layer, hook_name
 from tl_featureflow.saes import fast_step
@@ -134,24 +134,26 @@ def train_bank(
     stream = ActivationStream(model, tokens, list(dict.fromkeys(hooks.values())), batch_tokens=preset.batch_tokens,
                               chunk_rows=preset.chunk_rows, seed=seed, stop_at_layer=max(layer for _, layer in keys) + 1)
     out = Path(out)
-    _claim_run_folder(out, run)
-    device = str(next(model.parameters()).device)
-    saes = _new_training_saes(hooks, model.cfg.d_model, preset, device, seed, run["model"])
-    trained, elapsed = _fit(saes, hooks, stream, preset, model.cfg.d_model, out / "checkpoints", device, progress,
-                            trainer)
-    inference = _to_inference(trained, names, out, device)
-    # the training SAEs, their trainers' Adam states (a reference cycle through our step) and the stream's last
-    # chunk: gigabytes for `deep`, not needed by calibration and the quality report
-    del saes, trained, stream
-    gc.collect()
-    inference, thresholds = _per_feature_thresholds(model, inference, tokens, preset, seed, progress)
-    quality = _quality(model, inference, eval_tokens, preset, out, progress)
-    bank = SAEBank(inference, metadata={**thresholds,
-        **(metadata or {}), "model": run["model"], "corpus": corpus_meta, "preset": preset.name,
-        "preset_settings": asdict(preset), "training_tokens": preset.training_tokens, "seed": seed,
-        "train_seconds_last_session": round(elapsed, 1), "trainer": trainer, **_versions(), "quality": quality,
-    })
-    bank.save(out / "bank")
+    # one training per run folder: a second one into the same folder is refused, not run beside it (issue 24 #13)
+    with exclusive_lock(out.parent / f".{out.name}.training.lock", f"a training into {out}"):
+        _claim_run_folder(out, run)
+        device = str(next(model.parameters()).device)
+        saes = _new_training_saes(hooks, model.cfg.d_model, preset, device, seed, run["model"])
+        trained, elapsed = _fit(saes, hooks, stream, preset, model.cfg.d_model, out / "checkpoints", device, progress,
+                                trainer)
+        inference = _to_inference(trained, names, out, device)
+        # the training SAEs, their trainers' Adam states (a reference cycle through our step) and the stream's last
+        # chunk: gigabytes for `deep`, not needed by calibration and the quality report
+        del saes, trained, stream
+        gc.collect()
+        inference, thresholds = _per_feature_thresholds(model, inference, tokens, preset, seed, progress)
+        quality = _quality(model, inference, eval_tokens, preset, out, progress)
+        bank = SAEBank(inference, metadata={**thresholds,
+            **(metadata or {}), "model": run["model"], "corpus": corpus_meta, "preset": preset.name,
+            "preset_settings": asdict(preset), "training_tokens": preset.training_tokens, "seed": seed,
+            "train_seconds_last_session": round(elapsed, 1), "trainer": trainer, **_versions(), "quality": quality,
+        })
+        bank.save(out / "bank")
     return bank
 
 

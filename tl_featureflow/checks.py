@@ -65,6 +65,33 @@ def check_number(value: object, name: str, *, low: float | None = None, positive
     return number
 
 
+def check_device(device: Any, name: str = "device") -> Any:
+    """``device`` as a ``torch.device`` that exists on this machine; else :class:`InvalidArgumentError`
+    saying what is here (``"cuda"`` without a GPU failed deep inside torch, or as a "corrupt" bank).
+
+    >>> check_device("cpu")
+    device(type='cpu')
+    >>> check_device("banana")
+    Traceback (most recent call last):
+    ...
+    tl_featureflow.errors.InvalidArgumentError: device='banana' is not a torch device: expected e.g. 'cpu' or 'cuda'
+    """
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise InvalidArgumentError(f"{name}={device!r} is not a torch device: expected e.g. 'cpu' or 'cuda'") from None
+    if parsed.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 or (parsed.index is not None and parsed.index >= count):
+            raise InvalidArgumentError(f"{name}={device!r}: this machine has {count} CUDA device(s) "
+                                       "(torch.cuda.is_available() is False or the index is too high): use 'cpu'")
+    elif parsed.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise InvalidArgumentError(f"{name}={device!r}: MPS is not available on this machine: use 'cpu'")
+    return parsed
+
+
 def _expected(low: int, high: int | None) -> str:
     if high is not None:
         return f"an int in {low}..{high}"

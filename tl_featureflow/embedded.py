@@ -198,6 +198,10 @@ def load_embedded_model(
     from transformer_lens import loading_from_pretrained as loading
     from transformers import AutoTokenizer
 
+    from tl_featureflow.checks import check_device
+
+    device = check_device(device)
+
     folder = _verified_cache(embedded_model_dir(), verify)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     with warnings.catch_warnings():

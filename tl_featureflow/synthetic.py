@@ -129,8 +129,10 @@ def tiny_model(*, n_layers: int = 4, d_model: int = 64, d_vocab: int = 100, seed
 
     from transformer_lens import HookedTransformerConfig
 
+    from tl_featureflow.checks import check_device
     from tl_featureflow.model import FlowTransformer
 
+    device = check_device(device)
     n_heads = d_model // 16
     extra: dict[str, Any] = (dict(gated_mlp=True, act_fn="silu", normalization_type="RMS",
                                   n_key_value_heads=max(1, n_heads // 2)) if gated

@@ -79,3 +79,19 @@ def test_tokens_longer_than_the_context_are_named(setting):
         tracer.validate(long, layers=[2], methods=["top1"], progress=False)
     with flow.attached(bank), pytest.raises(ff.InvalidArgumentError, match="n_ctx"):
         flow.run_with_features(long)
+
+
+# devices that do not exist here (issue 24 #16: bare AssertionError / RuntimeError, or a "corrupt" bank)
+ABSENT = ["banana", "cuda:99"] + ([] if torch.cuda.is_available() else ["cuda"]) + (
+    [] if torch.backends.mps.is_available() else ["mps"])
+
+
+@pytest.mark.parametrize("device", ABSENT)
+def test_devices_that_do_not_exist_here_are_named(setting, tmp_path_factory, device):
+    model, bank, _, _ = setting
+    path = tmp_path_factory.mktemp("bank") / "bank"
+    bank.save(path)
+    for make in (lambda: Steerer(model, bank, device=device), lambda: ff.FlowTracer(bank, device=device),
+                 lambda: tiny_model(device=device), lambda: ff.SAEBank.load(path, device=device)):
+        with pytest.raises(ff.InvalidArgumentError, match=f"device={device!r}"):
+            make()

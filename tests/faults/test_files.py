@@ -126,3 +126,41 @@ def test_a_mutated_graph_does_not_load(mutation):
     MUTATIONS[mutation](data)
     with pytest.raises(ff.CacheError, match="flow graph"):
         ff.FlowGraph.from_dict(data)
+
+
+def test_a_read_only_cache_serves_the_contexts_it_holds(tmp_path, monkeypatch):
+    """#17: PermissionError creating the .lock, and tracer labels failed, although the answer was cached."""
+    import contextlib
+    import os
+    import warnings
+
+    from tl_featureflow.flow import contexts
+    from tl_featureflow.synthetic import tiny_model
+
+    monkeypatch.setenv("TL_FEATUREFLOW_CACHE", str(tmp_path / "cache"))
+    model, (bank, _) = tiny_model(), planted_chain_bank()
+    tokens = torch.randint(1, 100, (4, 16), generator=torch.Generator().manual_seed(0))
+    first = contexts.feature_contexts(model, bank, tokens, progress=False)
+    cache = tmp_path / "cache"
+    if os.geteuid() == 0:       # root writes anywhere: make the lock fail as it does for a user in a read-only folder
+        @contextlib.contextmanager
+        def read_only(entry):
+            raise PermissionError(13, "Permission denied", str(entry))
+            yield
+        monkeypatch.setattr(contexts, "entry_lock", read_only)
+    else:
+        for folder in [cache, *cache.rglob("*")]:
+            if folder.is_dir():
+                folder.chmod(0o555)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")                     # served from the cache: no warning
+            again = contexts.feature_contexts(model, bank, tokens, progress=False)
+        assert torch.equal(again.values["res", 2], first.values["res", 2])
+        with pytest.warns(UserWarning, match="read-only"):     # not cached: computed, not stored
+            other = contexts.feature_contexts(model, bank, tokens[:2], progress=False)
+        assert other.n_tokens < first.n_tokens
+    finally:
+        for folder in [cache, *cache.rglob("*")]:
+            if folder.is_dir():
+                folder.chmod(0o755)

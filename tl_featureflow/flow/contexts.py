@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -446,6 +447,14 @@ def feature_contexts(
     if not cache:
         return collect_top_contexts(model, bank, tokens, n=n, batch_size=batch_size, device=device, progress=progress)
     folder = contexts_dir(bank, tokens, n=n)
-    with entry_lock(folder):          # two notebooks asking at once compute it once
-        return collect_top_contexts(model, bank, tokens, n=n, batch_size=batch_size, path=folder, device=device,
-                                    progress=progress)
+    try:
+        with entry_lock(folder):          # two notebooks asking at once compute it once
+            return collect_top_contexts(model, bank, tokens, n=n, batch_size=batch_size, path=folder, device=device,
+                                        progress=progress)
+    except PermissionError:               # a read-only cache: serve what it holds, else compute without caching
+        if (folder / _MANIFEST).is_file():
+            return collect_top_contexts(model, bank, tokens, n=n, batch_size=batch_size, path=folder, device=device,
+                                        progress=progress)
+        warnings.warn(f"the contexts cache {folder.parent} is read-only: computing the top contexts without "
+                      "caching them (set TL_FEATUREFLOW_CACHE to a writable folder to keep them)", stacklevel=2)
+        return collect_top_contexts(model, bank, tokens, n=n, batch_size=batch_size, device=device, progress=progress)

@@ -28,7 +28,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from tl_featureflow.checks import check_int
+from tl_featureflow.checks import check_device, check_int
 from tl_featureflow.errors import (
     CacheError,
     FeatureFlowError,
@@ -151,7 +151,7 @@ class FlowTracer:
         self.bank = bank
         self.model = model
         first = next(iter(bank.values()))
-        self.device = torch.device(device) if device is not None else first.W_dec.device
+        self.device = check_device(device) if device is not None else first.W_dec.device
         self.chunk_size = chunk_size
         if isinstance(contexts, str) and contexts != "auto":
             raise InvalidArgumentError(f"contexts={contexts!r}: expected a TopContexts, 'auto' or None")

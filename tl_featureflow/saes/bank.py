@@ -38,6 +38,7 @@ from tl_featureflow._files import (
     recover_directory,
     write_manifest,
 )
+from tl_featureflow.checks import check_device
 from tl_featureflow.errors import BankError, CacheError, UnknownFeatureError
 from tl_featureflow.refs import SITES, FeatureRef, Key, Site, check_layer, check_site, hook_aliases, hook_name
 from tl_featureflow.saes.features import unit_rows
@@ -285,6 +286,7 @@ class SAEBank(Mapping[Key, SAE]):
         Checks the schema version and (``verify=True``) every file's SHA-256 first:
         a partial or corrupt bank raises :class:`~tl_featureflow.errors.CacheError`.
         """
+        device = check_device(device)       # "cuda" without a GPU read as a corrupt bank
         path = Path(path)
         recover_directory(path)              # a save killed between its two renames left the old bank aside
         if not path.is_dir():

@@ -66,7 +66,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from tl_featureflow import _compat
-from tl_featureflow.checks import check_number
+from tl_featureflow.checks import check_device, check_number
 from tl_featureflow.errors import FeatureFlowError, InvalidArgumentError, UnknownFeatureError
 from tl_featureflow.refs import FeatureRef, Site, check_layer, check_site, hook_name
 from tl_featureflow.saes.bank import SAEBank
@@ -229,7 +229,7 @@ class Steerer:
             FeatureRef.parse(k): check_number(v, f"scale[{str(k)!r}]", positive=True,
                                               context=" (a typical activation of the feature)")
             for k, v in scale.items()}
-        self.device = torch.device(device) if device is not None else torch.device(model.cfg.device)
+        self.device = check_device(device) if device is not None else torch.device(model.cfg.device)
         self.contexts = contexts
         self._edits: list[_Edit] = []
         self._state = _State()

@@ -191,3 +191,18 @@ def test_a_twin_on_another_path_shares_the_weights():
     assert twin is not fast and not twin.fast_path.enabled and fast.fast_path.enabled
     assert twin.blocks[0].mlp.W_in is fast.blocks[0].mlp.W_in
     assert "forward" not in vars(twin.unembed) and "forward" in vars(fast.unembed)
+
+
+@pytest.mark.parametrize("mode", ["views", "exact"])
+@pytest.mark.parametrize("flag", ["use_split_qkv_input", "use_attn_in"])
+def test_config_flags_set_after_construction_route_to_transformer_lens(mode, flag):
+    """Issue 24 #2: TL's test_split_qkv.py sets the flag on a built model; "views" then raised an einsum error and
+    "exact" a reshape error. (Multi-head attention: TransformerLens's own use_attn_in path does not take GQA.)"""
+    plain, fast = _pair("gated_mha")
+    fast.use_fast_path(mode)
+    setattr(fast.cfg, flag, True)                    # one cfg object: the plain model sees it too
+    with torch.no_grad():
+        torch.testing.assert_close(fast(TOKENS), plain(TOKENS), atol=1e-5, rtol=0)
+    setattr(fast.cfg, flag, False)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(TOKENS), plain(TOKENS), atol=1e-5, rtol=0)

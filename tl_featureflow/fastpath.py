@@ -102,7 +102,10 @@ def _laid_out(module: Any, name: str, make: Any) -> Tensor:
 
 # -- the fast forwards (same hook points, same shapes) ---------------------------------------------
 def _gated_mlp_forward(mlp: Any, x: Tensor, exact: bool = False) -> Tensor:
-    """TransformerLens's GatedMLP.forward without its per-step copies (views, or copies made once)."""
+    """TransformerLens's GatedMLP.forward without its per-step copies (views, or copies made once);
+    TransformerLens's own forward when a flag set since :func:`enable` asks for what it cannot serve."""
+    if _mlp_unsupported(mlp):
+        return type(mlp).forward(mlp, x)
     if mlp.W_gate.device != x.device:
         x = x.to(mlp.W_gate.device)
 
@@ -138,7 +141,13 @@ def _project_exact(attn: Any, x: Tensor, name: str, b: Tensor) -> Tensor:
 
 def _qkv_forward(attn: Any, query_input: Tensor, key_input: Tensor, value_input: Tensor,
                  exact: bool = False) -> tuple[Tensor, ...]:
-    """TransformerLens's calculate_qkv_matrices (simple, non-4-bit case) without its per-step copies."""
+    """TransformerLens's calculate_qkv_matrices (simple, non-4-bit case) without its per-step copies.
+
+    Config flags are read at every call: a flag set after :func:`enable` (split Q/K/V inputs, as
+    TransformerLens's own tests do) sends the call to TransformerLens's path (issue 24 #2).
+    """
+    if _attention_unsupported(attn):
+        return type(attn).calculate_qkv_matrices(attn, query_input, key_input, value_input)
     k_name, b_k_name, v_name, b_v_name = _compat.stored_kv_names(attn)
     W_K, b_K, W_V, b_V = (getattr(attn, name) for name in (k_name, b_k_name, v_name, b_v_name))
     if exact:

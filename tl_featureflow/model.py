@@ -23,6 +23,7 @@ True
 from __future__ import annotations
 
 import copy
+import functools
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -36,7 +37,7 @@ from torch import Tensor
 from transformer_lens import HookedTransformer
 
 from tl_featureflow import _compat, fastpath
-from tl_featureflow.checks import check_tokens
+from tl_featureflow.checks import check_int, check_tokens
 from tl_featureflow.errors import FeatureFlowError, InvalidArgumentError, ModelMismatchError, UnknownFeatureError
 from tl_featureflow.refs import FeatureRef, Key, Site, hook_name, sae_hook_name
 from tl_featureflow.saes.bank import SAEBank
@@ -340,6 +341,25 @@ class FlowTransformer(HookedSAETransformer):
             self.detach()
 
     # -- running -------------------------------------------------------------------------------
+    @functools.wraps(HookedTransformer.generate)   # TransformerLens's signature (the Steerer binds by it)
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        """TransformerLens's ``generate``, refused up front when prompt + ``max_new_tokens`` exceed ``n_ctx``
+        (TransformerLens fails part-way with a bare RuntimeError and leaves its rotary buffers as inference
+        tensors, which breaks later forwards with gradients)."""
+        arguments = _compat.bind_arguments(HookedTransformer.generate, self, *args, **kwargs)
+        prompt, new = arguments["input"], arguments["max_new_tokens"]
+        check_int(new, "max_new_tokens")
+        if isinstance(prompt, (str, list)):
+            n_prompt = self.to_tokens(prompt, prepend_bos=arguments["prepend_bos"],
+                                      padding_side=arguments["padding_side"]).shape[1]
+        else:
+            n_prompt = int(prompt.shape[1])
+        if n_prompt + new > self.cfg.n_ctx:
+            raise InvalidArgumentError(f"generate: a prompt of {n_prompt} tokens plus max_new_tokens={new} is past "
+                                       f"the model's context of {self.cfg.n_ctx} (cfg.n_ctx): shorten the prompt or "
+                                       f"ask for at most {max(0, self.cfg.n_ctx - n_prompt)} new tokens")
+        return super().generate(*args, **kwargs)
+
     def run_with_features(
         self,
         tokens: Tensor | str | list[str],

@@ -95,3 +95,17 @@ def test_devices_that_do_not_exist_here_are_named(setting, tmp_path_factory, dev
                  lambda: tiny_model(device=device), lambda: ff.SAEBank.load(path, device=device)):
         with pytest.raises(ff.InvalidArgumentError, match=f"device={device!r}"):
             make()
+
+
+def test_a_generate_past_the_context_is_refused_before_it_starts(setting):
+    """#15: a steered generate past n_ctx failed part-way with a bare RuntimeError, and later forwards with
+    gradients failed (rotary buffers left as inference tensors)."""
+    model, bank, _, _ = setting
+    prompt = torch.randint(1, 100, (1, model.cfg.n_ctx - 4))
+    kwargs = dict(do_sample=False, stop_at_eos=False, verbose=False)
+    with Steerer(model, bank, positions="generated").add("2/res/1", 2.0):
+        with pytest.raises(ff.InvalidArgumentError, match="at most 4 new tokens"):
+            model.generate(prompt, max_new_tokens=5, **kwargs)
+        assert model.generate(prompt, max_new_tokens=4, **kwargs).shape == (1, model.cfg.n_ctx)
+    model(prompt).sum().backward()                             # gradients still flow afterwards
+    model.zero_grad(set_to_none=True)

@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from tl_featureflow.errors import CacheError
+from tl_featureflow.errors import CacheError, FeatureFlowError
 
 __all__ = [
     "cache_root",
@@ -112,18 +112,21 @@ def _umask() -> int:
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write ``text`` to ``path`` so that readers see the old file or the new, never half."""
     path = _through_link(Path(path))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    clean_debris(path)
-    fd, tmp = tempfile.mkstemp(prefix=_tmp_prefix(path), suffix=".tmp", dir=path.parent)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        clean_debris(path)
+        fd, tmp = tempfile.mkstemp(prefix=_tmp_prefix(path), suffix=".tmp", dir=path.parent)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual file mode
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as exc:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        _raise_as_cache_error(exc, path)
         raise
 
 
@@ -157,10 +160,14 @@ def atomic_directory(final: str | Path) -> Iterator[Path]:
     folder (the target is replaced). Debris of writers that died (``.final.<pid>.*.tmp``) is removed.
     """
     final = _through_link(Path(final))
-    final.parent.mkdir(parents=True, exist_ok=True)
-    recover_directory(final)
-    clean_debris(final)
-    tmp = Path(tempfile.mkdtemp(prefix=_tmp_prefix(final), suffix=".tmp", dir=final.parent))
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        recover_directory(final)
+        clean_debris(final)
+        tmp = Path(tempfile.mkdtemp(prefix=_tmp_prefix(final), suffix=".tmp", dir=final.parent))
+    except OSError as exc:
+        _raise_as_cache_error(exc, final)
+        raise
     try:
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; give the usual folder mode
         yield tmp
@@ -172,9 +179,19 @@ def atomic_directory(final: str | Path) -> Iterator[Path]:
         os.replace(tmp, final)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        _raise_as_cache_error(exc, final)
         raise
+
+
+def _raise_as_cache_error(exc: BaseException, path: Path) -> None:
+    """A write that failed for want of room or rights (``OSError``, or safetensors' own ``SafetensorError``,
+    which is neither) raises :class:`CacheError` naming the path; anything else passes through."""
+    if isinstance(exc, FeatureFlowError):
+        return
+    if isinstance(exc, OSError) or type(exc).__name__ == "SafetensorError":
+        raise CacheError(f"could not write {path}: {exc} (is the disk full, or the folder read-only?)") from exc
 
 
 def _through_link(path: Path) -> Path:

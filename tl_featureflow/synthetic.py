@@ -105,15 +105,16 @@ def planted_chain_bank(d_model: int = 64, width: int = 12, *, cosines: tuple[flo
 
 
 def random_bank(layers: range | list[int], sites: tuple[Site, ...] = ("res", "mlp", "att"), *, d_sae: int = 512,
-                d_model: int = 64, device: torch.device | str = "cpu", seed: int = 0) -> SAEBank:
-    """Independent random unit decoders at every ``(site, layer)`` (no planted alignment)."""
+                d_model: int = 64, device: torch.device | str = "cpu", seed: int = 0, arch: str = "standard") -> SAEBank:
+    """Independent random unit decoders at every ``(site, layer)`` (no planted alignment); ``arch`` as in
+    :func:`sae_from_decoder` (``"jumprelu"``: thresholds of 0.1, so ``scale="threshold"`` steering works)."""
     saes = {}
     for i, (layer, site) in enumerate((layer, site) for layer in layers for site in sites):
         gen = torch.Generator().manual_seed(seed * 1000 + i)
         W = torch.empty(d_sae, d_model)
         W.normal_(generator=gen)
         W.div_(W.norm(dim=1, keepdim=True))
-        saes[(site, layer)] = sae_from_decoder(site, layer, W.to(device), device=device)
+        saes[(site, layer)] = sae_from_decoder(site, layer, W.to(device), arch=arch, device=device)
     return SAEBank(saes)
 
 

@@ -1,6 +1,6 @@
 """Benchmark: the context pass (labels, cards) against the forward with SAEs it cannot avoid, same rows.
 
-    .venv/bin/python tests/benchmarks/bench_contexts.py [--preset quick] [--rows 192] [--device cpu]
+    .venv/bin/python tests/benchmarks/bench_contexts.py [--preset quick] [--rows 192] [--device cpu] [--weights random]
 
 On the embedded SmolLM2-135M-Instruct with a bank from the cache, in one run:
 
@@ -17,12 +17,11 @@ from __future__ import annotations
 import argparse
 import tempfile
 
+import _models  # noqa: E402
 import torch
 from _timing import timed  # noqa: I001 - puts the project on sys.path first
 
-import tl_featureflow as ff  # noqa: E402
 from tl_featureflow.flow.contexts import DEFAULT_CONTEXT_ROWS, collect_top_contexts  # noqa: E402
-from tl_featureflow.saes.corpus import load_corpus  # noqa: E402
 
 
 def main() -> None:
@@ -30,14 +29,14 @@ def main() -> None:
     parser.add_argument("--preset", default="quick")
     parser.add_argument("--rows", type=int, default=DEFAULT_CONTEXT_ROWS)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--device", default="cpu")
+    _models.add_arguments(parser)
     args = parser.parse_args()
     torch.set_grad_enabled(False)
-    model = ff.load_embedded_model(device=args.device)
-    bank = ff.load_embedded_bank(args.preset, model=model, device=args.device)
-    tokens = load_corpus(model.tokenizer, "heldout", progress=False).tokens[: args.rows]
+    model, _ = _models.load_models(args)
+    bank = _models.load_bank(args, model, args.preset)
+    tokens = _models.rows(args, model, "heldout", args.rows)
     n_tokens = tokens.numel()
-    print(f"device {args.device}, {torch.get_num_threads()} threads, bank {args.preset}: {bank.describe()}, "
+    print(f"device {args.device}, weights {args.weights}, {torch.get_num_threads()} threads, bank {args.preset}: {bank.describe()}, "
           f"{tokens.shape[0]} rows x {tokens.shape[1]} tokens")
 
     def floor() -> None:

@@ -1,6 +1,6 @@
 """Benchmark: FlowTransformer.generate (fast path) vs TransformerLens's path vs Hugging Face, same weights.
 
-    .venv/bin/python tests/benchmarks/bench_generate.py [--tokens 32] [--repeats 3] [--device cpu]
+    .venv/bin/python tests/benchmarks/bench_generate.py [--tokens 32] [--repeats 3] [--device cpu] [--weights random]
 
 On the embedded SmolLM2-135M-Instruct, in one run, runs interleaved, median of ``--repeats``:
 
@@ -22,11 +22,11 @@ from __future__ import annotations
 import argparse
 import statistics
 
+import _models  # noqa: E402
 import torch
 from _timing import timed  # noqa: I001 - puts the project on sys.path first
 
 import tl_featureflow as ff  # noqa: E402
-from tl_featureflow.embedded import load_embedded_hf_model  # noqa: E402
 from tl_featureflow.steer.sweeps import SweepSettings, steering_sweep  # noqa: E402
 
 
@@ -34,16 +34,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--device", default="cpu")
     parser.add_argument("--preset", default="quick", help="bank for the steering parts (default: quick)")
+    _models.add_arguments(parser)
     args = parser.parse_args()
     torch.set_grad_enabled(False)
-    model = ff.load_embedded_model(device=args.device)
-    hf = load_embedded_hf_model().to(args.device)
+    model, hf = _models.load_models(args, hf=True)
     eos = model.tokenizer.eos_token_id
     n = args.tokens
-    print(f"device {args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads, {n} new tokens, "
-          f"median of {args.repeats}; fast path: {model.fast_path}")
+    print(f"device {args.device}, weights {args.weights}, torch {torch.__version__}, {torch.get_num_threads()} "
+          f"threads, {n} new tokens, median of {args.repeats}; fast path: {model.fast_path}")
 
     # one model per path, all sharing the same parameter tensors (switching modes would drop the exact copies)
     paths = {"exact": model, "views": ff.FlowTransformer.from_hooked(model, fast_path="views"),
@@ -76,9 +75,9 @@ def main() -> None:
         same_hf = torch.equal(outs["fast path (exact)"].cpu(), outs["Hugging Face"].cpu())
         print(f"  greedy tokens: both fast paths == TransformerLens path: {same}; == Hugging Face: {same_hf}")
 
-    bank = ff.load_embedded_bank(args.preset, model=model, device=args.device)
+    bank = _models.load_bank(args, model, args.preset)
     seed = next(iter(bank.layers[len(bank.layers) // 2:]))
-    tracer = ff.FlowTracer(bank, model)
+    tracer = _models.tracer(args, model, bank)
     graph = max((tracer.trace(f"{seed}/res/{i}") for i in range(0, 200, 7)), key=lambda g: len(g.nodes))
     refs = sorted(n_.ref for n_ in graph.nodes)[:10]
     extra = (ff.FeatureRef(graph.seed.layer, "res", i) for i in range(bank.d_sae("res", graph.seed.layer)))

@@ -1,6 +1,6 @@
 """Benchmark: Steerer overhead during generate, and a batched sweep vs one setting at a time.
 
-    .venv/bin/python tests/benchmarks/bench_steering.py [--tokens 32] [--repeats 3]
+    .venv/bin/python tests/benchmarks/bench_steering.py [--tokens 32] [--repeats 3] [--device cpu] [--weights random]
 
 On the embedded SmolLM2 with its quick bank, in one run:
 
@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import statistics
 
+import _models  # noqa: E402
 from _timing import timed  # noqa: I001 - puts the project on sys.path first
 
 import tl_featureflow as ff  # noqa: E402
@@ -27,11 +28,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
+    _models.add_arguments(parser)
     args = parser.parse_args()
-    model = ff.load_embedded_model()
-    bank = ff.load_embedded_bank("quick", model=model)
-    graph = ff.FlowTracer(bank, model).trace("14/res/249")
+    model, _ = _models.load_models(args)
+    bank = _models.load_bank(args, model)
+    graph = _models.tracer(args, model, bank).trace("14/res/249")
     prompt = model.to_tokens("I think")
+    print(f"device {args.device}, weights {args.weights}")
     kwargs = dict(max_new_tokens=args.tokens, do_sample=False, stop_at_eos=False, verbose=False)
 
     def plain():

@@ -2,6 +2,7 @@
 
     .venv/bin/python tests/benchmarks/bench_training.py [--d-in 576] [--expansion 3] [--k 32] [--batch 256]
                                                         [--steps 200] [--threads 1] [--device cpu]
+    .venv/bin/python tests/benchmarks/bench_training.py --preset-rate full [--rate-tokens 131072] [--weights random]
 
 At the quick preset's shapes (SmolLM2's d_model 576, d_sae 1,728, k 32, 256 tokens a step),
 in one run, on the same random activations:
@@ -48,6 +49,7 @@ def saelens_steps(d_in: int, d_sae: int, k: int, batch: int, steps: int, device:
 
     def provider():  # type: ignore[no-untyped-def]
         for i in range(steps + 10):
+            _sync(device)
             stamps.append(time.perf_counter())
             yield {"h": data[i]}
 
@@ -62,6 +64,46 @@ def saelens_steps(d_in: int, d_sae: int, k: int, batch: int, steps: int, device:
     return (stamps[-1] - stamps[10]) / (len(stamps) - 11)
 
 
+def _sync(device: str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def preset_rate(args: argparse.Namespace) -> None:
+    """Tokens per second of ``train_bank`` with a whole preset (every SAE it trains), on random rows.
+
+    The model forward and every SAE's step are in the rate (``train_seconds_last_session``: the
+    training loop alone, without calibration and saving); checkpoints are off.
+    """
+    import tempfile
+    from dataclasses import replace
+
+    import _models
+
+    from tl_featureflow.saes.presets import PRESETS
+    from tl_featureflow.saes.training import train_bank
+
+    model, _ = _models.load_models(args)
+    preset = replace(PRESETS[args.preset_rate], training_tokens=args.rate_tokens, n_checkpoints=0)
+    n_rows = max(2 * args.rate_tokens // preset.context_size, 64)
+    tokens = torch.randint(1, model.cfg.d_vocab, (n_rows, preset.context_size), generator=torch.Generator().manual_seed(0))
+    with tempfile.TemporaryDirectory() as tmp:
+        wall, bank = timed(lambda: train_bank(model, preset=preset, tokens=tokens, out=f"{tmp}/run", progress=False))
+    loop = bank.metadata["train_seconds_last_session"]
+    print(f"device {args.device}, weights {args.weights}, preset {preset.describe()}: {len(bank)} SAEs")
+    print(f"| train_bank({args.preset_rate!r}) training loop | {loop:.1f} s | {args.rate_tokens / loop:,.0f} tokens/s | "
+          f"{len(bank) * args.rate_tokens / loop:,.0f} SAE-tokens/s |")
+    print(f"| the same, calibration and saving included | {wall:.1f} s | {args.rate_tokens / wall:,.0f} tokens/s | |")
+    print(f"| the preset's whole budget at that rate | {preset_budget(args.preset_rate) / (args.rate_tokens / loop) / 60:.1f}"
+          f" min | {preset_budget(args.preset_rate):,} tokens | |")
+
+
+def preset_budget(name: str) -> int:
+    from tl_featureflow.saes.presets import PRESETS
+
+    return PRESETS[name].training_tokens
+
+
 def dense_floor(d_in: int, d_sae: int, batch: int, steps: int, device: str) -> float:
     """Seconds for the five dense matmuls of one step (median of ``steps``)."""
     gen = torch.Generator().manual_seed(2)
@@ -72,7 +114,7 @@ def dense_floor(d_in: int, d_sae: int, batch: int, steps: int, device: str) -> f
     g = torch.randn(batch, d_in, generator=gen).to(device)
     times = []
     for _ in range(steps):
-        seconds, _ = timed(lambda: (x @ W_enc, a @ W_dec, a.T @ g, g @ W_dec.T, x.T @ a))
+        seconds, _ = timed(lambda: (x @ W_enc, a @ W_dec, a.T @ g, g @ W_dec.T, x.T @ a, _sync(device)))
         times.append(seconds)
     times.sort()
     return times[len(times) // 2]
@@ -99,8 +141,16 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--no-profile", action="store_true")
+    parser.add_argument("--preset-rate", metavar="PRESET", help="instead: train_bank's rate with a whole preset "
+                        "(e.g. full) on --rate-tokens random tokens, model from --weights")
+    parser.add_argument("--rate-tokens", type=int, default=131_072)
+    parser.add_argument("--weights", choices=["embedded", "random"], default="embedded")
+    parser.add_argument("--config", default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.preset_rate:
+        preset_rate(args)
+        return
     d_sae = args.d_in * args.expansion
     step = saelens_steps(args.d_in, d_sae, args.k, args.batch, args.steps, args.device)
     ours = saelens_steps(args.d_in, d_sae, args.k, args.batch, args.steps, args.device, fast=True)

@@ -1,6 +1,6 @@
 """Benchmark: validation throughput, layer-local batched vs one full forward per intervention.
 
-    .venv/bin/python tests/benchmarks/bench_validation.py [--rows 128] [--layer 15]
+    .venv/bin/python tests/benchmarks/bench_validation.py [--rows 128] [--layer 15] [--device cpu] [--weights random]
 
 On the embedded SmolLM2 with its quick bank (trained on first use), one held-out
 text of 128 tokens: ``rows`` interventions (each removes the top active feature of
@@ -19,17 +19,13 @@ exhaustive trials.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
+import _models  # noqa: I001 - puts the project on sys.path first (through _timing)
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import tl_featureflow as ff  # noqa: E402
 from tl_featureflow.causal.interventions import Intervention, target_activations  # noqa: E402
-from tl_featureflow.saes.corpus import load_corpus  # noqa: E402
 
 
 def main() -> None:
@@ -37,10 +33,11 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=128)
     parser.add_argument("--layer", type=int, default=15)
     parser.add_argument("--texts", type=int, default=2)
+    _models.add_arguments(parser)
     args = parser.parse_args()
-    model = ff.load_embedded_model()
-    bank = ff.load_embedded_bank("quick", model=model)
-    text = load_corpus(model.tokenizer, "heldout", progress=False).tokens[:1]
+    model, _ = _models.load_models(args)
+    bank = _models.load_bank(args, model)
+    text = _models.rows(args, model, "heldout", 1).to(args.device)
     layer = args.layer
     keys = {"res": ("res", layer - 1), "mlp": ("mlp", layer), "att": ("att", layer)}
     _, feats = model.run_with_features(text, bank=bank, return_logits=False)
@@ -60,21 +57,19 @@ def main() -> None:
         full = target_activations(model, bank, text, layer, targets, plans, layer_local=False)
         t_full = time.perf_counter() - start
     err = float((local - full).abs().max())
-    print(f"# validation benchmark: SmolLM2 quick bank, layer {layer}, {args.rows} interventions, "
+    print(f"# validation benchmark: SmolLM2 quick bank, device {args.device}, weights {args.weights}, layer {layer}, {args.rows} interventions, "
           f"text of {text.shape[1]} tokens, torch threads {torch.get_num_threads()}")
     print(f"layer-local batched: {t_local:.2f} s ({args.rows / t_local:.1f} interventions/s)")
     print(f"full forward each:   {t_full:.2f} s ({args.rows / t_full:.1f} interventions/s)")
     print(f"speed-up {t_full / t_local:.1f}x (goal >= 10x); max |difference| {err:.2e}")
-    protocols(model, bank, layer, args.texts)
+    protocols(args, model, bank, layer, args.texts)
 
 
-def protocols(model, bank, layer: int, n_texts: int) -> None:  # type: ignore[no-untyped-def]
+def protocols(args, model, bank, layer: int, n_texts: int) -> None:  # type: ignore[no-untyped-def]
     from tl_featureflow.causal.pearson import pearson_matches
-    from tl_featureflow.saes.corpus import load_corpus as corpus
 
-    texts = corpus(model.tokenizer, "heldout", progress=False).tokens[:n_texts]
-    pearson = pearson_matches(model, bank, [layer], tokens=corpus(model.tokenizer, "train", progress=False).tokens[:64],
-                              progress=False)
+    texts = _models.rows(args, model, "heldout", n_texts)
+    pearson = pearson_matches(model, bank, [layer], tokens=_models.rows(args, model, "train", 64), progress=False)
     tracer = ff.FlowTracer(bank, model, contexts=None)
     runs = {"today (top1, random, exhaustive)": ("top1", "random", "exhaustive"),
             "paper (top1, pearson, exhaustive_single, attribution, exhaustive)":

@@ -105,3 +105,17 @@ def test_old_module_paths_still_import_with_a_deprecation_warning(old):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         importlib.import_module(f"tl_featureflow.{MOVED[old][0]}")   # the new path is quiet
+
+
+def test_matching_methods_are_registered_in_one_place_and_validation_never_branches_on_their_names():
+    """Issue 23: flow/methods.py is the one home of matching methods; validation dispatches on what a method
+    needs (a toy method registered elsewhere validates: tests/flow/test_methods.py)."""
+    defining = {name for name, path in _modules().items() if "MatchingMethod(" in path.read_text()}
+    assert defining == {"flow.methods"}
+    tree = ast.parse((PACKAGE / "causal" / "experiment.py").read_text())
+    docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                  if isinstance(node, (ast.Module, ast.FunctionDef, ast.ClassDef)) and node.body
+                  and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant)}
+    literals = {node.value for node in ast.walk(tree)
+                if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings}
+    assert not literals & {"top5", "random", "permutation", "exhaustive", "exhaustive_single"}

@@ -77,7 +77,7 @@ def test_exhaustive_single_picks_the_one_feature_that_carries_the_target(tiny_mo
     monkeypatch.setattr(experiment, "res_activations", planted)
     pred_keys = {"res": ("res", 1), "mlp": ("mlp", 2), "att": ("att", 2)}
     best = experiment._exhaustive_choices(flow, bank, text, 2, [pos], pred_keys, feats, 16)
-    assert best[(pos, "exhaustive_single", target)] == ("res", a_res)
+    assert best[(pos, "search", target)] == ("res", a_res)
     assert int(best[(pos, "res")][target]) == a_res and int(best[(pos, "mlp")][target]) == b_mlp
     run = experiment._Experiment(ff.FlowTracer(bank), flow, [2], ["exhaustive", "exhaustive_single"], [0.0],
                                  ["top1"], 25, 16, 0, torch.Generator().manual_seed(0))

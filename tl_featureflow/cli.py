@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 # Vocabulary from its homes (light modules: no torch, no SAELens), never retyped here.
-from tl_featureflow.causal.results import METHODS
+from tl_featureflow.flow.methods import METHODS
 from tl_featureflow.refs import LABELS, SITES
 from tl_featureflow.saes.presets import PRESETS
 

@@ -19,9 +19,10 @@ from jaxtyping import Int
 from torch import Tensor
 
 from tl_featureflow.causal.interventions import Intervention, intervened, res_activations, target_activations
-from tl_featureflow.causal.results import METHODS
 from tl_featureflow.checks import check_int, check_number, check_tokens
 from tl_featureflow.errors import FeatureFlowError, InvalidArgumentError
+from tl_featureflow.flow import methods as registry
+from tl_featureflow.flow.methods import METHODS
 from tl_featureflow.refs import Site
 from tl_featureflow.saes.bank import SAEBank
 
@@ -29,75 +30,15 @@ __all__ = ["validate", "METHODS"]
 
 
 
-def _pearson_matches(acts: dict, layer: int, pred_keys: dict) -> dict[Site, Tensor]:
-    """Per site, the predecessor whose activations correlate best with each res(layer) feature.
-
-    ``acts[key]`` are ``[n_tokens, d_sae]`` activations over the texts. Features that never
-    vary get correlation -inf (no match: index -1).
-    """
-    def standardise(x: Tensor) -> Tensor:
-        x = x.double() - x.double().mean(0)
-        norm = x.norm(dim=0)
-        return torch.where(norm > 0, x / norm.clamp_min(1e-30), torch.zeros_like(x)), norm > 0
-
-    target, target_ok = standardise(acts[("res", layer)])
-    out: dict[Site, Tensor] = {}
-    for site, key in pred_keys.items():
-        source, source_ok = standardise(acts[key])
-        corr = target.T @ source                                    # [d_res, d_pred]
-        corr[:, ~source_ok] = float("-inf")
-        best = corr.argmax(dim=1)
-        best[~target_ok | torch.isinf(corr.max(dim=1).values)] = -1
-        out[site] = best[:, None]
-    return out
-
-
-def _cosine_matches(tracer: Any, key: Any, dst: Any, k: int, alive: Mapping[Any, Tensor] | None,
-                    cache: dict[Any, Tensor]) -> Tensor:
-    """Top-``k`` cosine matches ``[d_dst, k]``; with ``alive``, among the source's live features only
-    (kept in ``cache``: top5 and random share one computation)."""
-    from tl_featureflow.flow.matching import topk_cosine
-
-    if alive is None or key not in alive:
-        return tracer.match(key, dst, k).indices
-    if (key, dst, k) not in cache:
-        keep = alive[key].nonzero().squeeze(1).to(tracer.device)
-        if len(keep) == 0:
-            cache[(key, dst, k)] = torch.full((tracer.bank.d_sae(*dst), k), -1, dtype=torch.long)
-        else:
-            _, idx = topk_cosine(tracer.bank.decoder(*dst, device=tracer.device),
-                                 tracer.bank.decoder(*key, device=tracer.device)[keep], min(k, len(keep)))
-            cache[(key, dst, k)] = keep[idx]
-    return cache[(key, dst, k)]
-
-
 def _method_matches(tracer: Any, layer: int, method: str, seed: int, alive: Mapping[Any, Tensor] | None = None,
                     cache: dict[Any, Tensor] | None = None) -> dict[Site, Tensor]:
-    """For every res(layer) feature, its matched predecessor indices per site: ``[d_sae, m]`` (-1: none)."""
-    cache = {} if cache is None else cache
-    from tl_featureflow.flow.matching import permutation_match
-
-    dst = ("res", layer)
-    out: dict[Site, Tensor] = {}
-    for site, key in tracer.predecessor_keys(layer).items():
-        width = tracer.bank.d_sae(*key)
-        if method == "top1":
-            out[site] = _cosine_matches(tracer, key, dst, 1, alive, cache)
-        elif method == "top5":
-            out[site] = _cosine_matches(tracer, key, dst, min(5, width), alive, cache)
-        elif method == "random":
-            top = _cosine_matches(tracer, key, dst, min(5, width), alive, cache)
-            gen = torch.Generator().manual_seed(seed * 1009 + layer * 7 + len(out))
-            pick = torch.randint(0, top.shape[1], (top.shape[0], 1), generator=gen).to(top.device)
-            out[site] = top.gather(1, pick)
-        elif method in ("exhaustive", "exhaustive_single", "attribution", "pearson"):
-            continue  # need activations: chosen in validate
-        elif method == "permutation":
-            _, indices = permutation_match(tracer.bank.decoder(*dst), tracer.bank.decoder(*key))
-            out[site] = indices[:, None]
-        else:
-            raise InvalidArgumentError(f"unknown matching method {method!r}: expected some of {METHODS}")
-    return out
+    """For every res(layer) feature, its matched predecessor indices per site, ``[d_sae, m]`` (-1: none),
+    from a data-free method's table (``{}`` for methods that need activations: chosen in validate)."""
+    chosen = registry.get(method)
+    if chosen.table is None:
+        return {}
+    context = registry.MatchContext(tracer, seed, alive, {} if cache is None else cache)
+    return {site: chosen.table(context, layer, site, key) for site, key in tracer.predecessor_keys(layer).items()}
 
 
 @torch.no_grad()
@@ -173,9 +114,10 @@ def validate(
             if missing:
                 raise InvalidArgumentError(f"pearson matches lack layer {layer}, sites {missing}")
             run.matches[(layer, "pearson")] = {site: pearson[(layer, site)] for site in run.pred_keys[layer]}
-    elif "pearson" in methods:  # data-based matching from the texts themselves
+    fitted = [m for m in run.needing("activations") if pearson is None or m != "pearson"]
+    if fitted:  # data-based matching from the texts themselves
         _, all_feats = flow.run_with_features(tokens, bank=run.needed, return_logits=False)
-        run.add_pearson_matches(all_feats)
+        run.fit_matches(all_feats, fitted)
     rows: list[Any] = []
     for t in tqdm(range(tokens.shape[0]), desc="validating", unit="text", disable=not progress):
         text = tokens[t:t + 1]
@@ -220,11 +162,12 @@ def _check_arguments(tracer: Any, model: Any, tokens: Tensor, layers: Sequence[i
         rs = [check_number(r, "r")]
     if not rs:
         raise InvalidArgumentError("r=[] is empty: expected a number or a non-empty list of numbers (0 removes)")
+    known = registry.names()
     if isinstance(methods, str) or not methods:
-        raise InvalidArgumentError(f"methods={methods!r}: expected a non-empty list of some of {METHODS}")
-    bad = [m for m in methods if m not in METHODS]
+        raise InvalidArgumentError(f"methods={methods!r}: expected a non-empty list of some of {known}")
+    bad = [m for m in methods if m not in known]
     if bad:
-        raise InvalidArgumentError(f"unknown matching methods {bad}: expected some of {METHODS}")
+        raise InvalidArgumentError(f"unknown matching methods {bad}: expected some of {known}")
     if isinstance(layers, (str, int)) or not isinstance(layers, Sequence) or not layers:
         raise InvalidArgumentError(f"layers={layers!r}: expected a non-empty list of layer indices, e.g. [14]")
     for layer in layers:
@@ -269,10 +212,17 @@ class _Experiment:
         keys |= {k for layer in self.layers for k in self.pred_keys[layer].values()}
         self.needed = self.bank.select(sites=sorted({k[0] for k in keys}), layers=sorted({k[1] for k in keys}))
 
-    def add_pearson_matches(self, all_feats: Any) -> None:
+    def needing(self, needs: str) -> list[str]:
+        """This run's methods that need ``needs`` (see :mod:`tl_featureflow.flow.methods`)."""
+        return [m for m in self.methods if registry.get(m).needs == needs]
+
+    def fit_matches(self, all_feats: Any, names: list[str]) -> None:
+        """The tables of methods that need activations, fitted on the texts' (position 0 excluded)."""
         flat = {key: all_feats[key][:, 1:].reshape(-1, all_feats[key].shape[-1]) for key in all_feats}
-        for layer in self.layers:
-            self.matches[(layer, "pearson")] = _pearson_matches(flat, layer, self.pred_keys[layer])
+        for name in names:
+            fit = registry.get(name).fit
+            for layer in self.layers:
+                self.matches[(layer, name)] = fit(flat, layer, self.pred_keys[layer])
 
     def text_features(self, text: Tensor, all_feats: Any, t: int) -> Any:
         """Feature activations of one text (taken from the pearson pass when there was one)."""
@@ -299,10 +249,10 @@ class _Experiment:
 
         pred_keys = self.pred_keys[layer]
         best: dict[tuple[int, Any], Any] = {}
-        if {"exhaustive", "exhaustive_single"} & set(self.methods):
+        if self.needing("search"):
             best = _exhaustive_choices(self.flow, self.bank, text, layer, positions, pred_keys, feats, self.batch_rows)
         raw = None
-        if "attribution" in self.methods:
+        if self.needing("attribution"):
             from tl_featureflow.causal.attribution import model_activations
 
             raw = model_activations(self.flow, text, layer)
@@ -325,14 +275,15 @@ class _Experiment:
                             best: dict[tuple[int, Site], Tensor]) -> dict[Site, list[int]]:
         """Per site, the target's matched predecessors (by ``method``) that are active at ``pos``."""
         out: dict[Site, list[int]] = {}
-        if method in ("exhaustive_single", "attribution"):     # one feature, from any site
-            site, feature = best.get((pos, method, index), (None, -1))
+        chosen = registry.get(method)
+        if chosen.picks == "one":     # one feature, from any site: the search's or the attribution's best
+            site, feature = best.get((pos, chosen.needs, index), (None, -1))
             if site is not None and site in self.pred_keys[layer]:
                 if float(feats[self.pred_keys[layer][site]][0, pos, feature]) > 0:
                     out[site] = [feature]
             return out
         for site, key in self.pred_keys[layer].items():
-            if method == "exhaustive":
+            if chosen.needs == "search":
                 choice = best.get((pos, site))
                 cands = [] if choice is None else [int(choice[index])]
             else:
@@ -406,7 +357,7 @@ def _exhaustive_choices(flow: Any, bank: SAEBank, text: Tensor, layer: int, posi
     """Every active predecessor feature removed alone, one row each (a row serves all targets).
 
     Returns ``{(pos, site): Tensor[d_sae]}``, per site the feature whose removal leaves each
-    res(layer) feature lowest (method ``exhaustive``), and ``{(pos, "exhaustive_single", i):
+    res(layer) feature lowest (method ``exhaustive``), and ``{(pos, "search", i):
     (site, feature)}``, the single best removal over all sites (the paper's exhaustive search)
     for every res(layer) feature ``i`` active at ``pos``.
     """
@@ -432,5 +383,5 @@ def _exhaustive_choices(flow: Any, bank: SAEBank, text: Tensor, layer: int, posi
             winners = all_acts[at_pos].argmin(dim=0)                           # [d_sae]: row of the best single removal
             for target in (feats["res", layer][0, pos] > 0).nonzero().squeeze(1).tolist():
                 _, site, feature = trials[at_pos[int(winners[target])]]
-                out[(pos, "exhaustive_single", target)] = (site, feature)
+                out[(pos, "search", target)] = (site, feature)
     return out

@@ -9,7 +9,7 @@ from typing import Any
 
 from tl_featureflow._files import atomic_write_text, check_header, header, read_json
 
-__all__ = ["ACTIVATION_GROUPS", "GROUPS", "METHODS", "TABLE1_METHODS", "PAPER_TABLE1", "group_name", "ValidationRow",
+__all__ = ["ACTIVATION_GROUPS", "GROUPS", "TABLE1_METHODS", "PAPER_TABLE1", "group_name", "ValidationRow",
            "ValidationReport"]
 
 #: The 8 activation groups of a target: which predecessor sites have an active matched feature
@@ -17,9 +17,6 @@ __all__ = ["ACTIVATION_GROUPS", "GROUPS", "METHODS", "TABLE1_METHODS", "PAPER_TA
 ACTIVATION_GROUPS: tuple[str, ...] = ("From nowhere", "RES", "MLP", "ATT", "RES & MLP", "RES & ATT", "MLP & ATT",
                                       "RES & MLP & ATT")
 GROUPS = ACTIVATION_GROUPS   # the name before 0.2
-#: Matching methods of the deactivation experiment (see causal.experiment.validate).
-METHODS: tuple[str, ...] = ("top1", "top5", "random", "permutation", "pearson", "exhaustive", "exhaustive_single",
-                             "attribution")
 #: Table 1's methods, as the paper compared them (plus ours): see :meth:`ValidationReport.table1`.
 TABLE1_METHODS: tuple[str, ...] = ("top1", "pearson", "exhaustive_single", "attribution", "exhaustive")
 #: The paper's Table 1 (Gemma 2 2B, Gemma Scope 16k, 1,894 features at two layers).

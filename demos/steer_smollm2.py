@@ -32,10 +32,10 @@ from pathlib import Path
 
 import tl_featureflow as ff
 from tl_featureflow._files import atomic_write_text
-from tl_featureflow.demo import pick_seed
 from tl_featureflow.flow.contexts import feature_contexts
 from tl_featureflow.steer.judge import OfflineJudge
 from tl_featureflow.steer.report_card import CardSettings, ReportCard, steering_report_card
+from tl_featureflow.steer.seeds import pick_seed
 from tl_featureflow.steer.sweeps import SteeringSweep, steering_sweep
 from tl_featureflow.steer.themes import THEMES
 

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import ast
-import importlib
-import warnings
 from pathlib import Path
 
 import pytest
@@ -15,8 +13,8 @@ PACKAGE = Path(tl_featureflow.__file__).parent
 
 # Lower rank = lower layer; a module may import modules of its own or a lower rank only.
 RANKS = {
-    "errors": 0, "checks": 0, "refs": 0, "_files": 0, "_compat": 0, "_moved": 0,
-    "saes": 1, "fastpath": 1, "model": 2, "synthetic": 2, "embedded": 3,
+    "errors": 0, "checks": 0, "refs": 0, "_files": 0, "_compat": 0,
+    "saes": 1, "fastpath": 1, "model": 2, "synthetic": 2, "embedded": 3, "rundir": 3,
     "flow": 4, "steer": 5, "causal": 5, "viz": 7, "cli": 8, "demo": 8, "__init__": 9,
 }
 # Sibling wings that must not import each other (steer and causal are both built on flow).
@@ -92,21 +90,6 @@ def test_viz_takes_result_objects_only():
         assert not GRAPH[module] & {"flow.tracer", "model", "embedded", "causal.experiment", "steer.steerer"}, module
 
 
-@pytest.mark.parametrize("old", sorted(importlib.import_module("tl_featureflow._moved").MOVED))
-def test_old_module_paths_still_import_with_a_deprecation_warning(old):
-    from tl_featureflow._moved import MOVED
-
-    with pytest.warns(DeprecationWarning, match=f"tl_featureflow.{old} moved to"):
-        module = importlib.import_module(f"tl_featureflow.{old}")
-    for new in MOVED[old]:
-        home = importlib.import_module(f"tl_featureflow.{new}")
-        for name in getattr(home, "__all__", []):
-            assert getattr(module, name) is getattr(home, name)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        importlib.import_module(f"tl_featureflow.{MOVED[old][0]}")   # the new path is quiet
-
-
 def test_matching_methods_are_registered_in_one_place_and_validation_never_branches_on_their_names():
     """Issue 23: flow/methods.py is the one home of matching methods; validation dispatches on what a method
     needs (a toy method registered elsewhere validates: tests/flow/test_methods.py)."""
@@ -119,3 +102,12 @@ def test_matching_methods_are_registered_in_one_place_and_validation_never_branc
     literals = {node.value for node in ast.walk(tree)
                 if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings}
     assert not literals & {"top5", "random", "permutation", "exhaustive", "exhaustive_single"}
+
+
+def test_the_run_folder_layout_lives_in_rundir_only():
+    """Issue 23: the demo, the CLI and the report name run-folder files through RunDir, never as literals."""
+    names = {"run.json", "cards.json", "validation.json", "graphs", "report_cards", "table1.md", "report.html"}
+    for module in ("demo", "cli", "viz.html"):
+        tree = ast.parse((PACKAGE / (module.replace(".", "/") + ".py")).read_text())
+        literals = {n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)}
+        assert not literals & names, f"{module} spells {literals & names}"

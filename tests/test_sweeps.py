@@ -58,13 +58,11 @@ def test_sampled_sweep_is_reproducible_and_saves(tiny_model, tmp_path):
     assert again.settings == a.settings == SweepSettings(strengths=(3.0,), samples=3, max_new_tokens=5, seed=7,
                                                          prompt=None)
     assert read_json(path, "sweep")["schema_version"] == 2
-    # a version-1 file (settings inside meta, a `format` string) still loads, settings read back by field
-    old = {"format": "tl_featureflow.steering_sweep/1", "rows": read_json(path, "sweep")["rows"],
-           "meta": {**a.meta, "prompt": None, "strengths": [3.0], "samples": 3, "max_new_tokens": 5, "seed": 7,
-                    "op": "add", "modes": ["single", "cumulative"], "scale": "unit"}}
+    # a version-1 file (settings inside meta, a `format` string; never released) is refused, naming the file
+    old = {"format": "tl_featureflow.steering_sweep/1", "rows": read_json(path, "sweep")["rows"], "meta": a.meta}
     atomic_write_json(tmp_path / "v1.json", old)
-    v1 = SteeringSweep.load(tmp_path / "v1.json")
-    assert v1.settings.samples == 3 and v1.settings.strengths == (3.0,) and v1.settings.prompt is None
+    with pytest.raises(ff.CacheError, match="v1.json"):
+        SteeringSweep.load(tmp_path / "v1.json")
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(ff.CacheError, match="bad.json"):
         SteeringSweep.load(tmp_path / "bad.json")

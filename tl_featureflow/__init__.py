@@ -16,8 +16,6 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from tl_featureflow import _moved
-
 __version__ = "0.1.0"
 
 _EXPORTS: dict[str, str] = {
@@ -125,9 +123,6 @@ if TYPE_CHECKING:  # pragma: no cover
     from tl_featureflow.steer.sweeps import SteeringSweep, SweepSettings, steering_sweep
     from tl_featureflow.viz import html as html_report
     from tl_featureflow.viz import plot
-
-_moved.install()
-
 
 def __getattr__(name: str) -> Any:
     if name in _SUBMODULES:

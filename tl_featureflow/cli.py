@@ -157,33 +157,34 @@ def _train_tokens(model: Any, n_tokens: int) -> Any:
 
 
 def _validate_paper(args: argparse.Namespace, model: Any, bank: Any, tokens: Any) -> int:
-    from tl_featureflow._files import atomic_write_json, atomic_write_text
+    from tl_featureflow._files import atomic_write_text
     from tl_featureflow.causal.protocol import run_paper_protocol, table1_markdown
     from tl_featureflow.flow.contexts import feature_contexts
+    from tl_featureflow.rundir import RunDir
     from tl_featureflow.viz.html import report_from_dir
 
-    out = Path(args.out if args.out != VALIDATE_OUT else "featureflow-out/table1")
+    out = RunDir(args.out if args.out != VALIDATE_OUT else "featureflow-out/table1")
     contexts = feature_contexts(model, bank, _context_tokens(model))
     alive = contexts.alive()
     report = run_paper_protocol(model, bank, tokens, layers=args.layers, alive=alive,
                                 pearson_tokens=_train_tokens(model, args.pearson_tokens),
                                 pearson_source="offline corpus, train split", progress=True)
-    out.mkdir(parents=True, exist_ok=True)
-    report.save(out / "validation.json")
+    out.root.mkdir(parents=True, exist_ok=True)
+    report.save(out.validation)
     command = "featureflow validate --paper " + " ".join(a for a in sys.argv[2:] if a != "--paper")
     text = "# Table 1, the paper's way\n\n" + table1_markdown(report, command=command.strip())
-    atomic_write_text(out / "table1.md", text)
-    atomic_write_json(out / "run.json", {"title": "Table 1, the paper's way", "summary": [], "settings": {
+    atomic_write_text(out.table1, text)
+    out.write_run({"title": "Table 1, the paper's way", "summary": [], "settings": {
         "command": command.strip(), "bank": bank.describe(), "texts": int(tokens.shape[0])}})
     print(text)
-    print(f"saved {out / 'table1.md'}, {out / 'validation.json'} and {report_from_dir(out)}")
+    print(f"saved {out.table1}, {out.validation} and {report_from_dir(out.root)}")
     return 0
 
 
 def _validate(args: argparse.Namespace) -> int:
     from tl_featureflow.causal.experiment import validate
-    from tl_featureflow.demo import seed_layer
     from tl_featureflow.flow.tracer import FlowTracer
+    from tl_featureflow.steer.seeds import seed_layer
 
     model, bank = _setup(args)
     tokens = _heldout_tokens(model, args.texts)

@@ -19,80 +19,12 @@ from typing import Any
 
 import torch
 
-from tl_featureflow._files import atomic_write_json
 from tl_featureflow.errors import FeatureFlowError, InvalidArgumentError
-from tl_featureflow.refs import FeatureRef
+from tl_featureflow.rundir import RunDir
 from tl_featureflow.saes.bank import SAEBank
+from tl_featureflow.steer.seeds import pick_seed, seed_layer
 
-__all__ = ["run_demo", "seed_layer", "pick_seed"]
-
-
-def seed_layer(bank: SAEBank) -> int:
-    """The res layer in the middle of the bank's span (the paper's seeds sit mid-model)."""
-    layers = [layer for layer in bank.layers if ("res", layer) in bank]
-    if not layers:
-        raise FeatureFlowError(f"the bank has no res SAE: {bank.describe()}")
-    return layers[(len(layers) - 1) // 2]
-
-
-def pick_seed(model: Any, bank: SAEBank, tracer: Any, theme: Any, layer: int, *, min_nodes: int = 3,
-              judge: Any = None, probe_samples: int = 0, probe_strength: float = 4.0,
-              progress: bool = False) -> tuple[dict[str, Any], Any]:
-    """The theme's best feature at ``layer`` whose flow graph has at least ``min_nodes`` features.
-
-    Candidates come from :func:`~tl_featureflow.steer.themes.theme_features` (with the
-    tracer's contexts, and ranked by how on-theme those are when a ``judge`` is given).
-    With ``probe_samples > 0`` and a judge, a steering probe re-ranks them
-    (:func:`~tl_featureflow.steer.probe.probe_seeds`: each candidate steered alone at
-    ``probe_strength`` typical activations, ranked by the judge's score). Falls back to
-    the best-scoring feature (any graph size), then to the feature with
-    the largest mean activation on the theme's texts when no feature passes the filters
-    (tiny or untrained banks).
-    """
-    from tl_featureflow.steer.steerer import typical_activation
-    from tl_featureflow.steer.themes import feature_activations, theme_features
-
-    contexts = tracer.contexts
-    candidates = theme_features(model, bank, theme.texts, layer=layer, k=8, contexts=contexts, judge=judge,
-                                topic=theme.description)
-    if not candidates:
-        acts = torch.cat(feature_activations(model, bank, theme.texts, "res", layer))
-        index = int(acts.mean(0).argmax())
-        info = {"feature": f"{layer}/res/{index}", "score": None, "theme_mean": float(acts[:, index].mean()),
-                "chosen_by": "largest mean activation (no selective feature found)"}
-        return info, tracer.trace(FeatureRef(layer, "res", index))
-    probes = []
-    steerable = [c for c in candidates if contexts is not None and c.ref.key in contexts
-                 and typical_activation(contexts, c.ref) > 0]       # the probe's strength is in typical units
-    if probe_samples > 0 and judge is not None and steerable:
-        from tl_featureflow.steer.judge_set import ON_TOPIC
-        from tl_featureflow.steer.probe import probe_seeds
-
-        probes = probe_seeds(model, bank, steerable, theme.description, judge=judge, strength=probe_strength,
-                             samples=probe_samples, contexts=contexts, on_topic=ON_TOPIC.get(theme.name),
-                             progress=progress)
-        order = {p.ref: i for i, p in enumerate(probes)}
-        candidates = sorted(candidates, key=lambda c: order.get(c.ref, len(order)))
-    chosen, graph = candidates[0], tracer.trace(candidates[0].ref)
-    for candidate in candidates[1:4]:       # trace the next candidates only while the graph is too small
-        if len(graph.nodes) >= min_nodes:
-            break
-        candidate_graph = tracer.trace(candidate.ref)
-        if len(candidate_graph.nodes) >= min_nodes:
-            chosen, graph = candidate, candidate_graph
-    info = {"feature": str(chosen.ref), "score": round(chosen.score, 3), "theme_mean": round(chosen.theme_mean, 3),
-            "neutral_mean": round(chosen.neutral_mean, 3), "max_activation": round(chosen.max_activation, 3),
-            "chosen_by": "theme vs neutral contrast" + (", then contexts on theme" if chosen.on_theme is not None
-                                                        else "")
-            + (f", then a steering probe ({probe_samples} samples at {probe_strength:g} typical activations)"
-               if probes else ""),
-            "contexts": list(chosen.contexts)}
-    if probes:
-        info["probe"] = [{"feature": str(p.ref), "score": round(p.score, 3), "behavioural": round(p.behavioural, 3),
-                          "coherence": round(p.coherence, 3)} for p in probes]
-    if chosen.on_theme is not None:
-        info["on_theme"] = round(chosen.on_theme, 3)
-    return info, graph
+__all__ = ["run_demo"]
 
 
 def _fingerprint(*parts: Any) -> str:
@@ -136,7 +68,7 @@ def run_demo(
         raise InvalidArgumentError(f"unknown themes {unknown}: expected some of {sorted(THEMES)}")
     if model.tokenizer is None:
         raise FeatureFlowError("the demo needs a model with a tokenizer")
-    out = Path(out)
+    out = RunDir(out)
     start = time.perf_counter()
     log("reading what every feature fires on (top contexts, cached with the bank)...")
     contexts = feature_contexts(model, bank, context_tokens, progress=progress)
@@ -166,14 +98,14 @@ def run_demo(
                 "max_new_tokens": max_new_tokens, "prompt": prompt, "scale": scale,
                 "context_tokens": contexts.n_tokens,
                 "seconds": round(time.perf_counter() - start, 1), "versions": versions()}
-    atomic_write_json(out / "run.json", {"title": "tl_featureflow demo", "summary": summary, "seeds": seeds,
-                                         "settings": settings})
-    path = report_from_dir(out)                                                              # 4. the report
+    out.write_run({"title": "tl_featureflow demo", "summary": summary, "seeds": seeds,
+                   "settings": settings})
+    path = report_from_dir(out.root)                                                         # 4. the report
     log(f"report: {path.resolve()} ({time.perf_counter() - start:.0f} s)")
     return path
 
 
-def _trace_seeds(model: Any, bank: SAEBank, tracer: Any, themes: Sequence[str], layer: int, out: Path,
+def _trace_seeds(model: Any, bank: SAEBank, tracer: Any, themes: Sequence[str], layer: int, out: RunDir,
                  say: Callable[[str], None], judge: Any,
                  progress: bool) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
     """A seed feature per theme (re-ranked by a steering probe) and its flow graph (saved under ``out/graphs``)."""
@@ -184,7 +116,7 @@ def _trace_seeds(model: Any, bank: SAEBank, tracer: Any, themes: Sequence[str], 
     for theme in themes:
         info, graph = pick_seed(model, bank, tracer, THEMES[theme], layer, judge=judge, probe_samples=4,
                                 progress=progress)
-        graph.save(out / "graphs" / f"{theme}.json")
+        graph.save(out.graph(theme))
         seeds[theme] = {**info, "graph_nodes": len(graph.nodes), "span": list(graph.span),
                         "logit_lens": [t for t, _ in tracer.logit_lens(graph.seed, k=6)]}
         graphs[theme] = graph
@@ -193,22 +125,22 @@ def _trace_seeds(model: Any, bank: SAEBank, tracer: Any, themes: Sequence[str], 
     return seeds, graphs
 
 
-def _cards(tracer: Any, graphs: dict[str, Any], out: Path) -> None:
+def _cards(tracer: Any, graphs: dict[str, Any], out: RunDir) -> None:
     """A card for every feature of the drawn graphs (``out/cards.json``, read by the report)."""
     from tl_featureflow.flow.cards import build_cards, save_cards
 
     refs = sorted({node.ref for graph in graphs.values() for node in graph.nodes})
-    save_cards(build_cards(refs, tracer), out / "cards.json")
+    save_cards(build_cards(refs, tracer), out.cards)
 
 
-def _validation(model: Any, bank: SAEBank, tracer: Any, texts: torch.Tensor, layers: list[int], out: Path,
+def _validation(model: Any, bank: SAEBank, tracer: Any, texts: torch.Tensor, layers: list[int], out: RunDir,
                 say: Callable[[str], None], log: Callable[[str], None], progress: bool) -> Any:
     """The deactivation experiment on held-out text, reused from ``out`` when bank, texts and layers match."""
     from tl_featureflow.causal.experiment import validate
     from tl_featureflow.causal.results import ValidationReport
 
     key = _fingerprint(bank.fingerprint(), texts.tolist(), layers)
-    val_path = out / "validation.json"
+    val_path = out.validation
     report = None
     if val_path.is_file():
         try:
@@ -242,7 +174,7 @@ def _steering_scale(graphs: dict[str, Any], contexts: Any, bank: SAEBank) -> str
 
 
 def _steering(model: Any, bank: SAEBank, graphs: dict[str, Any], judge: Any | None, prompt: str,
-              strengths: Sequence[float], samples: int, max_new_tokens: int, scale: str, contexts: Any, out: Path,
+              strengths: Sequence[float], samples: int, max_new_tokens: int, scale: str, contexts: Any, out: RunDir,
               say: Callable[[str], None], progress: bool) -> None:
     """Promote each theme along its flow graph, score with the offline judge, save the sweeps; then a
     report card per theme (prompting vs the seed alone vs the flow graph, ``out/report_cards``)."""
@@ -257,7 +189,7 @@ def _steering(model: Any, bank: SAEBank, graphs: dict[str, Any], judge: Any | No
                                  scale=scale, max_new_tokens=max_new_tokens, batch_size=32)
         sweep = steering_sweep(model, bank, graph, settings, progress=progress)
         sweep.score(judge, THEMES[theme].description)
-        sweep.save(out / "steering" / f"promote-{theme}.json")
+        sweep.save(out.sweep(f"promote-{theme}"))
         base = sum(r.scores["score"] for r in sweep.baseline()) / max(len(sweep.baseline()), 1)
         for mode in ("single", "cumulative"):
             setting, value = sweep.best(mode=mode)
@@ -270,7 +202,7 @@ def _steering(model: Any, bank: SAEBank, graphs: dict[str, Any], judge: Any | No
             warnings.simplefilter("always")
             card = steering_report_card(model, bank, graph, THEMES[theme], judge=judge, settings=card_settings,
                                         contexts=contexts, progress=progress)
-        card.save(out / "report_cards" / f"{theme}.json")
+        card.save(out.report_card(theme))
         say(f"report card: {card.verdict()}")
         for warning in caught:
             say(f"report card note ({theme}): {warning.message}")

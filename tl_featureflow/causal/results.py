@@ -9,14 +9,13 @@ from typing import Any
 
 from tl_featureflow._files import atomic_write_text, check_header, header, read_json
 
-__all__ = ["ACTIVATION_GROUPS", "GROUPS", "TABLE1_METHODS", "PAPER_TABLE1", "group_name", "ValidationRow",
+__all__ = ["ACTIVATION_GROUPS", "TABLE1_METHODS", "PAPER_TABLE1", "group_name", "ValidationRow",
            "ValidationReport"]
 
 #: The 8 activation groups of a target: which predecessor sites have an active matched feature
 #: (not to be confused with the translated/processed/newborn labels of flow.origins).
 ACTIVATION_GROUPS: tuple[str, ...] = ("From nowhere", "RES", "MLP", "ATT", "RES & MLP", "RES & ATT", "MLP & ATT",
                                       "RES & MLP & ATT")
-GROUPS = ACTIVATION_GROUPS   # the name before 0.2
 #: Table 1's methods, as the paper compared them (plus ours): see :meth:`ValidationReport.table1`.
 TABLE1_METHODS: tuple[str, ...] = ("top1", "pearson", "exhaustive_single", "attribution", "exhaustive")
 #: The paper's Table 1 (Gemma 2 2B, Gemma Scope 16k, 1,894 features at two layers).
@@ -175,7 +174,6 @@ class ValidationReport:
     @classmethod
     def load(cls, path: str | Path) -> ValidationReport:
         data = read_json(path, "a validation report")
-        old = isinstance(data, dict) and data.get("schema_version") == 1     # version 1: no attributions
-        check_header(data, "ValidationReport", 1 if old else _SCHEMA, path)
+        check_header(data, "ValidationReport", _SCHEMA, path)
         return cls([ValidationRow(**r) for r in data["rows"]], data["group_counts"], data["meta"],
                    attributions=list(data.get("attributions", [])))

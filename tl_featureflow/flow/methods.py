@@ -36,14 +36,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
-
-import torch
-from jaxtyping import Int
-from torch import Tensor
+from typing import TYPE_CHECKING, Any, Literal
 
 from tl_featureflow.errors import InvalidArgumentError
 from tl_featureflow.refs import Site
+
+if TYPE_CHECKING:   # torch is imported where a method runs: `featureflow --help` lists methods without it
+    from torch import Tensor
 
 __all__ = ["MatchingMethod", "MatchContext", "register", "unregister", "get", "names", "METHODS"]
 
@@ -63,9 +62,10 @@ class MatchContext:
     cache: dict[Any, Tensor] = field(default_factory=dict)
 
 
-TableFn = Callable[[MatchContext, int, Site, Key], Int[Tensor, "d_res m"]]
+#: ``table(context, layer, site, src)``: per res(layer) feature, its matched ``src`` indices, ``[d_res, m]``.
+TableFn = Callable[[MatchContext, int, Site, Key], "Tensor"]
 #: ``fit(acts, layer, pred_keys)``: from ``[n_tokens, d_sae]`` activations per key, per site ``[d_res, m]`` indices.
-FitFn = Callable[[Mapping[Key, Tensor], int, Mapping[Site, Key]], dict[Site, Int[Tensor, "d_res m"]]]
+FitFn = Callable[[Mapping[Key, "Tensor"], int, Mapping[Site, Key]], dict[Site, "Tensor"]]
 
 
 @dataclass(frozen=True)
@@ -129,6 +129,8 @@ def names() -> tuple[str, ...]:
 # -- the built-in data-free methods ------------------------------------------------------------------------------
 def _cosine(context: MatchContext, layer: int, src: Key, k: int) -> Tensor:
     """Top-``k`` cosine matches ``[d_res, k]``; with ``alive``, among the source's live features only."""
+    import torch
+
     from tl_featureflow.flow.matching import topk_cosine
 
     tracer, dst, alive = context.tracer, ("res", layer), context.alive
@@ -155,6 +157,8 @@ def _top5(context: MatchContext, layer: int, site: Site, src: Key) -> Tensor:
 
 
 def _random(context: MatchContext, layer: int, site: Site, src: Key) -> Tensor:
+    import torch
+
     top = _cosine(context, layer, src, 5)
     order = list(context.tracer.predecessor_keys(layer)).index(site)      # each site its own stream
     gen = torch.Generator().manual_seed(context.seed * 1009 + layer * 7 + order)
@@ -176,6 +180,8 @@ def _pearson(acts: Mapping[Key, Tensor], layer: int, pred_keys: Mapping[Site, Ke
     ``acts[key]`` are ``[n_tokens, d_sae]`` activations over the texts. Features that never
     vary get correlation -inf (no match: index -1).
     """
+    import torch
+
     def standardise(x: Tensor) -> Tensor:
         x = x.double() - x.double().mean(0)
         norm = x.norm(dim=0)

@@ -29,8 +29,7 @@ from torch import Tensor
 from tl_featureflow.refs import Site, hook_name, resid_pre_hook
 from tl_featureflow.saes.bank import SAEBank
 
-__all__ = ["SAEQuality", "QualityReport", "evaluate_bank", "BankQualityWarning", "MATCHING_KNEE",
-           "MATCHING_STILL_IMPROVING_AT"]
+__all__ = ["SAEQuality", "QualityReport", "evaluate_bank", "BankQualityWarning", "MATCHING_KNEE"]
 
 DEFAULT_FLOOR = 0.5
 #: Training tokens per SAE where top-1 causal matching (layer 15 of the embedded model, the paper
@@ -38,7 +37,6 @@ DEFAULT_FLOOR = 0.5
 #: tokens (docs/results.md, "What a bank's training budget buys").
 MATCHING_KNEE = 1_179_648
 #: Deprecated alias of :data:`MATCHING_KNEE` (the name from before the knee was found).
-MATCHING_STILL_IMPROVING_AT = MATCHING_KNEE
 
 
 class BankQualityWarning(UserWarning):

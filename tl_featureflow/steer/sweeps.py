@@ -41,8 +41,7 @@ __all__ = ["SweepSettings", "SweepSetting", "SweepRow", "SteeringSweep", "steeri
            "setting_coefficients", "generate_rows", "GeneratedRows", "SWEEP_SCHEMA_VERSION"]
 
 SWEEP_SCHEMA_VERSION = 2
-_FORMAT_V1 = "tl_featureflow.steering_sweep/1"
-_T = TypeVar("_T")   # version 1: settings inside ``meta`` (still read)
+_T = TypeVar("_T")
 
 
 def settings_from_dict(cls: type[_T], data: dict[str, Any]) -> _T:
@@ -103,7 +102,7 @@ class SweepSettings:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SweepSettings:
-        """Settings from :meth:`to_dict` (or a version-1 sweep's ``meta``); unknown keys are ignored."""
+        """Settings from :meth:`to_dict`; unknown keys are ignored."""
         return settings_from_dict(cls, data)
 
 
@@ -213,13 +212,11 @@ class SteeringSweep:
 
     @classmethod
     def load(cls, path: str | Path) -> SteeringSweep:
-        """Read a sweep written by :meth:`save` (schema 2, or version 1's ``format`` string)."""
+        """Read a sweep written by :meth:`save` (schema 2)."""
         path = Path(path)
         data = read_json(path, "a steering sweep")
         try:
             rows = [SweepRow(**r) for r in data["rows"]]
-            if data.get("format") == _FORMAT_V1:
-                return cls(rows, SweepSettings.from_dict(data["meta"]), data["meta"])
             check_header(data, "SteeringSweep", SWEEP_SCHEMA_VERSION, path)
             return cls(rows, SweepSettings.from_dict(data["settings"]), data["meta"])
         except (ValueError, KeyError, TypeError, AttributeError, InvalidArgumentError) as exc:

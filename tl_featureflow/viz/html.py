@@ -28,8 +28,9 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from tl_featureflow._files import atomic_write_text, read_json
+from tl_featureflow._files import atomic_write_text
 from tl_featureflow.errors import FeatureFlowError
+from tl_featureflow.rundir import RunDir
 from tl_featureflow.viz import plot
 from tl_featureflow.viz.cards import CARD_CSS, CARD_SCRIPT, card_id, cards_html
 from tl_featureflow.viz.tables import Raw, table_html
@@ -245,32 +246,33 @@ def report_from_dir(run_dir: str | Path, out: str | Path | None = None, *, title
     from tl_featureflow.steer.report_card import ReportCard
     from tl_featureflow.steer.sweeps import SteeringSweep
 
-    run_dir = Path(run_dir)
+    folder = RunDir(run_dir)
+    run_dir = folder.root
     if not run_dir.is_dir():
         raise FeatureFlowError(f"no run folder at {run_dir}: expected the output folder of `featureflow demo` "
                                "(or of trace/validate/steer with --out)")
-    run = read_json(run_dir / "run.json", "a run description") if (run_dir / "run.json").is_file() else {}
+    run = folder.read_run()
     sections = []
     if run.get("summary"):
         sections.append(Section("Summary", "".join(f"<p>{html.escape(line)}</p>" for line in run["summary"])))
     seeds = run.get("seeds", {})
-    cards = _read_cards(run_dir / "cards.json")
+    cards = _read_cards(folder.cards)
     carded = {card_id(c.ref) for c in cards}
-    for path in sorted((run_dir / "graphs").glob("*.json")):
+    for path in folder.graphs():
         sections.append(_graph_section(FlowGraph.load(path), path.stem, seeds.get(path.stem, {}), carded))
-    if (run_dir / "flowmap").is_dir():
-        fmap = FlowMap.load(run_dir / "flowmap")
+    if folder.flowmap.is_dir():
+        fmap = FlowMap.load(folder.flowmap)
         sections.append(Section("Flow map", "<p>Predecessor scores and cosine groups of every res feature, and "
                                 "how far back each feature's residual chain goes (top-1 matches at or above "
                                 "t_res 0.5).</p>",
                                 [plot.score_distributions(fmap), plot.group_composition(fmap),
                                  plot.chain_lengths(fmap)],
                                 [table_html([{"layer": k, **v} for k, v in fmap.groups().items()])]))
-    if (run_dir / "validation.json").is_file():
-        sections.append(_validation_section(ValidationReport.load(run_dir / "validation.json")))
-    for path in sorted((run_dir / "steering").glob("*.json")):
+    if folder.validation.is_file():
+        sections.append(_validation_section(ValidationReport.load(folder.validation)))
+    for path in folder.sweeps():
         sections.append(_steering_section(SteeringSweep.load(path), path.stem))
-    card_paths = sorted((run_dir / "report_cards").glob("*.json"))
+    card_paths = folder.report_cards()
     if card_paths:
         sections.append(_report_card_section([ReportCard.load(path) for path in card_paths]))
     if cards:
@@ -278,7 +280,7 @@ def report_from_dir(run_dir: str | Path, out: str | Path | None = None, *, title
     if not sections:
         raise FeatureFlowError(f"{run_dir} holds no results (graphs/, flowmap/, validation.json, steering/)")
     return render_report(title or run.get("title", f"Feature flow report: {run_dir.name}"), sections,
-                         settings=run.get("settings", {}), path=out or run_dir / "report.html")
+                         settings=run.get("settings", {}), path=out or folder.report)
 
 
 def _read_cards(path: Path) -> list[Any]:

@@ -31,8 +31,8 @@ def main() -> None:
     print(f"prompt: {PROMPT!r}; bank: {bank.describe()}")
     print(f"layer-{LAYER} res feature most specific to ' Paris': {seed} (activation {float(acts[index]):.2f}, "
           f"at most {float(acts_all[1:-1, index].max()):.2f} on the other tokens)")
-    print(f"\n>>> tracer.logit_lens('{seed}')")
-    print([(tok, round(v, 2)) for tok, v in tracer.logit_lens(seed, k=6)])
+    print(f"\n>>> tracer.labels.logit_lens('{seed}')")
+    print([(tok, round(v, 2)) for tok, v in tracer.labels.logit_lens(seed, k=6)])
     print(f"\n>>> tracer.predecessors('{seed}', k=2)")
     print(tracer.predecessors(seed, k=2))
     result = tracer.classify(LAYER)

@@ -111,3 +111,11 @@ def test_the_run_folder_layout_lives_in_rundir_only():
         tree = ast.parse((PACKAGE / (module.replace(".", "/") + ".py")).read_text())
         literals = {n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)}
         assert not literals & names, f"{module} spells {literals & names}"
+
+
+def test_the_tracer_only_matches_and_traces():
+    """Issue 23: labels (top contexts, logit lens) live in flow.labels and the flow map's files in flow.flowmap;
+    the tracer imports no I/O module and computes nothing on attribute access."""
+    assert not GRAPH["flow.tracer"] & {"_files", "flow.contexts", "saes.corpus", "embedded"}
+    tracer_source = (PACKAGE / "flow" / "tracer.py").read_text()
+    assert "@property" not in tracer_source and "def logit_lens" not in tracer_source

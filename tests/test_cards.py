@@ -31,7 +31,7 @@ def test_a_card_holds_the_planted_neighbours_and_the_contexts(planted):
     assert card.label == contexts.label(card.ref) and card.labels[truth.chain[1]] == contexts.label(truth.chain[1])
     assert [c.activation for c in card.contexts] == [h.activation for h in contexts.highlighted(card.ref)]
     assert sum(card.hist_counts) == round(contexts.density(card.ref) * contexts.n_tokens)
-    assert [t for t, _ in card.lens] == [t for t, _ in tracer.logit_lens(card.ref, 8)]
+    assert [t for t, _ in card.lens] == [t for t, _ in tracer.labels.logit_lens(card.ref, 8)]
     lens_values = [v for _, v in card.suppressed]
     assert lens_values == sorted(lens_values) and lens_values[0] < card.lens[-1][1]
     # a module feature: its predecessors are res(L-1), its successors the res(L) features it feeds

@@ -199,11 +199,11 @@ def test_bad_input_gives_clear_errors(planted):
 def test_logit_lens_labels_nodes_when_a_model_is_given(tiny_model):
     bank = make_bank(sites=["res", "mlp"], layers=[0, 1])
     tracer = FlowTracer(bank, tiny_model)
-    lens = tracer.logit_lens("1/res/4", k=3)
+    lens = tracer.labels.logit_lens("1/res/4", k=3)
     direction = bank.decoder("res", 1)[4] * tiny_model.ln_final.w
     expected = (direction @ tiny_model.W_U).topk(3)
     assert [int(t) for t, _ in lens] == expected.indices.tolist()  # no tokenizer: ids as text
     graph = tracer.trace("1/res/4", t_res=-1.0, t_module=-1.0)
     assert all(node.label for node in graph.nodes)
     with pytest.raises(ff.FeatureFlowError, match="needs a model"):
-        FlowTracer(bank).logit_lens("1/res/4")
+        FlowTracer(bank).labels.logit_lens("1/res/4")

@@ -118,7 +118,7 @@ def _trace_seeds(model: Any, bank: SAEBank, tracer: Any, themes: Sequence[str], 
                                 progress=progress)
         graph.save(out.graph(theme))
         seeds[theme] = {**info, "graph_nodes": len(graph.nodes), "span": list(graph.span),
-                        "logit_lens": [t for t, _ in tracer.logit_lens(graph.seed, k=6)]}
+                        "logit_lens": [t for t, _ in tracer.labels.logit_lens(graph.seed, k=6)]}
         graphs[theme] = graph
         say(f"{theme}: seed {graph.seed} (fires on {graph.node(graph.seed).label}), flow graph of "
             f"{len(graph.nodes)} features over layers {graph.span[0]}-{graph.span[1]}")

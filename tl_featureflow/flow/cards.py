@@ -129,7 +129,7 @@ def build_card(
     """The card of one feature.
 
     Contexts come from ``contexts``, else from one pass over ``tokens``, else from the
-    tracer's (``tracer.contexts``: held-out corpus text for a model with a tokenizer).
+    tracer's (``tracer.labels.contexts()``: held-out corpus text for a model with a tokenizer).
     The logit lens needs the model. ``k`` predecessors per site and successors are listed.
     """
     from tl_featureflow.flow.tracer import FlowTracer
@@ -149,19 +149,19 @@ def build_card(
 
 def build_cards(refs: list[FeatureRef | str], tracer: Any, *, k: int = 3, n_contexts: int = 8) -> list[FeatureCard]:
     """The cards of several features with one tracer (its contexts and model)."""
-    contexts = tracer.contexts
+    contexts = tracer.labels.contexts()
     tokenizer = getattr(tracer.model, "tokenizer", None) if tracer.model is not None else None
     cards = []
     for raw in refs:
         ref = tracer.bank.check_ref(raw)
         predecessors, scores, successors = _neighbours(tracer, ref, k)
         named = [r for links in predecessors.values() for r, _ in links] + [r for r, _ in successors]
-        card = FeatureCard(ref, label=tracer.describe(ref), predecessors=predecessors, scores=scores,
+        card = FeatureCard(ref, label=tracer.labels.describe(ref), predecessors=predecessors, scores=scores,
                            successors=successors,
-                           labels={str(r): label for r in named if (label := tracer.describe(r))})
+                           labels={str(r): label for r in named if (label := tracer.labels.describe(r))})
         if tracer.model is not None:
-            card.lens = tracer.logit_lens(ref, 8)
-            card.suppressed = tracer.logit_lens(ref, 8, suppressed=True)
+            card.lens = tracer.labels.logit_lens(ref, 8)
+            card.suppressed = tracer.labels.logit_lens(ref, 8, suppressed=True)
         if contexts is not None and ref.key in contexts:
             card.contexts = [CardContext(tuple(h.pieces), tuple(h.acts), h.firing, h.activation)
                              for h in contexts.highlighted(ref, tokenizer)[:n_contexts]]

@@ -16,11 +16,11 @@ from jaxtyping import Int
 from torch import Tensor
 
 from tl_featureflow._files import atomic_write_json, check_header, file_sha256, header
-from tl_featureflow.errors import CacheError, UnknownFeatureError
+from tl_featureflow.errors import CacheError, FeatureFlowError, UnknownFeatureError
 from tl_featureflow.flow.origins import LABELS, Classification, LayerScores, classify_scores
 from tl_featureflow.refs import SITES, Site
 
-__all__ = ["FlowMap", "MAP_SCHEMA_VERSION", "MAP_INDEX", "write_layer", "read_layer", "write_map_index",
+__all__ = ["FlowMap", "FlowMapWriter", "MAP_SCHEMA_VERSION", "MAP_INDEX", "write_layer", "read_layer", "write_map_index",
            "read_map_index"]
 
 MAP_SCHEMA_VERSION = 1
@@ -168,3 +168,47 @@ def read_map_index(path: str | Path) -> dict[str, Any]:
         raise CacheError(f"{file} is corrupt: {exc}") from exc
     check_header(index, "FlowMap", MAP_SCHEMA_VERSION, file)
     return index
+
+
+class FlowMapWriter:
+    """Writes a flow map into a folder layer by layer, resuming one that is there.
+
+    Opening checks the folder: a map of the same bank and settings (``meta``) is resumed (its
+    intact layers in :attr:`done` and :attr:`thresholds`; a corrupt or partial layer is left out, to be
+    recomputed); a map of another bank or settings, or a folder that is not a flow map, is refused,
+    never overwritten. :meth:`add` writes one layer's file, then the index (both atomically).
+    """
+
+    def __init__(self, path: str | Path, planned: list[int], meta: dict[str, Any]):
+        self.path, self.planned, self.meta = Path(path), list(planned), meta
+        self.done: dict[int, LayerScores] = {}
+        self.thresholds: dict[int, dict[Site, float]] = {}
+        self._written: dict[int, dict[str, Any]] = {}
+        self._resume()
+
+    def add(self, layer: int, scores: LayerScores, thresholds: dict[Site, float]) -> None:
+        self.done[layer], self.thresholds[layer] = scores, thresholds
+        self._written[layer] = write_layer(self.path, scores)
+        write_map_index(self.path, self.planned, self.thresholds, self.meta, self._written)
+
+    def _resume(self) -> None:
+        path, meta = self.path, self.meta
+        if not (path / MAP_INDEX).is_file():
+            if path.exists() and (path.is_file() or any(path.iterdir())):
+                raise FeatureFlowError(f"refusing to write a flow map into {path}: it exists and is not a flow map")
+            return
+        index = read_map_index(path)
+        if index["meta"] != meta:
+            changed = sorted(k for k in set(meta) | set(index["meta"]) if meta.get(k) != index["meta"].get(k))
+            raise FeatureFlowError(
+                f"{path} holds a flow map of another bank or settings (differs in {changed}): "
+                "use another path or delete it"
+            )
+        for key, info in index["layers"].items():
+            layer = int(key)
+            try:
+                self.done[layer] = read_layer(path, layer, info)
+            except CacheError:
+                continue  # corrupt or partial: recompute this layer
+            self.thresholds[layer] = info["thresholds"]
+            self._written[layer] = {"file": info["file"], "sha256": info["sha256"]}

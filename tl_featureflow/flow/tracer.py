@@ -30,21 +30,14 @@ from torch import Tensor
 
 from tl_featureflow.checks import check_device, check_int
 from tl_featureflow.errors import (
-    CacheError,
     FeatureFlowError,
     InvalidArgumentError,
     ModelMismatchError,
     UnknownFeatureError,
 )
-from tl_featureflow.flow.flowmap import (
-    MAP_INDEX,
-    FlowMap,
-    read_layer,
-    read_map_index,
-    write_layer,
-    write_map_index,
-)
+from tl_featureflow.flow.flowmap import FlowMap, FlowMapWriter
 from tl_featureflow.flow.graph import FlowEdge, FlowGraph, FlowNode
+from tl_featureflow.flow.labels import FeatureLabels
 from tl_featureflow.flow.matching import topk_cosine
 from tl_featureflow.flow.origins import Classification, LayerScores, classify_scores
 from tl_featureflow.refs import FeatureRef, Key, Site, check_layer, check_site, predecessor_keys
@@ -128,7 +121,8 @@ class FlowTracer:
             :class:`~tl_featureflow.flow.contexts.TopContexts`, ``"auto"`` (the default:
             :func:`~tl_featureflow.flow.contexts.feature_contexts` of the bank on held-out
             corpus text, computed once per bank and cached, when the model has a tokenizer
-            and a label is first needed), or None (logit-lens labels only).
+            and a label is first needed), or None (logit-lens labels only). Labels live in
+            ``tracer.labels`` (:class:`~tl_featureflow.flow.labels.FeatureLabels`).
     """
 
     def __init__(
@@ -153,28 +147,9 @@ class FlowTracer:
         first = next(iter(bank.values()))
         self.device = check_device(device) if device is not None else first.W_dec.device
         self.chunk_size = chunk_size
-        if isinstance(contexts, str) and contexts != "auto":
-            raise InvalidArgumentError(f"contexts={contexts!r}: expected a TopContexts, 'auto' or None")
-        self._contexts = contexts
+        self.labels = FeatureLabels(bank, model, contexts)   # node labels: top contexts, logit lens
         self._matches: dict[tuple[Key, Key, int], Matching] = {}
         self._rotations: dict[int, Tensor] = {}
-
-    @property
-    def contexts(self) -> Any | None:
-        """The features' top contexts (computed and cached on first use when ``contexts="auto"``)."""
-        if isinstance(self._contexts, str):
-            tokenizer = getattr(self.model, "tokenizer", None) if self.model is not None else None
-            if tokenizer is None:
-                self._contexts = None
-            else:
-                from tl_featureflow.flow.contexts import feature_contexts
-
-                self._contexts = feature_contexts(self.model, self.bank)
-        return self._contexts
-
-    @contexts.setter
-    def contexts(self, value: Any | None) -> None:
-        self._contexts = value
 
     # -- building blocks -------------------------------------------------------------------------
     def _key(self, key: tuple[Any, Any], what: str) -> Key:
@@ -316,13 +291,9 @@ class FlowTracer:
     # -- graphs ----------------------------------------------------------------------------------
     def _res_node(self, ref: FeatureRef, role: str, labels: bool) -> tuple[FlowNode, Predecessors]:
         preds = self.predecessors(ref)
-        label, lens = self._labels(ref) if labels else (None, None)
+        label, lens = self.labels.node_labels(ref) if labels else (None, None)
         node = FlowNode(ref, role, preds.s("res"), preds.s("mlp"), preds.s("att"), label, lens)  # type: ignore[arg-type]
         return node, preds
-
-    def _labels(self, ref: FeatureRef) -> tuple[str | None, str | None]:
-        lens = self.lens_label(ref) if self.model is not None else None
-        return self.describe(ref) or lens, lens
 
     def trace(
         self,
@@ -346,7 +317,7 @@ class FlowTracer:
         seed = self._res_ref(ref)
         if direction not in ("backward", "forward", "both"):
             raise InvalidArgumentError(f"direction={direction!r}: expected 'backward', 'forward' or 'both'")
-        labels = (self.model is not None or self._contexts not in (None, "auto")) if labels is None else labels
+        labels = (self.model is not None or self.labels.given()) if labels is None else labels
         nodes: dict[FeatureRef, FlowNode] = {}
         edges: list[FlowEdge] = []
 
@@ -356,7 +327,7 @@ class FlowTracer:
             for site in ("mlp", "att"):
                 for module_ref, score in preds.get(site, [])[:1]:
                     if score >= t_module:
-                        label, lens = self._labels(module_ref) if labels else (None, None)
+                        label, lens = self.labels.node_labels(module_ref) if labels else (None, None)
                         nodes[module_ref] = FlowNode(module_ref, "module", label=label, lens=lens)
                         edges.append(FlowEdge(module_ref, ref, score))
             return preds
@@ -382,42 +353,6 @@ class FlowTracer:
                 current, l_end = successor, successor.layer
         return FlowGraph(seed, list(nodes.values()), edges, (l_start, l_end), t_res, t_module, direction,
                          meta={"bank": self.bank.describe(), "forward_rule": "argmax cosine in res(L+1)"})
-
-    # -- labels ----------------------------------------------------------------------------------
-    @torch.no_grad()
-    def logit_lens(self, ref: FeatureRef | str, k: int = 8, *, suppressed: bool = False) -> list[tuple[str, float]]:
-        """The ``k`` tokens a feature's decoder direction promotes most: ``W_dec[i] @ W_U``
-        (with ``suppressed=True``: the ``k`` it suppresses most, most negative first).
-
-        The final norm's weight (when the model has one) scales the direction first, as
-        it would on its way to the unembedding.
-        """
-        if self.model is None:
-            raise FeatureFlowError("logit_lens needs a model: FlowTracer(bank, model)")
-        ref = self.bank.check_ref(ref)
-        W_U = self.model.W_U
-        direction = self._decoder(ref.key)[ref.index].to(W_U.device, W_U.dtype)
-        ln_w = getattr(getattr(self.model, "ln_final", None), "w", None)
-        if ln_w is not None:
-            direction = direction * ln_w
-        logits = direction @ W_U
-        values, ids = logits.topk(k, largest=not suppressed)
-        tokenizer = getattr(self.model, "tokenizer", None)
-        names = [tokenizer.decode([i]) if tokenizer is not None else str(i) for i in ids.tolist()]
-        return list(zip(names, values.tolist(), strict=False))
-
-    def lens_label(self, ref: FeatureRef | str, k: int = 5) -> str:
-        """The top ``k`` logit-lens tokens as one line (the second line of a feature's label)."""
-        return " ".join(repr(token) for token, _ in self.logit_lens(ref, k))
-
-    def describe(self, ref: FeatureRef | str, k: int = 5) -> str | None:
-        """A feature's primary label: what it fires on (:meth:`TopContexts.label`) when contexts are
-        known, else its top ``k`` logit-lens tokens; None with neither."""
-        ref = FeatureRef.parse(ref)
-        contexts = self.contexts
-        if contexts is not None and ref.key in contexts:
-            return contexts.label(ref, getattr(self.model, "tokenizer", None))
-        return self.lens_label(ref, k) if self.model is not None else None
 
     # -- causal validation -----------------------------------------------------------------------
     def validate(self, tokens: Tensor, *, layers: Iterable[int], model: Any | None = None, **kwargs: Any) -> Any:
@@ -469,40 +404,13 @@ class FlowTracer:
                  else {site: float(v) for site, v in sorted(thresholds.items())})
         meta = {"k": k, "bank_fingerprint": self.bank.fingerprint(), "bank": self.bank.describe(),
                 "threshold_method": method, "fixed_thresholds": fixed, "quantile": quantile, "planned": planned}
-        done: dict[int, LayerScores] = {}
-        thr: dict[int, dict[Site, float]] = {}
-        written: dict[int, dict[str, Any]] = {}
-        if path is not None:
-            path = Path(path)
-            done, thr, written = self._resume(path, meta)
+        writer = None if path is None else FlowMapWriter(path, planned, meta)   # resumes what is there
+        done: dict[int, LayerScores] = {} if writer is None else dict(writer.done)
+        thr: dict[int, dict[Site, float]] = {} if writer is None else dict(writer.thresholds)
         for layer in tqdm([x for x in planned if x not in done], desc="flow map", unit="layer", disable=not progress):
             done[layer] = self.scores(layer, k)
             thr[layer] = self.thresholds(layer, thresholds, quantile=quantile)
-            if path is not None:
-                written[layer] = write_layer(path, done[layer])
-                write_map_index(path, planned, thr, meta, written)
+            if writer is not None:
+                writer.add(layer, done[layer], thr[layer])
             self._matches.clear()  # a map holds its own copy; keep memory flat
         return FlowMap({layer: done[layer] for layer in planned}, {layer: thr[layer] for layer in planned}, meta)
-
-    def _resume(self, path: Path, meta: dict[str, Any]) -> tuple[dict, dict, dict]:
-        if not (path / MAP_INDEX).is_file():
-            if path.exists() and (path.is_file() or any(path.iterdir())):
-                raise FeatureFlowError(f"refusing to write a flow map into {path}: it exists and is not a flow map")
-            return {}, {}, {}
-        index = read_map_index(path)
-        if index["meta"] != meta:
-            changed = sorted(k for k in set(meta) | set(index["meta"]) if meta.get(k) != index["meta"].get(k))
-            raise FeatureFlowError(
-                f"{path} holds a flow map of another bank or settings (differs in {changed}): "
-                "use another path or delete it"
-            )
-        done, thr, written = {}, {}, {}
-        for key, info in index["layers"].items():
-            layer = int(key)
-            try:
-                done[layer] = read_layer(path, layer, info)
-            except CacheError:
-                continue  # corrupt or partial: recompute this layer
-            thr[layer] = info["thresholds"]
-            written[layer] = {"file": info["file"], "sha256": info["sha256"]}
-        return done, thr, written

@@ -43,7 +43,7 @@ def pick_seed(model: Any, bank: SAEBank, tracer: Any, theme: Any, layer: int, *,
     """
     from tl_featureflow.steer.steerer import typical_activation
 
-    contexts = tracer.contexts
+    contexts = tracer.labels.contexts()
     candidates = theme_features(model, bank, theme.texts, layer=layer, k=8, contexts=contexts, judge=judge,
                                 topic=theme.description)
     if not candidates:

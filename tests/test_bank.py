@@ -45,7 +45,7 @@ def test_bank_accepts_res_sae_on_the_next_layers_resid_pre():
     ],
 )
 def test_bank_rejects_bad_input_naming_it(saes, match):
-    with pytest.raises(ff.BankError, match=match):
+    with pytest.raises(ff.errors.BankError, match=match):
         SAEBank(saes)
 
 
@@ -55,7 +55,7 @@ def test_bank_rejects_non_finite_weights(arch, param, bad):
     sae = make_sae(arch=arch)
     with torch.no_grad():
         getattr(sae, param).view(-1)[3] = bad
-    with pytest.raises(ff.BankError, match=f"1 NaN/inf values in {param}"):
+    with pytest.raises(ff.errors.BankError, match=f"1 NaN/inf values in {param}"):
         SAEBank({("res", 0): sae})
 
 
@@ -129,7 +129,7 @@ def test_save_replaces_a_saved_bank_but_refuses_other_folders(tmp_path):
     assert SAEBank.load(tmp_path / "bank").layers == [1]
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("precious")
-    with pytest.raises(ff.BankError, match="refusing to overwrite"):
+    with pytest.raises(ff.errors.BankError, match="refusing to overwrite"):
         make_bank().save(tmp_path / "mine")
     assert (tmp_path / "mine" / "notes.txt").read_text() == "precious"
 
@@ -186,7 +186,7 @@ def test_load_checks_the_schema_version(tmp_path):
 
 def test_metadata_must_be_json(tmp_path):
     bank = SAEBank(make_bank(layers=[0]), metadata={"bad": object()})
-    with pytest.raises(ff.BankError, match="JSON"):
+    with pytest.raises(ff.errors.BankError, match="JSON"):
         bank.save(tmp_path / "bank")
     assert not (tmp_path / "bank").exists()
 
@@ -253,11 +253,11 @@ def test_from_pretrained_reads_gemma_scope_files_through_sae_lens(local_gemma_sc
 
 
 def test_from_pretrained_rejects_gemma_scope_attention_saes_on_hook_z(local_gemma_scope):
-    with pytest.raises(ff.BankError, match=r"blocks\.3\.attn\.hook_z.*cannot be matched"):
+    with pytest.raises(ff.errors.BankError, match=r"blocks\.3\.attn\.hook_z.*cannot be matched"):
         SAEBank.from_pretrained({"att": "gemma-scope-2b-pt-att-canonical"},
                                 "layer_{layer}/width_16k/canonical", layers=[3], progress=False)
 
 
 def test_from_pretrained_wraps_sae_lens_errors():
-    with pytest.raises(ff.BankError, match="no-such-release"):
+    with pytest.raises(ff.errors.BankError, match="no-such-release"):
         SAEBank.from_pretrained({"res": "no-such-release"}, "layer_{layer}", layers=[0], progress=False)

@@ -10,8 +10,8 @@ import torch
 
 import tl_featureflow as ff
 from conftest import D_VOCAB, make_bank
-from tl_featureflow import FlowTracer, FlowTransformer, TopContexts, collect_top_contexts
-from tl_featureflow.flow.contexts import HIST_EDGES, contexts_dir, feature_contexts
+from tl_featureflow import FlowTracer, FlowTransformer
+from tl_featureflow.flow.contexts import HIST_EDGES, TopContexts, collect_top_contexts, contexts_dir, feature_contexts
 
 N, LEFT, RIGHT = 4, 3, 2
 

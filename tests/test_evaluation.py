@@ -118,7 +118,7 @@ def test_the_offline_judge_separates_the_labelled_set():
     import tl_featureflow as ff
     from tl_featureflow.steer.judge_set import judge_auc
 
-    result = judge_auc(ff.OfflineJudge(ff.load_embedded_model()))
+    result = judge_auc(ff.steer.judge.OfflineJudge(ff.load_embedded_model()))
     aucs = [v["auc"] for v in result["concept"].values()]
     assert min(aucs) > 0.7 and sum(aucs) / len(aucs) > 0.9, result      # measured: 1.0, 0.99, 0.99, 0.78
     assert result["fluency"]["auc"] > 0.95 and result["fluency"]["n_broken"] == 72, result   # measured: 0.986

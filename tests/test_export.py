@@ -16,7 +16,7 @@ def graph() -> ff.FlowGraph:
     tracer = ff.FlowTracer(planted_chain_bank()[0])
     graph = tracer.trace("2/res/1", t_module=0.15)
     assert {n.ref.site for n in graph.nodes} >= {"res", "mlp"}     # module nodes share layers with res nodes
-    graph.nodes[0] = ff.FlowNode(graph.nodes[0].ref, graph.nodes[0].role, graph.nodes[0].s_res,
+    graph.nodes[0] = ff.flow.graph.FlowNode(graph.nodes[0].ref, graph.nodes[0].role, graph.nodes[0].s_res,
                                  graph.nodes[0].s_mlp, graph.nodes[0].s_att, label="'Paris' — …capital is [Paris]",
                                  lens="'Paris' 'France'")
     return graph

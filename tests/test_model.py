@@ -115,7 +115,7 @@ def test_attach_alias_hook_does_not_modify_the_users_sae(flow, tokens):
 def test_attach_refuses_a_bank_that_does_not_fit_before_changing_anything(flow, tokens, bank, match):
     clean = flow(tokens)
     names = set(flow.hook_dict)
-    with pytest.raises(ff.ModelMismatchError, match=match):
+    with pytest.raises(ff.errors.ModelMismatchError, match=match):
         flow.attach(bank())
     assert set(flow.hook_dict) == names and flow.bank is None
     torch.testing.assert_close(flow(tokens), clean, rtol=0, atol=0)

@@ -109,7 +109,7 @@ def test_validate_runs_the_new_methods_and_records_attributions(tiny_model):
         site, index = best[(row.text, row.position, row.target)].split(":")
         layer = 1 if site == "res" else 2
         assert row.deactivated == [f"{layer}/{site}/{index}"]
-    again = ValidationReport.load(report.save(ff.cache_root() / "t1.json"))
+    again = ValidationReport.load(report.save(ff.embedded.cache_root() / "t1.json"))
     assert again.attributions == report.attributions
 
 

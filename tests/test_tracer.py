@@ -189,7 +189,7 @@ def test_bad_input_gives_clear_errors(planted):
         tracer.classify(2, thresholds="median")  # type: ignore[arg-type]
     with pytest.raises(ff.FeatureFlowError, match="lack sites"):
         tracer.classify(2, thresholds={"res": 0.5})
-    with pytest.raises(ff.ModelMismatchError, match="d_model=32"):
+    with pytest.raises(ff.errors.ModelMismatchError, match="d_model=32"):
         from transformer_lens import HookedTransformer
 
         from conftest import tiny_cfg

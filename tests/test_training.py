@@ -107,7 +107,7 @@ def test_activation_stream_is_a_pure_function_of_the_step(model, rows):
     "kwargs, error, match",
     [
         (dict(sites=["resid"]), ff.FeatureFlowError, "unknown sites"),
-        (dict(layers=[1, 3]), ff.ModelMismatchError, r"layers \[3\] are not layers of the model"),
+        (dict(layers=[1, 3]), ff.errors.ModelMismatchError, r"layers \[3\] are not layers of the model"),
         (dict(preset="huge"), ff.FeatureFlowError, "unknown preset"),
     ],
 )

@@ -92,7 +92,7 @@ def test_a_nan_written_in_place_is_refused_at_save(tmp_path):
     bank, _ = planted_chain_bank()
     with torch.no_grad():
         bank["res", 2].W_enc[0, 0] = math.nan
-    with pytest.raises(ff.BankError, match=r"\('res', 2\).*W_enc"):
+    with pytest.raises(ff.errors.BankError, match=r"\('res', 2\).*W_enc"):
         bank.save(tmp_path / "bank")
     assert not (tmp_path / "bank").exists()
 

@@ -4,3 +4,7 @@
 (FlowMap, written layer by layer) · ``origins`` (translated / processed / newborn labels)
 · ``contexts`` (top activating contexts).
 """
+
+from tl_featureflow._lazy import submodule_getattr
+
+__getattr__, __dir__ = submodule_getattr(__name__)

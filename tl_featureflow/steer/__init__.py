@@ -5,3 +5,7 @@
 topic) · ``probe`` (seeds ranked by a steering probe) · ``report_card`` (prompting vs one feature vs
 the flow graph, AxBench-style).
 """
+
+from tl_featureflow._lazy import submodule_getattr
+
+__getattr__, __dir__ = submodule_getattr(__name__)

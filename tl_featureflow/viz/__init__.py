@@ -2,3 +2,7 @@
 
 ``plot`` (go.Figure builders) · ``html`` (the report).
 """
+
+from tl_featureflow._lazy import submodule_getattr
+
+__getattr__, __dir__ = submodule_getattr(__name__)

@@ -183,9 +183,16 @@ def split_preactivations(model: Any, bank: SAEBank, tokens: Int[Tensor, "1 seq"]
 @torch.no_grad()
 def model_activations(flow: Any, tokens: Tensor, layer: int) -> dict[str, Tensor]:
     """The model's activations ``[seq, d_model]`` of one text at res(L-1), att(L), mlp(L) and res(L)."""
-    names = _names(layer)
-    _, cache = flow.run_with_cache(tokens, names_filter=list(names.values()), stop_at_layer=layer + 1)
-    return {part: cache[name][0] for part, name in names.items()}
+    return layer_activations(flow, tokens, [layer])[layer]
+
+
+@torch.no_grad()
+def layer_activations(flow: Any, tokens: Tensor, layers: list[int]) -> dict[int, dict[str, Tensor]]:
+    """:func:`model_activations` of several layers from one forward (up to the last of them)."""
+    names = {layer: _names(layer) for layer in layers}
+    wanted = sorted({name for per_layer in names.values() for name in per_layer.values()})
+    _, cache = flow.run_with_cache(tokens, names_filter=wanted, stop_at_layer=max(layers) + 1)
+    return {layer: {part: cache[name][0] for part, name in per_layer.items()} for layer, per_layer in names.items()}
 
 
 def _names(layer: int) -> dict[str, str]:

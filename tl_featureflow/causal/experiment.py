@@ -18,6 +18,7 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
+from tl_featureflow.causal.attribution import layer_activations
 from tl_featureflow.causal.interventions import Intervention, intervened, res_activations, target_activations
 from tl_featureflow.checks import check_int, check_number, check_tokens
 from tl_featureflow.errors import FeatureFlowError, InvalidArgumentError
@@ -122,10 +123,11 @@ def validate(
     for t in tqdm(range(tokens.shape[0]), desc="validating", unit="text", disable=not progress):
         text = tokens[t:t + 1]
         feats = run.text_features(text, all_feats, t)
+        raw = layer_activations(flow, text, layers)    # one pass: every layer's stream and sites, read by all steps
         n_pos = min(positions_per_text, text.shape[1] - 1)
         positions = (1 + torch.randperm(text.shape[1] - 1, generator=run.gen)[:n_pos]).tolist()
         for layer in layers:
-            rows += run.layer_rows(t, text, feats, layer, positions)
+            rows += run.layer_rows(t, text, feats, raw[layer], layer, positions)
     bank = tracer.bank
     meta = {"layers": list(layers), "methods": list(methods), "r": rs[0], "r_values": rs,
             "sweep_methods": list(sweep_methods), "loss_samples": loss_samples,
@@ -232,35 +234,38 @@ class _Experiment:
             return FeatureCache({key: acts[t:t + 1] for key, acts in all_feats.items()})
         return self.flow.run_with_features(text, bank=self.needed, return_logits=False)[1]
 
-    def layer_rows(self, t: int, text: Tensor, feats: Any, layer: int, positions: list[int]) -> list[Any]:
-        """Plan the interventions of one text and layer, run them as batched rows, read the targets."""
+    def layer_rows(self, t: int, text: Tensor, feats: Any, raw: dict[str, Tensor], layer: int,
+                   positions: list[int]) -> list[Any]:
+        """Plan the interventions of one text and layer, run them as batched rows, read the targets.
+
+        ``raw``: the text's activations at this layer (:func:`~tl_featureflow.causal.attribution.layer_activations`;
+        ``raw["res"]`` is the stream entering the layer), shared by the search, the attribution and the rows.
+        """
         from tl_featureflow.causal.results import ValidationRow
 
-        plan = self.plan(t, text, feats, layer, positions)
+        plan = self.plan(t, text, feats, raw, layer, positions)
         z_new = target_activations(self.flow, self.bank, text, layer, [p[0] for p in plan], [p[1] for p in plan],
-                                   chunk_rows=self.batch_rows) if plan else torch.zeros(0)
+                                   chunk_rows=self.batch_rows, entering=raw["res"][None]) if plan else torch.zeros(0)
         rows = [ValidationRow(**p[2], z_new=float(z)) for p, z in zip(plan, z_new.tolist(), strict=True)]
         self.add_loss_changes(text, plan, rows)
         return rows
 
-    def plan(self, t: int, text: Tensor, feats: Any, layer: int, positions: list[int]) -> Plan:
+    def plan(self, t: int, text: Tensor, feats: Any, raw: dict[str, Tensor], layer: int,
+             positions: list[int]) -> Plan:
         """For every chosen target and method: the active matched predecessors to rescale (counted by group)."""
         from tl_featureflow.causal.results import group_name
 
         pred_keys = self.pred_keys[layer]
         best: dict[tuple[int, Any], Any] = {}
         if self.needing("search"):
-            best = _exhaustive_choices(self.flow, self.bank, text, layer, positions, pred_keys, feats, self.batch_rows)
-        raw = None
-        if self.needing("attribution"):
-            from tl_featureflow.causal.attribution import model_activations
-
-            raw = model_activations(self.flow, text, layer)
+            best = _exhaustive_choices(self.flow, self.bank, text, layer, positions, pred_keys, feats, self.batch_rows,
+                                       entering=raw["res"][None])
+        attribute = bool(self.needing("attribution"))
         plan: Plan = []
         for pos in positions:
             active = (feats["res", layer][0, pos] > 0).nonzero().squeeze(1)
             chosen = active[torch.randperm(len(active), generator=self.gen)[:self.max_targets]].tolist()
-            if raw is not None and chosen:
+            if attribute and chosen:
                 best.update(self.attribute(t, raw, layer, pos, chosen))
             for index in chosen:
                 for method in self.methods:
@@ -353,7 +358,8 @@ class _Experiment:
 
 
 def _exhaustive_choices(flow: Any, bank: SAEBank, text: Tensor, layer: int, positions: Sequence[int],
-                        pred_keys: dict[Site, tuple[Site, int]], feats: Any, batch_rows: int) -> dict:
+                        pred_keys: dict[Site, tuple[Site, int]], feats: Any, batch_rows: int,
+                        entering: Tensor | None = None) -> dict:
     """Every active predecessor feature removed alone, one row each (a row serves all targets).
 
     Returns ``{(pos, site): Tensor[d_sae]}``, per site the feature whose removal leaves each
@@ -370,7 +376,7 @@ def _exhaustive_choices(flow: Any, bank: SAEBank, text: Tensor, layer: int, posi
         return {}
     all_acts = res_activations(flow, bank, text, layer, [p for p, _, _ in trials],   # [n_trials, d_sae]
                                [[Intervention(pred_keys[s][0], pred_keys[s][1], (f,), (p,), 0.0)] for p, s, f in trials],
-                               chunk_rows=batch_rows).cpu()
+                               chunk_rows=batch_rows, entering=entering).cpu()
     out: dict = {}
     for pos in positions:
         at_pos = [i for i, (p, _, _) in enumerate(trials) if p == pos]

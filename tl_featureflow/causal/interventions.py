@@ -114,14 +114,16 @@ def res_activations(
     *,
     layer_local: bool = True,
     chunk_rows: int = 16,
+    entering: Float[Tensor, "1 pos d_model"] | None = None,
 ) -> Float[Tensor, "n d_sae"]:
     """All res(``layer``) feature activations at ``positions[i]`` under ``interventions[i]``.
 
     Interventions must sit at res(layer-1), mlp(layer) or att(layer): the sites whose
     edits reach res(layer) through layer ``layer`` alone. With ``layer_local`` every row
-    reruns only layer ``layer`` from the residual stream entering it (computed once), in
-    batches of ``chunk_rows`` (small batches keep the layer's activations in cache);
-    otherwise each row is one full forward (the reference).
+    reruns only layer ``layer`` from the residual stream entering it (computed once, or
+    given as ``entering``: ``blocks.{layer}.hook_resid_pre`` of ``tokens``, as a caller
+    that already ran the text has it), in batches of ``chunk_rows`` (small batches keep
+    the layer's activations in cache); otherwise each row is one full forward (the reference).
     """
     if len(positions) != len(interventions):
         raise FeatureFlowError(f"{len(positions)} positions but {len(interventions)} intervention lists")
@@ -132,8 +134,11 @@ def res_activations(
                 raise FeatureFlowError(
                     f"intervention at {item.key} cannot reach res({layer}) through layer {layer} alone: "
                     f"expected one of {sorted(allowed)}")
-    if check_tokens(tokens, model.cfg.d_vocab, n_ctx=model.cfg.n_ctx).shape[0] != 1:
+    if entering is None and check_tokens(tokens, model.cfg.d_vocab, n_ctx=model.cfg.n_ctx).shape[0] != 1:
         raise InvalidArgumentError(f"tokens must be one text [1, pos], got shape {tuple(tokens.shape)}")
+    if entering is not None and tuple(entering.shape) != (1, tokens.shape[-1], model.cfg.d_model):
+        raise InvalidArgumentError(f"entering has shape {tuple(entering.shape)}: expected the stream entering layer "
+                                   f"{layer} of the text, (1, {tokens.shape[-1]}, {model.cfg.d_model})")
     target_sae = bank[("res", layer)]
     out_name = hook_name("res", layer)
     if not layer_local:
@@ -144,7 +149,8 @@ def res_activations(
             picked_rows.append(cache[out_name][0, pos])
         return target_sae.encode(torch.stack(picked_rows).to(target_sae.W_dec.dtype))
 
-    entering = model(tokens, stop_at_layer=layer)   # the stream entering layer L, computed once
+    if entering is None:
+        entering = model(tokens, stop_at_layer=layer)   # the stream entering layer L, computed once
     out = [_layer_local_rows(model, bank, entering, layer, positions[i:i + chunk_rows], interventions[i:i + chunk_rows])
            for i in range(0, len(positions), chunk_rows)]
     return torch.cat(out) if out else torch.zeros(0, target_sae.cfg.d_sae)
@@ -188,12 +194,13 @@ def target_activations(
     *,
     layer_local: bool = True,
     chunk_rows: int = 16,
+    entering: Float[Tensor, "1 pos d_model"] | None = None,
 ) -> Float[Tensor, " n"]:
     """Activation of res(``layer``) feature ``targets[i] = (position, index)`` under ``interventions[i]``
     (see :func:`res_activations`)."""
     if len(targets) != len(interventions):
         raise FeatureFlowError(f"{len(targets)} targets but {len(interventions)} intervention lists")
     acts = res_activations(model, bank, tokens, layer, [p for p, _ in targets], interventions,
-                           layer_local=layer_local, chunk_rows=chunk_rows)
+                           layer_local=layer_local, chunk_rows=chunk_rows, entering=entering)
     index = torch.tensor([i for _, i in targets], device=acts.device)
     return acts[torch.arange(len(targets), device=acts.device), index]

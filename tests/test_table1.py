@@ -64,7 +64,7 @@ def test_exhaustive_single_picks_the_one_feature_that_carries_the_target(tiny_mo
     b_mlp = int(feats["mlp", 2][0, pos].argmax())
     z = float(feats["res", 2][0, pos, target])
 
-    def planted(model, bank_, text_, layer, positions, plans, chunk_rows=16):
+    def planted(model, bank_, text_, layer, positions, plans, chunk_rows=16, entering=None):
         rows = []
         for plan in plans:
             (item,) = plan

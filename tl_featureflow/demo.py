@@ -67,7 +67,7 @@ def run_demo(
     if unknown:
         raise InvalidArgumentError(f"unknown themes {unknown}: expected some of {sorted(THEMES)}")
     if model.tokenizer is None:
-        raise FeatureFlowError("the demo needs a model with a tokenizer")
+        raise InvalidArgumentError("the demo needs a model with a tokenizer")
     out = RunDir(out)
     start = time.perf_counter()
     log("reading what every feature fires on (top contexts, cached with the bank)...")

@@ -182,7 +182,7 @@ class FlowTransformer(HookedSAETransformer):
             return model
         fast_path = True if fast_path is None else fast_path
         if not isinstance(model, HookedTransformer):
-            raise FeatureFlowError(f"from_hooked needs a transformer_lens.HookedTransformer, got {type(model).__name__}")
+            raise InvalidArgumentError(f"from_hooked needs a transformer_lens.HookedTransformer, got {type(model).__name__}")
         if isinstance(model, HookedSAETransformer) and model.acts_to_saes:
             raise FeatureFlowError(
                 f"the model has SAEs attached at {sorted(model.acts_to_saes)}: call model.reset_saes() first"

@@ -38,7 +38,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from tl_featureflow.checks import check_tokens
-from tl_featureflow.errors import FeatureFlowError, InvalidArgumentError
+from tl_featureflow.errors import BankError, InvalidArgumentError, UnknownFeatureError
 from tl_featureflow.refs import Site, hook_name, predecessor_keys, resid_pre_hook
 from tl_featureflow.saes.bank import SAEBank
 
@@ -114,8 +114,8 @@ def _encoder_columns(sae: Any, targets: list[int]) -> tuple[Tensor, Tensor]:
     """``w`` ``[d_model, n]`` and the constant ``b_enc - b_dec . w`` ``[n]`` of a res SAE's targets."""
     norm = getattr(sae.cfg, "normalize_activations", "none")
     if norm not in (None, "none"):
-        raise FeatureFlowError(f"the pre-activation split needs an SAE that reads its input linearly; this one "
-                               f"normalises it (normalize_activations={norm!r})")
+        raise BankError(f"the pre-activation split needs an SAE that reads its input linearly; this one "
+                        f"normalises it (normalize_activations={norm!r})")
     w = sae.W_enc.detach()[:, targets].double()
     constant = sae.b_enc.detach()[targets].double()
     if sae.cfg.apply_b_dec_to_input:
@@ -174,7 +174,7 @@ def split_preactivations(model: Any, bank: SAEBank, tokens: Int[Tensor, "1 seq"]
     if not 0 <= position < tokens.shape[1]:
         raise InvalidArgumentError(f"position {position} is outside the text (length {tokens.shape[1]})")
     if ("res", layer) not in bank:
-        raise FeatureFlowError(f"the bank has no res SAE at layer {layer}: {bank.describe()}")
+        raise UnknownFeatureError(f"the bank has no res SAE at layer {layer}: {bank.describe()}")
     flow = FlowTransformer.from_hooked(model)
     raw = model_activations(flow, tokens, layer)
     return split_at(bank, raw, layer, position, targets)

@@ -21,7 +21,7 @@ from torch import Tensor
 from tl_featureflow.causal.attribution import layer_activations
 from tl_featureflow.causal.interventions import Intervention, intervened, res_activations, target_activations
 from tl_featureflow.checks import check_int, check_number, check_tokens
-from tl_featureflow.errors import FeatureFlowError, InvalidArgumentError
+from tl_featureflow.errors import BankError, InvalidArgumentError
 from tl_featureflow.flow import methods as registry
 from tl_featureflow.flow.methods import METHODS
 from tl_featureflow.refs import Site
@@ -177,8 +177,8 @@ def _check_arguments(tracer: Any, model: Any, tokens: Tensor, layers: Sequence[i
     check_tokens(tokens, model.cfg.d_vocab, n_ctx=model.cfg.n_ctx, min_pos=2)
     for layer in layers:
         if ("res", layer) not in tracer.bank or not tracer.predecessor_keys(layer):
-            raise FeatureFlowError(f"layer {layer} needs a res SAE and at least one predecessor SAE: "
-                                   f"the bank has {tracer.bank.describe()}")
+            raise BankError(f"layer {layer} needs a res SAE and at least one predecessor SAE: "
+                            f"the bank has {tracer.bank.describe()}")
     return rs
 
 

@@ -29,7 +29,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from tl_featureflow.checks import check_tokens
-from tl_featureflow.errors import FeatureFlowError, InvalidArgumentError
+from tl_featureflow.errors import InvalidArgumentError
 from tl_featureflow.refs import Site, check_site, hook_name
 from tl_featureflow.saes.bank import SAEBank
 from tl_featureflow.saes.features import rescale_delta
@@ -50,7 +50,7 @@ class Intervention:
     def __post_init__(self) -> None:
         check_site(self.site)
         if not self.features or not self.positions:
-            raise FeatureFlowError(f"an intervention needs features and positions, got {self}")
+            raise InvalidArgumentError(f"an intervention needs features and positions, got {self}")
 
     @property
     def key(self) -> tuple[Site, int]:
@@ -126,12 +126,12 @@ def res_activations(
     the layer's activations in cache); otherwise each row is one full forward (the reference).
     """
     if len(positions) != len(interventions):
-        raise FeatureFlowError(f"{len(positions)} positions but {len(interventions)} intervention lists")
+        raise InvalidArgumentError(f"{len(positions)} positions but {len(interventions)} intervention lists")
     allowed = {("res", layer - 1), ("mlp", layer), ("att", layer)}
     for items in interventions:
         for item in items:
             if item.key not in allowed:
-                raise FeatureFlowError(
+                raise InvalidArgumentError(
                     f"intervention at {item.key} cannot reach res({layer}) through layer {layer} alone: "
                     f"expected one of {sorted(allowed)}")
     if entering is None and check_tokens(tokens, model.cfg.d_vocab, n_ctx=model.cfg.n_ctx).shape[0] != 1:
@@ -199,7 +199,7 @@ def target_activations(
     """Activation of res(``layer``) feature ``targets[i] = (position, index)`` under ``interventions[i]``
     (see :func:`res_activations`)."""
     if len(targets) != len(interventions):
-        raise FeatureFlowError(f"{len(targets)} targets but {len(interventions)} intervention lists")
+        raise InvalidArgumentError(f"{len(targets)} targets but {len(interventions)} intervention lists")
     acts = res_activations(model, bank, tokens, layer, [p for p, _ in targets], interventions,
                            layer_local=layer_local, chunk_rows=chunk_rows, entering=entering)
     index = torch.tensor([i for _, i in targets], device=acts.device)

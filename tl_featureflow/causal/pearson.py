@@ -32,7 +32,7 @@ from torch import Tensor
 
 from tl_featureflow._files import atomic_directory, cache_root, entry_lock, read_manifest, tensor_digest, write_manifest
 from tl_featureflow.checks import check_tokens
-from tl_featureflow.errors import CacheError, FeatureFlowError, InvalidArgumentError
+from tl_featureflow.errors import BankError, CacheError, InvalidArgumentError
 from tl_featureflow.refs import Site, predecessor_keys
 from tl_featureflow.saes.bank import SAEBank
 from tl_featureflow.saes.stream import token_batches
@@ -126,10 +126,10 @@ def pearson_matches(
     pred_keys = {layer: {site: key for site, key in predecessor_keys(layer).items() if key in bank} for layer in layers}
     for layer in layers:
         if ("res", layer) not in bank or not pred_keys[layer]:
-            raise FeatureFlowError(f"layer {layer} needs a res SAE and a predecessor SAE: the bank has {bank.describe()}")
+            raise BankError(f"layer {layer} needs a res SAE and a predecessor SAE: the bank has {bank.describe()}")
     if tokens is None:
         if getattr(model, "tokenizer", None) is None:
-            raise FeatureFlowError("pearson_matches needs tokens=... for a model without a tokenizer")
+            raise InvalidArgumentError("pearson_matches needs tokens=... for a model without a tokenizer")
         tokens = training_rows(model, n_tokens, progress=progress)
         source = "offline corpus, train split"
     else:

@@ -20,7 +20,7 @@ from typing import Any
 from torch import Tensor
 
 from tl_featureflow.causal.results import PAPER_TABLE1, TABLE1_METHODS, ValidationReport
-from tl_featureflow.errors import FeatureFlowError
+from tl_featureflow.errors import BankError
 from tl_featureflow.saes.bank import SAEBank
 from tl_featureflow.saes.presets import table1_layers
 
@@ -38,8 +38,8 @@ def paper_layers(n_layers: int, bank: SAEBank) -> list[int]:
     covered = [layer for layer in wanted
                if all(key in bank for key in (("res", layer), ("res", layer - 1), ("mlp", layer), ("att", layer)))]
     if not covered:
-        raise FeatureFlowError(f"the paper's protocol runs at layers {wanted} (1/4, 1/2, 3/4 of {n_layers}), but the "
-                               f"bank ({bank.describe()}) covers none of them with res(L-1), res(L), mlp(L) and att(L)")
+        raise BankError(f"the paper's protocol runs at layers {wanted} (1/4, 1/2, 3/4 of {n_layers}), but the "
+                        f"bank ({bank.describe()}) covers none of them with res(L-1), res(L), mlp(L) and att(L)")
     return covered
 
 

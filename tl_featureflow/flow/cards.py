@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from tl_featureflow._files import atomic_write_json, check_header, header, read_json
-from tl_featureflow.errors import CacheError, FeatureFlowError
+from tl_featureflow.errors import CacheError, InvalidArgumentError
 from tl_featureflow.flow.contexts import TopContexts, collect_top_contexts
 from tl_featureflow.refs import FeatureRef
 from tl_featureflow.saes.bank import SAEBank
@@ -136,10 +136,10 @@ def build_card(
 
     if tracer is None:
         if bank is None:
-            raise FeatureFlowError("build_card needs the bank (bank=...) or a FlowTracer (tracer=...)")
+            raise InvalidArgumentError("build_card needs the bank (bank=...) or a FlowTracer (tracer=...)")
         if contexts is None and tokens is not None:
             if model is None:
-                raise FeatureFlowError("computing contexts from tokens needs the model (model=...)")
+                raise InvalidArgumentError("computing contexts from tokens needs the model (model=...)")
             contexts = collect_top_contexts(model, bank, tokens, progress=progress)
         tracer = FlowTracer(bank, model, contexts=contexts if contexts is not None else "auto")
     elif contexts is not None:

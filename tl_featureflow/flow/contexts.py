@@ -51,7 +51,7 @@ from tl_featureflow._files import (
     write_manifest,
 )
 from tl_featureflow.checks import check_tokens
-from tl_featureflow.errors import CacheError, FeatureFlowError, InvalidArgumentError
+from tl_featureflow.errors import CacheError, InvalidArgumentError, UnknownFeatureError
 from tl_featureflow.refs import FeatureRef, Key, Site
 from tl_featureflow.saes.bank import SAEBank
 from tl_featureflow.saes.stream import token_batches
@@ -123,7 +123,7 @@ class TopContexts:
     def _ref(self, ref: FeatureRef | str) -> FeatureRef:
         ref = FeatureRef.parse(ref)
         if ref.key not in self.values:
-            raise FeatureFlowError(f"no contexts for {ref.key}: collected for {sorted(self.values)}")
+            raise UnknownFeatureError(f"no contexts for {ref.key}: collected for {sorted(self.values)}")
         if not 0 <= ref.index < self.values[ref.key].shape[0]:
             raise InvalidArgumentError(f"{ref}: index outside 0..{self.values[ref.key].shape[0] - 1}")
         return ref
@@ -439,7 +439,7 @@ def feature_contexts(
     """
     if tokens is None:
         if getattr(model, "tokenizer", None) is None:
-            raise FeatureFlowError("feature_contexts needs token ids (tokens=...) for a model without a tokenizer")
+            raise InvalidArgumentError("feature_contexts needs token ids (tokens=...) for a model without a tokenizer")
         from tl_featureflow.saes.corpus import load_corpus
 
         tokens = load_corpus(model.tokenizer, "heldout", progress=progress).tokens[:rows]

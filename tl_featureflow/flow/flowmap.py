@@ -16,7 +16,7 @@ from jaxtyping import Int
 from torch import Tensor
 
 from tl_featureflow._files import atomic_write_json, check_header, file_sha256, header
-from tl_featureflow.errors import CacheError, FeatureFlowError, UnknownFeatureError
+from tl_featureflow.errors import CacheError, UnknownFeatureError
 from tl_featureflow.flow.origins import LABELS, Classification, LayerScores, classify_scores
 from tl_featureflow.refs import SITES, Site
 
@@ -195,12 +195,12 @@ class FlowMapWriter:
         path, meta = self.path, self.meta
         if not (path / MAP_INDEX).is_file():
             if path.exists() and (path.is_file() or any(path.iterdir())):
-                raise FeatureFlowError(f"refusing to write a flow map into {path}: it exists and is not a flow map")
+                raise CacheError(f"refusing to write a flow map into {path}: it exists and is not a flow map")
             return
         index = read_map_index(path)
         if index["meta"] != meta:
             changed = sorted(k for k in set(meta) | set(index["meta"]) if meta.get(k) != index["meta"].get(k))
-            raise FeatureFlowError(
+            raise CacheError(
                 f"{path} holds a flow map of another bank or settings (differs in {changed}): "
                 "use another path or delete it"
             )

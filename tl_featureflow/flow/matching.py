@@ -49,7 +49,7 @@ def _check_pair(dst: Tensor, src: Tensor, k: int) -> None:
     if dst.ndim != 2 or src.ndim != 2:
         raise InvalidArgumentError(f"expected 2-D [n, d_model] decoders, got shapes {tuple(dst.shape)} and {tuple(src.shape)}")
     if dst.shape[1] != src.shape[1]:
-        raise FeatureFlowError(
+        raise InvalidArgumentError(
             f"decoders live in different spaces: d_model {dst.shape[1]} vs {src.shape[1]} "
             f"(shapes {tuple(dst.shape)} and {tuple(src.shape)})"
         )
@@ -139,7 +139,7 @@ def permutation_match(
 
     _check_pair(dst, src, 1)
     if max(dst.shape[0], src.shape[0]) > max_width:
-        raise FeatureFlowError(
+        raise InvalidArgumentError(
             f"permutation matching needs a dense {dst.shape[0]} x {src.shape[0]} matrix and an O(n^3) solver: "
             f"widths above max_width={max_width} are refused (use topk_cosine, or raise max_width)"
         )
@@ -169,10 +169,10 @@ def fold_jumprelu_threshold(sae, *, check: bool = True, atol: float = 1e-4):  # 
     from sae_lens import JumpReLUSAE
 
     if not isinstance(sae, JumpReLUSAE):
-        raise FeatureFlowError(f"folding needs a JumpReLU SAE (with thresholds), got {type(sae).__name__}")
+        raise InvalidArgumentError(f"folding needs a JumpReLU SAE (with thresholds), got {type(sae).__name__}")
     theta = sae.threshold.detach()
     if not bool((theta > 0).all()):
-        raise FeatureFlowError(
+        raise InvalidArgumentError(
             f"cannot fold: {int((theta <= 0).sum())} thresholds are <= 0 (expected all > 0)"
         )
     folded = copy.deepcopy(sae)

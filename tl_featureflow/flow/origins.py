@@ -21,7 +21,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from tl_featureflow.errors import FeatureFlowError, InvalidArgumentError
+from tl_featureflow.errors import BankError, InvalidArgumentError
 from tl_featureflow.refs import LABELS, Site
 
 __all__ = ["LABELS", "LayerScores", "Classification", "classify_scores"]
@@ -90,14 +90,14 @@ def classify_scores(scores: LayerScores, thresholds: dict[Site, float]) -> Int[T
     """Label codes (indices into :data:`LABELS`) from top-1 scores and per-site thresholds."""
     n = scores.n_features
     if n == 0:
-        raise FeatureFlowError(f"layer {scores.layer} has no predecessor scores: the bank has no predecessor sites")
+        raise BankError(f"layer {scores.layer} has no predecessor scores: the bank has no predecessor sites")
 
     def high(site: Site) -> Tensor:
         s = scores.s(site)
         if s is None:
             return torch.zeros(n, dtype=torch.bool)
         if site not in thresholds:
-            raise FeatureFlowError(f"no threshold for site {site!r}: got thresholds for {sorted(thresholds)}")
+            raise InvalidArgumentError(f"no threshold for site {site!r}: got thresholds for {sorted(thresholds)}")
         return s.cpu() >= thresholds[site]
 
     res = high("res")

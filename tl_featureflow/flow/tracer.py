@@ -30,6 +30,7 @@ from torch import Tensor
 
 from tl_featureflow.checks import check_device, check_int
 from tl_featureflow.errors import (
+    BankError,
     FeatureFlowError,
     InvalidArgumentError,
     ModelMismatchError,
@@ -135,7 +136,7 @@ class FlowTracer:
         contexts: Any | None = "auto",
     ):
         if not isinstance(bank, SAEBank):
-            raise FeatureFlowError(f"FlowTracer needs an SAEBank, got {type(bank).__name__}")
+            raise InvalidArgumentError(f"FlowTracer needs an SAEBank, got {type(bank).__name__}")
         if model is not None:
             d_model, n_layers = model.cfg.d_model, model.cfg.n_layers
             if d_model != bank.d_model:
@@ -182,7 +183,7 @@ class FlowTracer:
     def _res_ref(self, ref: FeatureRef | str) -> FeatureRef:
         ref = self.bank.check_ref(ref)
         if ref.site != "res":
-            raise FeatureFlowError(
+            raise InvalidArgumentError(
                 f"{ref} is an {ref.site} feature: predecessors and traces start from res features "
                 f"(e.g. '{ref.layer}/res/<index>')"
             )
@@ -266,7 +267,7 @@ class FlowTracer:
         if isinstance(thresholds, Mapping):
             missing = [s for s in sites if s not in thresholds]
             if missing:
-                raise FeatureFlowError(f"thresholds {dict(thresholds)} lack sites {missing} of layer {layer}")
+                raise InvalidArgumentError(f"thresholds {dict(thresholds)} lack sites {missing} of layer {layer}")
             return {s: float(thresholds[s]) for s in sites}
         raise InvalidArgumentError(f"thresholds={thresholds!r}: expected 'chance', 'paper', a number or a site mapping")
 
@@ -397,7 +398,7 @@ class FlowTracer:
             raise UnknownFeatureError(f"layers {unknown} have no res SAE: the bank has {self.bank.describe()}")
         planned = [layer for layer in wanted if self.predecessor_keys(layer)]
         if not planned:
-            raise FeatureFlowError(f"no layer of {wanted} has predecessor SAEs (res(L-1), mlp(L) or att(L))")
+            raise BankError(f"no layer of {wanted} has predecessor SAEs (res(L-1), mlp(L) or att(L))")
         method = thresholds if isinstance(thresholds, str) else "fixed"
         # fixed thresholds are part of what a map means: a resume with others is refused (issue 24 #7)
         fixed = (None if isinstance(thresholds, str) else float(thresholds) if isinstance(thresholds, (int, float))

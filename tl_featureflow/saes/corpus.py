@@ -182,7 +182,7 @@ def load_corpus(
         raise InvalidArgumentError(f"unknown corpus sources {bad or sources}: expected some of {SOURCES}")
     bos = tokenizer.bos_token_id
     if bos is None:
-        raise FeatureFlowError("the tokenizer has no BOS token: rows start with BOS (set tokenizer.bos_token)")
+        raise InvalidArgumentError("the tokenizer has no BOS token: rows start with BOS (set tokenizer.bos_token)")
     settings = {"version": CORPUS_VERSION, "split": split, "context_size": context_size, "sources": list(sources),
                 "max_tokens_per_source": max_tokens_per_source, "seed": seed, "tokenizer": _tokenizer_id(tokenizer),
                 "held_out_fraction": HELD_OUT_FRACTION, "python": sys.version.split()[0]}

@@ -9,7 +9,7 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from tl_featureflow.errors import FeatureFlowError
+from tl_featureflow.errors import InvalidArgumentError
 
 __all__ = ["ActivationStream", "token_batches"]
 
@@ -35,7 +35,7 @@ class ActivationStream:
     def __init__(self, model: Any, tokens: Int[Tensor, "n_rows ctx"], hooks: Sequence[str], *,
                  batch_tokens: int, chunk_rows: int, seed: int = 0, stop_at_layer: int | None = None):
         if tokens.shape[0] < chunk_rows:
-            raise FeatureFlowError(
+            raise InvalidArgumentError(
                 f"the corpus has {tokens.shape[0]} rows but one chunk needs {chunk_rows}: use more text or a smaller chunk"
             )
         self.model, self.tokens, self.hooks = model, tokens, list(hooks)
@@ -43,7 +43,7 @@ class ActivationStream:
         chunk_tokens = chunk_rows * (tokens.shape[1] - 1)
         self.batches_per_chunk = chunk_tokens // batch_tokens
         if self.batches_per_chunk < 1:
-            raise FeatureFlowError(f"a chunk holds {chunk_tokens} tokens, fewer than one batch of {batch_tokens}")
+            raise InvalidArgumentError(f"a chunk holds {chunk_tokens} tokens, fewer than one batch of {batch_tokens}")
         self.chunks_per_epoch = tokens.shape[0] // chunk_rows
         self._cached: tuple[int, dict[str, Tensor]] | None = None
 

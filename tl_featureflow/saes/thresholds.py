@@ -44,7 +44,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from tl_featureflow.checks import check_int
-from tl_featureflow.errors import FeatureFlowError, InvalidArgumentError
+from tl_featureflow.errors import InvalidArgumentError
 
 __all__ = ["cut_thresholds", "squared_error_change", "ThresholdCalibration", "calibrate_thresholds",
            "calibrate_bank", "THRESHOLD_FLOOR"]
@@ -246,10 +246,10 @@ def calibrate_thresholds(
     Returns the calibrated copy and a :class:`ThresholdCalibration`.
     """
     if not hasattr(sae, "threshold"):
-        raise FeatureFlowError(f"per-feature thresholds need a JumpReLU SAE, got {type(sae).__name__}")
+        raise InvalidArgumentError(f"per-feature thresholds need a JumpReLU SAE, got {type(sae).__name__}")
     if getattr(sae.cfg, "normalize_activations", "none") != "none":
-        raise FeatureFlowError(f"calibration needs an SAE without run-time normalisation, got "
-                               f"normalize_activations={sae.cfg.normalize_activations!r}")
+        raise InvalidArgumentError(f"calibration needs an SAE without run-time normalisation, got "
+                                   f"normalize_activations={sae.cfg.normalize_activations!r}")
     if activations.ndim != 2 or activations.shape[1] != sae.cfg.d_in or activations.shape[0] == 0:
         raise InvalidArgumentError(f"activations must be [n, {sae.cfg.d_in}] with n > 0, got {tuple(activations.shape)}")
     device = torch.device(device) if device is not None else sae.W_dec.device

@@ -35,7 +35,7 @@ from torch import Tensor
 
 from tl_featureflow import _compat
 from tl_featureflow._files import atomic_write_json, exclusive_lock, tensor_digest
-from tl_featureflow.errors import FeatureFlowError, InvalidArgumentError, ModelMismatchError
+from tl_featureflow.errors import CacheError, InvalidArgumentError, ModelMismatchError
 from tl_featureflow.refs import SITES, Key, Site, check_layer, hook_name
 from tl_featureflow.saes import fast_step
 from tl_featureflow.saes.bank import SAEBank
@@ -181,7 +181,7 @@ def load_checkpoint_bank(checkpoint: str | Path, *, keys: Sequence[Key] | None =
     wanted = list(folders) if keys is None else list(keys)
     missing = [key for key in wanted if key not in folders]
     if not folders or missing:
-        raise FeatureFlowError(f"checkpoint {checkpoint} holds SAEs {sorted(folders)}: expected {missing or 'some'}")
+        raise CacheError(f"checkpoint {checkpoint} holds SAEs {sorted(folders)}: expected {missing or 'some'}")
     trained: dict[str, Any] = {}
     for key in wanted:
         sae = TrainingSAE.load_from_disk(folders[key], device=device)
@@ -224,9 +224,9 @@ def _claim_run_folder(out: Path, run: dict[str, Any]) -> None:
         previous = json.loads(run_file.read_text())
         if previous != run:
             changed = sorted(k for k in run if run[k] != previous.get(k))
-            raise FeatureFlowError(f"{out} holds another training run (differs in {changed}): use another folder")
+            raise CacheError(f"{out} holds another training run (differs in {changed}): use another folder")
     elif out.exists() and any(out.iterdir()):
-        raise FeatureFlowError(f"refusing to train into {out}: it exists, is not empty and holds no training run")
+        raise CacheError(f"refusing to train into {out}: it exists, is not empty and holds no training run")
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(run_file, run)
 

@@ -99,7 +99,7 @@ class SentenceEmbedder:
     def encode(self, texts: Sequence[str], *, batch_size: int = 32) -> Float[Tensor, "n d"]:
         """Unit-norm embeddings of ``texts`` (empty texts embed like an empty sentence)."""
         if isinstance(texts, str):
-            raise FeatureFlowError("encode takes a list of texts, got one string: wrap it in a list")
+            raise InvalidArgumentError("encode takes a list of texts, got one string: wrap it in a list")
         out = []
         for start in range(0, len(texts), batch_size):
             batch = self.tokenizer(list(texts[start:start + batch_size]), padding=True, truncation=True,
@@ -236,7 +236,7 @@ class OfflineJudge:
         (:data:`NEUTRAL_TEXTS`) as ``off_topic``.
         """
         if not off_topic:
-            raise FeatureFlowError("calibrate needs at least one off-topic text")
+            raise InvalidArgumentError("calibrate needs at least one off-topic text")
         if self._behavioural is None:
             sim_off = float(self.similarity(off_topic, topic).mean())
             sim_on = float(self.similarity(on_topic, topic).mean()) if on_topic else sim_off + self.on_topic_margin
@@ -272,7 +272,7 @@ class OfflineJudge:
         cal = self._calibrated()
         ppl = torch.as_tensor(list(ppl) if not isinstance(ppl, Tensor) else ppl, dtype=torch.float32)
         if len(ppl) != len(tokens):
-            raise FeatureFlowError(f"{len(ppl)} perplexities for {len(tokens)} generations")
+            raise InvalidArgumentError(f"{len(ppl)} perplexities for {len(tokens)} generations")
         if math.isnan(cal.ppl_ref):
             raise FeatureFlowError("coherence needs reference perplexities: calibrate(..., reference_ppl=...)")
         c_ppl = (1 - torch.log(ppl / cal.ppl_ref) / math.log(self.ppl_tolerance)).clamp(0, 1)

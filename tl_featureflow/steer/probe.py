@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from tl_featureflow.errors import FeatureFlowError, InvalidArgumentError
+from tl_featureflow.errors import InvalidArgumentError
 from tl_featureflow.refs import FeatureRef
 from tl_featureflow.saes.bank import SAEBank
 from tl_featureflow.steer.sweeps import SweepSettings, generate_rows
@@ -77,7 +77,7 @@ def probe_seeds(
         raise InvalidArgumentError(f"samples must be >= 1, got {samples}")
     refs = [FeatureRef.parse(getattr(c, "ref", c)) for c in candidates]
     if not refs:
-        raise FeatureFlowError("probe_seeds needs at least one candidate feature")
+        raise InvalidArgumentError("probe_seeds needs at least one candidate feature")
     if judge is None and score_fn is None:
         raise InvalidArgumentError("probe_seeds needs a judge (OfflineJudge(model)) or a score_fn")
     settings = SweepSettings(prompt=prompt if prompt_tokens is None else None, max_new_tokens=max_new_tokens,
@@ -86,7 +86,7 @@ def probe_seeds(
         ids = torch.as_tensor(prompt_tokens).reshape(1, -1).to(model.cfg.device)
     else:
         if model.tokenizer is None:
-            raise FeatureFlowError("a text prompt needs a model with a tokenizer: pass prompt_tokens= instead")
+            raise InvalidArgumentError("a text prompt needs a model with a tokenizer: pass prompt_tokens= instead")
         ids = model.to_tokens(prompt).to(model.cfg.device)
     edits = [{}] * samples + [{ref: float(strength)} for ref in refs for _ in range(samples)]
     out = generate_rows(model, bank, ids, edits, settings, scale=scale, contexts=contexts, progress=progress,

@@ -50,7 +50,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from tl_featureflow._files import atomic_write_json, check_header, header, read_json
-from tl_featureflow.errors import CacheError, FeatureFlowError, InvalidArgumentError
+from tl_featureflow.errors import CacheError, FeatureFlowError, InvalidArgumentError, UnknownFeatureError
 from tl_featureflow.refs import FeatureRef
 from tl_featureflow.saes.bank import SAEBank
 from tl_featureflow.steer.judge import perplexity_of_rows
@@ -182,7 +182,7 @@ class ReportCard:
         for row in self.rows:
             if row.method == method:
                 return row
-        raise FeatureFlowError(f"the report card has no method {method!r}: it has {[r.method for r in self.rows]}")
+        raise InvalidArgumentError(f"the report card has no method {method!r}: it has {[r.method for r in self.rows]}")
 
     def best_steering(self, metric: str = "harmonic") -> CardRow:
         """The steered method (feature or flow graph) with the highest ``metric``."""
@@ -301,7 +301,7 @@ def steering_report_card(
             raise InvalidArgumentError(f"unknown theme {theme!r}: expected one of {sorted(THEMES)} or a Theme")
         theme = THEMES[theme]
     if model.tokenizer is None:
-        raise FeatureFlowError("a report card needs a model with a tokenizer (it compares text prompts)")
+        raise InvalidArgumentError("a report card needs a model with a tokenizer (it compares text prompts)")
     unknown = sorted(set(overrides) - {f.name for f in fields(CardSettings)})
     if unknown:
         raise InvalidArgumentError(f"steering_report_card got unknown settings {unknown}: expected CardSettings fields")
@@ -310,8 +310,8 @@ def steering_report_card(
     graph_layers = sorted({n.ref.layer for n in graph.nodes})
     layers = [x for x in (settings.layers or graph_layers) if x in graph_layers]
     if not layers:
-        raise FeatureFlowError(f"none of the layers {settings.layers} is in the flow graph of {graph.seed} "
-                               f"(its layers: {graph_layers})")
+        raise UnknownFeatureError(f"none of the layers {settings.layers} is in the flow graph of {graph.seed} "
+                                  f"(its layers: {graph_layers})")
     start = time.perf_counter()
     prompts = [model.to_tokens(settings.prompt)] + [_chat(model, p) for p in settings.neutral_prompts]
     asked = [model.to_tokens(PROMPTING_PREFIX.format(concept=theme.name) + settings.prompt)]

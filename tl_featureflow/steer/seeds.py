@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from tl_featureflow.errors import FeatureFlowError
+from tl_featureflow.errors import BankError
 from tl_featureflow.refs import FeatureRef
 from tl_featureflow.saes.bank import SAEBank
 from tl_featureflow.steer.themes import feature_activations, theme_features
@@ -23,7 +23,7 @@ def seed_layer(bank: SAEBank) -> int:
     """The res layer in the middle of the bank's span (the paper's seeds sit mid-model)."""
     layers = [layer for layer in bank.layers if ("res", layer) in bank]
     if not layers:
-        raise FeatureFlowError(f"the bank has no res SAE: {bank.describe()}")
+        raise BankError(f"the bank has no res SAE: {bank.describe()}")
     return layers[(len(layers) - 1) // 2]
 
 

@@ -67,7 +67,7 @@ from torch import Tensor
 
 from tl_featureflow import _compat
 from tl_featureflow.checks import check_device, check_number
-from tl_featureflow.errors import FeatureFlowError, InvalidArgumentError, UnknownFeatureError
+from tl_featureflow.errors import FeatureFlowError, InvalidArgumentError, ModelMismatchError, UnknownFeatureError
 from tl_featureflow.refs import FeatureRef, Site, check_layer, check_site, hook_name
 from tl_featureflow.saes.bank import SAEBank
 from tl_featureflow.saes.features import rescale_delta
@@ -212,13 +212,13 @@ class Steerer:
         device: torch.device | str | None = None,
     ):
         if not (hasattr(model, "hooks") and hasattr(model, "hook_dict") and hasattr(model, "generate")):
-            raise FeatureFlowError(f"Steerer needs a TransformerLens HookedTransformer, got {type(model).__name__}")
+            raise InvalidArgumentError(f"Steerer needs a TransformerLens HookedTransformer, got {type(model).__name__}")
         if positions not in POSITIONS:
             raise InvalidArgumentError(f"unknown positions {positions!r}: expected one of {POSITIONS}")
         if bank is not None and not isinstance(bank, SAEBank):
             raise InvalidArgumentError(f"bank must be an SAEBank, got {type(bank).__name__}")
         if bank is not None and bank.d_model != model.cfg.d_model:
-            raise FeatureFlowError(
+            raise ModelMismatchError(
                 f"the bank's SAEs read d_in={bank.d_model} but the model has d_model={model.cfg.d_model}")
         if isinstance(scale, str) and scale not in SCALES:
             raise InvalidArgumentError(f"unknown scale {scale!r}: expected one of {SCALES} or a mapping")
@@ -250,10 +250,10 @@ class Steerer:
             raise UnknownFeatureError(f"layer {layer} does not exist: the model has {self.model.cfg.n_layers} layers")
         direction = torch.as_tensor(direction).detach()
         if direction.shape != (self.model.cfg.d_model,):
-            raise FeatureFlowError(
+            raise InvalidArgumentError(
                 f"direction has shape {tuple(direction.shape)}: expected ({self.model.cfg.d_model},) (d_model)")
         if not torch.isfinite(direction).all():
-            raise FeatureFlowError(f"direction for {(site, layer)} has NaN or inf entries")
+            raise InvalidArgumentError(f"direction for {(site, layer)} has NaN or inf entries")
         self._edits.append(_Edit("add", (site, layer), None, self._coef(strength), direction.to(self.device)))
         return self
 
@@ -394,7 +394,7 @@ class Steerer:
             raise InvalidArgumentError(f"a coefficient must be a number or one number per batch row, got shape "
                                    f"{tuple(coef.shape)}")
         if not torch.isfinite(coef).all():
-            raise FeatureFlowError(f"coefficient {value!r} has NaN or inf entries")
+            raise InvalidArgumentError(f"coefficient {value!r} has NaN or inf entries")
         return coef
 
     def _direction(self, ref: FeatureRef) -> Tensor:
@@ -408,8 +408,8 @@ class Steerer:
         if self.scale == "threshold":
             threshold = getattr(sae, "threshold", None)
             if threshold is None:
-                raise FeatureFlowError(f"scale='threshold' needs a JumpReLU SAE, but the SAE of {ref} is "
-                                       f"{type(sae).__name__}: use scale='unit', 'decoder' or a mapping")
+                raise InvalidArgumentError(f"scale='threshold' needs a JumpReLU SAE, but the SAE of {ref} is "
+                                           f"{type(sae).__name__}: use scale='unit', 'decoder' or a mapping")
             return row * float(threshold.detach()[ref.index])
         if self.scale == "typical":
             return row * self._typical(ref)
@@ -524,7 +524,7 @@ def _rows(coef: Tensor, batch: int, key: tuple[Site, int]) -> Tensor:
     if coef.ndim == 0:
         return coef.expand(batch)
     if coef.shape[0] != batch:
-        raise FeatureFlowError(
+        raise InvalidArgumentError(
             f"a steering coefficient at {key} has {coef.shape[0]} rows but the batch has {batch}: give one "
             "number, or one per batch row")
     return coef

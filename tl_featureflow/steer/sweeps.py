@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from tl_featureflow._files import atomic_write_json, check_header, header, read_json
 from tl_featureflow.checks import check_tokens
-from tl_featureflow.errors import CacheError, FeatureFlowError, InvalidArgumentError
+from tl_featureflow.errors import CacheError, FeatureFlowError, InvalidArgumentError, UnknownFeatureError
 from tl_featureflow.refs import FeatureRef
 from tl_featureflow.saes.bank import SAEBank
 from tl_featureflow.steer.judge import NEUTRAL_TEXTS, OfflineJudge, perplexity_of_rows
@@ -160,7 +160,7 @@ class SteeringSweep:
             raise FeatureFlowError("scoring a sweep needs its baseline rows: run steering_sweep(..., baseline=True)")
         model = judge.model
         if model is None:
-            raise FeatureFlowError("scoring a sweep needs the judge's language model: OfflineJudge(model)")
+            raise InvalidArgumentError("scoring a sweep needs the judge's language model: OfflineJudge(model)")
         prompt = torch.tensor([self.meta["prompt_tokens"]])
         ppl = perplexity_of_rows(model, prompt, [r.tokens for r in self.rows], self.meta.get("stop_token"))
         base_idx = [i for i, r in enumerate(self.rows) if r.mode == "baseline"]
@@ -237,8 +237,8 @@ def sweep_settings(
     layers = list(layers) if layers is not None else graph_layers
     missing = [layer for layer in layers if layer not in graph_layers]
     if missing and "single" in modes:
-        raise FeatureFlowError(f"layers {missing} have no feature in the flow graph of {graph.seed} "
-                               f"(its layers: {graph_layers})")
+        raise UnknownFeatureError(f"layers {missing} have no feature in the flow graph of {graph.seed} "
+                                  f"(its layers: {graph_layers})")
     settings = [SweepSetting("baseline", None, 0.0, op)] if baseline else []
     for mode in modes:
         if mode not in ("single", "cumulative"):
@@ -343,9 +343,9 @@ def generate_rows(
     Continuations are cut after the model's stop token (EOS).
     """
     if prompt_ids.shape[-1] + settings.max_new_tokens > model.cfg.n_ctx:
-        raise FeatureFlowError(f"a prompt of {prompt_ids.shape[-1]} tokens plus max_new_tokens="
-                               f"{settings.max_new_tokens} does not fit the model's context of {model.cfg.n_ctx} "
-                               "tokens: shorten the prompt or ask for fewer tokens")
+        raise InvalidArgumentError(f"a prompt of {prompt_ids.shape[-1]} tokens plus max_new_tokens="
+                                   f"{settings.max_new_tokens} does not fit the model's context of {model.cfg.n_ctx} "
+                                   "tokens: shorten the prompt or ask for fewer tokens")
     stop_token = model.tokenizer.eos_token_id if model.tokenizer is not None else None
     size = settings.batch_size if settings.batched else 1
     chunks = [list(edits[i:i + size]) for i in range(0, len(edits), size)]
@@ -378,7 +378,7 @@ def _prompt_tokens(model: Any, settings: SweepSettings, prompt_tokens: torch.Ten
     elif settings.prompt is None:
         raise InvalidArgumentError("a sweep needs a prompt: a text in settings.prompt or prompt_tokens=")
     elif model.tokenizer is None:
-        raise FeatureFlowError("a text prompt needs a model with a tokenizer: pass prompt_tokens= instead")
+        raise InvalidArgumentError("a text prompt needs a model with a tokenizer: pass prompt_tokens= instead")
     else:
         ids = model.to_tokens(settings.prompt)
     return ids.to(model.cfg.device)

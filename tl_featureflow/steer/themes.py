@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from tl_featureflow.errors import FeatureFlowError, UnknownFeatureError
+from tl_featureflow.errors import InvalidArgumentError, UnknownFeatureError
 from tl_featureflow.refs import FeatureRef, Site
 from tl_featureflow.saes.bank import SAEBank
 from tl_featureflow.steer.judge import NEUTRAL_TEXTS
@@ -141,7 +141,7 @@ def theme_features(
     ranks below one whose contexts are on theme.
     """
     if not texts:
-        raise FeatureFlowError("theme_features needs at least one theme text")
+        raise InvalidArgumentError("theme_features needs at least one theme text")
     per_text_acts = feature_activations(model, bank, texts, site, layer, device=device)
     theme = torch.cat(per_text_acts)
     base = torch.cat(feature_activations(model, bank, neutral, site, layer, device=device))

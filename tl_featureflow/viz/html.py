@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from tl_featureflow._files import atomic_write_text
-from tl_featureflow.errors import FeatureFlowError
+from tl_featureflow.errors import CacheError
 from tl_featureflow.rundir import RunDir
 from tl_featureflow.viz import plot
 from tl_featureflow.viz.cards import CARD_CSS, CARD_SCRIPT, card_id, cards_html
@@ -249,8 +249,8 @@ def report_from_dir(run_dir: str | Path, out: str | Path | None = None, *, title
     folder = RunDir(run_dir)
     run_dir = folder.root
     if not run_dir.is_dir():
-        raise FeatureFlowError(f"no run folder at {run_dir}: expected the output folder of `featureflow demo` "
-                               "(or of trace/validate/steer with --out)")
+        raise CacheError(f"no run folder at {run_dir}: expected the output folder of `featureflow demo` "
+                         "(or of trace/validate/steer with --out)")
     run = folder.read_run()
     sections = []
     if run.get("summary"):
@@ -278,7 +278,7 @@ def report_from_dir(run_dir: str | Path, out: str | Path | None = None, *, title
     if cards:
         sections.append(_cards_section(cards))
     if not sections:
-        raise FeatureFlowError(f"{run_dir} holds no results (graphs/, flowmap/, validation.json, steering/)")
+        raise CacheError(f"{run_dir} holds no results (graphs/, flowmap/, validation.json, steering/)")
     return render_report(title or run.get("title", f"Feature flow report: {run_dir.name}"), sections,
                          settings=run.get("settings", {}), path=out or folder.report)
 

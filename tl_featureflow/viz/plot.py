@@ -25,7 +25,7 @@ import plotly.graph_objects as go
 from plotly.colors import sample_colorscale
 
 from tl_featureflow._files import atomic_write_text
-from tl_featureflow.errors import FeatureFlowError, InvalidArgumentError
+from tl_featureflow.errors import InvalidArgumentError
 
 __all__ = ["flow_graph", "flow_sankey", "score_distributions", "group_composition", "validation", "r_sweep",
            "steering", "feature_card", "chain_lengths", "write_html", "to_html", "SITE_COLORS", "LANES",
@@ -159,8 +159,8 @@ def _scores_by_layer(source: Any, layers: Iterable[int] | None) -> dict[int, Any
         chosen = source.layers if layers is None else list(layers)
         return {layer: source[layer] for layer in chosen}
     if hasattr(source, "scores") and callable(source.scores):             # a FlowTracer: computes, so not here
-        raise FeatureFlowError("plots take result objects: pass tracer.flow_map() or "
-                               "[tracer.scores(layer) for layer in layers], not the FlowTracer")
+        raise InvalidArgumentError("plots take result objects: pass tracer.flow_map() or "
+                                   "[tracer.scores(layer) for layer in layers], not the FlowTracer")
     items = list(source.values()) if isinstance(source, dict) else list(source)
     if not items or not all(hasattr(item, "layer") and hasattr(item, "indices") for item in items):
         raise InvalidArgumentError(f"expected a FlowMap or LayerScores, got {type(source).__name__}")

@@ -17,7 +17,7 @@ from typing import Any, NoReturn
 # Vocabulary from its homes (light modules: no torch, no SAELens), never retyped here.
 from tl_featureflow.flow.methods import METHODS
 from tl_featureflow.refs import LABELS, SITES
-from tl_featureflow.saes.presets import PRESETS
+from tl_featureflow.saes.presets import PRESETS, preset_cost
 
 VALIDATE_OUT = "featureflow-out/validation.json"
 
@@ -44,11 +44,17 @@ def _load_bank(args: argparse.Namespace, model: Any) -> Any:
         if hasattr(model, "check_bank"):
             model.check_bank(bank)
         return bank
-    from tl_featureflow.embedded import FLOW_PRESETS, best_cached_preset, load_embedded_bank
+    from tl_featureflow.embedded import FLOW_PRESETS, best_cached_preset, embedded_bank_dir, load_embedded_bank
+    from tl_featureflow.errors import CacheError
 
     preset = args.preset
-    if preset is None:   # the best bank already in the cache (the quick one, trained now, when there is none)
+    if preset is None:   # the best bank already in the cache (the quick one when there is none)
         preset = best_cached_preset(("full", "paper", *FLOW_PRESETS[1:]) if getattr(args, "paper", False) else FLOW_PRESETS)
+    train = getattr(args, "train", False) or args.func is _demo       # the demo's first run trains its quick bank
+    if not train and not (embedded_bank_dir(preset) / "bank" / "bank.json").is_file():
+        raise CacheError(f"the {preset!r} bank of the embedded model is not trained yet ({preset_cost(preset)} here): "
+                         f"train it once with `featureflow train-saes --preset {preset}`, or add --train to this "
+                         "command; `featureflow demo` trains the quick bank")
     return load_embedded_bank(preset, model=model, device=args.device)
 
 
@@ -251,9 +257,22 @@ def _common(p: argparse.ArgumentParser, *, bank: bool = True) -> None:
     if bank:
         p.add_argument("--preset", default=None, choices=list(PRESETS),
                        help="the embedded model's SAE bank (default: the cached one trained on the most tokens, "
-                            "full > deep > quick; with validate --paper also the paper bank; else quick, trained "
-                            "on first use)")
+                            "full > deep > quick; with validate --paper also the paper bank; else quick)")
         p.add_argument("--bank", help="a saved SAEBank folder instead of the embedded model's bank")
+        p.add_argument("--train", action="store_true",
+                       help="train the preset's bank first if it is not cached (without it, an untrained preset is "
+                            "an error that says how to train it and what that costs)")
+
+
+def _feature(text: str) -> str:
+    """argparse type of a feature argument: checked before anything loads (a bad one fails at once)."""
+    from tl_featureflow.errors import FeatureFlowError
+    from tl_featureflow.refs import FeatureRef
+
+    try:
+        return str(FeatureRef.parse(text))
+    except FeatureFlowError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -312,10 +331,11 @@ def build_parser() -> argparse.ArgumentParser:
                            epilog="examples:\n  featureflow trace 14/res/249\n"
                            "  featureflow trace 14/res/249 --t-res 0.4 --html flow.html", formatter_class=raw)
     _common(trace)
-    trace.add_argument("feature", help="layer/site/index, e.g. 14/res/249")
+    trace.add_argument("feature", type=_feature, help="layer/site/index, e.g. 14/res/249")
     trace.add_argument("--t-res", type=float, default=0.5, help="residual chain threshold (default: 0.5)")
     trace.add_argument("--t-module", type=float, default=0.15, help="MLP/attention node threshold (default: 0.15)")
-    trace.add_argument("--direction", default="both", choices=["backward", "forward", "both"])
+    trace.add_argument("--direction", default="both", choices=["backward", "forward", "both"],
+                       help="follow the residual chain backward, forward or both ways from the seed (default: both)")
     trace.add_argument("--out", help="graph JSON (default: featureflow-out/graphs/<feature>.json)")
     trace.add_argument("--html", help="also write the flow graph figure to this HTML file")
     trace.set_defaults(func=_trace)
@@ -361,20 +381,22 @@ def build_parser() -> argparse.ArgumentParser:
                            "  featureflow steer 14/res/249 --op rescale --strength 0 --prompt 'I pray to'",
                            formatter_class=raw)
     _common(steer)
-    steer.add_argument("feature", help="layer/site/index, e.g. 14/res/249")
+    steer.add_argument("feature", type=_feature, help="layer/site/index, e.g. 14/res/249")
     steer.add_argument("--strength", type=float, default=8.0, help="s for add, r for rescale (default: 8)")
-    steer.add_argument("--op", default="add", choices=["add", "rescale"])
+    steer.add_argument("--op", default="add", choices=["add", "rescale"],
+                       help="add s times the direction, or rescale the feature's own activation by r (default: add)")
     steer.add_argument("--mode", default="feature", choices=["feature", "single", "cumulative"],
                        help="the feature alone, or its flow graph at one layer / cumulatively (default: feature)")
     steer.add_argument("--up-to-layer", type=int, help="layer for single/cumulative (default: seed / span end)")
     steer.add_argument("--scale", default="threshold", choices=["unit", "decoder", "threshold", "typical"],
                        help="direction scale for add (default: threshold, i.e. SAE Match folding; typical: each "
                             "feature's median activation on held-out text)")
-    steer.add_argument("--positions", default="all", choices=["all", "prompt", "generated"])
+    steer.add_argument("--positions", default="all", choices=["all", "prompt", "generated"],
+                       help="which tokens are steered: all, the prompt's or the generated ones (default: all)")
     steer.add_argument("--prompt", default="I think", help="prompt (default: 'I think')")
     steer.add_argument("--max-new-tokens", type=int, default=36)
     steer.add_argument("--samples", type=int, default=2, help="sampled generations (0: one greedy)")
-    steer.add_argument("--seed", type=int, default=0)
+    steer.add_argument("--seed", type=int, default=0, help="torch seed of the sampled generations (default: 0)")
     steer.set_defaults(func=_steer)
 
     rep = sub.add_parser("report", help="build the offline HTML report of a run folder",

@@ -316,10 +316,10 @@ def load_embedded_bank(
 
 def _train_embedded_bank(preset: str, folder: Path, model: FlowTransformer | None, device: torch.device | str) -> None:
     """Train the embedded model's bank for ``preset`` into ``folder``, saying so first."""
+    from tl_featureflow.saes.presets import preset_cost
     from tl_featureflow.saes.training import PRESETS, train_bank
 
-    expected = {"quick": "about 20 minutes on 2 CPU cores", "deep": "about 25 minutes", "paper": "about an hour", "full": "hours on a CPU",
-                "smoke": "about a minute"}.get(preset, "a while")
+    expected = preset_cost(preset)
     print(f"No SAE bank for {EMBEDDED_MODEL_NAME} yet: training the {PRESETS[preset].describe()} "
           f"({expected}) into {folder}. An interrupted run resumes where it stopped.", flush=True)
     model = model if model is not None else load_embedded_model(device=device)

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["TRAINING_VERSION", "Preset", "PRESETS", "preset_layers", "preset_keys", "table1_layers", "TABLE1_DEPTHS"]
+__all__ = ["TRAINING_VERSION", "Preset", "PRESETS", "preset_layers", "preset_keys", "table1_layers", "TABLE1_DEPTHS",
+           "PRESET_COSTS", "preset_cost"]
 
 #: Table 1 validates at about 1/4, 1/2 and 3/4 of the depth.
 TABLE1_DEPTHS: tuple[float, ...] = (0.25, 0.5, 0.75)
@@ -107,3 +108,24 @@ def preset_layers(preset: Preset, n_layers: int) -> list[int]:
         return list(range(n_layers))
     start = max(0, n_layers // 2 - preset.n_layers // 2)
     return list(range(start, start + preset.n_layers))
+
+
+#: What training each preset's bank for the embedded SmolLM2 costs on this project's 2-core CPU, as measured
+#: (docs/performance.md, "Training SAE banks"); said before any training starts.
+PRESET_COSTS: dict[str, str] = {
+    "quick": "about 16 minutes on 2 CPU cores",
+    "deep": "about 25 minutes on 2 CPU cores",
+    "paper": "about an hour on 2 CPU cores",
+    "full": "several hours on 2 CPU cores",
+    "smoke": "about a minute",
+    "tiny": "seconds",
+}
+
+
+def preset_cost(name: str) -> str:
+    """The measured cost of training ``name``'s embedded bank (``"a while"`` for a preset not measured).
+
+    >>> preset_cost("quick")
+    'about 16 minutes on 2 CPU cores'
+    """
+    return PRESET_COSTS.get(name, "a while")

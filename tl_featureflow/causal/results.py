@@ -69,6 +69,11 @@ class ValidationReport:
     meta: dict[str, Any] = field(default_factory=dict)
     attributions: list[dict[str, Any]] = field(default_factory=list)
 
+    def __repr__(self) -> str:
+        methods = sorted({r.method for r in self.rows})
+        return (f"ValidationReport({len(self.rows)} rows, {self.meta.get('n_texts', '?')} texts, layers "
+                f"{self.meta.get('layers', '?')}, methods {methods}; .summary() or .table1() to read it)")
+
     def paper_targets(self) -> list[tuple[int, int, str]]:
         """The paper's Table-1 target set: ``(text, position, target)`` of every target whose top-1
         cosine or pearson group is a single site (From RES, From MLP or From ATT)."""

@@ -71,6 +71,11 @@ class FeatureCard:
     successors: list[Link] = field(default_factory=list)
     labels: dict[str, str] = field(default_factory=dict)
 
+    def __repr__(self) -> str:
+        label = (self.label or "no label").splitlines()[0][:60]
+        return (f"FeatureCard({self.ref}: {label!r}, {len(self.contexts)} contexts, "
+                f"{sum(len(v) for v in self.predecessors.values())} predecessors, {len(self.successors)} successors)")
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "ref": str(self.ref), "label": self.label, "lens": [list(x) for x in self.lens],

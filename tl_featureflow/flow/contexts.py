@@ -112,6 +112,11 @@ class TopContexts:
     n_tokens: int
     meta: dict[str, Any]
 
+    def __repr__(self) -> str:
+        features = sum(v.shape[0] for v in self.values.values())
+        return (f"TopContexts({len(self.values)} SAEs, {features:,} features, top {self.n} contexts each, "
+                f"over {self.n_tokens:,} tokens)")
+
     # -- reading -------------------------------------------------------------------------------------
     def __contains__(self, key: object) -> bool:
         return key in self.values

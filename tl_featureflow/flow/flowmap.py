@@ -41,6 +41,12 @@ class FlowMap:
     thresholds: dict[int, dict[Site, float]]
     meta: dict[str, Any] = field(default_factory=dict)
 
+    def __repr__(self) -> str:
+        layers = sorted(self.layer_scores)
+        span = f"layers {layers[0]}-{layers[-1]} ({len(layers)})" if layers else "no layers"
+        return (f"FlowMap({span}, k={self.meta.get('k', '?')}, thresholds {self.meta.get('threshold_method', '?')}, "
+                f"bank {self.meta.get('bank', '?')})")
+
     @property
     def layers(self) -> list[int]:
         return sorted(self.layer_scores)

@@ -97,6 +97,10 @@ class FlowGraph:
     direction: str
     meta: dict[str, Any] = field(default_factory=dict)
 
+    def __repr__(self) -> str:
+        return (f"FlowGraph(seed {self.seed}, {len(self.nodes)} features, {len(self.edges)} edges, "
+                f"layers {self.span[0]}-{self.span[1]}, t_res {self.t_res:g}, t_module {self.t_module:g})")
+
     def __post_init__(self) -> None:
         self.nodes = sorted(self.nodes, key=lambda n: n.ref)
         self.edges = sorted(self.edges, key=lambda e: (e.dst, e.src))

@@ -40,6 +40,10 @@ class LayerScores:
     scores: dict[Site, Float[Tensor, "d_sae k"]]
     indices: dict[Site, Int[Tensor, "d_sae k"]]
 
+    def __repr__(self) -> str:
+        shape = next(iter(self.scores.values())).shape if self.scores else (0, 0)
+        return f"LayerScores(layer {self.layer}, {shape[0]} features, k={shape[1]}, sites {sorted(self.scores)})"
+
     def s(self, site: Site) -> Float[Tensor, " d_sae"] | None:
         """The top-1 score s(P) of every feature, or None when the site is absent."""
         return self.scores[site][:, 0] if site in self.scores else None

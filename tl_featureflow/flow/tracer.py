@@ -65,6 +65,9 @@ class Matching:
     indices: Int[Tensor, "n_dst k"]
     scores: Float[Tensor, "n_dst k"]
 
+    def __repr__(self) -> str:
+        return f"Matching({self.src} -> {self.dst}, {len(self)} features of dst, top {self.k})"
+
     def __len__(self) -> int:
         return self.indices.shape[0]
 

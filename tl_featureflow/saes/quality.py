@@ -63,6 +63,12 @@ class QualityReport:
     n_tokens: int = 0
     meta: dict[str, Any] = field(default_factory=dict)
 
+    def __repr__(self) -> str:
+        ev = [r.explained_variance for r in self.rows]
+        mean = f", mean explained variance {sum(ev) / len(ev):.3f}" if ev else ""
+        return (f"QualityReport({len(self.rows)} SAEs on {self.n_tokens:,} tokens{mean}, {len(self.flagged())} "
+                f"below {self.floor:g}; .table() for the rows)")
+
     def flagged(self) -> list[tuple[Site, int]]:
         """SAEs whose explained variance is below the floor."""
         return [(r.site, r.layer) for r in self.rows if r.explained_variance < self.floor]

@@ -178,6 +178,10 @@ class ReportCard:
     generations: list[dict[str, Any]] = field(default_factory=list)
     meta: dict[str, Any] = field(default_factory=dict)
 
+    def __repr__(self) -> str:
+        return (f"ReportCard({self.theme!r}: {len(self.rows)} methods, {len(self.generations)} generations, "
+                f"seed {self.meta.get('seed', '?')}; .verdict() to read it)")
+
     def row(self, method: str) -> CardRow:
         for row in self.rows:
             if row.method == method:

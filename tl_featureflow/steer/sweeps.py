@@ -144,6 +144,11 @@ class SteeringSweep:
     settings: SweepSettings
     meta: dict[str, Any] = field(default_factory=dict)
 
+    def __repr__(self) -> str:
+        scored = "scored" if any(r.scores for r in self.rows) else "not scored"
+        return (f"SteeringSweep({len(self.rows)} generations, {len(self.baseline())} unsteered, seed "
+                f"{self.meta.get('seed', '?')}, {scored}; .summary() for the table)")
+
     def baseline(self) -> list[SweepRow]:
         return [r for r in self.rows if r.mode == "baseline"]
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +40,17 @@ from tl_featureflow._files import (
 )
 from tl_featureflow.checks import check_device
 from tl_featureflow.errors import BankError, CacheError, UnknownFeatureError
-from tl_featureflow.refs import SITES, FeatureRef, Key, Site, check_layer, check_site, hook_aliases, hook_name
+from tl_featureflow.refs import (
+    SITES,
+    FeatureRef,
+    Key,
+    Site,
+    check_layer,
+    check_site,
+    hook_aliases,
+    hook_name,
+    site_of_hook,
+)
 from tl_featureflow.saes.features import unit_rows
 
 __all__ = ["SAEBank", "BANK_SCHEMA_VERSION", "INDEX_FILE"]
@@ -91,6 +101,24 @@ def _check_sae(key: Key, sae: object) -> SAE:
     return sae
 
 
+def _keyed_by_hook(saes: Sequence[object]) -> dict[Key, object]:
+    """``{(site, layer): sae}`` from each SAE's hook (``blocks.{L+1}.hook_resid_pre`` is ``("res", L)``)."""
+    keyed: dict[Key, object] = {}
+    for i, sae in enumerate(saes):
+        if not isinstance(sae, SAE):
+            raise BankError(f"SAE {i} of the list is a {type(sae).__name__}: expected a sae_lens.SAE")
+        name = sae.cfg.metadata.hook_name
+        key = site_of_hook(name) if name else None
+        if key is None:
+            raise BankError(f"SAE {i} of the list reads hook {name!r}: its (site, layer) cannot be told from it; "
+                            "expected blocks.L.hook_resid_post / hook_resid_pre / hook_mlp_out / hook_attn_out, or "
+                            "pass a mapping {(site, layer): sae}")
+        if key in keyed:
+            raise BankError(f"SAEs {list(keyed).index(key)} and {i} of the list both read {key} ({name!r})")
+        keyed[key] = sae
+    return keyed
+
+
 class SAEBank(Mapping[Key, SAE]):
     """A read-only mapping ``(site, layer) -> SAE`` with validated, shared ``d_model``.
 
@@ -105,9 +133,13 @@ class SAEBank(Mapping[Key, SAE]):
             weights, or SAEs of different ``d_in``.
     """
 
-    def __init__(self, saes: Mapping[Key, SAE], *, metadata: Mapping[str, Any] | None = None):
+    def __init__(self, saes: Mapping[Key, SAE] | Sequence[SAE], *, metadata: Mapping[str, Any] | None = None):
+        if isinstance(saes, Sequence) and not isinstance(saes, str):
+            saes = _keyed_by_hook(saes)
         if not isinstance(saes, Mapping) or len(saes) == 0:
-            raise BankError(f"an SAEBank needs a non-empty mapping of (site, layer) -> SAE, got {saes!r}")
+            what = f"an empty {type(saes).__name__}" if isinstance(saes, Mapping) else f"a {type(saes).__name__}"
+            raise BankError(f"an SAEBank needs a non-empty mapping of (site, layer) -> SAE, or a list of SAEs whose "
+                            f"hooks name their keys; got {what}")
         checked: dict[Key, SAE] = {}
         for raw_key, sae in saes.items():
             key = _check_key(raw_key)

@@ -5,7 +5,7 @@
 
 With ``--checkpoints`` no bank is trained: the points are the checkpoints of one long run (the
 ``paper`` preset's run folder; with a constant learning rate a checkpoint's bank is exactly the
-bank of a run that stopped there, tests/test_training.py), plus its final bank, at layer 15.
+bank of a run that stopped there, tests/saes/test_training.py), plus its final bank, at layer 15.
 
 For each budget, a bank of the quick preset's settings at layers 14-15 (res, mlp, att; 6 SAEs) is
 trained on that many tokens (resumable, cached in ``--out``), then validated the paper's way at

@@ -17,9 +17,9 @@ from sae_lens.config import SAETrainerConfig
 from transformer_lens import HookedTransformer
 from transformer_lens.hook_points import HookPoint
 
-from conftest import make_sae, tiny_cfg
 from tl_featureflow import _compat
 from tl_featureflow.refs import hook_name
+from tl_featureflow.synthetic import tiny_cfg
 
 
 @pytest.fixture
@@ -28,8 +28,8 @@ def sae_model() -> HookedSAETransformer:
     return HookedSAETransformer(tiny_cfg()).eval()
 
 
-def test_sae_wrapper_is_sae_lens_splice_with_the_attributes_we_use(sae_model):
-    sae = make_sae("res", 0)
+def test_sae_wrapper_is_sae_lens_splice_with_the_attributes_we_use(sae_model, sae_factory):
+    sae = sae_factory("res", 0)
     sae_model.add_sae(sae, use_error_term=True)
     wrapper = sae_model.blocks[0].hook_resid_post
     assert type(wrapper) is _compat.SAEWrapper, "HookedSAETransformer.add_sae no longer splices _SAEWrapper"
@@ -45,8 +45,8 @@ def test_set_deep_attr_sets_a_dotted_path(sae_model):
     assert sae_model.blocks[1].hook_mlp_out is point
 
 
-def test_disable_sae_hooks_silences_and_restores_every_hook_point():
-    sae = make_sae("res", 0)
+def test_disable_sae_hooks_silences_and_restores_every_hook_point(sae_factory):
+    sae = sae_factory("res", 0)
     calls = []
     sae.hook_sae_acts_post.add_hook(lambda a, hook: calls.append(1))
     x = torch.randn(2, 32)
@@ -59,8 +59,8 @@ def test_disable_sae_hooks_silences_and_restores_every_hook_point():
     sae.hook_sae_acts_post.remove_hooks()
 
 
-def test_wrapper_special_mode_reads_transcoder_capture_and_token_mask():
-    wrapper = _compat.SAEWrapper(make_sae("res", 0), use_error_term=True)
+def test_wrapper_special_mode_reads_transcoder_capture_and_token_mask(sae_factory):
+    wrapper = _compat.SAEWrapper(sae_factory("res", 0), use_error_term=True)
     assert not _compat.wrapper_in_special_mode(wrapper)
     wrapper.set_token_mask(torch.zeros(1, 3, dtype=torch.bool))
     assert _compat.wrapper_in_special_mode(wrapper)
@@ -69,8 +69,8 @@ def test_wrapper_special_mode_reads_transcoder_capture_and_token_mask():
     assert _compat.wrapper_in_special_mode(wrapper)
 
 
-def test_sae_wrappers_is_the_live_dict_of_a_hooked_sae_transformer(sae_model):
-    sae = make_sae("mlp", 1)
+def test_sae_wrappers_is_the_live_dict_of_a_hooked_sae_transformer(sae_model, sae_factory):
+    sae = sae_factory("mlp", 1)
     sae_model.add_sae(sae)
     wrappers = _compat.sae_wrappers(sae_model)
     assert wrappers[hook_name("mlp", 1)].sae is sae
@@ -92,8 +92,8 @@ def test_has_torch_hooks_sees_hooks_of_either_api():
     assert not _compat.has_torch_hooks(point)
 
 
-def test_module_view_shares_tensors_but_not_registries():
-    sae = make_sae("res", 0)
+def test_module_view_shares_tensors_but_not_registries(sae_factory):
+    sae = sae_factory("res", 0)
     view = _compat.module_view(sae)
     assert view.W_dec is sae.W_dec and view.hook_sae_acts_post is sae.hook_sae_acts_post
     view.hook_sae_acts_post = torch.nn.Identity()
@@ -193,10 +193,10 @@ def test_quiet_sae_lens_bars_replaces_and_restores_tqdm():
     assert (scaler.tqdm, trainer.tqdm) == before
 
 
-def test_sae_lens_saes_context_restores_a_displaced_sae_through_add_sae(sae_model):
+def test_sae_lens_saes_context_restores_a_displaced_sae_through_add_sae(sae_model, sae_factory):
     """Why FlowTransformer.saes restores its bank itself: SAELens re-adds the displaced SAE
     in a new plain wrapper. If this changes, the restore in model.py may become unnecessary."""
-    first, second = make_sae("res", 0, seed=1), make_sae("res", 0, seed=2)
+    first, second = sae_factory("res", 0, seed=1), sae_factory("res", 0, seed=2)
     sae_model.add_sae(first, use_error_term=True)
     wrapper = _compat.sae_wrappers(sae_model)[hook_name("res", 0)]
     with sae_model.saes(saes=[second]):

@@ -130,10 +130,8 @@ def test_embedded_model_completes_paris_and_loads_from_cache(smollm2, monkeypatc
 
 
 @pytest.mark.slow
-def test_embedded_model_splices_saes_at_every_site(smollm2):
-    from conftest import make_sae
-
-    bank = ff.SAEBank({(s, layer): make_sae(s, layer, d_in=576, d_sae=64, seed=layer)
+def test_embedded_model_splices_saes_at_every_site(smollm2, sae_factory):
+    bank = ff.SAEBank({(s, layer): sae_factory(s, layer, d_in=576, d_sae=64, seed=layer)
                        for s in ("res", "mlp", "att") for layer in (0, 14, 29)})
     tokens = smollm2.to_tokens(PARIS_PROMPT)
     clean = smollm2(tokens)
@@ -145,9 +143,8 @@ def test_embedded_model_splices_saes_at_every_site(smollm2):
 
 # ------------------------------------------------------------------------------ the default bank
 @pytest.fixture
-def fake_bank_training(tmp_path, monkeypatch):
+def fake_bank_training(tmp_path, monkeypatch, bank_factory):
     """load_embedded_bank's logic with the 15-minute training replaced by a tiny bank writer."""
-    from conftest import make_bank
     from tl_featureflow.saes import training
     from tl_featureflow.saes.quality import QualityReport, SAEQuality
 
@@ -158,9 +155,9 @@ def fake_bank_training(tmp_path, monkeypatch):
     def fake_train(model, *, preset, out, metadata):
         calls.append(preset)
         quality = QualityReport([SAEQuality("res", 0, 0.3, 8.0, 0.0)]).to_dict()
-        bank = ff.SAEBank(make_bank(layers=[0]), metadata={**metadata, "model": "SmolLM2-135M-Instruct",
-                                                             "preset": preset, "corpus": {"hash": "abc123"},
-                                                             "quality": quality})
+        bank = ff.SAEBank(bank_factory(layers=[0]), metadata={**metadata, "model": "SmolLM2-135M-Instruct",
+                                                                "preset": preset, "corpus": {"hash": "abc123"},
+                                                                "quality": quality})
         bank.save(out / "bank")
         return bank
 

@@ -4,8 +4,7 @@ import pytest
 import torch
 
 import tl_featureflow as ff
-from conftest import make_bank
-from tl_featureflow.synthetic import planted_chain_bank
+from tl_featureflow.synthetic import make_bank, planted_chain_bank
 
 
 @pytest.fixture

@@ -10,11 +10,10 @@ import torch
 from transformer_lens import HookedTransformer
 
 import tl_featureflow as ff
-from conftest import tiny_cfg
 from tl_featureflow import fastpath
-from tl_featureflow.synthetic import planted_chain_bank
+from tl_featureflow.synthetic import planted_chain_bank, tiny_cfg
 
-# every architecture the tests build: LayerNorm + GELU MLP (the conftest model), Llama-like gated
+# every architecture the tests build: LayerNorm + GELU MLP (the tiny_cfg model), Llama-like gated
 # MLP with RMS norms and grouped-query attention (SmolLM2's layout), and gated with plain attention.
 CONFIGS = {
     "ln_gelu": tiny_cfg(),

@@ -4,9 +4,9 @@ from transformer_lens import HookedTransformer
 from transformer_lens.hook_points import HookPoint
 
 import tl_featureflow as ff
-from conftest import ARCHITECTURES, D_MODEL, N_LAYERS, leftover_hooks, make_bank, make_sae, tiny_cfg
 from tl_featureflow import FlowTransformer, SAEBank, _compat
 from tl_featureflow.refs import hook_name, sae_hook_name
+from tl_featureflow.synthetic import ARCHITECTURES, D_MODEL, N_LAYERS, make_bank, make_sae, tiny_cfg
 
 
 @pytest.fixture
@@ -166,7 +166,7 @@ def test_run_with_features_needs_a_bank(flow, tokens):
 
 
 # ------------------------------------------------------------------------------ the guard itself
-def test_hook_guard_sees_hooks_left_on_a_model(tiny_model):
+def test_hook_guard_sees_hooks_left_on_a_model(tiny_model, leftover_hooks):
     tiny_model.blocks[0].hook_mlp_out.add_hook(lambda x, hook: x)
     assert leftover_hooks() == ["blocks.0.hook_mlp_out: 1 hook(s)"]
     tiny_model.reset_hooks()

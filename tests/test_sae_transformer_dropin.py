@@ -22,8 +22,8 @@ from transformer_lens import HookedTransformer
 from transformer_lens.ActivationCache import ActivationCache
 from transformer_lens.hook_points import HookPoint
 
-from conftest import D_VOCAB, make_bank, tiny_cfg
 from tl_featureflow import FlowTransformer, _compat
+from tl_featureflow.synthetic import D_VOCAB, make_bank, tiny_cfg
 
 USER_HOOKS = ("blocks.0.attn.hook_z", "blocks.0.hook_mlp_out", "blocks.0.mlp.hook_post", "blocks.0.hook_resid_pre")
 KINDS = ("HookedSAETransformer", "FlowTransformer", "from_hooked", "bank_attached")

@@ -1,5 +1,9 @@
 """Synthetic SAE banks whose structure is known exactly, and a tiny model: for tests, docs, benchmarks.
 
+Also the test suite's builders: :func:`tiny_cfg` (a 3-layer, d_model 32 config), :func:`make_sae`
+and :func:`make_bank` (seeded SAEs of every SAELens architecture, every parameter random) and
+:func:`byte_tokenizer`.
+
 >>> bank, truth = planted_chain_bank()
 >>> truth.chain       # the residual chain, layer 0 to 3
 ['0/res/3', '1/res/7', '2/res/1', '3/res/5']
@@ -11,13 +15,17 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from jaxtyping import Float
 from sae_lens import (
     SAE,
+    GatedSAE,
+    GatedSAEConfig,
     JumpReLUSAE,
     JumpReLUSAEConfig,
     StandardSAE,
@@ -28,10 +36,15 @@ from sae_lens import (
 from sae_lens.saes.sae import SAEMetadata
 from torch import Tensor
 
-from tl_featureflow.refs import Site, hook_name
+from tl_featureflow.refs import SITES, Site, hook_name
 from tl_featureflow.saes.bank import SAEBank
 
-__all__ = ["sae_from_decoder", "planted_chain_bank", "random_bank", "PlantedTruth", "tiny_model"]
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformerConfig
+    from transformers import PreTrainedTokenizerBase
+
+__all__ = ["sae_from_decoder", "planted_chain_bank", "random_bank", "PlantedTruth", "tiny_model",
+           "tiny_cfg", "make_sae", "make_bank", "byte_tokenizer", "ARCHITECTURES", "D_MODEL", "N_LAYERS", "D_VOCAB"]
 
 _ARCHS = {"standard": (StandardSAE, StandardSAEConfig), "jumprelu": (JumpReLUSAE, JumpReLUSAEConfig),
           "topk": (TopKSAE, TopKSAEConfig)}
@@ -144,3 +157,89 @@ def tiny_model(*, n_layers: int = 4, d_model: int = 64, d_vocab: int = 100, seed
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         return FlowTransformer(cfg).eval()
+
+
+# ---------------------------------------------------------------------------- the test suite's builders
+#: The shape of :func:`tiny_cfg` (and the default ``d_in`` of :func:`make_sae`).
+D_MODEL, N_LAYERS, D_VOCAB = 32, 3, 64
+
+_SEEDED_ARCHS: dict[str, tuple[type[SAE], type]] = {
+    "standard": (StandardSAE, StandardSAEConfig),
+    "jumprelu": (JumpReLUSAE, JumpReLUSAEConfig),
+    "topk": (TopKSAE, TopKSAEConfig),
+    "gated": (GatedSAE, GatedSAEConfig),
+}
+#: The SAELens architectures :func:`make_sae` builds.
+ARCHITECTURES: tuple[str, ...] = tuple(_SEEDED_ARCHS)
+
+
+def tiny_cfg(**overrides: Any) -> HookedTransformerConfig:
+    """A 3-layer, d_model 32, vocabulary 64 rotary transformer's config on the CPU (rotary: see the
+    setup notes on KV caches); ``overrides`` replace any field."""
+    from transformer_lens import HookedTransformerConfig
+
+    kwargs: dict[str, Any] = dict(
+        n_layers=N_LAYERS, d_model=D_MODEL, n_ctx=64, d_head=8, n_heads=4, d_mlp=64,
+        d_vocab=D_VOCAB, act_fn="gelu", normalization_type="LN",
+        positional_embedding_type="rotary", seed=0, device="cpu",
+    )
+    kwargs.update(overrides)
+    return HookedTransformerConfig(**kwargs)
+
+
+def make_sae(
+    site: Site = "res",
+    layer: int = 0,
+    *,
+    arch: str = "standard",
+    d_in: int = D_MODEL,
+    d_sae: int = 48,
+    seed: int = 0,
+    hook: str | None = "auto",
+    dtype: str = "float32",
+) -> SAE:
+    """A seeded SAE with random (non-trivial) weights, built from a SAELens config of ``arch`` (one of
+    :data:`ARCHITECTURES`); ``hook="auto"`` reads the hook of ``(site, layer)``, ``None`` no hook name."""
+    cls, cfg_cls = _SEEDED_ARCHS[arch]
+    extra = {"k": 8} if arch == "topk" else {}
+    name = hook_name(site, layer) if hook == "auto" else hook
+    cfg = cfg_cls(d_in=d_in, d_sae=d_sae, dtype=dtype, device="cpu",
+                  metadata=SAEMetadata(hook_name=name), **extra)
+    sae = cls(cfg)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for pname, param in sae.named_parameters():
+            values = torch.randn(param.shape, generator=gen) * (0.3 if pname.startswith("b_") else 1.0)
+            if pname == "threshold":
+                values = values.abs() * 0.1
+            param.copy_(values.to(param.dtype))
+    return sae
+
+
+def make_bank(
+    sites: Sequence[Site] = SITES, layers: Iterable[int] = range(N_LAYERS), *, arch: str = "standard",
+    d_sae: int = 48, seed: int = 0, **kw: Any,
+) -> SAEBank:
+    """A bank of :func:`make_sae` SAEs at every ``(site, layer)``, seeds ``seed, seed + 1, ...``; ``kw``
+    go to :func:`make_sae` (``d_in``, ``hook``, ``dtype``)."""
+    saes = {}
+    for i, (site, layer) in enumerate((s, layer) for layer in layers for s in sites):
+        saes[(site, layer)] = make_sae(site, layer, arch=arch, d_sae=d_sae, seed=seed + i, **kw)
+    return SAEBank(saes)
+
+
+def byte_tokenizer(folder: str | Path) -> PreTrainedTokenizerBase:
+    """A byte-level tokenizer (256 bytes + bos/eos/pad), saved to ``folder`` and reloaded from it
+    (TransformerLens reloads tokenizers by ``name_or_path``)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    for special in ("<|bos|>", "<|eos|>", "<|pad|>"):
+        vocab[special] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|bos|>", eos_token="<|eos|>",
+                            pad_token="<|pad|>").save_pretrained(folder)
+    return AutoTokenizer.from_pretrained(folder)

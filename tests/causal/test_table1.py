@@ -5,12 +5,12 @@ import pytest
 import torch
 
 import tl_featureflow as ff
-from conftest import D_VOCAB, make_bank
 from tl_featureflow.causal import experiment
 from tl_featureflow.causal.attribution import model_activations, split_at, split_preactivations
 from tl_featureflow.causal.pearson import pearson_matches
 from tl_featureflow.causal.protocol import table1_markdown
 from tl_featureflow.causal.results import ValidationReport, ValidationRow
+from tl_featureflow.synthetic import D_VOCAB
 from tl_featureflow.viz.html import _table1_tables
 
 
@@ -19,8 +19,8 @@ def text():
     return torch.randint(0, D_VOCAB, (1, 12), generator=torch.Generator().manual_seed(4))
 
 
-def test_the_split_sums_exactly_to_the_saes_own_preactivation(tiny_model, text):
-    bank = make_bank(arch="jumprelu")
+def test_the_split_sums_exactly_to_the_saes_own_preactivation(tiny_model, text, bank_factory):
+    bank = bank_factory(arch="jumprelu")
     flow = ff.FlowTransformer.from_hooked(tiny_model)
     raw = model_activations(flow, text, 2)
     torch.testing.assert_close(raw["target"], raw["res"] + raw["att"] + raw["mlp"], rtol=0, atol=1e-5)
@@ -46,16 +46,16 @@ def test_the_split_sums_exactly_to_the_saes_own_preactivation(tiny_model, text):
         _, site, index = max(everything)
         assert (sites[t], indices[t]) == (site, index)
     # a site missing from the bank counts whole as its error
-    partial = split_at(make_bank(sites=("res", "mlp"), arch="jumprelu"), raw, 2, 6, targets)
+    partial = split_at(bank_factory(sites=("res", "mlp"), arch="jumprelu"), raw, 2, 6, targets)
     torch.testing.assert_close(partial.total(), partial.pre, rtol=0, atol=1e-4)
     assert partial.features["att"].shape[0] == 0
 
 
-def test_exhaustive_single_picks_the_one_feature_that_carries_the_target(tiny_model, text, monkeypatch):
+def test_exhaustive_single_picks_the_one_feature_that_carries_the_target(tiny_model, text, monkeypatch, bank_factory):
     """Two active predecessors at different sites; removing either alone leaves the target active,
     but removing the res one takes it much lower: the paper's exhaustive search picks that one
     feature, the per-site exhaustive removes one per site (both)."""
-    bank = make_bank()
+    bank = bank_factory()
     flow = ff.FlowTransformer.from_hooked(tiny_model)
     _, feats = flow.run_with_features(text, bank=bank, return_logits=False)
     pos = 5
@@ -87,8 +87,8 @@ def test_exhaustive_single_picks_the_one_feature_that_carries_the_target(tiny_mo
     assert per_site["res"] == [a_res] and per_site["mlp"] == [b_mlp]
 
 
-def test_validate_runs_the_new_methods_and_records_attributions(tiny_model):
-    bank = make_bank(arch="jumprelu")
+def test_validate_runs_the_new_methods_and_records_attributions(tiny_model, bank_factory):
+    bank = bank_factory(arch="jumprelu")
     tokens = torch.randint(0, D_VOCAB, (2, 12), generator=torch.Generator().manual_seed(2))
     report = ff.validate(ff.FlowTracer(bank), tiny_model, tokens, layers=[2],
                          methods=("top1", "exhaustive", "exhaustive_single", "attribution"), progress=False)
@@ -113,8 +113,8 @@ def test_validate_runs_the_new_methods_and_records_attributions(tiny_model):
     assert again.attributions == report.attributions
 
 
-def test_pearson_from_a_stream_equals_a_by_hand_computation(tiny_model):
-    bank = make_bank()
+def test_pearson_from_a_stream_equals_a_by_hand_computation(tiny_model, bank_factory):
+    bank = bank_factory()
     stream = torch.randint(0, D_VOCAB, (6, 10), generator=torch.Generator().manual_seed(9))
     matches = pearson_matches(tiny_model, bank, [2], tokens=stream, batch_size=4, progress=False)
     _, feats = ff.FlowTransformer.from_hooked(tiny_model).run_with_features(stream, bank=bank)
@@ -165,8 +165,8 @@ def test_table1_uses_the_same_single_site_targets_for_every_method():
     assert set(by_group) >= {"top1 / RES", "top1 / other"}
 
 
-def test_live_only_matching_and_the_dead_share(tiny_model, text):
-    bank = make_bank()
+def test_live_only_matching_and_the_dead_share(tiny_model, text, bank_factory):
+    bank = bank_factory()
     tracer = ff.FlowTracer(bank)
     top = tracer.match(("mlp", 2), ("res", 2), 1).indices[:, 0]
     alive = {key: torch.ones(bank.d_sae(*key), dtype=torch.bool) for key in bank}

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 import tl_featureflow as ff
-from conftest import D_MODEL, leftover_hooks, make_bank
 from tl_featureflow.causal.interventions import Intervention, intervened, rescale, target_activations
 from tl_featureflow.refs import hook_name
+from tl_featureflow.synthetic import D_MODEL
 
 
 def test_rescale_is_the_method_formula(sae_factory):
@@ -43,9 +43,9 @@ def _targets(flow, bank, tokens, layer):
 
 
 @pytest.mark.parametrize("r", [0.0, -1.0, 2.5])
-def test_layer_local_batched_equals_full_forward(tiny_model, r):
+def test_layer_local_batched_equals_full_forward(tiny_model, r, bank_factory):
     flow = ff.FlowTransformer.from_hooked(tiny_model)
-    bank = make_bank()
+    bank = bank_factory()
     tokens = torch.randint(0, 64, (1, 10), generator=torch.Generator().manual_seed(7))
     targets = _targets(flow, bank, tokens, 2)
     plans = [
@@ -61,9 +61,9 @@ def test_layer_local_batched_equals_full_forward(tiny_model, r):
         assert not torch.allclose(local, untouched)
 
 
-def test_r_equal_one_changes_nothing_bit_for_bit(tiny_model):
+def test_r_equal_one_changes_nothing_bit_for_bit(tiny_model, bank_factory):
     flow = ff.FlowTransformer.from_hooked(tiny_model)
-    bank = make_bank()
+    bank = bank_factory()
     tokens = torch.randint(0, 64, (1, 10), generator=torch.Generator().manual_seed(8))
     targets = _targets(flow, bank, tokens, 1)
     clean = target_activations(flow, bank, tokens, 1, targets, [[] for _ in targets])
@@ -75,9 +75,9 @@ def test_r_equal_one_changes_nothing_bit_for_bit(tiny_model):
         assert torch.equal(flow(tokens), logits)
 
 
-def test_hooks_are_removed_after_an_exception(tiny_model):
+def test_hooks_are_removed_after_an_exception(tiny_model, bank_factory, leftover_hooks):
     flow = ff.FlowTransformer.from_hooked(tiny_model)
-    bank = make_bank()
+    bank = bank_factory()
     with pytest.raises(RuntimeError, match="boom"):
         with intervened(flow, bank, [Intervention("res", 1, (0,), (1,), 0.0)]):
             assert flow.hook_dict[hook_name("res", 1)].fwd_hooks
@@ -117,7 +117,7 @@ def planted_circuit(tiny_model):
     return tiny_model, bank, tokens
 
 
-def test_planted_circuit_deactivation_matches_the_hand_computation(planted_circuit, tmp_path):
+def test_planted_circuit_deactivation_matches_the_hand_computation(planted_circuit, tmp_path, leftover_hooks):
     from tl_featureflow.causal.results import ValidationReport
 
     model, bank, tokens = planted_circuit

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import tl_featureflow as ff
-from conftest import D_VOCAB, make_bank
 from tl_featureflow import FlowTracer, FlowTransformer
 from tl_featureflow.flow.contexts import HIST_EDGES, TopContexts, collect_top_contexts, contexts_dir, feature_contexts
+from tl_featureflow.synthetic import D_VOCAB
 
 N, LEFT, RIGHT = 4, 3, 2
 
@@ -26,8 +26,8 @@ def _all_activations(model, bank, corpus):
     return feats
 
 
-def test_streaming_top_contexts_equal_brute_force(tiny_model, corpus):
-    bank = make_bank(layers=[0, 2])
+def test_streaming_top_contexts_equal_brute_force(tiny_model, corpus, bank_factory):
+    bank = bank_factory(layers=[0, 2])
     contexts = collect_top_contexts(tiny_model, bank, corpus, n=N, batch_size=2, left=LEFT, right=RIGHT,
                                     progress=False)
     seq = corpus.shape[1]
@@ -67,8 +67,8 @@ def test_streaming_top_contexts_equal_brute_force(tiny_model, corpus):
     assert f"[<{int(corpus[first.doc, first.pos])}>]" in first.text
 
 
-def test_density_mean_and_quantiles_match_the_activations(tiny_model, corpus):
-    bank = make_bank(layers=[1])
+def test_density_mean_and_quantiles_match_the_activations(tiny_model, corpus, bank_factory):
+    bank = bank_factory(layers=[1])
     contexts = collect_top_contexts(tiny_model, bank, corpus, n=N, progress=False)
     acts = _all_activations(tiny_model, bank, corpus)[("res", 1)][:, 1:].reshape(-1, bank.d_sae("res", 1))
     checked = 0
@@ -89,8 +89,8 @@ def test_density_mean_and_quantiles_match_the_activations(tiny_model, corpus):
         contexts.quantile("1/res/0", 1.5)
 
 
-def test_a_stream_of_batches_equals_the_tensor_and_labels_read_well(tiny_model, corpus):
-    bank = make_bank(layers=[2])
+def test_a_stream_of_batches_equals_the_tensor_and_labels_read_well(tiny_model, corpus, bank_factory):
+    bank = bank_factory(layers=[2])
     whole = collect_top_contexts(tiny_model, bank, corpus, n=N, progress=False)
     stream = collect_top_contexts(tiny_model, bank, (corpus[i : i + 3] for i in range(0, 7, 3)), n=N, progress=False)
     for name in TopContexts._TABLES:
@@ -104,8 +104,8 @@ def test_a_stream_of_batches_equals_the_tensor_and_labels_read_well(tiny_model, 
     assert whole.label("2/res/0") != "(never fired)" or bool((whole.values[("res", 2)][0] == silent).all())
 
 
-def test_saved_contexts_reload_and_the_cache_follows_bank_and_texts(tiny_model, corpus, tmp_path):
-    bank = make_bank(layers=[0, 2])
+def test_saved_contexts_reload_and_the_cache_follows_bank_and_texts(tiny_model, corpus, tmp_path, bank_factory):
+    bank = bank_factory(layers=[0, 2])
     contexts = collect_top_contexts(tiny_model, bank, corpus, n=N, path=tmp_path / "ctx", progress=False)
     again = TopContexts.load(tmp_path / "ctx")
     assert again.meta == contexts.meta and again.n_tokens == contexts.n_tokens
@@ -120,7 +120,7 @@ def test_saved_contexts_reload_and_the_cache_follows_bank_and_texts(tiny_model, 
     first = feature_contexts(tiny_model, bank, corpus, progress=False)
     folder = contexts_dir(bank, corpus, n=10)
     assert (folder / "contexts.json").is_file() and first.meta["tokens"] == ff._files.tensor_digest(corpus)
-    edited = make_bank(layers=[0, 2])
+    edited = bank_factory(layers=[0, 2])
     with torch.no_grad():
         edited[("res", 2)].W_dec[0] *= -1
     assert contexts_dir(edited, corpus, n=10) != folder
@@ -131,8 +131,8 @@ def test_saved_contexts_reload_and_the_cache_follows_bank_and_texts(tiny_model, 
         feature_contexts(tiny_model, bank, progress=False)
 
 
-def test_tracer_labels_are_contexts_first_then_logit_lens(tiny_model, corpus):
-    bank = make_bank(layers=[0, 1, 2])
+def test_tracer_labels_are_contexts_first_then_logit_lens(tiny_model, corpus, bank_factory):
+    bank = bank_factory(layers=[0, 1, 2])
     contexts = collect_top_contexts(tiny_model, bank, corpus, n=N, progress=False)
     graph = FlowTracer(bank, contexts=contexts).trace("2/res/0", t_res=-1, t_module=-1)
     fired = [n for n in graph.nodes if contexts.values[n.ref.key][n.ref.index, 0] > 0]
@@ -144,13 +144,13 @@ def test_tracer_labels_are_contexts_first_then_logit_lens(tiny_model, corpus):
     assert all(n.label == n.lens for n in lens_only.nodes)
 
 
-def test_bad_tokens_are_refused(tiny_model):
+def test_bad_tokens_are_refused(tiny_model, bank_factory):
     with pytest.raises(ff.FeatureFlowError, match="integer tensor"):
-        collect_top_contexts(tiny_model, make_bank(layers=[0]), torch.zeros(3, 4), progress=False)
+        collect_top_contexts(tiny_model, bank_factory(layers=[0]), torch.zeros(3, 4), progress=False)
     with pytest.raises(ff.InvalidArgumentError, match="outside the vocabulary"):
-        collect_top_contexts(tiny_model, make_bank(layers=[0]), torch.full((3, 4), 10_000), progress=False)
+        collect_top_contexts(tiny_model, bank_factory(layers=[0]), torch.full((3, 4), 10_000), progress=False)
     with pytest.raises(ff.InvalidArgumentError, match="outside the vocabulary"):
-        collect_top_contexts(tiny_model, make_bank(layers=[0]), iter([torch.full((3, 4), 10_000)]), progress=False)
+        collect_top_contexts(tiny_model, bank_factory(layers=[0]), iter([torch.full((3, 4), 10_000)]), progress=False)
 
 
 _BOUNDED = textwrap.dedent("""

@@ -2,7 +2,6 @@ import pytest
 import torch
 
 import tl_featureflow as ff
-from conftest import make_sae
 from tl_featureflow.flow.matching import fold_jumprelu_threshold, permutation_match, topk_cosine, unit_rows
 
 
@@ -100,8 +99,8 @@ def test_bad_matching_input(dst, src, k, match):
         topk_cosine(dst, src, k)
 
 
-def test_folding_jumprelu_thresholds_keeps_the_output():
-    sae = make_sae(arch="jumprelu", d_sae=40, seed=4)
+def test_folding_jumprelu_thresholds_keeps_the_output(sae_factory):
+    sae = sae_factory(arch="jumprelu", d_sae=40, seed=4)
     with torch.no_grad():
         sae.threshold.copy_(torch.rand(40, generator=torch.Generator().manual_seed(0)) + 0.05)
     before = {n: t.clone() for n, t in sae.state_dict().items()}
@@ -114,10 +113,10 @@ def test_folding_jumprelu_thresholds_keeps_the_output():
     torch.testing.assert_close(unit_rows(folded.W_dec), unit_rows(sae.W_dec), rtol=0, atol=1e-6)
 
 
-def test_folding_refuses_what_it_cannot_fold():
+def test_folding_refuses_what_it_cannot_fold(sae_factory):
     with pytest.raises(ff.FeatureFlowError, match="JumpReLU"):
-        fold_jumprelu_threshold(make_sae(arch="topk"))
-    sae = make_sae(arch="jumprelu")
+        fold_jumprelu_threshold(sae_factory(arch="topk"))
+    sae = sae_factory(arch="jumprelu")
     with torch.no_grad():
         sae.threshold[0] = 0.0
     with pytest.raises(ff.FeatureFlowError, match="1 thresholds are <= 0"):

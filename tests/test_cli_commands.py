@@ -80,7 +80,7 @@ def test_demo_then_report(tiny_cli, capsys, run_cli):
 
 
 @pytest.mark.parametrize("argv,code,needle", [
-    (["trace", "not-a-feature"], 1, "cannot parse feature 'not-a-feature'"),
+    (["trace", "not-a-feature"], 2, "cannot parse feature 'not-a-feature'"),
     (["trace", "1/res/999"], 1, "1/res/999"),
     (["steer", "1/res/3", "--op", "multiply"], 2, "invalid choice: 'multiply'"),
     (["validate", "--texts", "many"], 2, "invalid int value: 'many'"),

@@ -50,8 +50,7 @@ def _load_bank(args: argparse.Namespace, model: Any) -> Any:
     preset = args.preset
     if preset is None:   # the best bank already in the cache (the quick one when there is none)
         preset = best_cached_preset(("full", "paper", *FLOW_PRESETS[1:]) if getattr(args, "paper", False) else FLOW_PRESETS)
-    train = getattr(args, "train", False) or args.func is _demo       # the demo's first run trains its quick bank
-    if not train and not (embedded_bank_dir(preset) / "bank" / "bank.json").is_file():
+    if not getattr(args, "train", False) and not (embedded_bank_dir(preset) / "bank" / "bank.json").is_file():
         raise CacheError(f"the {preset!r} bank of the embedded model is not trained yet ({preset_cost(preset)} here): "
                          f"train it once with `featureflow train-saes --preset {preset}`, or add --train to this "
                          "command; `featureflow demo` trains the quick bank")
@@ -293,6 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "\n  featureflow demo --preset tiny --out /tmp/demo   # seconds of training, for a try",
                           formatter_class=raw)
     _common(demo)
+    demo.set_defaults(train=True)   # the demo's first run trains its quick bank (make demo does all set-up)
     demo.add_argument("--out", default="featureflow-out/demo", help="run folder (default: featureflow-out/demo)")
     demo.add_argument("--themes", nargs="+", default=["religion", "war"],
                       help="themes (default: religion war; also: love programming)")

@@ -37,11 +37,9 @@ class FeatureLabels:
     """
 
     def __init__(self, bank: SAEBank, model: Any | None = None, contexts: Any | None = "auto"):
-        if isinstance(contexts, str) and contexts != "auto":
-            raise InvalidArgumentError(f"contexts={contexts!r}: expected a TopContexts, 'auto' or None")
         self.bank = bank
         self.model = model
-        self._contexts = contexts
+        self.set_contexts(contexts)
 
     def contexts(self) -> Any | None:
         """The features' top contexts; with ``"auto"`` computed (and cached with the bank) on this first call."""

@@ -42,7 +42,16 @@ VARIANTS: dict[str, tuple[int, int, str]] = {
     "w3-k16": (3, 16, "batchtopk"),
     "w3-k64": (3, 64, "batchtopk"),
     "w3-jumprelu32": (3, 32, "jumprelu"),  # SAELens's JumpReLU, quadratic L0 loss (Gemma Scope 2), target L0 32
+    "w3-k32-z": (3, 32, "batchtopk"),      # issue 27: the att site on attn.hook_z (n_heads * d_head), matched via W_O
 }
+#: variants that train only some keys, on other hooks; ``measure`` takes their other SAEs from ``BASE``
+HOOKS: dict[str, dict[tuple[str, int], str]] = {"w3-k32-z": {("att", 15): "blocks.15.attn.hook_z"}}
+BASE = "w3-k32"
+
+
+def _keys(variant: str) -> dict[tuple[str, int], str]:
+    """The keys a variant trains and the hook each reads."""
+    return HOOKS.get(variant, {key: ff.hook_name(*key) for key in KEYS})
 
 
 def _new_sae(expansion: int, k: int, objective: str, d_model: int, hook: str, device: str):
@@ -70,13 +79,13 @@ def train(args: argparse.Namespace) -> None:
     preset = replace(PRESETS["paper"], training_tokens=args.tokens, n_checkpoints=3)
     out = Path(args.out)
     tokens, eval_tokens, _ = training._training_rows(model, preset, None, None, True)
-    names = {f"{v}__{site}_{layer}": (v, (site, layer)) for v in args.variants for site, layer in KEYS}
-    hooks = {name: ff.hook_name(*key) for name, (_, key) in names.items()}
+    names = {f"{v}__{site}_{layer}": (v, (site, layer)) for v in args.variants for site, layer in _keys(v)}
+    hooks = {name: _keys(v)[key] for name, (v, key) in names.items()}
     saes = {}
     variants = {name: VARIANTS[name] for name in args.variants}
     for variant, (expansion, k, objective) in variants.items():
         torch.manual_seed(args.seed)                      # every variant from the same seed
-        for site, layer in KEYS:
+        for site, layer in _keys(variant):
             name = f"{variant}__{site}_{layer}"
             saes[name] = _new_sae(expansion, k, objective, model.cfg.d_model, hooks[name], "cpu")
     stream = ActivationStream(model, tokens, list(dict.fromkeys(hooks.values())), batch_tokens=preset.batch_tokens,
@@ -103,6 +112,17 @@ def train(args: argparse.Namespace) -> None:
     print(f"grid trained and saved in {time.perf_counter() - start:.0f} s")
 
 
+def _bank(out: Path, variant: str) -> ff.SAEBank:
+    """The variant's bank; a variant of some keys only (:data:`HOOKS`) completes ``BASE``'s."""
+    bank = ff.SAEBank.load(out / variant / "bank")
+    if variant not in HOOKS:
+        return bank
+    base = ff.SAEBank.load(out / BASE / "bank")
+    quality = {"rows": [r for r in base.metadata["quality"]["rows"] if (r["site"], r["layer"]) not in bank]
+               + bank.metadata["quality"]["rows"]}
+    return ff.SAEBank({**base, **bank}, metadata={**bank.metadata, "quality": quality, "base": BASE})
+
+
 def measure(args: argparse.Namespace) -> None:
     from tl_featureflow.causal.pearson import training_rows
     from tl_featureflow.causal.protocol import attribution_summary, run_paper_protocol
@@ -123,7 +143,7 @@ def measure(args: argparse.Namespace) -> None:
             continue
         result = folder / "table1.json"
         if not result.is_file():
-            bank = ff.SAEBank.load(folder / "bank")
+            bank = _bank(Path(args.out), variant)
             alive = feature_contexts(model, bank, progress=False).alive()
             report = run_paper_protocol(model, bank, texts, layers=[15], alive=alive, pearson_tokens=pearson_rows,
                                         pearson_source="offline corpus, train split", progress=False)

@@ -39,7 +39,8 @@ from transformer_lens import HookedTransformer
 from tl_featureflow import _compat, fastpath
 from tl_featureflow.checks import check_int, check_tokens
 from tl_featureflow.errors import FeatureFlowError, InvalidArgumentError, ModelMismatchError, UnknownFeatureError
-from tl_featureflow.refs import FeatureRef, Key, Site, hook_name, sae_hook_name
+from tl_featureflow.refs import FeatureRef, Key, Site
+from tl_featureflow.saes import sites
 from tl_featureflow.saes.bank import SAEBank
 
 __all__ = ["FlowTransformer", "FeatureCache"]
@@ -88,6 +89,10 @@ def _view_at(sae: SAE, name: str) -> SAE:
     object untouched, while hooks added to its hook points are the user's SAE's own.
     """
     view = _compat.module_view(sae)
+    if getattr(view, "hook_z_reshaping_mode", False):
+        # SAELens's hook_z reshaping keeps state on the SAE (d_head, set by the first encode): the view takes
+        # the heads flattened instead (sites.sae_input), on its own attributes
+        view.turn_off_forward_pass_hook_z_reshaping()
     if sae.cfg.metadata.hook_name != name:
         cfg = copy.copy(sae.cfg)
         cfg.metadata = SAEMetadata(**{**sae.cfg.metadata.to_dict(), "hook_name": name})
@@ -121,12 +126,13 @@ class _ExactSAEWrapper(_compat.SAEWrapper):
         if not self._hooked():
             return original_output
         sae = self.sae
-        sae_out = sae.decode(sae.encode(original_output))
+        x = sites.sae_input(sae, original_output)           # hook_z: the heads flattened where the SAE wants it
+        sae_out = sae.decode(sae.encode(x))
         with _compat.disable_sae_hooks(sae):
-            clean = sae.decode(sae.encode(original_output))
-        out = original_output + (sae_out - clean).to(original_output.dtype)
+            clean = sae.decode(sae.encode(x))
+        out = original_output + (sae_out - clean).reshape(original_output.shape).to(original_output.dtype)
         if _has_hooks(self.hook_sae_error):
-            error = original_output - clean
+            error = original_output - clean.reshape(original_output.shape)
             before = error.clone()       # the hook may edit ``error`` in place (and returns None)
             out = out + (self.hook_sae_error(error) - before)
         return self.hook_sae_output(out)
@@ -219,6 +225,7 @@ class FlowTransformer(HookedSAETransformer):
         """Raise ModelMismatchError unless every SAE of ``bank`` fits this model."""
         if not isinstance(bank, SAEBank):
             raise InvalidArgumentError(f"expected an SAEBank, got {type(bank).__name__}")
+        bank = bank.bind(self)          # z-SAEs: n_heads * d_head checked here
         if bank.d_model != self.cfg.d_model:
             raise ModelMismatchError(
                 f"the bank's SAEs read d_in={bank.d_model} but the model has d_model={self.cfg.d_model}"
@@ -230,7 +237,7 @@ class FlowTransformer(HookedSAETransformer):
                 f"(0-{self.cfg.n_layers - 1})"
             )
         for (site, layer), sae in bank.items():
-            name = hook_name(site, layer)
+            name = bank.hook((site, layer))
             if name not in self.hook_dict and name not in _compat.sae_wrappers(self):
                 raise ModelMismatchError(f"the model has no hook {name!r} for the SAE at {(site, layer)}")
             block_param = next(self.blocks[layer].parameters())
@@ -256,13 +263,13 @@ class FlowTransformer(HookedSAETransformer):
             raise FeatureFlowError(f"a bank is already attached ({self._bank.describe()}): call detach() first")
         self.check_bank(bank)
         wrappers = _compat.sae_wrappers(self)
-        taken = [hook_name(*key) for key in bank if hook_name(*key) in wrappers]
+        taken = [bank.hook(key) for key in bank if bank.hook(key) in wrappers]
         if taken:
             raise FeatureFlowError(f"other SAEs are attached at {taken}: remove them with reset_saes() first")
         added: dict[str, _ExactSAEWrapper] = {}
         try:
             for key, sae in bank.items():
-                name = hook_name(*key)
+                name = bank.hook(key)
                 # What HookedSAETransformer.add_sae does, with the exact wrapper around a view.
                 added[name] = _ExactSAEWrapper(_view_at(sae, name), use_error_term=True)
                 self._install(name, added[name])
@@ -395,7 +402,7 @@ class FlowTransformer(HookedSAETransformer):
         if isinstance(tokens, Tensor):
             check_tokens(tokens, self.cfg.d_vocab, n_ctx=self.cfg.n_ctx)
         chosen = source.select(sites=sites, layers=layers)
-        names = {sae_hook_name(*key): key for key in chosen}
+        names = {f"{chosen.hook(key)}.hook_sae_acts_post": key for key in chosen}
         stop = None if return_logits else max(chosen.layers) + 1
         with torch.no_grad():
             if self._bank is None:

@@ -40,7 +40,7 @@ def test_bank_accepts_res_sae_on_the_next_layers_resid_pre():
         ({("res", True): make_sae()}, "non-negative int"),
         ({("res", 0): torch.nn.Linear(2, 2)}, "expected a sae_lens.SAE"),
         ({("res", 0): make_sae("res", 1)}, "reads hook 'blocks.1.hook_resid_post'.*expected 'blocks.0.hook_resid_post'"),
-        ({("att", 0): make_sae(hook="blocks.0.attn.hook_z", d_in=16)}, "attn.hook_z"),
+        ({("res", 0): make_sae(hook="blocks.0.attn.hook_z", d_in=16)}, "reads hook 'blocks.0.attn.hook_z'"),
         ({("res", 0): make_sae("res", 0), ("mlp", 0): make_sae("mlp", 0, d_in=D_MODEL + 1)}, "share d_in"),
     ],
 )
@@ -252,10 +252,22 @@ def test_from_pretrained_reads_gemma_scope_files_through_sae_lens(local_gemma_sc
     assert bank.d_model == D_MODEL and bank.d_sae("res", 3) == 40
 
 
-def test_from_pretrained_rejects_gemma_scope_attention_saes_on_hook_z(local_gemma_scope):
-    with pytest.raises(ff.errors.BankError, match=r"blocks\.3\.attn\.hook_z.*cannot be matched"):
-        SAEBank.from_pretrained({"att": "gemma-scope-2b-pt-att-canonical"},
-                                "layer_{layer}/width_16k/canonical", layers=[3], progress=False)
+def test_from_pretrained_loads_gemma_scope_attention_saes_on_hook_z(local_gemma_scope):
+    from transformer_lens import HookedTransformer
+
+    from tl_featureflow.synthetic import tiny_cfg
+
+    bank = SAEBank.from_pretrained({"att": "gemma-scope-2b-pt-att-canonical", "res": "gemma-scope-2b-pt-res-canonical"},
+                                   "layer_{layer}/width_16k/canonical", layers=[1], progress=False)
+    sae = bank["att", 1]
+    assert sae.cfg.metadata.hook_name == "blocks.1.attn.hook_z" and sae.cfg.reshape_activations == "hook_z"
+    assert bank.z_keys == [("att", 1)] and bank.hook(("att", 1)) == "blocks.1.attn.hook_z"
+    model = ff.FlowTransformer.from_hooked(HookedTransformer(tiny_cfg()), fast_path=False)   # 4 heads x 8 = 32
+    tokens = torch.randint(0, 64, (1, 10), generator=torch.Generator().manual_seed(0))
+    _, acts = model.run_with_features(tokens, bank=bank, sites=["att"])
+    z = model.run_with_cache(tokens, names_filter="blocks.1.attn.hook_z")[1]["blocks.1.attn.hook_z"]
+    torch.testing.assert_close(acts["att", 1], sae.encode(z))       # SAELens's own reshaping of hook_z
+    assert ff.FlowTracer(bank, model, contexts=None).match(("att", 1), ("res", 1)).indices.shape == (40, 1)
 
 
 def test_from_pretrained_wraps_sae_lens_errors():

@@ -41,6 +41,7 @@ from tl_featureflow.checks import check_tokens
 from tl_featureflow.errors import BankError, InvalidArgumentError, UnknownFeatureError
 from tl_featureflow.refs import Site, hook_name, predecessor_keys, resid_pre_hook
 from tl_featureflow.saes.bank import SAEBank
+from tl_featureflow.saes.sites import sae_input
 
 __all__ = ["PreactivationSplit", "split_preactivations", "split_from_activations", "PREDECESSOR_SITES"]
 
@@ -130,13 +131,16 @@ def split_from_activations(
     saes: dict[Site, Any],
     acts: dict[Site, Float[Tensor, " d_sae"]],
     pre: Float[Tensor, " n"],
+    decoders: dict[Site, tuple[Tensor, Tensor]] | None = None,
 ) -> PreactivationSplit:
     """The split from one token's activations (pure tensor maths).
 
     ``raw[s]``: the model's activation at each of :data:`PREDECESSOR_SITES` (``x_res(L-1)``,
     ``x_att(L)``, ``x_mlp(L)``); ``saes[s]``/``acts[s]``: the site's SAE and its feature
     activations there (sites without an SAE are absent); ``pre``: the targets' own
-    pre-activations (the check the parts are read against).
+    pre-activations (the check the parts are read against). ``decoders[s]``: what the site's
+    features write in ``d_model``, ``(W, b)`` (default ``W_dec, b_dec``; a z-SAE's through
+    ``W_O``: :meth:`~tl_featureflow.saes.bank.SAEBank.model_decoder`).
     """
     w, constant = _encoder_columns(res_sae, targets)
     indices, features, bias, error = {}, {}, {}, {}
@@ -149,7 +153,8 @@ def split_from_activations(
             error[site] = x @ w
             continue
         sae, a = saes[site], acts[site].double()
-        W_dec, b_dec = sae.W_dec.detach().double(), sae.b_dec.detach().double()
+        W_dec, b_dec = decoders[site] if decoders and site in decoders else (sae.W_dec.detach(), sae.b_dec.detach())
+        W_dec, b_dec = W_dec.double(), b_dec.double()
         active = (a > 0).nonzero().squeeze(1)
         indices[site] = active.cpu()
         features[site] = (a[active, None] * (W_dec[active] @ w))
@@ -176,20 +181,25 @@ def split_preactivations(model: Any, bank: SAEBank, tokens: Int[Tensor, "1 seq"]
     if ("res", layer) not in bank:
         raise UnknownFeatureError(f"the bank has no res SAE at layer {layer}: {bank.describe()}")
     flow = FlowTransformer.from_hooked(model)
-    raw = model_activations(flow, tokens, layer)
-    return split_at(bank, raw, layer, position, targets)
+    raw = model_activations(flow, tokens, layer, bank=bank)
+    return split_at(bank.bind(model), raw, layer, position, targets)
 
 
 @torch.no_grad()
-def model_activations(flow: Any, tokens: Tensor, layer: int) -> dict[str, Tensor]:
-    """The model's activations ``[seq, d_model]`` of one text at res(L-1), att(L), mlp(L) and res(L)."""
-    return layer_activations(flow, tokens, [layer])[layer]
+def model_activations(flow: Any, tokens: Tensor, layer: int, *, bank: SAEBank | None = None) -> dict[str, Tensor]:
+    """The model's activations ``[seq, d_model]`` of one text at res(L-1), att(L), mlp(L) and res(L)
+    (and, for a ``bank`` whose att SAE reads ``attn.hook_z``, that hook's ``[seq, n_heads, d_head]`` as ``att_in``)."""
+    return layer_activations(flow, tokens, [layer], bank=bank)[layer]
 
 
 @torch.no_grad()
-def layer_activations(flow: Any, tokens: Tensor, layers: list[int]) -> dict[int, dict[str, Tensor]]:
+def layer_activations(flow: Any, tokens: Tensor, layers: list[int], *,
+                      bank: SAEBank | None = None) -> dict[int, dict[str, Tensor]]:
     """:func:`model_activations` of several layers from one forward (up to the last of them)."""
     names = {layer: _names(layer) for layer in layers}
+    for layer in layers:
+        if bank is not None and ("att", layer) in bank and bank.hook(("att", layer)) != hook_name("att", layer):
+            names[layer]["att_in"] = bank.hook(("att", layer))
     wanted = sorted({name for per_layer in names.values() for name in per_layer.values()})
     _, cache = flow.run_with_cache(tokens, names_filter=wanted, stop_at_layer=max(layers) + 1)
     return {layer: {part: cache[name][0] for part, name in per_layer.items()} for layer, per_layer in names.items()}
@@ -207,9 +217,11 @@ def split_at(bank: SAEBank, raw: dict[str, Tensor], layer: int, position: int,
     """:func:`split_from_activations` at one position of cached activations (:func:`model_activations`)."""
     keys = predecessor_keys(layer)
     saes = {site: bank[key] for site, key in keys.items() if key in bank}
-    acts = {site: sae.encode(raw[site][position].to(sae.W_enc.dtype)) for site, sae in saes.items()}
+    inputs = {site: raw.get(f"{site}_in", raw[site])[position] for site in saes}    # a z-SAE reads hook_z
+    acts = {site: sae.encode(sae_input(sae, inputs[site].to(sae.W_enc.dtype))) for site, sae in saes.items()}
+    decoders = {site: bank.model_decoder(*keys[site]) for site in saes}
     res_sae = bank["res", layer]
     x = raw["target"][position].to(res_sae.W_enc.dtype)
     pre = (res_sae.process_sae_in(x) @ res_sae.W_enc + res_sae.b_enc)[targets]
     return split_from_activations(res_sae, targets, {s: raw[s][position] for s in PREDECESSOR_SITES}, saes, acts,
-                                  pre)
+                                  pre, decoders)

@@ -123,7 +123,7 @@ def validate(
     for t in tqdm(range(tokens.shape[0]), desc="validating", unit="text", disable=not progress):
         text = tokens[t:t + 1]
         feats = run.text_features(text, all_feats, t)
-        raw = layer_activations(flow, text, layers)    # one pass: every layer's stream and sites, read by all steps
+        raw = layer_activations(flow, text, layers, bank=run.bank)    # one pass: every layer's stream and sites, read by all steps
         n_pos = min(positions_per_text, text.shape[1] - 1)
         positions = (1 + torch.randperm(text.shape[1] - 1, generator=run.gen)[:n_pos]).tolist()
         for layer in layers:
@@ -206,7 +206,7 @@ class _Experiment:
     def __post_init__(self) -> None:
         from tl_featureflow.causal.results import ACTIVATION_GROUPS
 
-        self.bank = self.tracer.bank
+        self.bank = self.tracer.bank.bind(self.flow)     # z-SAEs: their W_O is the model's being validated
         self.pred_keys = {layer: self.tracer.predecessor_keys(layer) for layer in self.layers}
         self.counts = {str(layer): {m: {g: 0 for g in ACTIVATION_GROUPS} for m in self.methods}
                        for layer in self.layers}

@@ -92,7 +92,7 @@ def intervention_hooks(bank: SAEBank, interventions: Sequence[Intervention]) -> 
         def hook(h: Tensor, hook: Any, item: Intervention = item, sae: Any = sae) -> Tensor:
             return rescale(h, sae, item.features, item.positions, item.r)
 
-        hooks.append((hook_name(*item.key), hook))
+        hooks.append((bank.hook(item.key), hook))
     return hooks
 
 
@@ -175,7 +175,7 @@ def _layer_local_rows(model: Any, bank: SAEBank, entering: Tensor, layer: int, p
                     h[row:row + 1] = rescale(h[row:row + 1], sae, item.features, item.positions, item.r)
                 return h
 
-            hooks.append((hook_name(site, layer), hook))
+            hooks.append((bank.hook((site, layer)), hook))
     with model.hooks(fwd_hooks=hooks):
         resid_out = model(resid, start_at_layer=layer, stop_at_layer=layer + 1)
     pos = torch.tensor(list(positions), device=resid_out.device)

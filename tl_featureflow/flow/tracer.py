@@ -141,6 +141,7 @@ class FlowTracer:
         if not isinstance(bank, SAEBank):
             raise InvalidArgumentError(f"FlowTracer needs an SAEBank, got {type(bank).__name__}")
         if model is not None:
+            bank = bank.bind(model)          # attention SAEs on attn.hook_z are matched through its W_O
             d_model, n_layers = model.cfg.d_model, model.cfg.n_layers
             if d_model != bank.d_model:
                 raise ModelMismatchError(f"the bank's SAEs read d_in={bank.d_model} but the model has d_model={d_model}")

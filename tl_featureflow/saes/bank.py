@@ -2,8 +2,10 @@
 
 The bank is the input of everything else: matching reads its decoders, the
 model splices its SAEs in, validation and steering read and write its features.
-It accepts any SAELens SAE class (standard, JumpReLU, TopK, gated...) as long as
-the SAE reads and writes the ``d_model`` space of its site.
+It accepts any SAELens SAE class (standard, JumpReLU, TopK, gated...) that reads and
+writes the ``d_model`` space of its site, and attention SAEs on ``attn.hook_z`` (Gemma
+Scope's), whose rows are mapped into ``d_model`` through the model's ``W_O``
+(:mod:`tl_featureflow.saes.sites`; such a bank needs the model: :meth:`SAEBank.bind`).
 
 >>> import tempfile
 >>> from tl_featureflow.synthetic import planted_chain_bank
@@ -51,6 +53,7 @@ from tl_featureflow.refs import (
     hook_name,
     site_of_hook,
 )
+from tl_featureflow.saes import sites
 from tl_featureflow.saes.features import unit_rows
 
 __all__ = ["SAEBank", "BANK_SCHEMA_VERSION", "INDEX_FILE"]
@@ -79,20 +82,23 @@ def _check_sae(key: Key, sae: object) -> SAE:
         raise BankError(f"bank entry {key} is a {type(sae).__name__}: expected a sae_lens.SAE")
     meta = sae.cfg.metadata
     name = meta.hook_name
-    if name is not None and name not in hook_aliases(*key):
-        raise BankError(
-            f"SAE for {key} reads hook {name!r} (d_in {sae.cfg.d_in}): expected {hook_name(*key)!r}. "
-            "Feature flow compares SAEs in the d_model space of the residual stream, MLP output "
-            "and attention output; SAEs of other spaces (e.g. attention SAEs on attn.hook_z, "
-            "as in Gemma Scope) cannot be matched and are rejected."
-        )
+    z = key[0] == "att" and sites.layer_of_z_hook(name) == key[1]
     out = meta.hook_name_out
     if out is not None and out != name:
-        raise BankError(f"SAE for {key} writes to {out!r} but reads {name!r}: transcoders are not supported")
-    if getattr(sae.cfg, "reshape_activations", "none") != "none":
+        raise BankError(f"SAE for {key} reads {name!r} and writes {out!r}: a transcoder (or a cross-layer "
+                        "transcoder); transcoders are not supported as a bank site yet")
+    if name is not None and name not in hook_aliases(*key) and not z:
+        also = f" or {sites.z_hook_name(key[1])!r}" if key[0] == "att" else ""
         raise BankError(
-            f"SAE for {key} reshapes its input ({sae.cfg.reshape_activations!r}): "
-            "expected an SAE on the flat d_model activations"
+            f"SAE for {key} reads hook {name!r} (d_in {sae.cfg.d_in}): expected {hook_name(*key)!r}{also}. "
+            "Feature flow compares SAEs in the d_model space of the residual stream, MLP output "
+            "and attention output (attention SAEs on attn.hook_z are mapped there through W_O)."
+        )
+    reshape = getattr(sae.cfg, "reshape_activations", "none")
+    if reshape not in ("none", None) and not (z and reshape == "hook_z"):
+        raise BankError(
+            f"SAE for {key} reshapes its input ({reshape!r}) but reads {name!r}: expected an SAE on the "
+            "flat activations of its hook (or a hook_z SAE on attn.hook_z)"
         )
     for pname, tensor in [*sae.named_parameters(), *sae.named_buffers()]:
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
@@ -109,10 +115,12 @@ def _keyed_by_hook(saes: Sequence[object]) -> dict[Key, object]:
             raise BankError(f"SAE {i} of the list is a {type(sae).__name__}: expected a sae_lens.SAE")
         name = sae.cfg.metadata.hook_name
         key = site_of_hook(name) if name else None
+        if key is None and sites.layer_of_z_hook(name) is not None:
+            key = ("att", sites.layer_of_z_hook(name))
         if key is None:
             raise BankError(f"SAE {i} of the list reads hook {name!r}: its (site, layer) cannot be told from it; "
-                            "expected blocks.L.hook_resid_post / hook_resid_pre / hook_mlp_out / hook_attn_out, or "
-                            "pass a mapping {(site, layer): sae}")
+                            "expected blocks.L.hook_resid_post / hook_resid_pre / hook_mlp_out / hook_attn_out / "
+                            "attn.hook_z, or pass a mapping {(site, layer): sae}")
         if key in keyed:
             raise BankError(f"SAEs {list(keyed).index(key)} and {i} of the list both read {key} ({name!r})")
         keyed[key] = sae
@@ -144,13 +152,14 @@ class SAEBank(Mapping[Key, SAE]):
         for raw_key, sae in saes.items():
             key = _check_key(raw_key)
             checked[key] = _check_sae(key, sae)
-        widths = {key: sae.cfg.d_in for key, sae in checked.items()}
+        widths = {key: sae.cfg.d_in for key, sae in checked.items() if not sites.is_z(sae)}
         if len(set(widths.values())) > 1:
             raise BankError(f"SAEs of one bank must share d_in (= the model's d_model), got {widths}")
         order = sorted(checked, key=lambda k: (k[1], SITES.index(k[0])))
         self._saes: dict[Key, SAE] = {k: checked[k] for k in order}
         self.metadata: dict[str, Any] = dict(metadata or {})
-        self._decoders: dict[Key, tuple[tuple[int, int], Tensor]] = {}
+        self._decoders: dict[Key, tuple[tuple[Any, ...], Tensor]] = {}
+        self._model: Any = None          # set by bind(): the model whose W_O maps the z-SAEs
 
     # -- mapping -----------------------------------------------------------------------------
     def __getitem__(self, key: Key) -> SAE:
@@ -174,13 +183,80 @@ class SAEBank(Mapping[Key, SAE]):
         """A short text of what the bank holds, e.g. ``res, mlp at layers 3-5 (6 SAEs)``."""
         layers = self.layers
         span = f"{layers[0]}-{layers[-1]}" if len(layers) > 1 else str(layers[0])
-        return f"{', '.join(self.sites)} at layers {span} ({len(self)} SAEs)"
+        z = len(self.z_keys)
+        return f"{', '.join(self.sites)} at layers {span} ({len(self)} SAEs{f'; {z} att on attn.hook_z' if z else ''})"
 
     # -- shape facts ---------------------------------------------------------------------------
     @property
     def d_model(self) -> int:
-        """The width every SAE reads (its ``d_in``), which must equal the model's ``d_model``."""
-        return next(iter(self._saes.values())).cfg.d_in
+        """The width every d_model-space SAE reads (its ``d_in``), which must equal the model's ``d_model``.
+
+        A bank of z-SAEs only takes it from the model it is bound to (:meth:`bind`).
+        """
+        for sae in self._saes.values():
+            if not sites.is_z(sae):
+                return sae.cfg.d_in
+        if self._model is None:
+            raise BankError("a bank of attn.hook_z SAEs only knows d_model from its model: bank.bind(model)")
+        return int(self._model.cfg.d_model)
+
+    # -- where each SAE sits -------------------------------------------------------------------
+    @property
+    def z_keys(self) -> list[Key]:
+        """Keys whose SAE reads ``attn.hook_z`` (mapped into ``d_model`` through ``W_O``)."""
+        return [key for key, sae in self._saes.items() if sites.is_z(sae)]
+
+    def hook(self, key: Key) -> str:
+        """The hook the SAE of ``key`` reads and where its features are edited: its site's hook
+        (:func:`~tl_featureflow.refs.hook_name`), or ``blocks.L.attn.hook_z`` for a z-SAE."""
+        return sites.z_hook_name(key[1]) if sites.is_z(self[key]) else hook_name(*key)
+
+    @property
+    def model(self) -> Any:
+        """The model this bank is bound to (:meth:`bind`), or None."""
+        return self._model
+
+    def bind(self, model: Any) -> SAEBank:
+        """This bank with ``model``'s ``W_O`` mapping its z-SAEs into ``d_model``; the same bank when it
+        has no z-SAE or is bound to ``model`` already (a new bank of the same SAE objects otherwise).
+
+        Raises:
+            ModelMismatchError: a z-SAE's ``d_in`` is not the model's ``n_heads * d_head``.
+        """
+        from tl_featureflow.errors import ModelMismatchError
+
+        if not self.z_keys or self._model is model:
+            return self
+        width = model.cfg.n_heads * model.cfg.d_head
+        for key in self.z_keys:
+            if self[key].cfg.d_in != width:
+                raise ModelMismatchError(
+                    f"the SAE at {key} reads attn.hook_z with d_in {self[key].cfg.d_in}, but the model's hook_z has "
+                    f"n_heads * d_head = {model.cfg.n_heads} * {model.cfg.d_head} = {width}")
+            if key[1] >= model.cfg.n_layers:
+                raise ModelMismatchError(f"the SAE at {key} is past the model's {model.cfg.n_layers} layers")
+        bound = SAEBank(self._saes, metadata=self.metadata)
+        bound._model = model
+        return bound
+
+    def _write_map(self, key: Key, device: torch.device | None = None) -> tuple[Tensor, Tensor]:
+        if self._model is None:
+            raise BankError(
+                f"the SAE at {key} reads attn.hook_z: its directions in the residual stream are its decoder rows "
+                "through the model's W_O, so this needs the model: bank.bind(model), or give the model to "
+                "FlowTracer(bank, model) / validate / Steerer")
+        return sites.z_write_map(self._model, key[1], device=device)
+
+    def model_decoder(self, site: Site, layer: int) -> tuple[Float[Tensor, "d_sae d_model"], Float[Tensor, " d_model"]]:
+        """``(W, b)``: what the SAE of ``(site, layer)`` writes into its site's ``d_model`` space,
+        ``recons = acts @ W + b`` (``W_dec, b_dec``; for a z-SAE ``W_dec @ W_O``, ``b_dec @ W_O + b_O``).
+        Detached, in the SAE's dtype and device."""
+        sae = self[(site, layer)]
+        W_dec, b_dec = sae.W_dec.detach(), sae.b_dec.detach()
+        if not sites.is_z(sae):
+            return W_dec, b_dec
+        W_O, b_O = self._write_map((site, layer), device=W_dec.device)
+        return W_dec @ W_O.to(W_dec.dtype), b_dec @ W_O.to(W_dec.dtype) + b_O.to(W_dec.dtype)
 
     @property
     def layers(self) -> list[int]:
@@ -214,7 +290,8 @@ class SAEBank(Mapping[Key, SAE]):
             raise UnknownFeatureError(
                 f"no SAE at sites {sorted(site_set)} and layers {sorted(layer_set)}: the bank has {self.describe()}"
             )
-        return SAEBank({k: self._saes[k] for k in keys}, metadata=self.metadata)
+        chosen = SAEBank({k: self._saes[k] for k in keys}, metadata=self.metadata)
+        return chosen.bind(self._model) if self._model is not None else chosen
 
     # -- decoders ------------------------------------------------------------------------------
     def decoder(
@@ -228,17 +305,24 @@ class SAEBank(Mapping[Key, SAE]):
     ) -> Float[Tensor, "d_sae d_model"]:
         """Decoder directions of ``(site, layer)``: rows of ``W_dec``, unit-norm by default.
 
+        For a z-SAE, the rows mapped into ``d_model`` (``W_dec @ W_O``, :meth:`model_decoder`).
+
         Unit rows are computed in float32 (whatever the SAE's dtype), cached, and
         recomputed if ``W_dec`` is modified in place. The result is detached; it is
         returned in the SAE's dtype and device unless ``dtype``/``device`` say otherwise.
         """
         sae = self[(site, layer)]
-        W_dec = sae.W_dec.detach()
+        z = sites.is_z(sae)
+        W_dec = self.model_decoder(site, layer)[0] if z and not unit else sae.W_dec.detach()
         if unit:
             stamp = _compat.tensor_stamp(sae.W_dec)
+            if z:
+                self._write_map((site, layer))            # raises without a model
+                stamp += (id(self._model), *sites.z_map_tensors(self._model, layer, stamp=_compat.tensor_stamp))
             cached = self._decoders.get((site, layer))
             if cached is None or cached[0] != stamp:
-                cached = (stamp, unit_rows(W_dec).to(W_dec.dtype))
+                rows = self.model_decoder(site, layer)[0] if z else W_dec
+                cached = (stamp, unit_rows(rows).to(W_dec.dtype))
                 self._decoders[(site, layer)] = cached
             W_dec = cached[1]
         return W_dec.to(device=device or W_dec.device, dtype=dtype or W_dec.dtype)
@@ -262,6 +346,9 @@ class SAEBank(Mapping[Key, SAE]):
             sample = W.flatten()[:: max(1, W.numel() // 65536)].float().cpu().numpy().tobytes()
             digest.update(f"{key}{tuple(W.shape)}{float(W.double().sum()):.12e}".encode())
             digest.update(sample)
+            if sites.is_z(sae) and self._model is not None:   # the mapped directions depend on the model's W_O
+                W_O = self._write_map(key)[0]
+                digest.update(f"W_O{float(W_O.double().sum()):.12e}".encode())
         return digest.hexdigest()[:16]
 
     # -- persistence ---------------------------------------------------------------------------
@@ -293,7 +380,7 @@ class SAEBank(Mapping[Key, SAE]):
                 )
             index = {
                 **header("SAEBank", BANK_SCHEMA_VERSION),
-                "d_model": self.d_model,
+                "d_model": self.d_model if len(self.z_keys) < len(self) or self._model is not None else None,
                 "saes": entries,
                 "metadata": self.metadata,
             }

@@ -32,21 +32,24 @@ def unit_rows(x: Float[Tensor, "n d"], eps: float = 1e-12) -> Float[Tensor, "n d
 
 
 def rescale_delta(
-    h: Float[Tensor, "*batch d_model"],
+    h: Float[Tensor, "*batch d_in"],
     sae: Any,
     features: Sequence[int] | Tensor,
     factors: Float[Tensor, "*batch n_feat"] | float,
     W: Float[Tensor, "n_feat d_model"] | None = None,
-) -> Float[Tensor, "*batch d_model"]:
+) -> Float[Tensor, "*batch d_in"]:
     """``sum_f factors[..., f] * a_f(h) * v_f`` in float32: with ``factors = r - 1``, the rescale edit.
 
     ``a_f(h)`` is feature ``f``'s activation read by ``sae``'s own encoder (no gradient),
     ``v_f`` its raw decoder row (pass ``W = W_dec[features]`` to reuse a gathered copy).
-    ``factors`` broadcasts against ``[*batch, n_feat]``.
+    ``factors`` broadcasts against ``[*batch, n_feat]``. For a z-SAE ``h`` is its hook's tensor
+    ``[*batch, n_heads, d_head]`` and so is the result.
     """
+    from tl_featureflow.saes.sites import sae_input
+
     index = torch.as_tensor(features, device=h.device, dtype=torch.long)
     with torch.no_grad():
-        acts = sae.encode(h.to(sae.W_dec.dtype))[..., index].float()          # [*batch, n_feat]
+        acts = sae.encode(sae_input(sae, h.to(sae.W_dec.dtype)))[..., index].float()   # [*batch, n_feat]
     if W is None:
         W = sae.W_dec.detach()[index.to(sae.W_dec.device)]
-    return (acts * factors) @ W.to(h.device, torch.float32)
+    return ((acts * factors) @ W.to(h.device, torch.float32)).reshape(h.shape)   # hook_z: back to heads

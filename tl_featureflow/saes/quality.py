@@ -26,7 +26,8 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from tl_featureflow.refs import Site, hook_name, resid_pre_hook
+from tl_featureflow.refs import Site, resid_pre_hook
+from tl_featureflow.saes import sites
 from tl_featureflow.saes.bank import SAEBank
 
 __all__ = ["SAEQuality", "QualityReport", "evaluate_bank", "BankQualityWarning", "MATCHING_KNEE"]
@@ -154,18 +155,19 @@ def evaluate_bank(
     from tqdm.auto import tqdm
 
     device = next(model.parameters()).device
-    names = {key: hook_name(*key) for key in bank}
-    stats = {key: {"sse": 0.0, "sum": torch.zeros(bank.d_model, dtype=torch.float64),
+    names = {key: bank.hook(key) for key in bank}                   # a z-SAE reads (and is measured on) hook_z
+    stats = {key: {"sse": 0.0, "sum": torch.zeros(sae.cfg.d_in, dtype=torch.float64),
                    "sumsq": 0.0, "n": 0, "l0": 0.0,
-                   "fired": torch.zeros(bank.d_sae(*key), dtype=torch.bool)} for key in bank}
+                   "fired": torch.zeros(bank.d_sae(*key), dtype=torch.bool)} for key, sae in bank.items()}
     stop = max(bank.layers) + 1
     for start in tqdm(range(0, tokens.shape[0], batch_size), desc="evaluating SAEs", disable=not progress):
         batch = tokens[start:start + batch_size].to(device)
         _, cache = model.run_with_cache(batch, names_filter=list(names.values()), stop_at_layer=stop)
         for key, sae in bank.items():
-            x = cache[names[key]][:, 1:].reshape(-1, bank.d_model).to(sae.W_dec.dtype)
-            acts = sae.encode(x)
-            recon = sae.decode(acts)
+            h = cache[names[key]][:, 1:].to(sae.W_dec.dtype)
+            acts = sae.encode(sites.sae_input(sae, h)).flatten(0, 1)
+            x = h.flatten(2).flatten(0, 1)
+            recon = sae.decode(acts).reshape(x.shape)
             s = stats[key]
             s["sse"] += float(((x - recon) ** 2).double().sum())
             s["sum"] += x.double().sum(0).cpu()
@@ -190,7 +192,8 @@ def evaluate_bank(
 
             def splice(act: Tensor, hook: Any, sae: Any = sae) -> Tensor:
                 out = act.clone()
-                out[:, 1:] = sae(act[:, 1:].to(sae.W_dec.dtype)).to(act.dtype)
+                inner = act[:, 1:]
+                out[:, 1:] = sae(sites.sae_input(sae, inner.to(sae.W_dec.dtype))).reshape(inner.shape).to(act.dtype)
                 return out
 
             def zero(act: Tensor, hook: Any) -> Tensor:

@@ -58,7 +58,7 @@ class ActivationStream:
             _, cache = self.model.run_with_cache(rows.to(device), names_filter=self.hooks, stop_at_layer=self.stop_at_layer)
         shuffle = torch.randperm(rows.shape[0] * (rows.shape[1] - 1),
                                  generator=torch.Generator().manual_seed(self.seed * 7_919 + index))
-        acts = {h: cache[h][:, 1:].reshape(-1, cache[h].shape[-1])[shuffle.to(device)] for h in self.hooks}
+        acts = {h: cache[h][:, 1:].flatten(2).flatten(0, 1)[shuffle.to(device)] for h in self.hooks}   # hook_z: heads flat
         self._cached = (index, acts)
         return acts
 

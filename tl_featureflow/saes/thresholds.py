@@ -321,13 +321,12 @@ def calibrate_bank(
     """
     from tqdm.auto import tqdm
 
-    from tl_featureflow.refs import hook_name
     from tl_featureflow.saes.bank import SAEBank
     from tl_featureflow.saes.stream import ActivationStream
 
     n_tokens = check_int(n_tokens, "n_tokens", low=1)
     keys = sorted(bank, key=lambda key: (key[1], key[0]))
-    per_key = n_tokens * bank.d_model * 4
+    per_key = n_tokens * max(sae.cfg.d_in for sae in bank.values()) * 4
     group_size = max(1, max_bytes // per_key)
     chunk_rows = min(64, tokens.shape[0])
     batch_tokens = min(n_tokens, 4096, chunk_rows * (tokens.shape[1] - 1))
@@ -336,13 +335,13 @@ def calibrate_bank(
     with tqdm(total=len(keys), desc="per-feature thresholds", unit="SAE", disable=not progress) as bar:
         for start in range(0, len(keys), group_size):
             group = keys[start:start + group_size]
-            hooks = list(dict.fromkeys(hook_name(*key) for key in group))
+            hooks = list(dict.fromkeys(bank.hook(key) for key in group))     # hook_z: heads flattened by the stream
             stream = ActivationStream(model, tokens, hooks, batch_tokens=batch_tokens,
                                       chunk_rows=chunk_rows, seed=seed,
                                       stop_at_layer=max(layer for _, layer in group) + 1)
             batches = [stream.batch(i) for i in range(-(-n_tokens // batch_tokens))]
             for key in group:
-                x = torch.cat([b[hook_name(*key)] for b in batches])[:n_tokens]
+                x = torch.cat([b[bank.hook(key)] for b in batches])[:n_tokens]
                 calibrated[key], info = calibrate_thresholds(bank[key], x, device=device)
                 infos[f"{key[1]}/{key[0]}"] = info.to_dict()
                 bar.update(1)

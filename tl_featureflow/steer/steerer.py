@@ -217,6 +217,8 @@ class Steerer:
             raise InvalidArgumentError(f"unknown positions {positions!r}: expected one of {POSITIONS}")
         if bank is not None and not isinstance(bank, SAEBank):
             raise InvalidArgumentError(f"bank must be an SAEBank, got {type(bank).__name__}")
+        if bank is not None:
+            bank = bank.bind(model)        # attention SAEs on attn.hook_z: directions through the model's W_O
         if bank is not None and bank.d_model != model.cfg.d_model:
             raise ModelMismatchError(
                 f"the bank's SAEs read d_in={bank.d_model} but the model has d_model={model.cfg.d_model}")
@@ -309,11 +311,11 @@ class Steerer:
 
         Outside ``generate`` every position counts as prompt.
         """
-        by_key: dict[tuple[Site, int], list[_Edit]] = {}
+        by_hook: dict[tuple[tuple[Site, int], str], list[_Edit]] = {}
         for edit in self._edits:
-            by_key.setdefault(edit.key, []).append(edit)
-        ordered = sorted(by_key.items(), key=lambda kv: (kv[0][1], kv[0][0]))     # by layer, then site
-        hooks = [(self._hook_name(key), self._make_hook(key, edits)) for key, edits in ordered]
+            by_hook.setdefault((edit.key, self._edit_hook(edit)), []).append(edit)
+        ordered = sorted(by_hook.items(), key=lambda kv: (kv[0][0][1], kv[0][0][0], kv[0][1]))  # by layer, site
+        hooks = [(name, self._make_hook(key, edits)) for (key, name), edits in ordered]
         if hooks and self.positions != "all":
             hooks.insert(0, (_COUNTER_HOOK, self._count_positions))
         return hooks
@@ -402,7 +404,7 @@ class Steerer:
         sae = self.bank[ref.key]
         if self.scale == "unit":
             return self.bank.decoder(*ref.key, unit=True, device=self.device)[ref.index].float()
-        row = sae.W_dec.detach()[ref.index].to(self.device, torch.float32)
+        row = self.bank.model_decoder(*ref.key)[0][ref.index].to(self.device, torch.float32)   # in d_model
         if self.scale == "decoder":
             return row
         if self.scale == "threshold":
@@ -429,8 +431,15 @@ class Steerer:
                                    "contexts were read from, so it has no typical activation; use another scale")
         return value
 
-    def _hook_name(self, key: tuple[Site, int]) -> str:
-        name = hook_name(*key)
+    def _edit_hook(self, edit: _Edit) -> str:
+        """Adds go to the site's hook (in ``d_model``); rescales read the SAE's own encoder at the SAE's
+        own hook (``attn.hook_z`` for a z-SAE, where the rescale of ``a * v`` is exact)."""
+        if edit.op == "rescale" and self.bank is not None:
+            return self._hook_name(edit.key, self.bank.hook(edit.key))
+        return self._hook_name(edit.key)
+
+    def _hook_name(self, key: tuple[Site, int], name: str | None = None) -> str:
+        name = name or hook_name(*key)
         if name in self.model.hook_dict:
             return name
         spliced = f"{name}.hook_sae_output"     # an SAE is spliced in there: steer its output
@@ -476,14 +485,17 @@ class Steerer:
             idx = self._steered_positions(h.shape[1], h.device)
             if idx is not None and idx.numel() == 0:
                 return h
-            sub = h if idx is None else h[:, idx]                     # [batch, n, d_model]
-            delta = constant.to(h.device).expand(batch, 1, h.shape[-1]).float()
-            if rows_total is not None:
-                delta = delta + _rows(rows_total, batch, key).to(h.device)[:, None, :]
-            delta = delta.expand(batch, sub.shape[1], h.shape[-1])
+            sub = h if idx is None else h[:, idx]          # [batch, n, d_model] (hook_z: [batch, n, n_heads, d_head])
+            delta = None
+            if adds:
+                delta = constant.to(h.device).expand(batch, 1, h.shape[-1]).float()
+                if rows_total is not None:
+                    delta = delta + _rows(rows_total, batch, key).to(h.device)[:, None, :]
+                delta = delta.expand(batch, sub.shape[1], h.shape[-1])
             if rescales:
                 factors = torch.stack([_rows(e.coef, batch, key).to(h.device) - 1.0 for e in rescales], -1)
-                delta = delta + rescale_delta(sub, sae, feats, factors[:, None, :], W)
+                change = rescale_delta(sub, sae, feats, factors[:, None, :], W)
+                delta = change if delta is None else delta + change
             steered = sub + delta.to(h.dtype)
             if idx is None:
                 return steered

@@ -273,3 +273,47 @@ def test_from_pretrained_loads_gemma_scope_attention_saes_on_hook_z(local_gemma_
 def test_from_pretrained_wraps_sae_lens_errors():
     with pytest.raises(ff.errors.BankError, match="no-such-release"):
         SAEBank.from_pretrained({"res": "no-such-release"}, "layer_{layer}", layers=[0], progress=False)
+
+
+@pytest.fixture
+def local_sae_lens_release(tmp_path, monkeypatch):
+    """Serve a SAELens-format release (``cfg.json`` + ``sae_weights.safetensors``, written by SAELens's own
+    ``save_model``) to SAELens's real loader; only ``hf_hub_download`` is replaced. GPT-2 ``res-jb``'s ids
+    are ``blocks.L.hook_resid_pre``: what the residual stream leaving layer L-1 is."""
+    import sae_lens.loading.pretrained_sae_loaders as loaders
+    from huggingface_hub.utils import EntryNotFoundError
+
+    served = []
+
+    def fake_download(repo_id, filename, subfolder=None, **kw):
+        folder, _, name = filename.rpartition("/")
+        root = tmp_path / repo_id / folder
+        if not root.exists():
+            layer = int(folder.split(".")[1])
+            make_sae("res", layer - 1, hook=folder, seed=layer).save_model(root)
+        if not (root / name).exists():
+            raise EntryNotFoundError(f"{filename} not in {repo_id}")
+        served.append(name)
+        return str(root / name)
+
+    monkeypatch.setattr(loaders, "hf_hub_download", fake_download)
+    return served
+
+
+def test_from_pretrained_keys_a_list_of_ids_by_their_hooks(local_sae_lens_release):
+    bank = SAEBank.from_pretrained("gpt2-small-res-jb", ["blocks.1.hook_resid_pre", "blocks.3.hook_resid_pre"],
+                                   progress=False)
+    assert list(bank) == [("res", 0), ("res", 2)]
+    assert bank["res", 2].cfg.metadata.hook_name == "blocks.3.hook_resid_pre"
+    # every config is read before the first weights
+    assert local_sae_lens_release[:2] == ["cfg.json", "cfg.json"] and "sae_weights.safetensors" in local_sae_lens_release
+
+
+def test_from_pretrained_refuses_transcoders_before_any_weights_download(local_gemma_scope):
+    with pytest.raises(ff.errors.BankError, match="transcoder"):
+        SAEBank.from_pretrained("gemma-scope-2b-pt-transcoders", ["layer_0/width_16k/average_l0_76"], progress=False)
+    assert local_gemma_scope == []
+    with pytest.raises(ff.errors.BankError, match=r"reads hook 'blocks\.3\.hook_mlp_out'.*not the \('res', 3\)"):
+        SAEBank.from_pretrained({"res": "gemma-scope-2b-pt-mlp-canonical"}, "layer_{layer}/width_16k/canonical",
+                                layers=[3], progress=False)
+    assert local_gemma_scope == []

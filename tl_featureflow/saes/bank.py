@@ -425,9 +425,9 @@ class SAEBank(Mapping[Key, SAE]):
     @classmethod
     def from_pretrained(
         cls,
-        releases: Mapping[Site, str],
-        sae_id: str | Mapping[Site, str],
-        layers: Iterable[int],
+        releases: Mapping[Site, str] | str,
+        sae_id: str | Mapping[Site, str] | Sequence[str],
+        layers: Iterable[int] | None = None,
         *,
         device: torch.device | str = "cpu",
         dtype: str = "float32",
@@ -435,37 +435,92 @@ class SAEBank(Mapping[Key, SAE]):
     ) -> SAEBank:
         """Build a bank from SAELens pretrained releases (needs the Hugging Face hub).
 
-        Args:
-            releases: the SAELens release of each site, e.g.
-                ``{"res": "gemma-scope-2b-pt-res-canonical", "mlp": "gemma-scope-2b-pt-mlp-canonical"}``.
-            sae_id: a template of the SAE id per layer, formatted with ``layer=``, e.g.
-                ``"layer_{layer}/width_16k/canonical"``; or one template per site.
-            layers: the layers to load.
+        Two forms:
+
+        - ``releases`` one per site and ``sae_id`` a template formatted with ``layer=`` (or one
+          template per site), for ``layers``;
+        - ``releases`` one release and ``sae_id`` a list of its SAE ids: each SAE's key comes from
+          the hook its config names (``blocks.{L+1}.hook_resid_pre`` is ``("res", L)``,
+          ``blocks.L.attn.hook_z`` is ``("att", L)``), so GPT-2's ``res-jb`` loads as it is.
+
+        Every SAE's config is read first (SAELens's ``load_sae_config_from_huggingface``: no weights)
+        and its hook checked, so a release this bank cannot hold (transcoders, another site) is
+        refused before any weights download.
 
         Example:
             >>> bank = SAEBank.from_pretrained(                      # doctest: +SKIP
-            ...     {"res": "gemma-scope-2b-pt-res-canonical"},
+            ...     {"res": "gemma-scope-2b-pt-res-canonical", "att": "gemma-scope-2b-pt-att-canonical"},
             ...     "layer_{layer}/width_16k/canonical", layers=range(26))
+            >>> bank = SAEBank.from_pretrained(                      # doctest: +SKIP
+            ...     "gpt2-small-res-jb", [f"blocks.{layer}.hook_resid_pre" for layer in range(1, 12)])
 
-        Gemma Scope's attention SAEs read ``attn.hook_z``, not the attention output,
-        and are rejected with a clear error (see the method notes).
+        Gemma Scope's attention SAEs read ``attn.hook_z``: they serve the att site through the
+        model's ``W_O`` (:mod:`tl_featureflow.saes.sites`; the bank needs :meth:`bind`).
         """
+        from sae_lens.loading.pretrained_sae_loaders import load_sae_config_from_huggingface
         from tqdm.auto import tqdm
 
-        layers = [check_layer(layer) for layer in layers]
-        if not layers or not releases:
-            raise BankError(f"from_pretrained needs at least one release and one layer, got {dict(releases)} and {layers}")
-        jobs = [(check_site(site), layer) for site in releases for layer in layers]
-        saes: dict[Key, SAE] = {}
-        for site, layer in tqdm(jobs, desc="loading SAEs", disable=not progress):
-            template = sae_id[site] if isinstance(sae_id, Mapping) else sae_id
-            this_id = template.format(layer=layer)
+        jobs: list[tuple[str, str, Key | None]] = []          # (release, sae id, key or None: from the hook)
+        if isinstance(releases, str):
+            if isinstance(sae_id, str) or isinstance(sae_id, Mapping) or layers is not None:
+                raise BankError("from_pretrained(release, sae_ids): give one release and a list of its SAE ids "
+                                f"(keys come from their hooks), got sae_id={sae_id!r}, layers={layers!r}")
+            jobs = [(releases, str(this_id), None) for this_id in sae_id]
+        else:
+            layer_list = [check_layer(layer) for layer in (layers if layers is not None else [])]
+            if not layer_list or not releases:
+                raise BankError(f"from_pretrained needs at least one release and one layer, got {dict(releases)} "
+                                f"and {layer_list}")
+            for site in releases:
+                template = sae_id[site] if isinstance(sae_id, Mapping) else sae_id
+                if not isinstance(template, str):
+                    raise BankError(f"sae_id for {site!r} must be a template such as 'layer_{{layer}}/width_16k/"
+                                    f"canonical', got {template!r}")
+                jobs += [(releases[site], template.format(layer=layer), (check_site(site), layer))
+                         for layer in layer_list]
+        if not jobs:
+            raise BankError("from_pretrained: no SAE ids given")
+        keys: list[Key] = []
+        for release, this_id, key in jobs:       # configs only: refuse before any weights
             try:
-                saes[(site, layer)] = SAE.from_pretrained(releases[site], this_id, device=str(device), dtype=dtype)
+                cfg = load_sae_config_from_huggingface(release, this_id, device=str(device))
             except Exception as exc:
-                raise BankError(
-                    f"could not load SAE release={releases[site]!r} sae_id={this_id!r} for {(site, layer)}: {exc}"
-                ) from exc
-        return cls(saes, metadata={"source": "sae_lens.from_pretrained", "releases": dict(releases),
-                                   "sae_id": sae_id if isinstance(sae_id, str) else dict(sae_id)})
+                raise BankError(f"could not read the config of SAE release={release!r} sae_id={this_id!r}: {exc}"
+                                ) from exc
+            keys.append(_key_of_config(cfg, key, f"release={release!r} sae_id={this_id!r}"))
+            if keys[-1] in keys[:-1]:
+                raise BankError(f"two SAEs of the request are both {keys[-1]}: {jobs[keys.index(keys[-1])][:2]} "
+                                f"and {(release, this_id)}")
+        saes: dict[Key, SAE] = {}
+        for (release, this_id, _), key in tqdm(list(zip(jobs, keys, strict=True)), desc="loading SAEs",
+                                               disable=not progress):
+            try:
+                saes[key] = SAE.from_pretrained(release, this_id, device=str(device), dtype=dtype)
+            except Exception as exc:
+                raise BankError(f"could not load SAE release={release!r} sae_id={this_id!r} for {key}: {exc}") from exc
+        return cls(saes, metadata={"source": "sae_lens.from_pretrained",
+                                   "releases": releases if isinstance(releases, str) else dict(releases),
+                                   "sae_id": sae_id if isinstance(sae_id, str) else
+                                   (dict(sae_id) if isinstance(sae_id, Mapping) else list(sae_id))})
 
+
+def _key_of_config(cfg: Mapping[str, Any], key: Key | None, what: str) -> Key:
+    """The bank key of an SAE from its SAELens config dict (checked against ``key`` when one is asked for)."""
+    meta = cfg.get("metadata") or {}
+    name = cfg.get("hook_name") or meta.get("hook_name")
+    out = cfg.get("hook_name_out") or meta.get("hook_name_out")
+    if out is not None and out != name:
+        raise BankError(f"SAE {what} reads {name!r} and writes {out!r}: a transcoder (or a cross-layer transcoder); "
+                        "transcoders are not supported as a bank site yet")
+    found = site_of_hook(name) if name else None
+    if found is None and sites.layer_of_z_hook(name) is not None:
+        found = ("att", sites.layer_of_z_hook(name))
+    if key is None:
+        if found is None:
+            raise BankError(f"SAE {what} reads hook {name!r}: its (site, layer) cannot be told from it; expected "
+                            "blocks.L.hook_resid_post / hook_resid_pre / hook_mlp_out / hook_attn_out / attn.hook_z")
+        return found
+    if name is not None and found != key:
+        raise BankError(f"SAE {what} reads hook {name!r}, which is {found or 'no site of a bank'}, not the {key} "
+                        "it was asked for")
+    return key

@@ -113,16 +113,17 @@ def preflight(
             a :class:`~tl_featureflow.errors.ModelMismatchError` naming each SAE, its FVU and the
             likely cause, or nothing (read ``.failed``).
     """
-    from tl_featureflow.model import FlowTransformer
     from tl_featureflow.saes.quality import evaluate_bank
 
     if on_fail not in ("warn", "raise", "ignore"):
         raise InvalidArgumentError(f"on_fail={on_fail!r}: expected 'warn', 'raise' or 'ignore'")
     check_number(max_fvu, "max_fvu", positive=True)
     check_tokens(tokens, model.cfg.d_vocab, n_ctx=model.cfg.n_ctx)
-    flow = FlowTransformer.from_hooked(model)
-    flow.check_bank(bank)
-    report = evaluate_bank(flow, bank, tokens, batch_size=batch_size, loss_rows=0, progress=False)
+    bank = bank.bind(model)                 # z-SAEs: n_heads * d_head checked
+    if bank.d_model != model.cfg.d_model or bank.layers[-1] >= model.cfg.n_layers:
+        raise ModelMismatchError(f"the bank ({bank.describe()}, d_in {bank.d_model}) does not fit the model "
+                                 f"(d_model {model.cfg.d_model}, {model.cfg.n_layers} layers)")
+    report = evaluate_bank(model, bank, tokens, batch_size=batch_size, loss_rows=0, progress=False)
     rows = []
     for q in report.rows:
         key: Key = (q.site, q.layer)

@@ -41,7 +41,7 @@ from tl_featureflow._files import (
     write_manifest,
 )
 from tl_featureflow.checks import check_device
-from tl_featureflow.errors import BankError, CacheError, UnknownFeatureError
+from tl_featureflow.errors import BankError, CacheError, ModelMismatchError, UnknownFeatureError
 from tl_featureflow.refs import (
     SITES,
     FeatureRef,
@@ -51,7 +51,6 @@ from tl_featureflow.refs import (
     check_site,
     hook_aliases,
     hook_name,
-    site_of_hook,
 )
 from tl_featureflow.saes import sites
 from tl_featureflow.saes.features import unit_rows
@@ -77,16 +76,19 @@ def _check_key(key: object) -> Key:
         raise BankError(f"invalid bank key {key!r}: {exc}") from None
 
 
+def _refuse_transcoder(name: str | None, out: str | None, what: str) -> None:
+    if out is not None and out != name:
+        raise BankError(f"SAE {what} reads {name!r} and writes {out!r}: a transcoder (or a cross-layer "
+                        "transcoder); transcoders are not supported as a bank site yet")
+
+
 def _check_sae(key: Key, sae: object) -> SAE:
     if not isinstance(sae, SAE):
         raise BankError(f"bank entry {key} is a {type(sae).__name__}: expected a sae_lens.SAE")
     meta = sae.cfg.metadata
     name = meta.hook_name
     z = key[0] == "att" and sites.layer_of_z_hook(name) == key[1]
-    out = meta.hook_name_out
-    if out is not None and out != name:
-        raise BankError(f"SAE for {key} reads {name!r} and writes {out!r}: a transcoder (or a cross-layer "
-                        "transcoder); transcoders are not supported as a bank site yet")
+    _refuse_transcoder(name, meta.hook_name_out, f"for {key}")
     if name is not None and name not in hook_aliases(*key) and not z:
         also = f" or {sites.z_hook_name(key[1])!r}" if key[0] == "att" else ""
         raise BankError(
@@ -114,9 +116,7 @@ def _keyed_by_hook(saes: Sequence[object]) -> dict[Key, object]:
         if not isinstance(sae, SAE):
             raise BankError(f"SAE {i} of the list is a {type(sae).__name__}: expected a sae_lens.SAE")
         name = sae.cfg.metadata.hook_name
-        key = site_of_hook(name) if name else None
-        if key is None and sites.layer_of_z_hook(name) is not None:
-            key = ("att", sites.layer_of_z_hook(name))
+        key = sites.key_of_sae_hook(name)
         if key is None:
             raise BankError(f"SAE {i} of the list reads hook {name!r}: its (site, layer) cannot be told from it; "
                             "expected blocks.L.hook_resid_post / hook_resid_pre / hook_mlp_out / hook_attn_out / "
@@ -160,6 +160,7 @@ class SAEBank(Mapping[Key, SAE]):
         self.metadata: dict[str, Any] = dict(metadata or {})
         self._decoders: dict[Key, tuple[tuple[Any, ...], Tensor]] = {}
         self._model: Any = None          # set by bind(): the model whose W_O maps the z-SAEs
+        self._z_keys = [key for key, sae in self._saes.items() if sites.is_z(sae)]
 
     # -- mapping -----------------------------------------------------------------------------
     def __getitem__(self, key: Key) -> SAE:
@@ -193,8 +194,8 @@ class SAEBank(Mapping[Key, SAE]):
 
         A bank of z-SAEs only takes it from the model it is bound to (:meth:`bind`).
         """
-        for sae in self._saes.values():
-            if not sites.is_z(sae):
+        for key, sae in self._saes.items():
+            if key not in self._z_keys:
                 return sae.cfg.d_in
         if self._model is None:
             raise BankError("a bank of attn.hook_z SAEs only knows d_model from its model: bank.bind(model)")
@@ -204,12 +205,13 @@ class SAEBank(Mapping[Key, SAE]):
     @property
     def z_keys(self) -> list[Key]:
         """Keys whose SAE reads ``attn.hook_z`` (mapped into ``d_model`` through ``W_O``)."""
-        return [key for key, sae in self._saes.items() if sites.is_z(sae)]
+        return list(self._z_keys)
 
     def hook(self, key: Key) -> str:
         """The hook the SAE of ``key`` reads and where its features are edited: its site's hook
         (:func:`~tl_featureflow.refs.hook_name`), or ``blocks.L.attn.hook_z`` for a z-SAE."""
-        return sites.z_hook_name(key[1]) if sites.is_z(self[key]) else hook_name(*key)
+        self[key]                                         # an unknown key raises, naming what the bank has
+        return sites.z_hook_name(key[1]) if key in self._z_keys else hook_name(*key)
 
     @property
     def model(self) -> Any:
@@ -223,9 +225,7 @@ class SAEBank(Mapping[Key, SAE]):
         Raises:
             ModelMismatchError: a z-SAE's ``d_in`` is not the model's ``n_heads * d_head``.
         """
-        from tl_featureflow.errors import ModelMismatchError
-
-        if not self.z_keys or self._model is model:
+        if not self._z_keys or self._model is model:
             return self
         width = model.cfg.n_heads * model.cfg.d_head
         for key in self.z_keys:
@@ -239,13 +239,14 @@ class SAEBank(Mapping[Key, SAE]):
         bound._model = model
         return bound
 
-    def _write_map(self, key: Key, device: torch.device | None = None) -> tuple[Tensor, Tensor]:
+    def _bound(self, key: Key) -> Any:
+        """The bound model, which the z-SAE at ``key`` needs."""
         if self._model is None:
             raise BankError(
                 f"the SAE at {key} reads attn.hook_z: its directions in the residual stream are its decoder rows "
                 "through the model's W_O, so this needs the model: bank.bind(model), or give the model to "
                 "FlowTracer(bank, model) / validate / Steerer")
-        return sites.z_write_map(self._model, key[1], device=device)
+        return self._model
 
     def model_decoder(self, site: Site, layer: int) -> tuple[Float[Tensor, "d_sae d_model"], Float[Tensor, " d_model"]]:
         """``(W, b)``: what the SAE of ``(site, layer)`` writes into its site's ``d_model`` space,
@@ -253,9 +254,9 @@ class SAEBank(Mapping[Key, SAE]):
         Detached, in the SAE's dtype and device."""
         sae = self[(site, layer)]
         W_dec, b_dec = sae.W_dec.detach(), sae.b_dec.detach()
-        if not sites.is_z(sae):
+        if (site, layer) not in self._z_keys:
             return W_dec, b_dec
-        W_O, b_O = self._write_map((site, layer), device=W_dec.device)
+        W_O, b_O = sites.z_write_map(self._bound((site, layer)), layer, device=W_dec.device)
         return W_dec @ W_O.to(W_dec.dtype), b_dec @ W_O.to(W_dec.dtype) + b_O.to(W_dec.dtype)
 
     @property
@@ -312,20 +313,19 @@ class SAEBank(Mapping[Key, SAE]):
         returned in the SAE's dtype and device unless ``dtype``/``device`` say otherwise.
         """
         sae = self[(site, layer)]
-        z = sites.is_z(sae)
-        W_dec = self.model_decoder(site, layer)[0] if z and not unit else sae.W_dec.detach()
-        if unit:
+        if not unit:
+            W = self.model_decoder(site, layer)[0]
+        else:
             stamp = _compat.tensor_stamp(sae.W_dec)
-            if z:
-                self._write_map((site, layer))            # raises without a model
-                stamp += (id(self._model), *sites.z_map_tensors(self._model, layer, stamp=_compat.tensor_stamp))
+            if (site, layer) in self._z_keys:          # the mapped rows change with the model's W_O too
+                stamp += (id(self._model), *sites.z_map_tensors(self._bound((site, layer)), layer,
+                                                               stamp=_compat.tensor_stamp))
             cached = self._decoders.get((site, layer))
             if cached is None or cached[0] != stamp:
-                rows = self.model_decoder(site, layer)[0] if z else W_dec
-                cached = (stamp, unit_rows(rows).to(W_dec.dtype))
+                cached = (stamp, unit_rows(self.model_decoder(site, layer)[0]).to(sae.W_dec.dtype))
                 self._decoders[(site, layer)] = cached
-            W_dec = cached[1]
-        return W_dec.to(device=device or W_dec.device, dtype=dtype or W_dec.dtype)
+            W = cached[1]
+        return W.to(device=device or W.device, dtype=dtype or W.dtype)
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> SAEBank:
         """Move every SAE in place (like ``nn.Module.to``) and return the bank."""
@@ -346,8 +346,8 @@ class SAEBank(Mapping[Key, SAE]):
             sample = W.flatten()[:: max(1, W.numel() // 65536)].float().cpu().numpy().tobytes()
             digest.update(f"{key}{tuple(W.shape)}{float(W.double().sum()):.12e}".encode())
             digest.update(sample)
-            if sites.is_z(sae) and self._model is not None:   # the mapped directions depend on the model's W_O
-                W_O = self._write_map(key)[0]
+            if key in self._z_keys and self._model is not None:   # the mapped directions depend on the model's W_O
+                W_O = sites.z_write_map(self._model, key[1])[0]
                 digest.update(f"W_O{float(W_O.double().sum()):.12e}".encode())
         return digest.hexdigest()[:16]
 
@@ -380,7 +380,7 @@ class SAEBank(Mapping[Key, SAE]):
                 )
             index = {
                 **header("SAEBank", BANK_SCHEMA_VERSION),
-                "d_model": self.d_model if len(self.z_keys) < len(self) or self._model is not None else None,
+                "d_model": self.d_model if len(self._z_keys) < len(self) or self._model is not None else None,
                 "saes": entries,
                 "metadata": self.metadata,
             }
@@ -508,13 +508,8 @@ def _key_of_config(cfg: Mapping[str, Any], key: Key | None, what: str) -> Key:
     """The bank key of an SAE from its SAELens config dict (checked against ``key`` when one is asked for)."""
     meta = cfg.get("metadata") or {}
     name = cfg.get("hook_name") or meta.get("hook_name")
-    out = cfg.get("hook_name_out") or meta.get("hook_name_out")
-    if out is not None and out != name:
-        raise BankError(f"SAE {what} reads {name!r} and writes {out!r}: a transcoder (or a cross-layer transcoder); "
-                        "transcoders are not supported as a bank site yet")
-    found = site_of_hook(name) if name else None
-    if found is None and sites.layer_of_z_hook(name) is not None:
-        found = ("att", sites.layer_of_z_hook(name))
+    _refuse_transcoder(name, cfg.get("hook_name_out") or meta.get("hook_name_out"), what)
+    found = sites.key_of_sae_hook(name)
     if key is None:
         if found is None:
             raise BankError(f"SAE {what} reads hook {name!r}: its (site, layer) cannot be told from it; expected "

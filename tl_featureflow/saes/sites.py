@@ -36,8 +36,10 @@ from jaxtyping import Float
 from torch import Tensor
 
 from tl_featureflow.errors import ModelMismatchError
+from tl_featureflow.refs import Key, site_of_hook
 
-__all__ = ["Z_SUFFIX", "z_hook_name", "layer_of_z_hook", "is_z", "sae_input", "z_write_map", "z_map_tensors"]
+__all__ = ["Z_SUFFIX", "z_hook_name", "layer_of_z_hook", "key_of_sae_hook", "is_z", "sae_input", "z_write_map",
+           "z_map_tensors"]
 
 Z_SUFFIX = "attn.hook_z"
 _Z_RE = re.compile(r"^blocks\.(\d+)\.attn\.hook_z$")
@@ -52,6 +54,14 @@ def layer_of_z_hook(name: str | None) -> int | None:
     """The layer of a ``blocks.L.attn.hook_z`` name, or None for any other name."""
     match = _Z_RE.match(name or "")
     return int(match.group(1)) if match else None
+
+
+def key_of_sae_hook(name: str | None) -> Key | None:
+    """The bank key of an SAE that reads hook ``name``: its site's (:func:`~tl_featureflow.refs.site_of_hook`),
+    ``("att", L)`` for ``blocks.L.attn.hook_z``, or None."""
+    found = site_of_hook(name) if name else None
+    layer = layer_of_z_hook(name)
+    return ("att", layer) if found is None and layer is not None else found
 
 
 def is_z(sae: Any) -> bool:
@@ -90,13 +100,10 @@ def z_write_map(
     multiplies both: ``attn_out`` is then ``(z_flat @ W + b)`` up to the norm's per-token scale.
     Read from the model at each call (no copy kept), so edits of ``W_O`` are seen.
     """
-    attn = model.blocks[layer].attn
-    W_O = attn.W_O.detach()                                        # [n_heads, d_head, d_model]
-    W, b = W_O.reshape(-1, W_O.shape[-1]), attn.b_O.detach()
-    norm = getattr(model.blocks[layer], "ln1_post", None)
-    weight = getattr(norm, "w", None)
-    if weight is not None:
-        W, b = W * weight.detach(), b * weight.detach()
+    W_O, b_O, *norm = (t.detach() for t in z_map_tensors(model, layer))      # W_O: [n_heads, d_head, d_model]
+    W, b = W_O.reshape(-1, W_O.shape[-1]), b_O
+    if norm:
+        W, b = W * norm[0], b * norm[0]
     if W.shape[0] != model.cfg.n_heads * model.cfg.d_head:
         raise ModelMismatchError(f"layer {layer}'s W_O has {W.shape[0]} rows, not n_heads * d_head")
     return W.to(device or W.device), b.to(device or b.device)

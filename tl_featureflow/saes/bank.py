@@ -159,6 +159,7 @@ class SAEBank(Mapping[Key, SAE]):
         self._saes: dict[Key, SAE] = {k: checked[k] for k in order}
         self.metadata: dict[str, Any] = dict(metadata or {})
         self._decoders: dict[Key, tuple[tuple[Any, ...], Tensor]] = {}
+        self._mapped: dict[Key, tuple[tuple[Any, ...], tuple[Tensor, Tensor]]] = {}   # z-SAEs' (W, b) in d_model
         self._model: Any = None          # set by bind(): the model whose W_O maps the z-SAEs
         self._z_keys = [key for key, sae in self._saes.items() if sites.is_z(sae)]
 
@@ -251,13 +252,26 @@ class SAEBank(Mapping[Key, SAE]):
     def model_decoder(self, site: Site, layer: int) -> tuple[Float[Tensor, "d_sae d_model"], Float[Tensor, " d_model"]]:
         """``(W, b)``: what the SAE of ``(site, layer)`` writes into its site's ``d_model`` space,
         ``recons = acts @ W + b`` (``W_dec, b_dec``; for a z-SAE ``W_dec @ W_O``, ``b_dec @ W_O + b_O``).
-        Detached, in the SAE's dtype and device."""
+        Detached, in the SAE's dtype and device; a z-SAE's mapped pair is cached like :meth:`decoder`'s rows."""
         sae = self[(site, layer)]
         W_dec, b_dec = sae.W_dec.detach(), sae.b_dec.detach()
         if (site, layer) not in self._z_keys:
             return W_dec, b_dec
-        W_O, b_O = sites.z_write_map(self._bound((site, layer)), layer, device=W_dec.device)
-        return W_dec @ W_O.to(W_dec.dtype), b_dec @ W_O.to(W_dec.dtype) + b_O.to(W_dec.dtype)
+        stamp = self._stamp((site, layer)) + _compat.tensor_stamp(sae.b_dec)
+        cached = self._mapped.get((site, layer))
+        if cached is None or cached[0] != stamp:
+            W_O, b_O = sites.z_write_map(self._bound((site, layer)), layer, device=W_dec.device)
+            cached = (stamp, (W_dec @ W_O.to(W_dec.dtype), b_dec @ W_O.to(W_dec.dtype) + b_O.to(W_dec.dtype)))
+            self._mapped[(site, layer)] = cached
+        return cached[1]
+
+    def _stamp(self, key: Key) -> tuple[Any, ...]:
+        """Changes whenever the SAE's decoder rows in ``d_model`` may have: ``W_dec``, and for a z-SAE the
+        bound model and its ``W_O`` (and post-attention norm)."""
+        stamp = _compat.tensor_stamp(self[key].W_dec)
+        if key in self._z_keys:
+            stamp += (id(self._model), *sites.z_map_tensors(self._bound(key), key[1], stamp=_compat.tensor_stamp))
+        return stamp
 
     @property
     def layers(self) -> list[int]:
@@ -316,10 +330,7 @@ class SAEBank(Mapping[Key, SAE]):
         if not unit:
             W = self.model_decoder(site, layer)[0]
         else:
-            stamp = _compat.tensor_stamp(sae.W_dec)
-            if (site, layer) in self._z_keys:          # the mapped rows change with the model's W_O too
-                stamp += (id(self._model), *sites.z_map_tensors(self._bound((site, layer)), layer,
-                                                               stamp=_compat.tensor_stamp))
+            stamp = self._stamp((site, layer))
             cached = self._decoders.get((site, layer))
             if cached is None or cached[0] != stamp:
                 cached = (stamp, unit_rows(self.model_decoder(site, layer)[0]).to(sae.W_dec.dtype))
@@ -332,6 +343,7 @@ class SAEBank(Mapping[Key, SAE]):
         for sae in self._saes.values():
             sae.to(device=device, dtype=dtype)
         self._decoders.clear()
+        self._mapped.clear()
         return self
 
     def fingerprint(self) -> str:

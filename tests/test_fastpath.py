@@ -143,7 +143,7 @@ def test_exact_mode_is_transformer_lens_bit_for_bit(name):
     assert torch.equal(fast.generate(prompt, **kwargs), plain.generate(prompt, **kwargs))
 
 
-@pytest.mark.parametrize("edit", ["in_place", "reassign_data", "new_parameter"])
+@pytest.mark.parametrize("edit", ["in_place", "through_data", "reassign_data", "new_parameter"])
 def test_exact_mode_sees_every_kind_of_weight_edit(edit):
     plain, fast = _pair("llama_gqa")
     fast.use_fast_path("exact")
@@ -152,6 +152,10 @@ def test_exact_mode_sees_every_kind_of_weight_edit(edit):
         mlp, plain_mlp = fast.blocks[1].mlp, plain.blocks[1].mlp
         if edit == "in_place":
             plain_mlp.W_in.mul_(2.0)
+        elif edit == "through_data":                            # issue 24 #1: no version-counter bump
+            plain_mlp.W_in.data.mul_(2.0)
+            plain.blocks[0].attn.W_Q.data[0] *= -1.0
+            plain.unembed.W_U.data.mul_(0.5)
         elif edit == "reassign_data":
             plain_mlp.W_in.data = plain_mlp.W_in.data * 2.0     # new storage, same Parameter object
         else:
@@ -171,14 +175,25 @@ def test_exact_mode_keeps_gradients_to_the_weights():
     assert grad.abs().sum() > 0
 
 
-def test_turning_it_off_frees_the_copies():
-    _, fast = _pair("llama_gqa")
+def test_exact_mode_keeps_no_copies_only_another_memory_order():
+    """"exact" re-strides the parameters once (values, shapes and objects kept) so TL's per-step copy is a
+    view of the live storage: nothing cached that an edit could leave stale (issue 24 #1)."""
+    plain, fast = _pair("llama_gqa")
+    mlp, attn, unembed = fast.blocks[0].mlp, fast.blocks[0].attn, fast.unembed
+    before = {name: (param, param.detach().clone()) for name, param in fast.named_parameters()}
+    untouched = copy.deepcopy(plain)
     fast.use_fast_path("exact")
+    assert mlp.W_in.T.is_contiguous() and unembed.W_U.T.is_contiguous()
+    assert attn.W_Q.permute(0, 2, 1).is_contiguous()
+    for name, param in fast.named_parameters():
+        assert param is before[name][0] and torch.equal(param, before[name][1]), name
     with torch.no_grad():
         fast(TOKENS)
-    assert "_featureflow_layout" in vars(fast.blocks[0].mlp)
+    assert not any(key.startswith("_featureflow") for module in fast.modules() for key in vars(module))
+    with torch.no_grad():                     # the user's model shares the parameters: its own forward unchanged
+        assert plain.blocks[0].mlp.W_in is mlp.W_in and torch.equal(plain(TOKENS), untouched(TOKENS))
     fast.use_fast_path(False)
-    assert "_featureflow_layout" not in vars(fast.blocks[0].mlp) and "_featureflow_layout" not in vars(fast.unembed)
+    assert "forward" not in vars(unembed)
     with pytest.raises(ff.InvalidArgumentError, match="fast path mode"):
         fast.use_fast_path("quick")
 

@@ -185,8 +185,8 @@ def load_embedded_model(
             is 2048; pass ``None`` for the model's full context.
         verify: check the cache's SHA-256 sums (about 1 s); a failed check rebuilds it.
         fast_path: ``"exact"`` (default: generation ~3x faster than TransformerLens's, outputs
-            bit for bit its own, ~0.5 GB more memory in float32), ``"views"`` (as fast, no
-            extra memory, equal up to float rounding) or ``False`` (TransformerLens's path);
+            bit for bit its own, no extra memory: the weights are stored in TransformerLens's
+            copied memory order), ``"views"`` (as fast, equal up to float rounding) or ``False`` (TransformerLens's path);
             see :mod:`tl_featureflow.fastpath`.
 
     No weight processing is applied (no LayerNorm folding or centring), so hook

@@ -18,12 +18,13 @@ forward up to float rounding (the matmuls sum in another order): within 1e-5 on 
 tiny test models, about 2e-6 of the logits' scale on SmolLM2, greedy tokens identical.
 
 Two modes. ``"views"`` (the default) keeps no copies: results equal TransformerLens's up
-to float rounding, as above. ``"exact"`` lays each weight out once the way
-TransformerLens copies it every step (``W.T.contiguous()``, the rearranged ``W_Q``) and
-reuses that copy until the weight changes (its storage or torch's in-place version
-counter), so results are TransformerLens's bit for bit, at the memory of one more copy of
-the MLP, unembedding and Q/K/V weights (about 0.5 GB for SmolLM2 in float32). When
-gradients are on for a weight, ``"exact"`` makes the copy afresh, differentiably.
+to float rounding, as above. ``"exact"`` stores each of those weights, once, in the
+memory order TransformerLens copies it into every step (``W.T.contiguous()``, the rearranged
+``W_Q``): same Parameter, same shape and values, other strides. TransformerLens's copy is then
+a no-op and the fast path reads a view of the live storage, so results are TransformerLens's
+bit for bit, at no extra memory, and every edit is seen, ``W.data`` edits included (no cached
+copy to go stale). A parameter replaced since (a new tensor in TL's usual order) is copied
+per call as TransformerLens does, still bit for bit.
 
 Components it cannot serve (4-bit weights, layer-norm activations, split Q/K/V inputs,
 Q/K norms...) keep TransformerLens's path; :func:`enable` reports them and the model
@@ -79,7 +80,8 @@ class FastPath:
 
 # -- weights: views, or laid out once ------------------------------------------------------------------
 def _transposed(W: Tensor) -> Tensor:
-    return W.T.contiguous()
+    """``W.T``: TransformerLens's ``W.T.contiguous()`` operand, a view once :func:`_lay_out` ran."""
+    return W.T
 
 
 def _heads_flat(W: Tensor) -> Tensor:
@@ -87,17 +89,29 @@ def _heads_flat(W: Tensor) -> Tensor:
     return W.permute(0, 2, 1).reshape(-1, W.shape[1])
 
 
-def _laid_out(module: Any, name: str, make: Any) -> Tensor:
-    """``make(weight)``, made once and reused until the weight changes (fresh when it needs gradients)."""
+def _lay_out(module: Any, name: str, make: Any) -> None:
+    """Store parameter ``name`` so that ``make(W)`` is a contiguous view of it (same shape, other strides).
+
+    The parameter object, its values and its shape stay; only its memory order changes, so
+    TransformerLens's own copy (``W.T.contiguous()``, the rearranged ``W_Q``) becomes a no-op and
+    the fast path reads the very storage the user edits (``W.data.mul_(2)`` included: issue 24 #1).
+    """
     W = getattr(module, name)
-    if torch.is_grad_enabled() and W.requires_grad:
-        return make(W)
-    cache = module.__dict__.setdefault("_featureflow_layout", {})
-    stamp = _compat.tensor_stamp(W)
-    hit = cache.get(name)
-    if hit is None or hit[0] != stamp:
-        hit = cache[name] = (stamp, make(W.detach()).contiguous())
-    return hit[1]
+    view = make(W)
+    if view.is_contiguous() and view.data_ptr() == W.data_ptr():     # already laid out (reshape may copy)
+        return
+    with torch.no_grad():
+        laid = make(W.detach()).contiguous()          # TL's layout
+        if make is _transposed:
+            W.data = laid.T
+        else:                                         # _heads_flat: [(head d_head), d_model] -> [head, d_model, d_head]
+            W.data = laid.reshape(W.shape[0], W.shape[2], W.shape[1]).permute(0, 2, 1)
+
+
+def _laid_out(module: Any, name: str, make: Any) -> Tensor:
+    """``make(weight)`` contiguous: a view of the live parameter after :func:`_lay_out`; a fresh copy
+    (TransformerLens's own) when the parameter was replaced since, so nothing can go stale."""
+    return make(getattr(module, name)).contiguous()
 
 
 # -- the fast forwards (same hook points, same shapes) ---------------------------------------------
@@ -202,6 +216,9 @@ def enable(model: Any, mode: Mode = "views") -> FastPath:
             if reason:
                 report.fallback.append(f"blocks.{i}.mlp ({reason})")
             else:
+                if exact:
+                    for name in ("W_gate", "W_in", "W_out"):
+                        _lay_out(mlp, name, _transposed)
                 _compat.set_mlp_forward(mlp, functools.partial(_gated_mlp_forward, mlp, exact=exact))
                 report.mlps += 1
         attn = getattr(block, "attn", None)
@@ -210,10 +227,17 @@ def enable(model: Any, mode: Mode = "views") -> FastPath:
             if reason:
                 report.fallback.append(f"blocks.{i}.attn ({reason})")
             else:
+                if exact:
+                    k_name, _, v_name, _ = _compat.stored_kv_names(attn)
+                    for name in ("W_Q", k_name, v_name):
+                        if name in attn._parameters:
+                            _lay_out(attn, name, _heads_flat)
                 attn.calculate_qkv_matrices = functools.partial(_qkv_forward, attn, exact=exact)
                 report.attentions += 1
     unembed = getattr(model, "unembed", None)
     if unembed is not None and type(unembed).__name__ == "Unembed":
+        if exact:
+            _lay_out(unembed, "W_U", _transposed)
         unembed.forward = functools.partial(_unembed_forward, unembed, exact=exact)
         report.unembed = True
     return report
@@ -230,11 +254,7 @@ def disable(model: Any) -> FastPath:
         attn = getattr(block, "attn", None)
         if attn is not None:
             vars(attn).pop("calculate_qkv_matrices", None)
-        for module in (mlp, attn):
-            if module is not None:
-                vars(module).pop("_featureflow_layout", None)     # free the laid-out copies
     unembed = getattr(model, "unembed", None)
     if unembed is not None:
         vars(unembed).pop("forward", None)
-        vars(unembed).pop("_featureflow_layout", None)
     return FastPath(enabled=False)

@@ -158,8 +158,9 @@ class FlowTransformer(HookedSAETransformer):
 
         On by default: the same maths as TransformerLens without its per-step weight
         copies (generation several times faster). ``True`` or ``"views"``: no extra
-        memory, results equal up to float rounding; ``"exact"``: the copies made once and
-        kept, results bit for bit. Components it cannot serve keep TransformerLens's
+        memory, results equal up to float rounding; ``"exact"``: the weights stored once in
+        the memory order TransformerLens copies them into (same values, other strides; shared
+        with a wrapped HookedTransformer, whose own outputs stay the same), results bit for bit. Components it cannot serve keep TransformerLens's
         path, said once in a warning; ``model.fast_path`` tells which.
         """
         mode = "views" if on is True else on

@@ -39,9 +39,10 @@ def check_int(value: object, name: str, *, low: int = 0, high: int | None = None
     return value
 
 
-def check_number(value: object, name: str, *, low: float | None = None, positive: bool = False,
+def check_number(value: object, name: str, *, low: float | None = None, high: float | None = None,
+                 positive: bool = False,
                  error: type[FeatureFlowError] = InvalidArgumentError, context: str = "") -> float:
-    """``value`` as a float if it is a finite real number (not a bool), at least ``low`` and above 0
+    """``value`` as a float if it is a finite real number (not a bool), in ``[low, high]`` and above 0
     when ``positive``; else raise ``error``. NaN and inf are refused: they would flow on silently.
 
     >>> check_number(0.5, "r"), check_number(2, "strength")
@@ -54,13 +55,14 @@ def check_number(value: object, name: str, *, low: float | None = None, positive
     import math
     import numbers
 
-    want = ("a positive" if positive else "a finite") + " real number" + (f" >= {low:g}" if low is not None else "")
+    want = (("a positive" if positive else "a finite") + " real number" + (f" >= {low:g}" if low is not None else "")
+            + (f" <= {high:g}" if high is not None else ""))
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise error(f"{name}={value!r} is not a number{context}: expected {want}")
     number = float(value)
     if not math.isfinite(number):
         raise error(f"{name}={value!r} is not a finite number{context}: expected {want}")
-    if (low is not None and number < low) or (positive and number <= 0):
+    if (low is not None and number < low) or (high is not None and number > high) or (positive and number <= 0):
         raise error(f"{name}={value!r} is out of range{context}: expected {want}")
     return number
 
@@ -123,3 +125,24 @@ def check_tokens(tokens: Any, d_vocab: int, *, name: str = "tokens", min_pos: in
         shown = sorted(set(bad.tolist()))[:5]
         raise InvalidArgumentError(f"{name} hold ids {shown} outside the vocabulary 0-{d_vocab - 1} (d_vocab {d_vocab})")
     return tokens
+
+
+def check_quantile(value: object, name: str = "quantile") -> float:
+    """``value`` as a float strictly between 0 and 1; else :class:`InvalidArgumentError`.
+
+    >>> check_quantile(0.99)
+    0.99
+    """
+    number = check_number(value, name, low=0.0, high=1.0)
+    if not 0 < number < 1:
+        raise InvalidArgumentError(f"{name}={value!r} is out of range: expected 0 < {name} < 1")
+    return number
+
+
+def check_cosine(value: object, name: str) -> float:
+    """A cosine threshold (``t_res``, ``t_module``): a finite number in ``[-1, 1]``.
+
+    >>> check_cosine(0.5, "t_res")
+    0.5
+    """
+    return check_number(value, name, low=-1.0, high=1.0)

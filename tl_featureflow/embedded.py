@@ -197,9 +197,11 @@ def load_embedded_model(
     """
     from safetensors.torch import load_file
 
-    from tl_featureflow.checks import check_device
+    from tl_featureflow.checks import check_device, check_int
 
     device = check_device(device)
+    if n_ctx is not None:
+        check_int(n_ctx, "n_ctx", low=1)
 
     folder = _verified_cache(embedded_model_dir(), verify)
     return flow_model_from_folder(folder, load_file(folder / WEIGHTS, device=str(device)), device=device,

@@ -109,3 +109,129 @@ def test_a_generate_past_the_context_is_refused_before_it_starts(setting):
         assert model.generate(prompt, max_new_tokens=4, **kwargs).shape == (1, model.cfg.n_ctx)
     model(prompt).sum().backward()                             # gradients still flow afterwards
     model.zero_grad(set_to_none=True)
+
+
+# -- every numeric argument of the public API --------------------------------------------------------
+# One line per entry point: how to call it, and its numeric arguments with the values their domain refuses
+# beyond those of their type. The values every int and float argument refuses are generated from the
+# signature's annotation (BY_TYPE); `test_every_numeric_argument_of_the_public_api_is_probed` reads the
+# signatures of everything `tl_featureflow` exports, so a new numeric argument fails until it has a line.
+BY_TYPE = {"int": [1.5, "1", True, NAN, None], "float": [NAN, INF, -INF, "0.5", True, None]}
+K = [0, -1]
+QUANTILE = [0.0, 1.0, 1.5, -0.1]
+COSINE = [1.5, -1.5]
+
+
+def _calls(model, bank, tracer, tokens, graph, fmap, tmp):
+    """entry point -> (call taking the argument as a keyword, {argument: refused values beyond its type's})."""
+    return {
+        "FeatureRef": (lambda **kw: ff.FeatureRef(**{"layer": 2, "site": "res", "index": 1, **kw}),
+                       {"layer": [-1], "index": [-1]}),
+        "hook_name": (lambda **kw: ff.hook_name(**{"site": "res", "layer": 2, **kw}), {"layer": [-1]}),
+        "load_embedded_model": (lambda **kw: ff.load_embedded_model(**kw), {"n_ctx": [0, -1]}),
+        "train_bank": (lambda **kw: ff.train_bank(model, out=tmp / "bank", progress=False, **kw),
+                       {"training_tokens": [0, -1], "seed": [-1]}),
+        "SAEBank.d_sae": (lambda **kw: bank.d_sae(**{"site": "res", "layer": 2, **kw}), {"layer": [-1, 99]}),
+        "SAEBank.decoder": (lambda **kw: bank.decoder(**{"site": "res", "layer": 2, **kw}), {"layer": [-1, 99]}),
+        "SAEBank.model_decoder": (lambda **kw: bank.model_decoder(**{"site": "res", "layer": 2, **kw}),
+                                  {"layer": [-1, 99]}),
+        "FlowTracer": (lambda **kw: ff.FlowTracer(bank, model, contexts=None, **kw), {"chunk_size": [0, -1]}),
+        "FlowTracer.predecessor_keys": (lambda **kw: tracer.predecessor_keys(**kw), {"layer": [-1]}),
+        "FlowTracer.match": (lambda **kw: tracer.match(("res", 1), ("res", 2), **kw), {"k": K + [10_000]}),
+        "FlowTracer.similar": (lambda **kw: tracer.similar("2/res/1", ("res", 1), **kw), {"k": K}),
+        "FlowTracer.successors": (lambda **kw: tracer.successors("1/res/1", **kw), {"k": K}),
+        "FlowTracer.predecessors": (lambda **kw: tracer.predecessors("2/res/1", **kw), {"k": K + [10_000]}),
+        "FlowTracer.scores": (lambda **kw: tracer.scores(**{"layer": 2, **kw}), {"layer": [-1, 99], "k": K}),
+        "FlowTracer.chance_thresholds": (lambda **kw: tracer.chance_thresholds(**{"layer": 2, **kw}),
+                                         {"layer": [-1, 99], "quantile": QUANTILE, "n_probe": [0, -1]}),
+        "FlowTracer.thresholds": (lambda **kw: tracer.thresholds(**{"layer": 2, **kw}),
+                                  {"layer": [-1, 99], "quantile": QUANTILE}),
+        "FlowTracer.classify": (lambda **kw: tracer.classify(**{"layer": 2, **kw}),
+                                {"layer": [-1, 99], "quantile": QUANTILE}),
+        "FlowTracer.trace": (lambda **kw: tracer.trace("2/res/1", **kw), {"t_res": COSINE, "t_module": COSINE}),
+        "FlowTracer.flow_map": (lambda **kw: tracer.flow_map(progress=False, **kw), {"k": K, "quantile": QUANTILE}),
+        "FlowMap.chain_lengths": (lambda **kw: fmap.chain_lengths(**kw), {"t_res": COSINE}),
+        "FlowMap.classify": (lambda **kw: fmap.classify(**kw), {"layer": [-1, 99]}),
+        "FlowGraph.refs_up_to": (lambda **kw: graph.refs_up_to(**kw), {"layer": [-1]}),
+        "feature_contexts": (lambda **kw: ff.feature_contexts(model, bank, tokens, cache=False, progress=False, **kw),
+                             {"n": [0, -1], "rows": [0, -1], "batch_size": [0, -1]}),
+        "Steerer.add_direction": (lambda **kw: ff.Steerer(model, bank).add_direction(
+            **{"site": "res", "layer": 2, "direction": torch.ones(model.cfg.d_model), "strength": 1.0, **kw}),
+            {"layer": [-1, 99]}),
+        "Steerer.along": (lambda **kw: ff.Steerer(model, bank).along(graph, 2.0, **kw), {"alpha": [], "up_to_layer": [-1, 99]}),
+    }
+
+
+#: numeric arguments not probed here, and why
+NOT_PROBED = {
+    ("FlowTransformer.generate", "max_new_tokens"): "TransformerLens's own generate: its behaviour kept",
+    ("FlowTransformer.generate", "temperature"): "TransformerLens's own generate: its behaviour kept",
+    ("FlowTransformer.generate", "freq_penalty"): "TransformerLens's own generate: its behaviour kept",
+    ("Matching", "k"): "a result record that FlowTracer.match builds (its k is checked there)",
+    ("FlowGraph", "t_res"): "a record: FlowGraph checks itself on construction (test_files.py), NaN = unknown",
+    ("FlowGraph", "t_module"): "a record: FlowGraph checks itself on construction (test_files.py), NaN = unknown",
+}
+
+
+def _kind(annotation: object) -> str | None:
+    text = str(annotation).replace(" | None", "")
+    return text if text in BY_TYPE else None
+
+
+def _numeric_arguments() -> dict[tuple[str, str], str]:
+    """(entry point, argument) -> "int" / "float" for everything ``tl_featureflow`` exports, from the signatures."""
+    import inspect
+
+    found = {}
+    for name in ff.__all__:
+        obj = getattr(ff, name)
+        if inspect.ismodule(obj) or not callable(obj):
+            continue
+        members = [(name, obj.__init__ if inspect.isclass(obj) else obj)]
+        if inspect.isclass(obj):
+            members += [(f"{name}.{m}", f) for m, f in vars(obj).items() if not m.startswith("_") and callable(f)]
+        for entry, function in members:
+            try:
+                parameters = inspect.signature(function).parameters.values()
+            except (TypeError, ValueError):
+                continue
+            for p in parameters:
+                if _kind(p.annotation):
+                    found[(entry, p.name)] = _kind(p.annotation)
+    return found
+
+
+@pytest.fixture(scope="module")
+def calls(setting, tmp_path_factory):
+    model, bank, tracer, tokens = setting
+    graph = tracer.trace("2/res/1")
+    return _calls(model, bank, tracer, tokens, graph, tracer.flow_map(progress=False), tmp_path_factory.mktemp("api"))
+
+
+def test_every_numeric_argument_of_the_public_api_is_probed(setting):
+    model, bank, tracer, tokens = setting
+    table = _calls(model, bank, tracer, tokens, None, None, None)
+    probed = {(entry, argument) for entry, (_, arguments) in table.items() for argument in arguments}
+    probed |= {("validate", argument) for argument in VALIDATE_BAD} | {("FlowTracer.validate", a) for a in VALIDATE_BAD}
+    missing = set(_numeric_arguments()) - probed - set(NOT_PROBED)
+    assert not missing, f"numeric arguments of the public API without a line in _calls: {sorted(missing)}"
+    assert len(probed) >= 30
+
+
+def _cases():
+    arguments = _numeric_arguments()
+    table = _calls(*([None] * 7))                                 # the lambdas are not called here
+    for entry, (_, domain) in table.items():
+        for argument, extra in domain.items():
+            kind = arguments.get((entry, argument), "int")
+            optional = argument in ("n_ctx", "training_tokens", "chunk_size", "up_to_layer")
+            for value in BY_TYPE[kind] + extra:
+                if not (value is None and optional):
+                    yield pytest.param(entry, argument, value, id=f"{entry}({argument}={value!r})")
+
+
+@pytest.mark.parametrize("entry,argument,value", list(_cases()))
+def test_every_numeric_argument_refuses_bad_values_by_name(calls, entry, argument, value):
+    call, _ = calls[entry]
+    with pytest.raises(ff.FeatureFlowError, match=argument):
+        call(**{argument: value})

@@ -50,7 +50,7 @@ from tl_featureflow._files import (
     tensor_digest,
     write_manifest,
 )
-from tl_featureflow.checks import check_tokens
+from tl_featureflow.checks import check_int, check_tokens
 from tl_featureflow.errors import CacheError, InvalidArgumentError, UnknownFeatureError
 from tl_featureflow.refs import FeatureRef, Key, Site
 from tl_featureflow.saes.bank import SAEBank
@@ -341,9 +341,8 @@ def collect_top_contexts(
 
     from tl_featureflow.model import FlowTransformer
 
-    if n < 1 or batch_size < 1 or left < 0 or right < 0:
-        raise InvalidArgumentError(f"n={n}, batch_size={batch_size} must be positive and left={left}, "
-                                   f"right={right} non-negative")
+    check_int(n, "n", low=1), check_int(batch_size, "batch_size", low=1)
+    check_int(left, "left"), check_int(right, "right")
     chosen = bank.select(sites=sites, layers=layers)
     is_tensor = isinstance(tokens, Tensor)
     if is_tensor:
@@ -442,6 +441,7 @@ def feature_contexts(
     later ones load it; a changed bank or other texts compute afresh. Pass your own
     ``tokens`` to label features by your texts.
     """
+    check_int(n, "n", low=1), check_int(rows, "rows", low=1), check_int(batch_size, "batch_size", low=1)
     if tokens is None:
         if getattr(model, "tokenizer", None) is None:
             raise InvalidArgumentError("feature_contexts needs token ids (tokens=...) for a model without a tokenizer")

@@ -16,6 +16,7 @@ from jaxtyping import Int
 from torch import Tensor
 
 from tl_featureflow._files import atomic_write_json, check_header, file_sha256, header
+from tl_featureflow.checks import check_cosine
 from tl_featureflow.errors import CacheError, UnknownFeatureError
 from tl_featureflow.flow.origins import LABELS, Classification, LayerScores, classify_scores
 from tl_featureflow.refs import SITES, Site
@@ -57,6 +58,8 @@ class FlowMap:
         return next(iter(first.scores.values())).shape[1]
 
     def __getitem__(self, layer: int) -> LayerScores:
+        if isinstance(layer, bool):                                  # True == 1 as a dict key
+            raise UnknownFeatureError(f"the flow map has no layer {layer!r}: a layer is an int, not a bool")
         try:
             return self.layer_scores[layer]
         except KeyError:
@@ -79,6 +82,7 @@ class FlowMap:
         ``0`` means s(R) < t_res; ``n`` means the chain goes back n layers with every
         step at or above ``t_res`` (composing the top-1 matches, method section 4).
         """
+        t_res = check_cosine(t_res, "t_res")
         lengths: dict[int, Tensor] = {}
         for layer in self.layers:
             scores = self[layer]

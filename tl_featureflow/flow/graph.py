@@ -25,7 +25,7 @@ from typing import Any, Literal, get_args
 from tl_featureflow._files import atomic_write_text, check_header, header
 from tl_featureflow.errors import CacheError, InvalidArgumentError, MissingDependencyError, UnknownFeatureError
 from tl_featureflow.flow import export
-from tl_featureflow.refs import FeatureRef
+from tl_featureflow.refs import FeatureRef, check_layer
 
 __all__ = ["FlowNode", "FlowEdge", "FlowGraph", "GRAPH_SCHEMA_VERSION"]
 
@@ -157,6 +157,7 @@ class FlowGraph:
 
     def refs_up_to(self, layer: int) -> list[FeatureRef]:
         """Every node's feature at layers <= ``layer`` (for cumulative steering)."""
+        layer = check_layer(layer)
         return [n.ref for n in self.nodes if n.ref.layer <= layer]
 
     # -- serialisation ---------------------------------------------------------------------------

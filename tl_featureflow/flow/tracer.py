@@ -28,7 +28,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from tl_featureflow.checks import check_device, check_int
+from tl_featureflow.checks import check_cosine, check_device, check_int, check_quantile
 from tl_featureflow.errors import (
     BankError,
     FeatureFlowError,
@@ -151,7 +151,7 @@ class FlowTracer:
         self.model = model
         first = next(iter(bank.values()))
         self.device = check_device(device) if device is not None else first.W_dec.device
-        self.chunk_size = chunk_size
+        self.chunk_size = None if chunk_size is None else check_int(chunk_size, "chunk_size", low=1)
         self.labels = FeatureLabels(bank, model, contexts)   # node labels: top contexts, logit lens
         self._matches: dict[tuple[Key, Key, int], Matching] = {}
         self._rotations: dict[int, Tensor] = {}
@@ -170,7 +170,7 @@ class FlowTracer:
 
     def predecessor_keys(self, layer: int) -> dict[Site, Key]:
         """The SAEs that predecessors of res features at ``layer`` come from, by site."""
-        return {site: key for site, key in predecessor_keys(layer).items() if key in self.bank}
+        return {site: key for site, key in predecessor_keys(check_layer(layer)).items() if key in self.bank}
 
     def match(self, src: tuple[Site, int], dst: tuple[Site, int], k: int = 1) -> Matching:
         """For every feature of ``dst``, its top-``k`` features of ``src`` (cached)."""
@@ -246,8 +246,8 @@ class FlowTracer:
         predecessor SAEs, and matched like real features. A real s(P) above this
         level is more similar than unaligned decoders of the same shapes ever get.
         """
-        if not 0 < quantile < 1:
-            raise InvalidArgumentError(f"quantile={quantile!r}: expected 0 < quantile < 1")
+        quantile = check_quantile(quantile)
+        check_int(n_probe, "n_probe", low=1)
         dst = self._decoder(self._key(("res", layer), "layer"))
         step = max(1, dst.shape[0] // n_probe)
         probe = dst[::step][:n_probe] @ self._rotation(dst.shape[1])
@@ -259,6 +259,8 @@ class FlowTracer:
 
     def thresholds(self, layer: int, thresholds: Thresholds = "chance", *, quantile: float = 0.99) -> dict[Site, float]:
         """Resolve a threshold spec for ``layer`` into one number per predecessor site."""
+        self._key(("res", layer), "layer")
+        quantile = check_quantile(quantile)
         sites = list(self.predecessor_keys(layer))
         if isinstance(thresholds, str):
             if thresholds == "chance":
@@ -320,6 +322,7 @@ class FlowTracer:
         ``labels`` (default: when the tracer has a model) adds logit-lens labels.
         """
         seed = self._res_ref(ref)
+        t_res, t_module = check_cosine(t_res, "t_res"), check_cosine(t_module, "t_module")
         if direction not in ("backward", "forward", "both"):
             raise InvalidArgumentError(f"direction={direction!r}: expected 'backward', 'forward' or 'both'")
         labels = (self.model is not None or self.labels.given()) if labels is None else labels

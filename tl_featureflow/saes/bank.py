@@ -165,6 +165,8 @@ class SAEBank(Mapping[Key, SAE]):
 
     # -- mapping -----------------------------------------------------------------------------
     def __getitem__(self, key: Key) -> SAE:
+        if isinstance(key, tuple) and len(key) == 2 and isinstance(key[1], bool):     # True == 1 as a dict key
+            raise UnknownFeatureError(f"no SAE for {key!r}: its layer must be an int, not a bool")
         try:
             return self._saes[key]
         except (KeyError, TypeError):
@@ -425,14 +427,27 @@ class SAEBank(Mapping[Key, SAE]):
         index = read_manifest(path, INDEX_FILE, verify=verify)
         check_header(index, "SAEBank", BANK_SCHEMA_VERSION, path / INDEX_FILE)
         dtype_name = str(dtype).removeprefix("torch.") if dtype is not None else None
+        if not isinstance(index.get("metadata", {}), dict):
+            raise CacheError(f"{path / INDEX_FILE}: its metadata is a {type(index['metadata']).__name__}, expected a mapping")
         saes = {}
         for entry in index["saes"]:
             key = (entry["site"], entry["layer"])
+            if key in saes:
+                raise CacheError(f"{path / INDEX_FILE} lists the SAE for {key} twice")
             try:
-                saes[key] = SAE.load_from_disk(path / entry["folder"], device=str(device), dtype=dtype_name)
+                sae = SAE.load_from_disk(path / entry["folder"], device=str(device), dtype=dtype_name)
             except Exception as exc:  # SAELens raises many types on a bad folder
                 raise CacheError(f"could not load the SAE for {key} from {path / entry['folder']}: {exc}") from exc
-        return cls(saes, metadata=index.get("metadata"))
+            found = {"architecture": sae.cfg.architecture(), "d_sae": sae.cfg.d_sae}
+            wrong = {name: value for name, value in found.items() if entry.get(name, value) != value}
+            if wrong:
+                raise CacheError(f"{path / INDEX_FILE} says the SAE for {key} has "
+                                 f"{ {name: entry[name] for name in wrong} }, its folder holds {wrong}")
+            saes[key] = sae
+        bank = cls(saes, metadata=index.get("metadata"))
+        if index.get("d_model") is not None and len(bank.z_keys) < len(bank) and index["d_model"] != bank.d_model:
+            raise CacheError(f"{path / INDEX_FILE} says d_model={index['d_model']}, its SAEs read d_in={bank.d_model}")
+        return bank
 
     @classmethod
     def from_pretrained(

@@ -35,6 +35,7 @@ from torch import Tensor
 
 from tl_featureflow import _compat
 from tl_featureflow._files import atomic_write_json, exclusive_lock, tensor_digest
+from tl_featureflow.checks import check_int
 from tl_featureflow.errors import CacheError, InvalidArgumentError, ModelMismatchError
 from tl_featureflow.refs import SITES, Key, Site, check_layer, hook_name
 from tl_featureflow.saes import fast_step
@@ -120,6 +121,9 @@ def train_bank(
     """
     if trainer not in ("fast", "saelens"):
         raise InvalidArgumentError(f"unknown trainer {trainer!r}: expected 'fast' or 'saelens'")
+    check_int(seed, "seed")
+    if training_tokens is not None:
+        check_int(training_tokens, "training_tokens", low=1)
     preset = _resolve_preset(preset, training_tokens)
     keys = _check_request(model, sites, layers, preset)
     tokens, eval_tokens, corpus_meta = _training_rows(model, preset, tokens, eval_tokens, progress)

@@ -66,7 +66,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from tl_featureflow import _compat
-from tl_featureflow.checks import check_device, check_number
+from tl_featureflow.checks import check_device, check_int, check_number
 from tl_featureflow.errors import FeatureFlowError, InvalidArgumentError, ModelMismatchError, UnknownFeatureError
 from tl_featureflow.refs import FeatureRef, Site, check_layer, check_site, hook_name
 from tl_featureflow.saes.bank import SAEBank
@@ -122,12 +122,15 @@ def flow_coefficients(
         raise InvalidArgumentError(f"unknown schedule {schedule!r}: expected one of {get_args(Schedule)}")
     if mode not in get_args(FlowMode):
         raise InvalidArgumentError(f"unknown mode {mode!r}: expected one of {get_args(FlowMode)}")
+    check_number(alpha, "alpha")
     layers = sorted({node.ref.layer for node in graph.nodes})
+    if up_to_layer is not None:
+        check_int(up_to_layer, "up_to_layer")
     if up_to_layer is None:
         up_to_layer = graph.seed.layer if mode == "single" else max(layers)
     if up_to_layer not in layers and mode == "single":
         raise UnknownFeatureError(
-            f"the flow graph of {graph.seed} has no feature at layer {up_to_layer}: its layers are {layers}")
+            f"up_to_layer={up_to_layer}: the flow graph of {graph.seed} has no feature at layer {up_to_layer}: its layers are {layers}")
     if mode == "cumulative" and up_to_layer < min(layers):
         raise UnknownFeatureError(
             f"the flow graph of {graph.seed} starts at layer {min(layers)}, after up_to_layer={up_to_layer}")

@@ -155,6 +155,7 @@ def test_exact_mode_sees_every_kind_of_weight_edit(edit):
         elif edit == "through_data":                            # issue 24 #1: no version-counter bump
             plain_mlp.W_in.data.mul_(2.0)
             plain.blocks[0].attn.W_Q.data[0] *= -1.0
+            plain.blocks[2].attn.W_O.data[1] *= 3.0
             plain.unembed.W_U.data.mul_(0.5)
         elif edit == "reassign_data":
             plain_mlp.W_in.data = plain_mlp.W_in.data * 2.0     # new storage, same Parameter object
@@ -184,7 +185,7 @@ def test_exact_mode_keeps_no_copies_only_another_memory_order():
     untouched = copy.deepcopy(plain)
     fast.use_fast_path("exact")
     assert mlp.W_in.T.is_contiguous() and unembed.W_U.T.is_contiguous()
-    assert attn.W_Q.permute(0, 2, 1).is_contiguous()
+    assert attn.W_Q.permute(0, 2, 1).is_contiguous() and attn.W_O.permute(2, 0, 1).is_contiguous()
     for name, param in fast.named_parameters():
         assert param is before[name][0] and torch.equal(param, before[name][1]), name
     with torch.no_grad():

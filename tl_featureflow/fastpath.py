@@ -89,23 +89,34 @@ def _heads_flat(W: Tensor) -> Tensor:
     return W.permute(0, 2, 1).reshape(-1, W.shape[1])
 
 
+def _out_flat(W: Tensor) -> Tensor:
+    """``W_O``: ``[head, d_head, d_model] -> [d_model, (head d_head)]``, as TransformerLens's attention
+    forward rearranges it (and copies it, ``.contiguous()``) at every call."""
+    return W.permute(2, 0, 1).reshape(W.shape[2], -1)
+
+
+#: each layout's inverse: TL's contiguous operand back to a tensor of the parameter's shape (a view of it)
+_UNDO = {
+    _transposed: lambda laid, shape: laid.T,
+    _heads_flat: lambda laid, shape: laid.reshape(shape[0], shape[2], shape[1]).permute(0, 2, 1),
+    _out_flat: lambda laid, shape: laid.reshape(shape[2], shape[0], shape[1]).permute(1, 2, 0),
+}
+
+
 def _lay_out(module: Any, name: str, make: Any) -> None:
     """Store parameter ``name`` so that ``make(W)`` is a contiguous view of it (same shape, other strides).
 
     The parameter object, its values and its shape stay; only its memory order changes, so
-    TransformerLens's own copy (``W.T.contiguous()``, the rearranged ``W_Q``) becomes a no-op and
-    the fast path reads the very storage the user edits (``W.data.mul_(2)`` included: issue 24 #1).
+    TransformerLens's own copy (``W.T.contiguous()``, the rearranged ``W_Q`` and ``W_O``) becomes a
+    no-op and the fast path reads the very storage the user edits (``W.data.mul_(2)`` included:
+    issue 24 #1).
     """
     W = getattr(module, name)
     view = make(W)
     if view.is_contiguous() and view.data_ptr() == W.data_ptr():     # already laid out (reshape may copy)
         return
     with torch.no_grad():
-        laid = make(W.detach()).contiguous()          # TL's layout
-        if make is _transposed:
-            W.data = laid.T
-        else:                                         # _heads_flat: [(head d_head), d_model] -> [head, d_model, d_head]
-            W.data = laid.reshape(W.shape[0], W.shape[2], W.shape[1]).permute(0, 2, 1)
+        W.data = _UNDO[make](make(W.detach()).contiguous(), W.shape)
 
 
 def _laid_out(module: Any, name: str, make: Any) -> Tensor:
@@ -232,6 +243,7 @@ def enable(model: Any, mode: Mode = "views") -> FastPath:
                     for name in ("W_Q", k_name, v_name):
                         if name in attn._parameters:
                             _lay_out(attn, name, _heads_flat)
+                    _lay_out(attn, "W_O", _out_flat)       # TL's own forward copies it: now a no-op
                 attn.calculate_qkv_matrices = functools.partial(_qkv_forward, attn, exact=exact)
                 report.attentions += 1
     unembed = getattr(model, "unembed", None)

@@ -30,6 +30,33 @@ import tl_featureflow as ff  # noqa: E402
 from tl_featureflow.steer.sweeps import SweepSettings, steering_sweep  # noqa: E402
 
 
+def whole_calls(paths: dict, hf: object, prompt: torch.Tensor, eos: int, repeats: int, n: int = 24) -> None:
+    """Whole ``generate`` calls, batch 1, ``n`` new tokens, prompt included (what a user waits for), beside the
+    time per token after the prompt, ``(T(n) - T(1)) / (n - 1)``, both against Hugging Face in the same run."""
+    def ours(on, k):  # type: ignore[no-untyped-def]
+        return paths[on].generate(prompt, max_new_tokens=k, do_sample=False, stop_at_eos=False, verbose=False)
+
+    def theirs(k):  # type: ignore[no-untyped-def]
+        return hf.generate(prompt, max_new_tokens=k, min_new_tokens=k, do_sample=False, pad_token_id=eos)
+
+    runs = {f"{name}, {k}": (lambda name=name, k=k: (ours(name, k) if name != "Hugging Face" else theirs(k)))
+            for name in ("exact", "views", "Hugging Face") for k in (1, n)}
+    for fn in runs.values():
+        fn()  # warm-up
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, fn in runs.items():
+            times[name].append(timed(fn)[0])
+    med = {name: statistics.median(values) for name, values in times.items()}
+    hf_whole, hf_step = med[f"Hugging Face, {n}"], (med[f"Hugging Face, {n}"] - med["Hugging Face, 1"]) / (n - 1)
+    print(f"whole calls, batch 1, {n} new tokens, prompt included (median of {repeats}):")
+    for name in ("exact", "views", "Hugging Face"):
+        whole, step = med[f"{name}, {n}"], (med[f"{name}, {n}"] - med[f"{name}, 1"]) / (n - 1)
+        print(f"  {name:<14} whole {whole * 1000:7.1f} ms  {whole / hf_whole:5.2f}x HF   "
+              f"per token after the prompt {step * 1000:6.1f} ms  {step / hf_step:5.2f}x HF   "
+              f"prompt + first token {med[f'{name}, 1'] * 1000:6.1f} ms")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=32)
@@ -74,6 +101,8 @@ def main() -> None:
         same = all(torch.equal(outs[k], outs["TransformerLens path"]) for k in ("fast path (exact)", "fast path (views)"))
         same_hf = torch.equal(outs["fast path (exact)"].cpu(), outs["Hugging Face"].cpu())
         print(f"  greedy tokens: both fast paths == TransformerLens path: {same}; == Hugging Face: {same_hf}")
+
+    whole_calls(paths, hf, model.to_tokens("The Eiffel Tower is located in the city of"), eos, args.repeats)
 
     bank = _models.load_bank(args, model, args.preset)
     seed = next(iter(bank.layers[len(bank.layers) // 2:]))

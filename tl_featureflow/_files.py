@@ -157,7 +157,8 @@ def atomic_directory(final: str | Path) -> Iterator[Path]:
     An existing ``final`` is moved aside first (``.final.*.old``) and deleted only once the new
     folder is in place; a kill between the two renames leaves it there, and the next write or
     :func:`recover_directory` puts it back. A symlink at ``final`` keeps pointing at the new
-    folder (the target is replaced). Debris of writers that died (``.final.<pid>.*.tmp``) is removed.
+    folder (the target is replaced). Debris of writers that died (``.final.<pid>.*.tmp``, and
+    ``.final.<pid>.*.old`` once ``final`` is back) is removed.
     """
     final = _through_link(Path(final))
     try:
@@ -172,8 +173,8 @@ def atomic_directory(final: str | Path) -> Iterator[Path]:
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; give the usual folder mode
         yield tmp
         old = None
-        if final.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".old", dir=final.parent))
+        if final.exists():      # named with the pid, as a .tmp is: a kill before it is removed leaves debris to clean
+            old = Path(tempfile.mkdtemp(prefix=_tmp_prefix(final), suffix=".old", dir=final.parent))
             old.rmdir()
             os.replace(final, old)
         os.replace(tmp, final)
@@ -215,10 +216,13 @@ def _alive(pid: int) -> bool:
 
 
 def clean_debris(final: str | Path) -> list[Path]:
-    """Remove ``.final.<pid>.*.tmp`` files and folders left by writers that died; returns what was removed."""
+    """Remove ``.final.<pid>.*.tmp`` files and folders left by writers that died, and their
+    ``.final.<pid>.*.old`` folders once ``final`` exists (a kill after the swap of
+    :func:`atomic_directory`, before the old folder was deleted); returns what was removed."""
     final = Path(final)
     removed = []
-    for path in final.parent.glob(f".{final.name}.*.tmp"):
+    olds = list(final.parent.glob(f".{final.name}.*.old")) if final.exists() else []   # else: recover_directory's
+    for path in [*final.parent.glob(f".{final.name}.*.tmp"), *olds]:
         pid = path.name[len(final.name) + 2:].split(".", 1)[0]
         if pid.isdigit() and not _alive(int(pid)):
             shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
@@ -228,15 +232,21 @@ def clean_debris(final: str | Path) -> list[Path]:
 
 def recover_directory(final: str | Path) -> bool:
     """Put back the folder an :func:`atomic_directory` swap moved aside, if it was killed before
-    the new one went in (``final`` missing, ``.final.*.old`` present). Returns True if it did."""
+    the new one went in (``final`` missing, ``.final.*.old`` present), and remove what dead writers left
+    (:func:`clean_debris`; where the folder is read-only, the debris stays). Returns True if it put one back."""
     final = _through_link(Path(final))
-    if final.exists() or final.is_symlink():
-        return False
-    olds = sorted(final.parent.glob(f".{final.name}.*.old"), key=lambda p: p.stat().st_mtime)
-    if not olds:
-        return False
-    os.replace(olds[-1], final)
-    return True
+    recovered = False
+    if not (final.exists() or final.is_symlink()):
+        olds = sorted(final.parent.glob(f".{final.name}.*.old"), key=lambda p: p.stat().st_mtime)
+        if not olds:
+            return False
+        os.replace(olds[-1], final)
+        recovered = True
+    try:
+        clean_debris(final)
+    except OSError:
+        pass
+    return recovered
 
 
 def file_sha256(path: str | Path) -> str:

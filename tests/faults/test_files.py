@@ -51,9 +51,9 @@ def test_a_save_killed_between_its_two_renames_leaves_a_bank_that_loads(tmp_path
     assert not path.exists() and list(tmp_path.glob(".bank.*.old"))
     assert _same(ff.SAEBank.load(path), bank)                    # the old bank, back in place
     assert not list(tmp_path.glob(".bank.*.old"))
-    assert list(tmp_path.glob(".bank.*.tmp"))                    # the dead writer's half-built folder
-    bank.save(path)                                              # the next write cleans the debris (#14)
-    assert not list(tmp_path.glob(".bank.*.tmp")) and _same(ff.SAEBank.load(path), bank)
+    assert not list(tmp_path.glob(".bank.*.tmp"))                # the dead writer's half-built folder, cleaned (#14)
+    bank.save(path)
+    assert not list(tmp_path.glob(".bank.*")) and _same(ff.SAEBank.load(path), bank)
 
 
 def test_a_save_killed_before_the_swap_keeps_the_old_bank(tmp_path):

@@ -47,6 +47,7 @@ from tl_featureflow._files import (
     entry_lock,
     header,
     read_manifest,
+    recover_directory,
     tensor_digest,
     write_manifest,
 )
@@ -235,6 +236,7 @@ class TopContexts:
     def load(cls, path: str | Path) -> TopContexts:
         from safetensors.torch import load_file
 
+        recover_directory(path)              # a save killed between its two renames left the old table aside
         manifest = read_manifest(path, _MANIFEST)
         check_header(manifest, "TopContexts", _SCHEMA, path)
         tensors = load_file(Path(path) / "contexts.safetensors")

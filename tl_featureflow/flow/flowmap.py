@@ -7,6 +7,7 @@ so an interrupted ``FlowTracer.flow_map`` resumes) with a JSON index, ``map.json
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -180,13 +181,20 @@ def read_map_index(path: str | Path) -> dict[str, Any]:
     return index
 
 
+def _unindexed(name: str) -> bool:
+    """Whether a file is one a flow map writes before its first index: a layer, a layer's or the index's temporary."""
+    return re.fullmatch(rf"layer_\d+\.safetensors|\.layer_\d+\.safetensors\.tmp|\.{re.escape(MAP_INDEX)}\.\d+\..*\.tmp",
+                        name) is not None
+
+
 class FlowMapWriter:
     """Writes a flow map into a folder layer by layer, resuming one that is there.
 
     Opening checks the folder: a map of the same bank and settings (``meta``) is resumed (its
     intact layers in :attr:`done` and :attr:`thresholds`; a corrupt or partial layer is left out, to be
     recomputed); a map of another bank or settings, or a folder that is not a flow map, is refused,
-    never overwritten. :meth:`add` writes one layer's file, then the index (both atomically).
+    never overwritten. A folder holding only layer files and temporaries, a map killed before its first
+    index, is started afresh. :meth:`add` writes one layer's file, then the index (both atomically).
     """
 
     def __init__(self, path: str | Path, planned: list[int], meta: dict[str, Any]):
@@ -204,8 +212,10 @@ class FlowMapWriter:
     def _resume(self) -> None:
         path, meta = self.path, self.meta
         if not (path / MAP_INDEX).is_file():
-            if path.exists() and (path.is_file() or any(path.iterdir())):
+            if path.is_file() or (path.exists() and not all(_unindexed(p.name) for p in path.iterdir())):
                 raise CacheError(f"refusing to write a flow map into {path}: it exists and is not a flow map")
+            for stray in path.glob("*layer_*"):   # a map killed before its first index: no layer is vouched for
+                stray.unlink()
             return
         index = read_map_index(path)
         if index["meta"] != meta:

@@ -34,7 +34,7 @@ from jaxtyping import Int
 from torch import Tensor
 
 from tl_featureflow import _compat
-from tl_featureflow._files import atomic_write_json, exclusive_lock, tensor_digest
+from tl_featureflow._files import _tmp_prefix, atomic_write_json, clean_debris, exclusive_lock, tensor_digest
 from tl_featureflow.checks import check_int
 from tl_featureflow.errors import CacheError, InvalidArgumentError, ModelMismatchError
 from tl_featureflow.refs import SITES, Key, Site, check_layer, hook_name
@@ -224,6 +224,7 @@ def _training_rows(model: Any, preset: Preset, tokens: Tensor | None, eval_token
 def _claim_run_folder(out: Path, run: dict[str, Any]) -> None:
     """Make ``out`` this run's folder; a folder of another run (or of anything else) is refused."""
     run_file = out / "run.json"
+    clean_debris(run_file)      # a run killed while writing run.json left only its .run.json.<pid>.*.tmp
     if run_file.is_file():
         previous = json.loads(run_file.read_text())
         if previous != run:
@@ -303,7 +304,11 @@ def _to_inference(trained: dict[str, Any], names: dict[str, Key], out: Path | No
     from sae_lens.saes.sae import SAE
 
     inference: dict[Key, Any] = {}
-    with tempfile.TemporaryDirectory(dir=out, prefix=".inference-") as final:
+    prefix = ".inference-"
+    if out is not None:         # named as clean_debris knows: a run killed here leaves no folder behind its resume
+        clean_debris(out / "inference")
+        prefix = _tmp_prefix(out / "inference")
+    with tempfile.TemporaryDirectory(dir=out, prefix=prefix, suffix=".tmp") as final:
         for name, sae in trained.items():
             sae.save_inference_model(Path(final) / name)
             inference[names[name]] = SAE.load_from_disk(Path(final) / name, device=device)

@@ -35,9 +35,9 @@ __all__ = ["SAEQuality", "QualityReport", "evaluate_bank", "BankQualityWarning",
 DEFAULT_FLOOR = 0.5
 #: Training tokens per SAE where top-1 causal matching (layer 15 of the embedded model, the paper
 #: preset's checkpoints) stopped improving: 35% at 393k, 46% at 787k, 51% at 1.18M, 49% at 1.57M
-#: tokens (docs/results.md, "What a bank's training budget buys").
+#: tokens (docs/results.md, "What a bank's training budget buys"). Measured at 3 x d_model, k=32; a dictionary
+#: twice as wide is still undertrained there (23% of res 15 dead, the fidelity grid), so its knee lies later.
 MATCHING_KNEE = 1_179_648
-#: Deprecated alias of :data:`MATCHING_KNEE` (the name from before the knee was found).
 
 
 class BankQualityWarning(UserWarning):

@@ -163,8 +163,7 @@ def atomic_directory(final: str | Path) -> Iterator[Path]:
     final = _through_link(Path(final))
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
-        recover_directory(final)
-        clean_debris(final)
+        recover_directory(final)             # and removes dead writers' debris
         tmp = Path(tempfile.mkdtemp(prefix=_tmp_prefix(final), suffix=".tmp", dir=final.parent))
     except OSError as exc:
         _raise_as_cache_error(exc, final)
@@ -230,6 +229,16 @@ def clean_debris(final: str | Path) -> list[Path]:
     return removed
 
 
+@contextmanager
+def scratch_directory(final: str | Path) -> Iterator[Path]:
+    """A temporary folder beside ``final``, named as :func:`clean_debris` knows (so a writer killed while
+    it exists leaves debris the next one removes), deleted on exit."""
+    final = Path(final)
+    clean_debris(final)
+    with tempfile.TemporaryDirectory(dir=final.parent, prefix=_tmp_prefix(final), suffix=".tmp") as tmp:
+        yield Path(tmp)
+
+
 def recover_directory(final: str | Path) -> bool:
     """Put back the folder an :func:`atomic_directory` swap moved aside, if it was killed before
     the new one went in (``final`` missing, ``.final.*.old`` present), and remove what dead writers left
@@ -238,10 +247,9 @@ def recover_directory(final: str | Path) -> bool:
     recovered = False
     if not (final.exists() or final.is_symlink()):
         olds = sorted(final.parent.glob(f".{final.name}.*.old"), key=lambda p: p.stat().st_mtime)
-        if not olds:
-            return False
-        os.replace(olds[-1], final)
-        recovered = True
+        if olds:
+            os.replace(olds[-1], final)
+            recovered = True
     try:
         clean_debris(final)
     except OSError:

@@ -34,7 +34,7 @@ from jaxtyping import Int
 from torch import Tensor
 
 from tl_featureflow import _compat
-from tl_featureflow._files import _tmp_prefix, atomic_write_json, clean_debris, exclusive_lock, tensor_digest
+from tl_featureflow._files import atomic_write_json, clean_debris, exclusive_lock, scratch_directory, tensor_digest
 from tl_featureflow.checks import check_int
 from tl_featureflow.errors import CacheError, InvalidArgumentError, ModelMismatchError
 from tl_featureflow.refs import SITES, Key, Site, check_layer, hook_name
@@ -304,11 +304,9 @@ def _to_inference(trained: dict[str, Any], names: dict[str, Key], out: Path | No
     from sae_lens.saes.sae import SAE
 
     inference: dict[Key, Any] = {}
-    prefix = ".inference-"
-    if out is not None:         # named as clean_debris knows: a run killed here leaves no folder behind its resume
-        clean_debris(out / "inference")
-        prefix = _tmp_prefix(out / "inference")
-    with tempfile.TemporaryDirectory(dir=out, prefix=prefix, suffix=".tmp") as final:
+    # in the run folder, named as clean_debris knows: a run killed here leaves no folder behind its resume
+    scratch = scratch_directory(out / "inference") if out is not None else tempfile.TemporaryDirectory()
+    with scratch as final:
         for name, sae in trained.items():
             sae.save_inference_model(Path(final) / name)
             inference[names[name]] = SAE.load_from_disk(Path(final) / name, device=device)

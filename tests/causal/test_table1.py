@@ -51,6 +51,13 @@ def test_the_split_sums_exactly_to_the_saes_own_preactivation(tiny_model, text, 
     assert partial.features["att"].shape[0] == 0
 
 
+@pytest.mark.parametrize("targets", [["2/res/3"], [-1], [10**6], [], [True]])
+def test_split_preactivations_names_bad_targets(tiny_model, text, bank_factory, targets):
+    bank = bank_factory(arch="jumprelu")
+    with pytest.raises(ff.InvalidArgumentError, match="targets must be feature indices of res"):
+        split_preactivations(tiny_model, bank, text, layer=2, position=6, targets=targets)
+
+
 def test_exhaustive_single_picks_the_one_feature_that_carries_the_target(tiny_model, text, monkeypatch, bank_factory):
     """Two active predecessors at different sites; removing either alone leaves the target active,
     but removing the res one takes it much lower: the paper's exhaustive search picks that one

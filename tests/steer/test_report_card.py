@@ -2,6 +2,7 @@
 
 import math
 import warnings
+from dataclasses import replace
 
 import pytest
 import torch
@@ -200,3 +201,25 @@ def test_the_demo_steers_in_typical_units_when_every_feature_fired(bank_factory)
     dead = Contexts(dead=[FeatureRef(2, "res", 3)])
     assert _steering_scale({"t": graph}, dead, bank_factory(arch="jumprelu")) == "threshold"
     assert _steering_scale({"t": graph}, dead, bank_factory()) == "unit"
+
+
+def test_quick_card_starts_from_quick_settings(text_model_factory, monkeypatch, bank_factory):
+    model, bank, graph = text_model_factory(), bank_factory(), _graph()
+    theme = Theme("tea", "tea and biscuits", ("tea",))
+    judge = OfflineJudge(model, embedder=_HashEmbedder(), behavioural=lambda texts, topic: [0.0] * len(texts))
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def spy(method, graph, layers, settings):          # the selection grid sees the card's settings
+        seen.append(settings)
+        raise Stop
+
+    monkeypatch.setattr(rc, "_grid", spy)
+    with pytest.raises(Stop):
+        steering_report_card(model, bank, graph, theme, judge=judge, quick=True, progress=False, samples=2)
+    assert seen[0] == replace(rc.QUICK_SETTINGS, samples=2)      # quick, then the keyword override
+    assert seen[0].strengths == (4.0,) and seen[0].max_new_tokens < CardSettings().max_new_tokens
+    with pytest.raises(ff.InvalidArgumentError, match="both quick=True and settings"):
+        steering_report_card(model, bank, graph, theme, judge=judge, quick=True, settings=CardSettings())

@@ -180,6 +180,11 @@ def split_preactivations(model: Any, bank: SAEBank, tokens: Int[Tensor, "1 seq"]
         raise InvalidArgumentError(f"position {position} is outside the text (length {tokens.shape[1]})")
     if ("res", layer) not in bank:
         raise UnknownFeatureError(f"the bank has no res SAE at layer {layer}: {bank.describe()}")
+    d_sae = bank.d_sae("res", layer)
+    bad = [t for t in targets if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < d_sae]
+    if bad or not targets:
+        raise InvalidArgumentError(f"targets must be feature indices of res({layer}) in [0, {d_sae}), "
+                                   f"got {targets!r}")
     flow = FlowTransformer.from_hooked(model)
     raw = model_activations(flow, tokens, layer, bank=bank)
     return split_at(bank.bind(model), raw, layer, position, targets)

@@ -58,7 +58,7 @@ from tl_featureflow.steer.steerer import Schedule, flow_coefficients
 from tl_featureflow.steer.sweeps import SweepSettings, generate_rows, settings_from_dict
 
 __all__ = ["Method", "PAPER_METHODS", "CardSettings", "CardRow", "ReportCard", "steering_report_card",
-           "harmonic", "NEUTRAL_PROMPTS", "REPORT_CARD_SCHEMA_VERSION"]
+           "harmonic", "QUICK_SETTINGS", "NEUTRAL_PROMPTS", "REPORT_CARD_SCHEMA_VERSION"]
 
 REPORT_CARD_SCHEMA_VERSION = 1
 
@@ -275,6 +275,11 @@ class _Plan:
     edits: dict[FeatureRef, float]
 
 
+#: :func:`steering_report_card`'s ``quick=True``: one strength, 1 selection sample per setting,
+#: 4 samples of 24 tokens for the chosen settings, 1 per neutral prompt.
+QUICK_SETTINGS = CardSettings(strengths=(4.0,), select_samples=1, samples=4, neutral_samples=1, max_new_tokens=24)
+
+
 def steering_report_card(
     model: Any,
     bank: SAEBank,
@@ -286,6 +291,7 @@ def steering_report_card(
     contexts: Any = None,
     on_topic: Sequence[str] | None = None,
     progress: bool = True,
+    quick: bool = False,
     **overrides: Any,
 ) -> ReportCard:
     """Measure the report card of steering ``theme`` with ``graph`` (see the module docs).
@@ -296,6 +302,9 @@ def steering_report_card(
     :func:`~tl_featureflow.flow.contexts.feature_contexts`); ``on_topic``: the concept's
     on-topic anchor texts (default: the theme's labelled sentences when it has them).
     Keyword arguments named like :class:`CardSettings` fields override ``settings``.
+    ``quick=True`` starts from :data:`QUICK_SETTINGS` (one strength, fewer and shorter
+    samples: minutes instead of the better part of an hour on 2 CPU cores for SmolLM2),
+    for a first look; its standard errors are wider.
     """
     from tl_featureflow.steer.judge_set import ON_TOPIC
     from tl_featureflow.steer.themes import THEMES
@@ -309,7 +318,9 @@ def steering_report_card(
     unknown = sorted(set(overrides) - {f.name for f in fields(CardSettings)})
     if unknown:
         raise InvalidArgumentError(f"steering_report_card got unknown settings {unknown}: expected CardSettings fields")
-    settings = replace(settings or CardSettings(), **overrides)
+    if quick and settings is not None:
+        raise InvalidArgumentError("steering_report_card got both quick=True and settings: pass one")
+    settings = replace(settings or (QUICK_SETTINGS if quick else CardSettings()), **overrides)
     on_topic = list(on_topic) if on_topic is not None else list(ON_TOPIC.get(theme.name, ()))
     graph_layers = sorted({n.ref.layer for n in graph.nodes})
     layers = [x for x in (settings.layers or graph_layers) if x in graph_layers]

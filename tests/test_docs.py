@@ -143,7 +143,7 @@ def test_every_python_block_runs(doc, stand_ins):
 
 def _expected_transcript(doc: str, command: str) -> str:
     """The output block of ``doc`` that starts with ``$ command``, without that line."""
-    for lang, body in FENCE.findall((ROOT / doc).read_text()):
+    for _lang, body in FENCE.findall((ROOT / doc).read_text()):
         if body.startswith(f"$ {command}\n"):
             return body.split("\n", 1)[1]
     raise AssertionError(f"{doc} has no output block for {command!r}")

@@ -51,10 +51,20 @@ def test_the_split_sums_exactly_to_the_saes_own_preactivation(tiny_model, text, 
     assert partial.features["att"].shape[0] == 0
 
 
-@pytest.mark.parametrize("targets", [["2/res/3"], [-1], [10**6], [], [True]])
-def test_split_preactivations_names_bad_targets(tiny_model, text, bank_factory, targets):
+def test_split_preactivations_takes_every_form_of_a_feature(tiny_model, text, bank_factory):
     bank = bank_factory(arch="jumprelu")
-    with pytest.raises(ff.InvalidArgumentError, match="targets must be feature indices of res"):
+    by_index = split_preactivations(tiny_model, bank, text, layer=2, position=6, targets=[3, 5])
+    by_ref = split_preactivations(tiny_model, bank, text, layer=2, position=6,
+                                  targets=["2/res/3", ff.FeatureRef(2, "res", 5)])
+    torch.testing.assert_close(by_ref.pre, by_index.pre, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(("targets", "message"), [
+    (["2/mlp/3"], "not a res.2. feature"), (["1/res/3"], "not a res.2. feature"), ([-1], "indices in"),
+    ([10**6], "indices in"), ([], "at least one"), ([True], "indices in"), (["2-res-3"], "cannot parse")])
+def test_split_preactivations_names_bad_targets(tiny_model, text, bank_factory, targets, message):
+    bank = bank_factory(arch="jumprelu")
+    with pytest.raises(ff.FeatureFlowError, match=message):
         split_preactivations(tiny_model, bank, text, layer=2, position=6, targets=targets)
 
 

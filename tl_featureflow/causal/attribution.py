@@ -31,6 +31,7 @@ True
 from __future__ import annotations
 
 from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -39,7 +40,7 @@ from torch import Tensor
 
 from tl_featureflow.checks import check_tokens
 from tl_featureflow.errors import BankError, InvalidArgumentError, UnknownFeatureError
-from tl_featureflow.refs import Site, hook_name, predecessor_keys, resid_pre_hook
+from tl_featureflow.refs import FeatureRef, Site, hook_name, predecessor_keys, resid_pre_hook
 from tl_featureflow.saes.bank import SAEBank
 from tl_featureflow.saes.sites import sae_input
 
@@ -165,7 +166,7 @@ def split_from_activations(
 
 @torch.no_grad()
 def split_preactivations(model: Any, bank: SAEBank, tokens: Int[Tensor, "1 seq"], *, layer: int, position: int,
-                         targets: list[int]) -> PreactivationSplit:
+                         targets: Sequence[int | str | FeatureRef]) -> PreactivationSplit:
     """Split the pre-activations of ``targets`` (res(``layer``) features) at ``position`` of one text.
 
     One forward up to ``layer`` with the activations cached; the bank's SAEs at res(L-1),
@@ -180,14 +181,29 @@ def split_preactivations(model: Any, bank: SAEBank, tokens: Int[Tensor, "1 seq"]
         raise InvalidArgumentError(f"position {position} is outside the text (length {tokens.shape[1]})")
     if ("res", layer) not in bank:
         raise UnknownFeatureError(f"the bank has no res SAE at layer {layer}: {bank.describe()}")
-    d_sae = bank.d_sae("res", layer)
-    bad = [t for t in targets if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < d_sae]
-    if bad or not targets:
-        raise InvalidArgumentError(f"targets must be feature indices of res({layer}) in [0, {d_sae}), "
-                                   f"got {targets!r}")
+    targets = _target_indices(targets, layer, bank.d_sae("res", layer))
     flow = FlowTransformer.from_hooked(model)
     raw = model_activations(flow, tokens, layer, bank=bank)
     return split_at(bank.bind(model), raw, layer, position, targets)
+
+
+def _target_indices(targets: Sequence[int | str | FeatureRef], layer: int, d_sae: int) -> list[int]:
+    """``targets`` as indices of res(``layer``): each an index, a :class:`FeatureRef` or ``"L/res/i"``."""
+    out = []
+    for t in targets:
+        if isinstance(t, (str, FeatureRef)):
+            ref = FeatureRef.parse(t)
+            if ref.key != ("res", layer):
+                raise InvalidArgumentError(f"target {t} is not a res({layer}) feature: split_preactivations "
+                                           f"splits features of the residual stream at layer={layer}")
+            t = ref.index
+        if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < d_sae:
+            raise InvalidArgumentError(f"targets must be res({layer}) features: indices in [0, {d_sae}), "
+                                       f"FeatureRefs or '{layer}/res/i'; got {t!r}")
+        out.append(t)
+    if not out:
+        raise InvalidArgumentError(f"targets must name at least one res({layer}) feature")
+    return out
 
 
 @torch.no_grad()
@@ -218,7 +234,7 @@ def _names(layer: int) -> dict[str, str]:
 
 @torch.no_grad()
 def split_at(bank: SAEBank, raw: dict[str, Tensor], layer: int, position: int,
-             targets: list[int]) -> PreactivationSplit:
+             targets: Sequence[int | str | FeatureRef]) -> PreactivationSplit:
     """:func:`split_from_activations` at one position of cached activations (:func:`model_activations`)."""
     keys = predecessor_keys(layer)
     saes = {site: bank[key] for site, key in keys.items() if key in bank}

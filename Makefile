@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.featureflow-installed
 PIP := $(PY) -m pip --disable-pip-version-check -q
 
-.PHONY: demo test test-fast install clean-venv
+.PHONY: demo test test-fast install clean-venv docs-outputs
 
 install: $(STAMP)
 
@@ -23,6 +23,11 @@ $(STAMP): pyproject.toml Makefile
 
 demo: $(STAMP)
 	$(VENV)/bin/featureflow demo
+
+# The docs' printed outputs from a fresh run (README's demo block, docs/demo-run.json,
+# docs/tracing.md's transcript); tests/test_docs.py checks them against the code.
+docs-outputs: demo
+	$(PY) demos/docs_outputs.py featureflow-out/demo
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -1,5 +1,6 @@
 """Every `featureflow` subcommand on tiny assets (a byte-level tiny model and a random bank)."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -7,6 +8,7 @@ import pytest
 import tl_featureflow as ff
 from tl_featureflow import cli
 from tl_featureflow.causal.results import ValidationReport
+from tl_featureflow.demo import readme_block
 from tl_featureflow.flow.graph import FlowGraph
 
 
@@ -69,12 +71,18 @@ def test_demo_then_report(tiny_cli, capsys, run_cli):
                  "steering/promote-religion.json", "report_cards/religion.json", "report_cards/war.json",
                  "report.html"):
         assert Path("demo", name).is_file(), name
+    run = json.loads(Path("demo/run.json").read_text())       # what make docs-outputs puts in the README
+    block = readme_block(run)
+    assert all(line in out and line in block for line in run["summary"]) and len(run["summary"]) >= 7
+    assert {"training_version", "cpus", "validation_reused", "seconds"} <= set(run["settings"])
+    assert run["settings"]["validation_reused"] is False
     html = Path("demo/report.html").read_text()
     assert html.count("class=\"plotly-graph-div\"") >= 8 and "Settings and versions" in html
     assert "Steering report card" in html and html.count("report-card-verdict") == 2 and "prompting" in html
     code, out, _ = run_cli(["demo", *tiny_cli, "--out", "demo", "--texts", "2", "--samples", "1",
                             "--max-new-tokens", "6"], capsys)
     assert "reusing the saved result" in out
+    assert json.loads(Path("demo/run.json").read_text())["settings"]["validation_reused"] is True
     code, out, _ = run_cli(["report", "demo", "--out", "again.html"], capsys)
     assert code == 0 and Path("again.html").is_file()
 

@@ -21,6 +21,7 @@ a fresh run of that script (planted bank: the answer is exact and cheap).
 from __future__ import annotations
 
 import ast
+import json
 import re
 import subprocess
 import sys
@@ -30,7 +31,12 @@ import pytest
 import torch
 
 import tl_featureflow as ff
+from tl_featureflow.demo import README_MARKERS
+from tl_featureflow.saes.presets import TRAINING_VERSION
 from tl_featureflow.synthetic import byte_tokenizer, random_bank, tiny_cfg
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "demos"))
+import docs_outputs  # noqa: E402  (demos/docs_outputs.py writes what these tests check)
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ["README.md", "docs/guide.md", "docs/tracing.md"]
@@ -153,7 +159,9 @@ def test_tracing_docs_print_what_trace_planted_prints():
     expected = _expected_transcript("docs/tracing.md", ".venv/bin/python demos/trace_planted.py")
     out = subprocess.run([sys.executable, str(ROOT / "demos" / "trace_planted.py")], capture_output=True,
                          text=True, check=True, cwd=ROOT).stdout
-    assert _noise_free(out.strip()) == _noise_free(expected.strip())
+    assert _noise_free(out.strip()) == _noise_free(expected.strip()), "docs/tracing.md is stale: make docs-outputs"
+    doc = (ROOT / "docs" / "tracing.md").read_text()
+    assert _noise_free(docs_outputs.with_transcript(doc, out)) == _noise_free(doc)    # the writer keeps the rest
     assert _noise_free("att=[(2/att/2, 0.00)]") == _noise_free("att=[(2/att/1, -0.00)]")   # the one thing let go
 
 
@@ -161,3 +169,27 @@ def _noise_free(transcript: str) -> str:
     """A match scored 0.00 picks among decoders orthogonal to the target, whose cosines
     (~1e-8) are rounding noise that differs between BLAS builds: its index is let go."""
     return re.sub(r"\(\d+/\w+/\d+, -?0\.00\)", "(<orthogonal>, 0.00)", transcript)
+
+
+def test_readme_demo_block_is_the_committed_run_of_todays_bank():
+    """The README's demo block is rendered from docs/demo-run.json by today's code, and that run
+    used a quick bank of today's training version (else: `make docs-outputs`)."""
+    run = json.loads((ROOT / "docs" / "demo-run.json").read_text())
+    readme = (ROOT / "README.md").read_text()
+    assert docs_outputs.with_readme_block(readme, run) == readme, "README's demo block is stale: make docs-outputs"
+    settings = run["settings"]
+    assert (settings["bank_preset"], settings["training_version"]) == ("quick", TRAINING_VERSION), \
+        "docs/demo-run.json is a run of an older bank: make docs-outputs"
+    assert any(line.startswith("validation exhaustive") for line in run["summary"])
+
+
+def test_readme_writer_replaces_only_the_block():
+    start, end = README_MARKERS
+    readme = f"intro\n{start}\nold\n{end}\nrest\n"
+    run = {"summary": ["a line"], "settings": {"seconds": 3, "cpus": 2, "training_version": 5, "bank_preset": "quick"}}
+    out = docs_outputs.with_readme_block(readme, run)
+    assert out.startswith(f"intro\n{start}\n") and out.endswith(f"{end}\nrest\n") and "old" not in out
+    assert "a line\nreport: featureflow-out/demo/report.html" in out
+    assert docs_outputs.with_readme_block(out, run) == out
+    with pytest.raises(ff.FeatureFlowError, match="markers"):
+        docs_outputs.with_readme_block("no markers", run)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -24,7 +25,11 @@ from tl_featureflow.rundir import RunDir
 from tl_featureflow.saes.bank import SAEBank
 from tl_featureflow.steer.seeds import pick_seed, seed_layer
 
-__all__ = ["run_demo"]
+__all__ = ["run_demo", "readme_block", "README_MARKERS"]
+
+#: The README's demo block lies between these lines (written by ``make docs-outputs``).
+README_MARKERS = ("<!-- demo-run: start (make docs-outputs writes this from docs/demo-run.json) -->",
+                  "<!-- demo-run: end -->")
 
 
 def _fingerprint(*parts: Any) -> str:
@@ -88,11 +93,14 @@ def run_demo(
 
         texts = load_corpus(model.tokenizer, "heldout", progress=progress).tokens[:n_texts]
     val_layers = [layer] + ([layer + 1] if ("res", layer + 1) in bank else [])
-    _validation(model, bank, tracer, texts, val_layers, out, say, log, progress)            # 2. causal check
+    reused = _validation(model, bank, tracer, texts, val_layers, out, say, log, progress)   # 2. causal check
     scale = _steering_scale(graphs, contexts, bank)
     _steering(model, bank, graphs, judge, prompt, strengths, samples, max_new_tokens, scale, contexts, out, say,
               progress)                                                                      # 3. steering
     settings = {"model": model.cfg.model_name, "bank": bank.describe(), "bank_preset": bank.metadata.get("preset"),
+                "training_version": bank.metadata.get("training_version"),
+                "training_tokens": bank.metadata.get("training_tokens"), "cpus": os.cpu_count(),
+                "validation_reused": reused,
                 "themes": list(themes), "seed_layer": layer, "validation_layers": val_layers,
                 "validation_texts": int(len(texts)), "strengths": list(strengths), "samples": samples,
                 "max_new_tokens": max_new_tokens, "prompt": prompt, "scale": scale,
@@ -134,14 +142,16 @@ def _cards(tracer: Any, graphs: dict[str, Any], out: RunDir) -> None:
 
 
 def _validation(model: Any, bank: SAEBank, tracer: Any, texts: torch.Tensor, layers: list[int], out: RunDir,
-                say: Callable[[str], None], log: Callable[[str], None], progress: bool) -> Any:
-    """The deactivation experiment on held-out text, reused from ``out`` when bank, texts and layers match."""
+                say: Callable[[str], None], log: Callable[[str], None], progress: bool) -> bool:
+    """The deactivation experiment on held-out text, reused from ``out`` when bank, texts and layers match
+    (then True)."""
     from tl_featureflow.causal.experiment import validate
     from tl_featureflow.causal.results import ValidationReport
 
     key = _fingerprint(bank.fingerprint(), texts.tolist(), layers)
     val_path = out.validation
     report = None
+    reused = False
     if val_path.is_file():
         try:
             cached = ValidationReport.load(val_path)
@@ -155,11 +165,35 @@ def _validation(model: Any, bank: SAEBank, tracer: Any, texts: torch.Tensor, lay
         report.meta["demo_key"] = key
         report.save(val_path)
     else:
+        reused = True
         log("validation: reusing the saved result (same bank, texts and layers)")
     for method, row in report.summary().items():
         say(f"validation {method}: success {row['success_rate']:.0%}, activation change "
             f"{row['activation_change']:.2f} (n={row['n']})")
-    return report
+    return reused
+
+
+def readme_block(run: dict[str, Any]) -> str:
+    """The README's demo block (between :data:`README_MARKERS`) for a demo's ``run.json``.
+
+    >>> run = {"summary": ["religion: seed 14/res/8 ..."], "settings": {"seconds": 216.0, "cpus": 2,
+    ...        "validation_reused": True, "training_version": 5, "bank_preset": "quick", "training_tokens": 393216}}
+    >>> print(readme_block(run))
+    With the bank cached, a run here printed (216 s on 2 CPU cores, validation reused, the version-5 quick bank of 393k tokens):
+    <BLANKLINE>
+    ```
+    religion: seed 14/res/8 ...
+    report: featureflow-out/demo/report.html
+    ```
+    """
+    s = run.get("settings", {})
+    tokens = s.get("training_tokens")
+    facts = [f"{s.get('seconds', 0):.0f} s on {s.get('cpus')} CPU cores"]
+    facts += ["validation reused"] if s.get("validation_reused") else []
+    bank = f"the version-{s.get('training_version')} {s.get('bank_preset')} bank"
+    facts.append(bank + (f" of {tokens / 1000:.0f}k tokens" if tokens else ""))
+    lines = [*run.get("summary", []), "report: featureflow-out/demo/report.html"]
+    return f"With the bank cached, a run here printed ({', '.join(facts)}):\n\n```\n" + "\n".join(lines) + "\n```"
 
 
 def _steering_scale(graphs: dict[str, Any], contexts: Any, bank: SAEBank) -> str:

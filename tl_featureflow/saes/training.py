@@ -154,7 +154,7 @@ def train_bank(
         quality = _quality(model, inference, eval_tokens, preset, out, progress)
         bank = SAEBank(inference, metadata={**thresholds,
             **(metadata or {}), "model": run["model"], "corpus": corpus_meta, "preset": preset.name,
-            "preset_settings": asdict(preset), "training_tokens": preset.training_tokens, "seed": seed,
+            "training_version": TRAINING_VERSION, "preset_settings": asdict(preset), "training_tokens": preset.training_tokens, "seed": seed,
             "train_seconds_last_session": round(elapsed, 1), "trainer": trainer, **_versions(), "quality": quality,
         })
         bank.save(out / "bank")

@@ -17,9 +17,9 @@ def tracer():
     (lambda t, m: t.trace("2/res/1", direction="sideways"), "sideways"),
     (lambda t, m: t.classify(2, thresholds="loose"), "loose"),
     (lambda t, m: ff.flow.matching.topk_cosine(torch.zeros(3), torch.zeros(3, 2)), "2-D"),
-    (lambda t, m: ff.Steerer(m, make_bank(), positions="middle"), "middle"),
-    (lambda t, m: ff.Steerer(m, make_bank()).along(t.trace("2/res/1"), 1.0, schedule="cosine"), "cosine"),
-    (lambda t, m: ff.Steerer(m, make_bank()).add("1/res/0", [[1.0]]), "coefficient"),
+    (lambda t, m: ff.Steerer(m, make_bank(), positions="middle", scale="unit"), "middle"),
+    (lambda t, m: ff.Steerer(m, make_bank(), scale="unit").along(t.trace("2/res/1"), 1.0, schedule="cosine"), "cosine"),
+    (lambda t, m: ff.Steerer(m, make_bank(), scale="unit").add("1/res/0", [[1.0]]), "coefficient"),
     (lambda t, m: ff.validate(t, m, torch.zeros(1, 4, dtype=torch.long), layers=[1], methods=["magic"]), "magic"),
 ])
 def test_bad_arguments_are_value_errors_naming_the_input(tracer, tiny_model, call, names):

@@ -101,7 +101,7 @@ def test_steering_is_exact_under_the_fast_path(positions):
     outs = []
     for model in (fast, slow):
         for kv in (True, False):
-            with ff.Steerer(model, bank, positions=positions).along(graph, 30.0, mode="cumulative"):
+            with ff.Steerer(model, bank, positions=positions, scale="unit").along(graph, 30.0, mode="cumulative"):
                 outs.append(model.generate(prompt, max_new_tokens=8, do_sample=False, stop_at_eos=False,
                                            verbose=False, use_past_kv_cache=kv))
     assert all(torch.equal(outs[0], o) for o in outs[1:])

@@ -382,15 +382,16 @@ def build_parser() -> argparse.ArgumentParser:
                            formatter_class=raw)
     _common(steer)
     steer.add_argument("feature", type=_feature, help="layer/site/index, e.g. 14/res/249")
-    steer.add_argument("--strength", type=float, default=8.0, help="s for add, r for rescale (default: 8)")
+    steer.add_argument("--strength", type=float, default=4.0,
+                       help="s for add (in --scale units), r for rescale (default: 4)")
     steer.add_argument("--op", default="add", choices=["add", "rescale"],
                        help="add s times the direction, or rescale the feature's own activation by r (default: add)")
     steer.add_argument("--mode", default="feature", choices=["feature", "single", "cumulative"],
                        help="the feature alone, or its flow graph at one layer / cumulatively (default: feature)")
     steer.add_argument("--up-to-layer", type=int, help="layer for single/cumulative (default: seed / span end)")
-    steer.add_argument("--scale", default="threshold", choices=["unit", "decoder", "threshold", "typical"],
-                       help="direction scale for add (default: threshold, i.e. SAE Match folding; typical: each "
-                            "feature's median activation on held-out text)")
+    steer.add_argument("--scale", default="typical", choices=["unit", "decoder", "threshold", "typical"],
+                       help="direction scale for add (default: typical, each feature's median activation on "
+                            "held-out text, as in Python and the docs; threshold: SAE Match folding)")
     steer.add_argument("--positions", default="all", choices=["all", "prompt", "generated"],
                        help="which tokens are steered: all, the prompt's or the generated ones (default: all)")
     steer.add_argument("--prompt", default="I think", help="prompt (default: 'I think')")

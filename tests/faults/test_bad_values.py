@@ -67,7 +67,7 @@ def test_steerer_refuses_a_scale_that_is_not_a_positive_number(setting, value):
 def test_steerer_refuses_non_finite_strengths(setting, value):
     model, bank, _, _ = setting
     with pytest.raises(ff.FeatureFlowError, match="NaN or inf"):
-        Steerer(model, bank).add("2/res/1", value)
+        Steerer(model, bank, scale="unit").add("2/res/1", value)
 
 
 # tokens longer than the context (issue 24 #15: a bare RuntimeError deep inside the forward)
@@ -91,7 +91,7 @@ def test_devices_that_do_not_exist_here_are_named(setting, tmp_path_factory, dev
     model, bank, _, _ = setting
     path = tmp_path_factory.mktemp("bank") / "bank"
     bank.save(path)
-    for make in (lambda: Steerer(model, bank, device=device), lambda: ff.FlowTracer(bank, device=device),
+    for make in (lambda: Steerer(model, bank, device=device, scale="unit"), lambda: ff.FlowTracer(bank, device=device),
                  lambda: tiny_model(device=device), lambda: ff.SAEBank.load(path, device=device)):
         with pytest.raises(ff.InvalidArgumentError, match=f"device={device!r}"):
             make()
@@ -103,7 +103,7 @@ def test_a_generate_past_the_context_is_refused_before_it_starts(setting):
     model, bank, _, _ = setting
     prompt = torch.randint(1, 100, (1, model.cfg.n_ctx - 4))
     kwargs = dict(do_sample=False, stop_at_eos=False, verbose=False)
-    with Steerer(model, bank, positions="generated").add("2/res/1", 2.0):
+    with Steerer(model, bank, positions="generated", scale="unit").add("2/res/1", 2.0):
         with pytest.raises(ff.InvalidArgumentError, match="at most 4 new tokens"):
             model.generate(prompt, max_new_tokens=5, **kwargs)
         assert model.generate(prompt, max_new_tokens=4, **kwargs).shape == (1, model.cfg.n_ctx)
@@ -155,10 +155,10 @@ def _calls(model, bank, tracer, tokens, graph, fmap, tmp):
         "FlowGraph.refs_up_to": (lambda **kw: graph.refs_up_to(**kw), {"layer": [-1]}),
         "feature_contexts": (lambda **kw: ff.feature_contexts(model, bank, tokens, cache=False, progress=False, **kw),
                              {"n": [0, -1], "rows": [0, -1], "batch_size": [0, -1]}),
-        "Steerer.add_direction": (lambda **kw: ff.Steerer(model, bank).add_direction(
+        "Steerer.add_direction": (lambda **kw: ff.Steerer(model, bank, scale="unit").add_direction(
             **{"site": "res", "layer": 2, "direction": torch.ones(model.cfg.d_model), "strength": 1.0, **kw}),
             {"layer": [-1, 99]}),
-        "Steerer.along": (lambda **kw: ff.Steerer(model, bank).along(graph, 2.0, **kw), {"alpha": [], "up_to_layer": [-1, 99]}),
+        "Steerer.along": (lambda **kw: ff.Steerer(model, bank, scale="unit").along(graph, 2.0, **kw), {"alpha": [], "up_to_layer": [-1, 99]}),
     }
 
 

@@ -195,9 +195,9 @@ def test_z_saes_of_the_wrong_width_or_hook_are_refused(model):
 def test_steering_and_tracing_a_z_bank_while_it_is_attached(model, tokens):
     z_bank, out_bank = _banks(model, "hook_z")
     ref = ff.FeatureRef(LAYER, "att", 2)
-    with ff.Steerer(model, z_bank).rescale(ref, 3.0):
+    with ff.Steerer(model, z_bank, scale="unit").rescale(ref, 3.0):
         free = model(tokens)
-    with model.attached(z_bank), ff.Steerer(model, z_bank).rescale(ref, 3.0):
+    with model.attached(z_bank), ff.Steerer(model, z_bank, scale="unit").rescale(ref, 3.0):
         spliced = model(tokens)                     # the rescale goes to blocks.1.attn.hook_z.hook_sae_output
     torch.testing.assert_close(free, spliced, atol=1e-4, rtol=1e-4)
     graphs = [ff.FlowTracer(bank, model, contexts=None).trace(ff.FeatureRef(LAYER, "res", 0), t_res=0.0,

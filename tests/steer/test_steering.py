@@ -26,7 +26,7 @@ def _resid(model, tokens, steerer=None):
 def test_add_changes_resid_post_by_exactly_s_times_v(tiny_model, tokens, bank_factory):
     bank = bank_factory()
     clean = _resid(tiny_model, tokens)
-    steered = _resid(tiny_model, tokens, Steerer(tiny_model, bank).add("1/res/5", 3.0))
+    steered = _resid(tiny_model, tokens, Steerer(tiny_model, bank, scale="unit").add("1/res/5", 3.0))
     v = bank.decoder("res", 1)[5]
     assert torch.equal(steered[0], clean[0])                      # earlier layer: bit-identical
     torch.testing.assert_close(steered[1] - clean[1], (3.0 * v).expand_as(clean[1]), rtol=0, atol=1e-6)
@@ -38,7 +38,7 @@ def test_add_at_module_sites_and_scales(tiny_model, tokens, bank_factory):
     names = ["blocks.2.hook_mlp_out", "blocks.2.hook_attn_out"]
 
     def run(steerer=None):
-        with steerer if steerer is not None else Steerer(tiny_model, bank):
+        with steerer if steerer is not None else Steerer(tiny_model, bank, scale="unit"):
             _, cache = tiny_model.run_with_cache(tokens, names_filter=lambda n: n in names)
         return cache
 
@@ -95,11 +95,11 @@ def test_typical_scale_is_the_median_of_the_features_own_activations(tiny_model,
 def test_rescale_one_is_identity_and_zero_removes_the_feature(tiny_model, tokens, bank_factory):
     bank = bank_factory()
     clean = _resid(tiny_model, tokens)
-    same = _resid(tiny_model, tokens, Steerer(tiny_model, bank).rescale("1/res/7", 1.0))
+    same = _resid(tiny_model, tokens, Steerer(tiny_model, bank, scale="unit").rescale("1/res/7", 1.0))
     assert all(torch.equal(a, b) for a, b in zip(same, clean, strict=False))
     sae = bank["res", 1]
     acts = sae.encode(clean[1])
-    removed = _resid(tiny_model, tokens, Steerer(tiny_model, bank).rescale("1/res/7", 0.0))
+    removed = _resid(tiny_model, tokens, Steerer(tiny_model, bank, scale="unit").rescale("1/res/7", 0.0))
     expected = clean[1] - acts[..., 7:8] * sae.W_dec.detach()[7]
     torch.testing.assert_close(removed[1], expected, rtol=0, atol=1e-5)
     # with a tied orthonormal SAE the edited stream re-encodes with the feature at exactly zero
@@ -107,7 +107,7 @@ def test_rescale_one_is_identity_and_zero_removes_the_feature(tiny_model, tokens
     tied = SAEBank({("res", 1): sae_from_decoder("res", 1, basis[:16])})
     acts = tied["res", 1].encode(clean[1])[..., 7]
     assert (acts > 0.1).any()
-    removed = _resid(tiny_model, tokens, Steerer(tiny_model, tied).rescale("1/res/7", 0.0))
+    removed = _resid(tiny_model, tokens, Steerer(tiny_model, tied, scale="unit").rescale("1/res/7", 0.0))
     after = tied["res", 1].encode(removed[1])
     torch.testing.assert_close(after[..., 7], torch.zeros_like(acts), rtol=0, atol=1e-5)
     others = [i for i in range(16) if i != 7]
@@ -116,15 +116,15 @@ def test_rescale_one_is_identity_and_zero_removes_the_feature(tiny_model, tokens
 
 def test_per_row_coefficients_equal_separate_runs(tiny_model, tokens, bank_factory, leftover_hooks):
     bank = bank_factory()
-    both = _resid(tiny_model, tokens, Steerer(tiny_model, bank).add("1/res/5", [1.0, -2.0]).rescale("0/mlp/3",
+    both = _resid(tiny_model, tokens, Steerer(tiny_model, bank, scale="unit").add("1/res/5", [1.0, -2.0]).rescale("0/mlp/3",
                                                                                                     [0.0, 3.0]))
     for row, (s, r) in enumerate([(1.0, 0.0), (-2.0, 3.0)]):
         single = _resid(tiny_model, tokens[row:row + 1],
-                        Steerer(tiny_model, bank).add("1/res/5", s).rescale("0/mlp/3", r))
+                        Steerer(tiny_model, bank, scale="unit").add("1/res/5", s).rescale("0/mlp/3", r))
         for a, b in zip(both, single, strict=False):
             torch.testing.assert_close(a[row:row + 1], b, rtol=0, atol=1e-5)
     with pytest.raises(ff.FeatureFlowError, match="3 rows but the batch has 2"):
-        _resid(tiny_model, tokens, Steerer(tiny_model, bank).add("1/res/5", [1.0, 2.0, 3.0]))
+        _resid(tiny_model, tokens, Steerer(tiny_model, bank, scale="unit").add("1/res/5", [1.0, 2.0, 3.0]))
     assert leftover_hooks() == []
 
 
@@ -139,7 +139,7 @@ def test_kv_cache_equivalence_in_every_position_mode(tiny_model, positions, bank
     bank = bank_factory()
     prompt = torch.randint(0, D_VOCAB, (2, 5), generator=torch.Generator().manual_seed(3))
     plain = tiny_model.generate(prompt, max_new_tokens=8, do_sample=False, stop_at_eos=False, verbose=False)
-    outs = [_generate(tiny_model, Steerer(tiny_model, bank, positions=positions).add("1/res/5", 25.0)
+    outs = [_generate(tiny_model, Steerer(tiny_model, bank, positions=positions, scale="unit").add("1/res/5", 25.0)
                       .add("2/att/1", -10.0), prompt, cache=cache) for cache in (True, False)]
     assert torch.equal(outs[0], outs[1])
     assert torch.equal(outs[0][:, :5], prompt)
@@ -160,7 +160,7 @@ def test_position_modes_steer_exactly_the_right_tokens(tiny_model, positions, ca
     def record(h, hook):
         seen.append(h.detach().clone())
 
-    steerer = Steerer(tiny_model, bank, positions=positions).add("0/res/2", 5.0)
+    steerer = Steerer(tiny_model, bank, positions=positions, scale="unit").add("0/res/2", 5.0)
     with tiny_model.hooks(fwd_hooks=[("blocks.1.hook_resid_pre", record)]):
         out = _generate(tiny_model, steerer, prompt, cache=cache, n=4).clone()   # generate's are inference tensors
     assert out.shape == (1, 10)
@@ -188,9 +188,9 @@ def test_outside_generate_positions_are_all_prompt(tiny_model, tokens, bank_fact
     bank = bank_factory()
     clean = _resid(tiny_model, tokens)
     assert all(torch.equal(a, b) for a, b in zip(
-        _resid(tiny_model, tokens, Steerer(tiny_model, bank, positions="generated").add("0/res/1", 9.0)), clean, strict=False))
-    prompt = _resid(tiny_model, tokens, Steerer(tiny_model, bank, positions="prompt").add("0/res/1", 9.0))
-    alls = _resid(tiny_model, tokens, Steerer(tiny_model, bank, positions="all").add("0/res/1", 9.0))
+        _resid(tiny_model, tokens, Steerer(tiny_model, bank, positions="generated", scale="unit").add("0/res/1", 9.0)), clean, strict=False))
+    prompt = _resid(tiny_model, tokens, Steerer(tiny_model, bank, positions="prompt", scale="unit").add("0/res/1", 9.0))
+    alls = _resid(tiny_model, tokens, Steerer(tiny_model, bank, positions="all", scale="unit").add("0/res/1", 9.0))
     assert all(torch.equal(a, b) for a, b in zip(prompt, alls, strict=False))
 
 
@@ -201,7 +201,7 @@ def test_no_hook_remains_after_exception_nesting_or_interrupt(tiny_model, tokens
     def user_hook(h, hook):
         user_calls.append(hook.name)
 
-    steerer = Steerer(tiny_model, bank, positions="generated").add("1/res/5", 2.0)
+    steerer = Steerer(tiny_model, bank, positions="generated", scale="unit").add("1/res/5", 2.0)
     with tiny_model.hooks(fwd_hooks=[("blocks.0.hook_resid_post", user_hook)]):
         with pytest.raises(RuntimeError, match="boom"):
             with steerer:
@@ -225,10 +225,10 @@ def test_no_hook_remains_after_exception_nesting_or_interrupt(tiny_model, tokens
 def test_nested_steerers_exit_in_any_order(tiny_model, tokens, positions, bank_factory, leftover_hooks):
     """Issue 24 #3: entered a then b, exited a first; the model then runs b's edit alone (it ran a's)."""
     bank = bank_factory()
-    a = Steerer(tiny_model, bank, positions=positions).add("1/res/5", 3.0)
-    b = Steerer(tiny_model, bank, positions="prompt").add("2/res/1", -4.0)
+    a = Steerer(tiny_model, bank, positions=positions, scale="unit").add("1/res/5", 3.0)
+    b = Steerer(tiny_model, bank, positions="prompt", scale="unit").add("2/res/1", -4.0)
     prompt = tokens[:1, :5]
-    with Steerer(tiny_model, bank, positions="prompt").add("2/res/1", -4.0):
+    with Steerer(tiny_model, bank, positions="prompt", scale="unit").add("2/res/1", -4.0):
         alone, alone_gen = tiny_model(tokens), _generate_plain(tiny_model, prompt)
     clean = tiny_model(tokens)
     a.__enter__()
@@ -262,9 +262,9 @@ def test_a_steerer_refuses_forwards_and_steerers_from_other_threads(tiny_model, 
         thread.start()
         thread.join()
 
-    with Steerer(tiny_model, bank).add("1/res/5", 3.0) as steerer:
+    with Steerer(tiny_model, bank, scale="unit").add("1/res/5", 3.0) as steerer:
         in_thread(lambda: tiny_model(tokens))
-        in_thread(lambda: Steerer(tiny_model, bank).add("2/res/1", 1.0).__enter__())
+        in_thread(lambda: Steerer(tiny_model, bank, scale="unit").add("2/res/1", 1.0).__enter__())
         tiny_model(tokens)                                        # its own thread is fine
     assert [type(e) for e in errors] == [ff.FeatureFlowError] * 2
     assert "another thread" in str(errors[0]) and "another thread" in str(errors[1]) and not steerer.active
@@ -275,14 +275,14 @@ def test_a_steerer_refuses_forwards_and_steerers_from_other_threads(tiny_model, 
 
 def test_hooks_for_run_with_hooks_and_attached_flow_transformer(tiny_model, tokens, bank_factory):
     bank = bank_factory()
-    steerer = Steerer(tiny_model, bank).add("2/res/3", 4.0)
+    steerer = Steerer(tiny_model, bank, scale="unit").add("2/res/3", 4.0)
     with steerer:
         expected = tiny_model(tokens)
     got = tiny_model.run_with_hooks(tokens, fwd_hooks=steerer.hooks())
     assert torch.equal(got, expected)
     flow = ff.FlowTransformer.from_hooked(tiny_model)
     with flow.attached(bank):
-        with Steerer(flow, bank).add("2/res/3", 4.0):
+        with Steerer(flow, bank, scale="unit").add("2/res/3", 4.0):
             spliced = flow(tokens)
     torch.testing.assert_close(spliced, expected, rtol=0, atol=1e-5)
 
@@ -290,25 +290,25 @@ def test_hooks_for_run_with_hooks_and_attached_flow_transformer(tiny_model, toke
 def test_bad_input_is_named(tiny_model, bank_factory):
     bank = bank_factory()
     with pytest.raises(ff.UnknownFeatureError, match="1/res/99"):
-        Steerer(tiny_model, bank).add("1/res/99", 1.0)
+        Steerer(tiny_model, bank, scale="unit").add("1/res/99", 1.0)
     with pytest.raises(ff.FeatureFlowError, match="positions 'later'"):
-        Steerer(tiny_model, bank, positions="later")
+        Steerer(tiny_model, bank, positions="later", scale="unit")
     with pytest.raises(ff.FeatureFlowError, match="needs the SAE bank"):
-        Steerer(tiny_model).add("1/res/1", 1.0)
+        Steerer(tiny_model, scale="unit").add("1/res/1", 1.0)
     with pytest.raises(ff.FeatureFlowError, match="NaN"):
-        Steerer(tiny_model, bank).add("1/res/1", float("nan"))
+        Steerer(tiny_model, bank, scale="unit").add("1/res/1", float("nan"))
     with pytest.raises(ff.FeatureFlowError, match=r"expected \(32,\)"):
-        Steerer(tiny_model).add_direction("res", 1, torch.ones(5), 1.0)
+        Steerer(tiny_model, scale="unit").add_direction("res", 1, torch.ones(5), 1.0)
     with pytest.raises(ff.FeatureFlowError, match="d_model=32"):
-        Steerer(tiny_model, bank_factory(d_in=16))
+        Steerer(tiny_model, bank_factory(d_in=16), scale="unit")
     with pytest.raises(ff.FeatureFlowError, match="HookedTransformer"):
-        Steerer(object(), bank)
+        Steerer(object(), bank, scale="unit")
 
 
 def test_add_direction_without_a_bank(tiny_model, tokens):
     direction = torch.randn(D_MODEL, generator=torch.Generator().manual_seed(2))
     clean = _resid(tiny_model, tokens)
-    steered = _resid(tiny_model, tokens, Steerer(tiny_model).add_direction("res", 0, direction, 0.5))
+    steered = _resid(tiny_model, tokens, Steerer(tiny_model, scale="unit").add_direction("res", 0, direction, 0.5))
     torch.testing.assert_close(steered[0] - clean[0], (0.5 * direction).expand_as(clean[0]), rtol=0, atol=1e-6)
 
 
@@ -342,12 +342,12 @@ def test_flow_coefficients_modes_and_schedules():
 def test_along_equals_the_same_edits_by_hand(tiny_model, tokens, bank_factory):
     bank = bank_factory()
     graph = _graph()
-    by_graph = _resid(tiny_model, tokens, Steerer(tiny_model, bank).along(graph, 2.0, mode="cumulative"))
-    by_hand = _resid(tiny_model, tokens, Steerer(tiny_model, bank).add("0/res/1", 2.0).add("1/res/2", 2.0)
+    by_graph = _resid(tiny_model, tokens, Steerer(tiny_model, bank, scale="unit").along(graph, 2.0, mode="cumulative"))
+    by_hand = _resid(tiny_model, tokens, Steerer(tiny_model, bank, scale="unit").add("0/res/1", 2.0).add("1/res/2", 2.0)
                      .add("1/mlp/4", 2.0).add("2/res/3", 2.0))
     assert all(torch.equal(a, b) for a, b in zip(by_graph, by_hand, strict=False))
-    suppressed = _resid(tiny_model, tokens, Steerer(tiny_model, bank).along(graph, 0.0, op="rescale"))
-    manual = _resid(tiny_model, tokens, Steerer(tiny_model, bank).rescale("1/res/2", 0.0).rescale("1/mlp/4", 0.0))
+    suppressed = _resid(tiny_model, tokens, Steerer(tiny_model, bank, scale="unit").along(graph, 0.0, op="rescale"))
+    manual = _resid(tiny_model, tokens, Steerer(tiny_model, bank, scale="unit").rescale("1/res/2", 0.0).rescale("1/mlp/4", 0.0))
     assert all(torch.equal(a, b) for a, b in zip(suppressed, manual, strict=False))
 
 
@@ -360,8 +360,23 @@ def test_steering_a_bfloat16_model(tokens, bank_factory):
     model = HookedTransformer(tiny_cfg(dtype=torch.bfloat16)).eval()
     bank = bank_factory().to(dtype=torch.bfloat16)
     clean = _resid(model, tokens)
-    steered = _resid(model, tokens, Steerer(model, bank).add("1/res/5", 3.0).rescale("2/mlp/1", 0.0))
+    steered = _resid(model, tokens, Steerer(model, bank, scale="unit").add("1/res/5", 3.0).rescale("2/mlp/1", 0.0))
     assert steered[1].dtype == torch.bfloat16 and torch.equal(steered[0], clean[0])
     v = bank.decoder("res", 1, dtype=torch.float32)[5]
     torch.testing.assert_close((steered[1].float() - clean[1].float()), (3.0 * v).expand_as(clean[1]).float(),
                                rtol=0, atol=0.1)
+
+
+def test_one_steering_scale_default_across_python_cli_and_cards(tiny_model, bank_factory):
+    import inspect
+
+    from tl_featureflow import cli
+    from tl_featureflow.steer.report_card import CardSettings
+    from tl_featureflow.steer.sweeps import SweepSettings
+
+    defaults = {inspect.signature(Steerer).parameters["scale"].default, SweepSettings().scale, CardSettings().scale,
+                cli.build_parser().parse_args(["steer", "1/res/3"]).scale}
+    assert defaults == {"typical"}
+    assert SweepSettings.from_dict({"strengths": [1.0]}).scale == "unit"      # sweeps saved before the field
+    with pytest.raises(ff.InvalidArgumentError, match="no tokenizer: pass contexts="):
+        Steerer(tiny_model, bank_factory()).add("2/res/1", 4.0)   # the tiny model has no tokenizer

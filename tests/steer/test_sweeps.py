@@ -28,7 +28,8 @@ def test_batched_rows_equal_one_by_one_and_a_hand_built_steerer(tiny_model, op, 
     bank = bank_factory()
     graph = _graph()
     prompt = torch.randint(0, D_VOCAB, (1, 5), generator=torch.Generator().manual_seed(2))
-    kwargs = dict(prompt_tokens=prompt, strengths=strengths, op=op, do_sample=False, max_new_tokens=6, progress=False)
+    kwargs = dict(prompt_tokens=prompt, strengths=strengths, op=op, do_sample=False, max_new_tokens=6, progress=False,
+                  scale="unit")
     batched = steering_sweep(tiny_model, bank, graph, batch_size=4, **kwargs)
     single = steering_sweep(tiny_model, bank, graph, batched=False, **kwargs)
     assert [r.setting for r in batched.rows] == [r.setting for r in single.rows]
@@ -36,7 +37,7 @@ def test_batched_rows_equal_one_by_one_and_a_hand_built_steerer(tiny_model, op, 
     assert [r.tokens for r in batched.rows] == [r.tokens for r in single.rows]
     # the cumulative row at layer 1 is exactly a Steerer along the graph
     row = next(r for r in batched.rows if r.mode == "cumulative" and r.layer == 1 and r.strength == strengths[0])
-    with Steerer(tiny_model, bank).along(graph, strengths[0], mode="cumulative", up_to_layer=1, op=op):
+    with Steerer(tiny_model, bank, scale="unit").along(graph, strengths[0], mode="cumulative", up_to_layer=1, op=op):
         by_hand = tiny_model.generate(prompt, max_new_tokens=6, do_sample=False, stop_at_eos=False, verbose=False)
     assert row.tokens == by_hand[0, 5:].tolist()
     base = batched.baseline()[0]
@@ -48,7 +49,8 @@ def test_batched_rows_equal_one_by_one_and_a_hand_built_steerer(tiny_model, op, 
 def test_sampled_sweep_is_reproducible_and_saves(tiny_model, tmp_path, bank_factory):
     bank = bank_factory()
     prompt = torch.randint(0, D_VOCAB, (1, 4), generator=torch.Generator().manual_seed(3))
-    kwargs = dict(prompt_tokens=prompt, strengths=[3.0], samples=3, max_new_tokens=5, progress=False, seed=7)
+    kwargs = dict(prompt_tokens=prompt, strengths=[3.0], samples=3, max_new_tokens=5, progress=False, seed=7,
+                  scale="unit")
     a = steering_sweep(tiny_model, bank, _graph(), **kwargs)
     b = steering_sweep(tiny_model, bank, _graph(), **kwargs)
     assert [r.tokens for r in a.rows] == [r.tokens for r in b.rows]
@@ -56,7 +58,7 @@ def test_sampled_sweep_is_reproducible_and_saves(tiny_model, tmp_path, bank_fact
     again = SteeringSweep.load(path)
     assert [r.tokens for r in again.rows] == [r.tokens for r in a.rows] and again.meta == a.meta
     assert again.settings == a.settings == SweepSettings(strengths=(3.0,), samples=3, max_new_tokens=5, seed=7,
-                                                         prompt=None)
+                                                         prompt=None, scale="unit")
     assert read_json(path, "sweep")["schema_version"] == 2
     # a version-1 file (settings inside meta, a `format` string; never released) is refused, naming the file
     old = {"format": "tl_featureflow.steering_sweep/1", "rows": read_json(path, "sweep")["rows"], "meta": a.meta}
@@ -71,7 +73,7 @@ def test_sampled_sweep_is_reproducible_and_saves(tiny_model, tmp_path, bank_fact
 def test_summary_and_best_with_a_user_judge(tiny_model, bank_factory):
     bank = bank_factory()
     prompt = torch.randint(0, D_VOCAB, (1, 4), generator=torch.Generator().manual_seed(3))
-    sweep = steering_sweep(tiny_model, bank, _graph(), prompt_tokens=prompt, strengths=[1.0, 8.0], samples=2,
+    sweep = steering_sweep(tiny_model, bank, _graph(), prompt_tokens=prompt, scale="unit", strengths=[1.0, 8.0], samples=2,
                            max_new_tokens=6, progress=False)
     with pytest.raises(ff.FeatureFlowError, match="score"):
         sweep.summary()
@@ -91,13 +93,13 @@ def test_summary_and_best_with_a_user_judge(tiny_model, bank_factory):
 
 def test_settings_validate_and_override(tiny_model, bank_factory):
     with pytest.raises(ff.InvalidArgumentError, match="samples"):
-        SweepSettings(samples=0)
+        SweepSettings(samples=0, scale="unit")
     with pytest.raises(ValueError, match="unknown modes"):   # InvalidArgumentError is a ValueError
-        SweepSettings(modes=("both",))
+        SweepSettings(modes=("both",), scale="unit")
     with pytest.raises(ff.InvalidArgumentError, match="unknown settings"):
         steering_sweep(tiny_model, bank_factory(), _graph(), stregths=[1.0])
     # the default prompt has no trailing space (SmolLM2 writes digits after "I think ")
-    assert SweepSettings().prompt == "I think"
-    settings = SweepSettings(strengths=[2, 4], layers=[1])
+    assert SweepSettings(scale="unit").prompt == "I think"
+    settings = SweepSettings(strengths=[2, 4], layers=[1], scale="unit")
     assert settings.strengths == (2.0, 4.0) and settings.layers == (1,)
     assert SweepSettings.from_dict(settings.to_dict()) == settings

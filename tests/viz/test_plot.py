@@ -106,7 +106,7 @@ def test_steering_figure():
     rows = [SweepRow("baseline", None, 0.0, "add", 0, "", [], {"score": 0.1}),
             *[SweepRow(m, 3, s, "add", 0, "", [], {"score": s / 10}) for m in ("single", "cumulative")
               for s in (1.0, 2.0)]]
-    fig = plot.steering(SteeringSweep(rows, SweepSettings(op="add")))
+    fig = plot.steering(SteeringSweep(rows, SweepSettings(op="add", scale="unit")))
     assert sorted(t.name for t in fig.data) == ["cumulative L3", "single L3"]
     assert list(fig.data[0].y) == [0.1, 0.2]
 
@@ -155,11 +155,11 @@ def test_every_figure_says_so_on_empty_input():
     assert plot.flow_graph(graph).data                           # the node itself is drawn
     empty_report = ValidationReport([], {}, {"r": 0.0})
     baseline_only = SteeringSweep([SweepRow("baseline", None, 0.0, "add", 0, "", [], {"score": 0.1})],
-                                  SweepSettings(op="add"))
+                                  SweepSettings(op="add", scale="unit"))
     figures = {"sankey": plot.flow_sankey(graph), "validation": plot.validation(empty_report),
                "by group": plot.validation(empty_report, by_group=True), "r sweep": plot.r_sweep(empty_report),
                "groups": plot.group_composition(empty_report),
-               "steering": plot.steering(baseline_only), "empty sweep": plot.steering(SteeringSweep([], SweepSettings()))}
+               "steering": plot.steering(baseline_only), "empty sweep": plot.steering(SteeringSweep([], SweepSettings(scale="unit")))}
     for name, fig in figures.items():
         assert not any(t.type == "sankey" or len(getattr(t, "x", None) or []) for t in fig.data), name
         assert len(fig.layout.annotations) >= 1 and fig.layout.annotations[-1].text, name

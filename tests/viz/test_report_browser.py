@@ -95,7 +95,7 @@ def test_a_report_of_a_run_that_found_little_renders(tmp_path):
     ValidationReport([], {}, {"r": 0.0}).save(run / "validation.json")
     SteeringSweep([SweepRow("baseline", None, 0.0, "add", 0, "I think so", [],
                             {"score": 0.1, "behavioural": 0.2, "coherence": 0.5})],
-                  SweepSettings(op="add")).save(run / "steering" / "war.json")
+                  SweepSettings(op="add", scale="unit")).save(run / "steering" / "war.json")
     report = report_from_dir(run)
     n_figures = report.read_text().count('class="plotly-graph-div"')
     dom, console = open_in_chromium(report)

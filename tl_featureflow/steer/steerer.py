@@ -6,21 +6,23 @@
 >>> prompt = torch.tensor([[1, 2, 3]])
 >>> kwargs = dict(max_new_tokens=4, do_sample=False, stop_at_eos=False, verbose=False)
 >>> plain = model.generate(prompt, **kwargs)
->>> with Steerer(model, bank).add("2/res/1", 40.0):            # h += 40 * v at blocks.2.hook_resid_post
+>>> with Steerer(model, bank, scale="unit").add("2/res/1", 40.0):   # h += 40 * v (unit v) at blocks.2.hook_resid_post
 ...     steered = model.generate(prompt, **kwargs)
->>> with Steerer(model, bank).rescale("2/res/1", 1.0):         # r = 1 changes nothing
+>>> with Steerer(model, bank).rescale("2/res/1", 1.0):      # r = 1 changes nothing (rescale needs no scale)
 ...     same = model(prompt)
 >>> torch.equal(same, model(prompt)), torch.equal(plain, steered)
 (True, False)
 
+The tiny model has no tokenizer, hence ``scale="unit"``; on a real model the default
+``"typical"`` makes ``add(ref, 4.0)`` add four times what the feature usually writes.
 Along a flow graph, ``Steerer(model, bank).along(graph, 4.0, mode="cumulative")``.
 
 Two edits, both at the hook of the feature's site (``resid_post``, ``mlp_out`` or
 ``attn_out`` of its layer):
 
-- ``add(ref, s)``: ``h <- h + s * v``; ``v`` is the unit decoder row by default, or
-  the decoder row times a typical activation (``scale=``), so that one coefficient
-  fits features of different magnitudes.
+- ``add(ref, s)``: ``h <- h + s * v``; ``v`` is the decoder row times the feature's
+  typical activation by default (``scale=``), so that one coefficient fits features
+  of different magnitudes, or the unit decoder row (``scale="unit"``).
 - ``rescale(ref, r)``: ``h <- h + (r - 1) * a * v`` with ``a`` read by the SAE's own
   encoder from the same ``h`` and ``v`` the raw decoder row (``r = 0`` removes the
   feature, ``r < 0`` reverses it, ``r > 1`` amplifies it, ``r = 1`` changes nothing).
@@ -190,14 +192,16 @@ class Steerer:
             one; SAEs need not be attached).
         bank: the SAEs whose decoders give the directions (needed for feature refs).
         positions: ``"all"``, ``"prompt"`` or ``"generated"`` (see the module docs).
-        scale: how ``add`` scales the direction: ``"unit"`` (unit decoder row, the
-            default), ``"decoder"`` (the raw decoder row: strength in activation units),
+        scale: how ``add`` scales the direction: ``"typical"`` (the default, below),
+            ``"unit"`` (unit decoder row), ``"decoder"`` (the raw decoder row: strength in activation units),
             ``"threshold"`` (decoder row times the JumpReLU threshold: SAE Match's
             folding), ``"typical"`` (decoder row times the feature's typical activation:
             the median of its positive activations on held-out text, read off the
             histogram of ``contexts``; so strength 1 adds what the feature itself
-            usually writes), or a mapping ``ref -> typical activation`` (e.g. measured
-            max activations) multiplying the raw decoder row.
+            usually writes; the default everywhere, as the report cards measured
+            one coefficient fitting features of different magnitudes: docs/steering.md),
+            or a mapping ``ref -> typical activation`` (e.g. measured max activations)
+            multiplying the raw decoder row.
         contexts: for ``scale="typical"``: a :class:`~tl_featureflow.flow.contexts.TopContexts`
             of the bank (default: :func:`~tl_featureflow.flow.contexts.feature_contexts`,
             computed once per bank and cached; needs the model's tokenizer).
@@ -210,7 +214,7 @@ class Steerer:
         bank: SAEBank | None = None,
         *,
         positions: Positions = "all",
-        scale: Literal["unit", "decoder", "threshold", "typical"] | Mapping[FeatureRef | str, float] = "unit",
+        scale: Literal["unit", "decoder", "threshold", "typical"] | Mapping[FeatureRef | str, float] = "typical",
         contexts: Any = None,
         device: torch.device | str | None = None,
     ):
@@ -427,6 +431,11 @@ class Steerer:
         if self.contexts is None:
             from tl_featureflow.flow.contexts import feature_contexts
 
+            if getattr(self.model, "tokenizer", None) is None:
+                raise InvalidArgumentError(
+                    "scale='typical' (the default) reads each feature's typical activation off text, but the "
+                    "model has no tokenizer: pass contexts=feature_contexts(model, bank, tokens) with token ids, "
+                    "scale={ref: activation, ...}, or scale='unit'")
             self.contexts = feature_contexts(self.model, self.bank)  # type: ignore[arg-type]
         value = typical_activation(self.contexts, ref)
         if value <= 0:

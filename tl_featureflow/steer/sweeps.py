@@ -10,7 +10,8 @@ samples runs as rows of a few batched calls, each row with its own coefficients 
 >>> from tl_featureflow.synthetic import planted_chain_bank, tiny_model
 >>> model, (bank, _) = tiny_model(), planted_chain_bank()
 >>> graph = FlowTracer(bank).trace("2/res/1")
->>> settings = SweepSettings(strengths=(4.0, 16.0), layers=(2,), max_new_tokens=3, do_sample=False)
+>>> settings = SweepSettings(strengths=(4.0, 16.0), layers=(2,), max_new_tokens=3, do_sample=False,
+...                          scale="unit")   # the tiny model has no tokenizer for "typical"
 >>> sweep = steering_sweep(model, bank, graph, settings, prompt_tokens=torch.tensor([1, 2]), progress=False)
 >>> len(sweep.rows), sweep.meta["generate_calls"]   # baseline + 2 modes x 1 layer x 2 strengths, one batch
 (5, 1)
@@ -79,7 +80,7 @@ class SweepSettings:
     batch_size: int = 16
     batched: bool = True
     positions: Positions = "all"
-    scale: str = "unit"
+    scale: str = "typical"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "strengths", tuple(float(x) for x in self.strengths))
@@ -102,8 +103,9 @@ class SweepSettings:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SweepSettings:
-        """Settings from :meth:`to_dict`; unknown keys are ignored."""
-        return settings_from_dict(cls, data)
+        """Settings from :meth:`to_dict`; unknown keys are ignored. Files without ``scale``
+        were written when ``"unit"`` was the only scale."""
+        return settings_from_dict(cls, {"scale": "unit", **data})
 
 
 @dataclass(frozen=True)

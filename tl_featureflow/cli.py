@@ -211,6 +211,7 @@ def _steer(args: argparse.Namespace) -> int:
 
     from tl_featureflow.flow.tracer import FlowTracer
     from tl_featureflow.steer.steerer import Steerer
+    from tl_featureflow.steer.sweeps import SweepSettings, format_seconds, generation_seconds
 
     model, bank = _setup(args)
     ref = bank.check_ref(args.feature)
@@ -227,9 +228,13 @@ def _steer(args: argparse.Namespace) -> int:
         steerer.along(graph, args.strength, mode=args.mode, op=args.op, up_to_layer=args.up_to_layer)
         print(f"steering {len(steerer.edits)} features of the flow graph of {ref} ({args.mode})")
     kwargs = dict(max_new_tokens=args.max_new_tokens, do_sample=args.samples > 0, top_p=0.7, temperature=1.27,
-                  verbose=False)
+                  verbose=True)       # TransformerLens's own bar over the new tokens
     rows = max(args.samples, 1)
     prompts = [args.prompt] * rows
+    cost = generation_seconds(model, model.to_tokens(args.prompt).shape[-1], rows,
+                              SweepSettings(max_new_tokens=args.max_new_tokens, batch_size=rows))
+    print(f"generating {rows} unsteered and {rows} steered continuations of {args.max_new_tokens} tokens, "
+          f"about {format_seconds(2 * cost)}", flush=True)
     torch.manual_seed(args.seed)
     baseline = model.generate(prompts, **kwargs)
     torch.manual_seed(args.seed)

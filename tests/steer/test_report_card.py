@@ -98,7 +98,8 @@ class _HashEmbedder:
             torch.randn(8, generator=torch.Generator().manual_seed(hash(t) % 2 ** 31)), dim=0) for t in texts])
 
 
-def test_report_card_prompting_shares_seeds_and_judge(text_model_factory, monkeypatch, tmp_path, bank_factory):
+def test_report_card_prompting_shares_seeds_and_judge(text_model_factory, monkeypatch, tmp_path, bank_factory,
+                                                     capsys):
     model = text_model_factory()
     bank = bank_factory()
     graph = _graph()
@@ -123,7 +124,10 @@ def test_report_card_prompting_shares_seeds_and_judge(text_model_factory, monkey
                             methods=(Method("feature", "feature"), Method("cumulative linear", "cumulative", "linear")))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")           # random embeddings: instruction relevance may not calibrate
-        card = steering_report_card(model, bank, graph, theme, judge=judge, settings=settings, progress=False)
+        card = steering_report_card(model, bank, graph, theme, judge=judge, settings=settings, progress=True)
+    said = [x for x in capsys.readouterr().out.splitlines() if x.startswith("report card for tea:")]
+    n_rows = len(card.generations) + (1 + len(card.meta["selection"])) * settings.select_samples
+    assert len(said) == 1 and said[0].startswith(f"report card for tea: {n_rows} generations of up to 4 tokens, about")
     assert set(topics) == {"tea and biscuits"}   # one judge, one topic, for every row (prompting included)
     # prompting runs on its own prompt (asking for the topic) with the same sampling seed as the other rows
     measured = [c for c in calls if "choosing" not in c[0]]

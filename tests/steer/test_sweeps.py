@@ -103,3 +103,18 @@ def test_settings_validate_and_override(tiny_model, bank_factory):
     settings = SweepSettings(strengths=[2, 4], layers=[1], scale="unit")
     assert settings.strengths == (2.0, 4.0) and settings.layers == (1,)
     assert SweepSettings.from_dict(settings.to_dict()) == settings
+
+
+def test_a_sweep_says_what_it_will_cost_and_the_probe_changes_nothing(tiny_model, bank_factory, capsys):
+    bank = bank_factory()
+    prompt = torch.randint(0, D_VOCAB, (1, 4), generator=torch.Generator().manual_seed(3))
+    kwargs = dict(prompt_tokens=prompt, strengths=[3.0], samples=3, max_new_tokens=5, seed=7, scale="unit",
+                  batch_size=4)
+    quiet = steering_sweep(tiny_model, bank, _graph(), progress=False, **kwargs)
+    assert "about" not in capsys.readouterr().out
+    loud = steering_sweep(tiny_model, bank, _graph(), progress=True, **kwargs)
+    line = [x for x in capsys.readouterr().out.splitlines() if "generate calls" in x]
+    rows = len(quiet.rows)
+    assert line == [f"steering sweep: {rows} rows of 5 tokens in {-(-rows // 4)} generate calls, "
+                    f"about {line[0].split('about ')[1]}"] and line[0].endswith("(from two steps timed now)")
+    assert [r.tokens for r in loud.rows] == [r.tokens for r in quiet.rows]     # sampled rows, same seeds

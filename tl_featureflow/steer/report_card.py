@@ -48,6 +48,7 @@ from typing import Any, Literal
 import torch
 from jaxtyping import Float
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from tl_featureflow._files import atomic_write_json, check_header, header, read_json
 from tl_featureflow.errors import CacheError, FeatureFlowError, InvalidArgumentError, UnknownFeatureError
@@ -55,7 +56,13 @@ from tl_featureflow.refs import FeatureRef
 from tl_featureflow.saes.bank import SAEBank
 from tl_featureflow.steer.judge import perplexity_of_rows
 from tl_featureflow.steer.steerer import Schedule, flow_coefficients
-from tl_featureflow.steer.sweeps import SweepSettings, generate_rows, settings_from_dict
+from tl_featureflow.steer.sweeps import (
+    SweepSettings,
+    format_seconds,
+    generate_rows,
+    generation_seconds,
+    settings_from_dict,
+)
 
 __all__ = ["Method", "PAPER_METHODS", "CardSettings", "CardRow", "ReportCard", "steering_report_card",
            "harmonic", "QUICK_SETTINGS", "NEUTRAL_PROMPTS", "REPORT_CARD_SCHEMA_VERSION"]
@@ -337,7 +344,7 @@ def steering_report_card(
     def run(prompt: Tensor, plans: list[_Plan], offset: int, desc: str) -> list[tuple[list[int], str]]:
         nonlocal calls
         out = generate_rows(model, bank, prompt.to(model.cfg.device), [p.edits for p in plans], gen,
-                            contexts=contexts, seed_offset=offset, progress=progress, desc=desc)
+                            contexts=contexts, seed_offset=offset, progress=progress, desc=desc, announce=False)
         calls += out.calls
         return out.rows
 
@@ -346,6 +353,14 @@ def steering_report_card(
     select = [_Plan("unsteered", None, None, 0, k, {}) for k in range(settings.select_samples)]
     select += [_Plan(m.name, layer, s, 0, k, _edits(m, graph, layer, s))
                for m, layer, s in candidates for k in range(settings.select_samples)]
+    if progress:                 # what the whole card costs, before any of it runs
+        per_prompt_n = [settings.samples] + [settings.neutral_samples] * len(settings.neutral_prompts)
+        runs = [len(select)] + [n * (len(settings.methods) + 1) for n in per_prompt_n] + per_prompt_n
+        one_call = generation_seconds(model, prompts[0].shape[-1], gen.batch_size, gen)
+        size = gen.batch_size if gen.batched else 1
+        tqdm.write(f"report card for {theme.name}: {sum(runs)} generations of up to {settings.max_new_tokens} "
+                   f"tokens, about {format_seconds(one_call * sum(-(-n // size) for n in runs))} "
+                   "(from two steps timed now)")
     rows = run(prompts[0], select, 0, f"{theme.name}: choosing settings")
     scores = _score(model, judge, theme.description, prompts[0], rows, [p.method == "unsteered" for p in select],
                     on_topic)

@@ -39,7 +39,8 @@ from tl_featureflow.steer.judge import NEUTRAL_TEXTS, OfflineJudge, perplexity_o
 from tl_featureflow.steer.steerer import Op, Positions, Schedule, Steerer, flow_coefficients
 
 __all__ = ["SweepSettings", "SweepSetting", "SweepRow", "SteeringSweep", "steering_sweep", "sweep_settings",
-           "setting_coefficients", "generate_rows", "GeneratedRows", "SWEEP_SCHEMA_VERSION"]
+           "setting_coefficients", "generate_rows", "GeneratedRows", "generation_seconds", "format_seconds",
+           "SWEEP_SCHEMA_VERSION"]
 
 SWEEP_SCHEMA_VERSION = 2
 _T = TypeVar("_T")
@@ -339,6 +340,7 @@ def generate_rows(
     seed_offset: int = 0,
     progress: bool = True,
     desc: str = "steering sweep",
+    announce: bool = True,
 ) -> GeneratedRows:
     """Generate one continuation of ``prompt_ids`` per row of ``edits`` (``{ref: coefficient}``,
     empty for an unsteered row), ``settings.batch_size`` rows per ``generate`` call.
@@ -347,7 +349,8 @@ def generate_rows(
     own edits (``settings.op``; rows that leave a feature alone get the neutral value, 0
     for ``add``, 1 for ``rescale``). ``torch.manual_seed(settings.seed + seed_offset + i)``
     before the i-th call; sampling, lengths and positions come from ``settings``.
-    Continuations are cut after the model's stop token (EOS).
+    Continuations are cut after the model's stop token (EOS). With ``progress`` (and
+    ``announce``) a line first says what the work will cost (:func:`generation_seconds`).
     """
     if prompt_ids.shape[-1] + settings.max_new_tokens > model.cfg.n_ctx:
         raise InvalidArgumentError(f"a prompt of {prompt_ids.shape[-1]} tokens plus max_new_tokens="
@@ -357,6 +360,10 @@ def generate_rows(
     size = settings.batch_size if settings.batched else 1
     chunks = [list(edits[i:i + size]) for i in range(0, len(edits), size)]
     neutral = 0.0 if settings.op == "add" else 1.0
+    if progress and announce and chunks:
+        seconds = generation_seconds(model, prompt_ids.shape[-1], len(edits), settings)
+        tqdm.write(f"{desc}: {len(edits)} rows of {settings.max_new_tokens} tokens in {len(chunks)} generate "
+                   f"calls, about {format_seconds(seconds)} (from two steps timed now)")
     out_rows: list[tuple[list[int], str]] = []
     for i, chunk in enumerate(tqdm(chunks, desc=desc, unit="batch", disable=not progress)):
         steerer = Steerer(model, bank, positions=settings.positions,
@@ -376,6 +383,35 @@ def generate_rows(
             text = model.tokenizer.decode(tokens, skip_special_tokens=True) if model.tokenizer is not None else ""
             out_rows.append((tokens, text))
     return GeneratedRows(out_rows, stop_token, len(chunks))
+
+
+@torch.no_grad()
+def generation_seconds(model: Any, prompt_len: int, n_rows: int, settings: SweepSettings) -> float:
+    """Seconds :func:`generate_rows` will take for ``n_rows`` rows, from timing two greedy steps now.
+
+    A ``generate`` of a full batch for 2 new tokens is timed (it costs ~2/``max_new_tokens``
+    of one call, warms the model up and leaves the random state alone); each call is then
+    ``max_new_tokens`` such steps. Steering hooks and early stops are not counted, so it
+    errs a little either way; the progress bar's own rate takes over after the first call.
+    """
+    size = min(settings.batch_size if settings.batched else 1, max(n_rows, 1))
+    calls = -(-n_rows // size)
+    probe = torch.zeros((size, prompt_len), dtype=torch.long, device=model.cfg.device)
+    start = time.perf_counter()
+    model.generate(probe, max_new_tokens=2, do_sample=False, stop_at_eos=False, verbose=False)
+    step = (time.perf_counter() - start) / 2
+    return calls * settings.max_new_tokens * step
+
+
+def format_seconds(seconds: float) -> str:
+    """``"40 s"``, ``"3.5 min"`` or ``"1.2 h"``.
+
+    >>> format_seconds(40.2), format_seconds(210), format_seconds(7300)
+    ('40 s', '3.5 min', '2.0 h')
+    """
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.1f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
 
 
 def _prompt_tokens(model: Any, settings: SweepSettings, prompt_tokens: torch.Tensor | None) -> torch.Tensor:

@@ -11,7 +11,8 @@ import torch
 import tl_featureflow as ff
 from tl_featureflow import FlowTracer, FlowTransformer
 from tl_featureflow.flow.contexts import HIST_EDGES, TopContexts, collect_top_contexts, contexts_dir, feature_contexts
-from tl_featureflow.synthetic import D_VOCAB
+from tl_featureflow.flow.labels import FeatureLabels
+from tl_featureflow.synthetic import D_VOCAB, sae_from_decoder
 
 N, LEFT, RIGHT = 4, 3, 2
 
@@ -138,10 +139,31 @@ def test_tracer_labels_are_contexts_first_then_logit_lens(tiny_model, corpus, ba
     fired = [n for n in graph.nodes if contexts.values[n.ref.key][n.ref.index, 0] > 0]
     assert fired and all(n.label == contexts.label(n.ref) for n in fired)
     assert all(n.lens is None for n in graph.nodes)            # no model: no logit lens
-    with_model = FlowTracer(bank, tiny_model, contexts=contexts).trace("2/res/0", t_res=-1, t_module=-1)
-    assert all(n.lens for n in with_model.nodes) and [n.label for n in with_model.nodes] == [n.label for n in graph.nodes]
-    lens_only = FlowTracer(bank, tiny_model, contexts=None).trace("2/res/0", t_res=-1, t_module=-1)
-    assert all(n.label == n.lens for n in lens_only.nodes)
+    tracer = FlowTracer(bank, tiny_model, contexts=contexts)
+    with_model = tracer.trace("2/res/0", t_res=-1, t_module=-1)
+    assert [n.label for n in with_model.nodes] == [n.label for n in graph.nodes]
+    for n in with_model.nodes:      # the lens only where it beats random directions
+        assert n.lens == (tracer.labels.lens_label(n.ref) if tracer.labels.lens_is_signal(n.ref) else None)
+    lens_only = FlowTracer(bank, tiny_model, contexts=None)
+    assert all(n.label == lens_only.labels.lens_label(n.ref)      # the lens is the only label there is
+               for n in lens_only.trace("2/res/0", t_res=-1, t_module=-1).nodes)
+
+
+def test_the_logit_lens_counts_as_signal_only_past_random_directions(tiny_model):
+    """Planted: decoders along unembedding columns (one token each) stand out; random ones
+    pass at about the null's 1% rate."""
+    W_U = tiny_model.W_U.detach()
+    ln_w = tiny_model.ln_final.w.detach() if getattr(tiny_model, "ln_final", None) is not None and \
+        getattr(tiny_model.ln_final, "w", None) is not None else torch.ones(W_U.shape[0])
+    tokens = W_U[:, :8].T / ln_w                            # through the final norm: exactly column t of W_U
+    noise = torch.randn(200, W_U.shape[0], generator=torch.Generator().manual_seed(1))
+    bank = ff.SAEBank({("res", 1): sae_from_decoder("res", 1, torch.cat([tokens, noise]))})
+    labels = FeatureLabels(bank, tiny_model, contexts=None)
+    assert all(labels.lens_is_signal(f"1/res/{i}") for i in range(8))
+    false_rate = sum(labels.lens_is_signal(f"1/res/{i}") for i in range(8, 208)) / 200
+    assert false_rate <= 0.05
+    assert labels.lens_null() == labels.lens_null() and 0 < labels.lens_null() < min(
+        labels.lens_z(f"1/res/{i}") for i in range(8))
 
 
 def test_bad_tokens_are_refused(tiny_model, bank_factory):

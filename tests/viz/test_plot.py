@@ -170,3 +170,22 @@ def test_every_figure_says_so_on_empty_input():
 def planted_chain_graph():
     bank, truth = planted_chain_bank()
     return ff.FlowTracer(bank).trace(truth.chain[2], t_res=0.25, t_module=0.15)
+
+
+def test_report_graph_section_tables_the_seed_choice_and_drops_a_silent_lens(planted):
+    from dataclasses import replace
+
+    from tl_featureflow.viz.html import _graph_section
+
+    _, graph = planted
+    info = {"feature": str(graph.seed), "score": 0.52, "theme_mean": 3.1, "chosen_by": "theme vs neutral contrast",
+            "probe": [{"feature": "9/res/9", "score": 0.2, "behavioural": 0.3, "coherence": 0.6},
+                      {"feature": str(graph.seed), "score": 0.4, "behavioural": 0.5, "coherence": 0.8}]}
+    silent = replace(graph, nodes=[replace(n, lens=None) for n in graph.nodes])
+    text = _graph_section(silent, "planted", info, set()).text
+    assert "<td>chosen by</td><td>theme vs neutral contrast</td>" in text and "probe:" not in text and "{" not in text
+    assert f"<td>▶ {graph.seed}</td>" in text and "<td>9/res/9</td>" in text
+    assert "No logit-lens column" in text
+    assert "logit lens</th>" not in _graph_section(silent, "planted", info, set()).tables[0]
+    loud = replace(graph, nodes=[replace(n, lens="'x' 'y'") for n in graph.nodes])
+    assert "logit lens</th>" in _graph_section(loud, "planted", info, set()).tables[0]

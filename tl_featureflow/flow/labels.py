@@ -26,6 +26,12 @@ from tl_featureflow.saes.bank import SAEBank
 __all__ = ["FeatureLabels"]
 
 
+def _top_z(logits: torch.Tensor) -> torch.Tensor:
+    """``(max - mean) / std`` of each row of ``[n, d_vocab]`` logits."""
+    logits = logits.float()
+    return (logits.max(dim=1).values - logits.mean(dim=1)) / logits.std(dim=1).clamp_min(1e-12)
+
+
 class FeatureLabels:
     """Labels of a bank's features, from their top contexts and (with a model) the logit lens.
 
@@ -39,6 +45,7 @@ class FeatureLabels:
     def __init__(self, bank: SAEBank, model: Any | None = None, contexts: Any | None = "auto"):
         self.bank = bank
         self.model = model
+        self._null: dict[tuple[int, float, int], float] = {}
         self.set_contexts(contexts)
 
     def contexts(self) -> Any | None:
@@ -74,16 +81,49 @@ class FeatureLabels:
         if self.model is None:
             raise FeatureFlowError("logit_lens needs a model: FlowTracer(bank, model)")
         ref = self.bank.check_ref(ref)
-        W_U = self.model.W_U
-        direction = self.bank.decoder(*ref.key, dtype=torch.float32)[ref.index].to(W_U.device, W_U.dtype)
-        ln_w = getattr(getattr(self.model, "ln_final", None), "w", None)
-        if ln_w is not None:
-            direction = direction * ln_w
-        logits = direction @ W_U
-        values, ids = logits.topk(k, largest=not suppressed)
+        values, ids = self._lens_logits(ref).topk(k, largest=not suppressed)
         tokenizer = getattr(self.model, "tokenizer", None)
         names = [tokenizer.decode([i]) if tokenizer is not None else str(i) for i in ids.tolist()]
         return list(zip(names, values.tolist(), strict=False))
+
+    @torch.no_grad()
+    def lens_z(self, ref: FeatureRef | str) -> float:
+        """How far the logit lens's top token stands out: ``(max - mean) / std`` of ``W_dec[i] @ W_U``."""
+        return float(_top_z(self._lens_logits(self.bank.check_ref(ref))[None])[0])
+
+    @torch.no_grad()
+    def lens_null(self, n: int = 256, quantile: float = 0.99, seed: int = 0) -> float:
+        """The ``quantile`` of :meth:`lens_z` over ``n`` random directions (isotropic in ``d_model``,
+        through the same final norm and unembedding): the top z a direction with nothing to say reaches.
+
+        With a vocabulary of ~49k the top of ~Gaussian logits sits near 4.3 standard deviations
+        whatever the direction; a feature's lens carries signal when its top token stands out
+        further than almost every random direction's (:meth:`lens_is_signal`). Cached per call
+        arguments.
+        """
+        key = (n, quantile, seed)
+        if key not in self._null:
+            if self.model is None:
+                raise FeatureFlowError("the logit lens needs a model: FlowTracer(bank, model)")
+            W_U = self.model.W_U
+            g = torch.Generator().manual_seed(seed)
+            directions = torch.randn(n, W_U.shape[0], generator=g).to(W_U.device, W_U.dtype)
+            self._null[key] = float(torch.quantile(_top_z(self._scaled(directions) @ W_U).float(), quantile))
+        return self._null[key]
+
+    def lens_is_signal(self, ref: FeatureRef | str) -> bool:
+        """Whether a feature's logit lens says more than a random direction's (its :meth:`lens_z`
+        above :meth:`lens_null`): the report shows the lens only where it does."""
+        return self.lens_z(ref) > self.lens_null()
+
+    def _scaled(self, direction: torch.Tensor) -> torch.Tensor:
+        ln_w = getattr(getattr(self.model, "ln_final", None), "w", None)
+        return direction * ln_w if ln_w is not None else direction
+
+    def _lens_logits(self, ref: FeatureRef) -> torch.Tensor:
+        W_U = self.model.W_U
+        direction = self.bank.decoder(*ref.key, dtype=torch.float32)[ref.index].to(W_U.device, W_U.dtype)
+        return self._scaled(direction) @ W_U
 
     def lens_label(self, ref: FeatureRef | str, k: int = 5) -> str:
         """The top ``k`` logit-lens tokens as one line (the second line of a feature's label)."""
@@ -99,6 +139,7 @@ class FeatureLabels:
         return self.lens_label(ref, k) if self.model is not None else None
 
     def node_labels(self, ref: FeatureRef) -> tuple[str | None, str | None]:
-        """``(label, lens)`` of a flow-graph node: the primary label, and the logit-lens line."""
-        lens = self.lens_label(ref) if self.model is not None else None
+        """``(label, lens)`` of a flow-graph node: the primary label, and the logit-lens line where
+        it carries signal (:meth:`lens_is_signal`; else None, so reports leave the noise out)."""
+        lens = self.lens_label(ref) if self.model is not None and self.lens_is_signal(ref) else None
         return self.describe(ref) or lens, lens

@@ -104,19 +104,39 @@ def _graph_section(graph: Any, name: str, info: dict[str, Any], carded: set[str]
     def feature(ref: Any) -> Any:
         return Raw(f"<a href='#{card_id(ref)}'>{html.escape(str(ref))}</a>") if card_id(ref) in carded else str(ref)
 
+    lens = any(n.lens for n in graph.nodes)      # the tracer keeps a lens only where it beats random directions
     rows = [{"feature": feature(n.ref), "role": n.role, "s(RES)": n.s_res, "s(MLP)": n.s_mlp, "s(ATT)": n.s_att,
-             "fires on": n.label, "logit lens": n.lens} for n in graph.nodes]
+             "fires on": n.label, **({"logit lens": n.lens} if lens else {})} for n in graph.nodes]
     text = f"<p>Seed <code>{graph.seed}</code>, {len(graph.nodes)} features, {len(graph.edges)} edges, " \
            f"span layers {graph.span[0]}-{graph.span[1]} (t_res {graph.t_res}, t_module {graph.t_module}).</p>"
-    shown = {k: v for k, v in info.items() if k != "contexts"}
-    if shown:
-        text += "<p class='note'>" + html.escape(", ".join(f"{k}: {v}" for k, v in shown.items())) + "</p>"
+    text += _seed_tables(info)
+    if not lens:
+        text += ("<p class='note'>No logit-lens column: no feature's top promoted token stands out further than "
+                 "a random direction's does (99th percentile of 256), so the lens says nothing here.</p>")
     if info.get("contexts"):
         text += ("<p class='note'>The seed's top contexts (why it was chosen):</p><ul>"
                  + "".join(f"<li><code>{html.escape(c)}</code></li>" for c in info["contexts"]) + "</ul>")
     if carded:
         text += "<p class='note'>Click a node (or a feature in the table) to open its card below.</p>"
     return Section(f"Flow graph: {name}", text, [plot.flow_graph(graph), plot.flow_sankey(graph)], [table_html(rows)])
+
+
+_SEED_FACTS = {"chosen_by": "chosen by", "score": "contrast score", "theme_mean": "mean activation on the theme",
+               "neutral_mean": "on neutral text", "on_theme": "top contexts on theme",
+               "max_activation": "max activation"}
+
+
+def _seed_tables(info: dict[str, Any]) -> str:
+    """How the seed was chosen: its facts as a two-column table, then the steering probe's
+    candidates (the chosen one marked)."""
+    facts = [{"": label, "value": info[key]} for key, label in _SEED_FACTS.items() if info.get(key) is not None]
+    out = table_html(facts) if facts else ""
+    if info.get("probe"):
+        probe = [{"candidate": ("▶ " if p["feature"] == info.get("feature") else "") + p["feature"],
+                  "score": p["score"], "behavioural": p["behavioural"], "coherence": p["coherence"]}
+                 for p in info["probe"]]
+        out += "<p class='note'>The steering probe's candidates (▶ chosen):</p>" + table_html(probe)
+    return out
 
 
 def _cards_section(cards: list[Any]) -> Section:

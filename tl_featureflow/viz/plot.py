@@ -64,10 +64,17 @@ def _node_hover(node: Any) -> str:
 
 
 def _node_text(node: Any) -> str:
-    """A node's caption: its index and the token it fires on most (the first part of its label)."""
+    """A node's caption: its index and the tokens it fires on most (up to three, stripped, from
+    the first part of its label), e.g. ``"249 LORD·God·hath"``; whitespace tokens show as ``␣``.
+
+    >>> from types import SimpleNamespace as N
+    >>> _node_text(N(ref=N(index=723), label="' ·  LORD ·   — …the [LORD] said"))
+    "723 '·LORD·␣"
+    """
     if not node.label:
         return str(node.ref.index)
-    return f"{node.ref.index} {_short(node.label.split(' · ')[0], 14)}"
+    tokens = [t.strip() or "␣" for t in node.label.split(" — ")[0].split(" · ")[:3]]
+    return f"{node.ref.index} {_short('·'.join(tokens), 18)}"
 
 
 def _short(label: str, n: int = 32) -> str:

@@ -73,3 +73,16 @@ def test_commands_without_a_preset_load_the_best_cached_bank(tmp_path, monkeypat
     for argv in (["demo"], ["validate", "--paper"], ["demo", "--preset", "deep"]):
         cli._load_bank(build_parser().parse_args(argv), model=None)
     assert loaded == ["quick", "paper", "deep"]
+
+
+def test_every_option_of_every_command_says_what_it_does():
+    import argparse
+
+    from tl_featureflow import cli
+
+    parser = cli.build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    silent = [f"{name} {'/'.join(a.option_strings) or a.dest}" for name, sub in commands.items()
+              for a in sub._actions if not a.help and not isinstance(a, argparse._HelpAction)]
+    assert silent == []
+    assert "--preset tiny" not in commands["demo"].format_help()      # tiny is for test models only

@@ -294,7 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "use), pick seed features for a few themes, trace their flow, validate on held-out text, "
                           "steer with them (scored by the offline judge) and write an HTML report.",
                           epilog="examples:\n  featureflow demo\n  featureflow demo --themes religion love --samples 4"
-                          "\n  featureflow demo --preset tiny --out /tmp/demo   # seconds of training, for a try",
+                          "\n  featureflow demo --preset smoke --out /tmp/demo  # a rough bank in about a minute, for a try",
                           formatter_class=raw)
     _common(demo)
     demo.set_defaults(train=True)   # the demo's first run trains its quick bank (make demo does all set-up)
@@ -365,7 +365,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(val)
     val.add_argument("--texts", type=int, default=4, help="held-out texts of 128 tokens (default: 4)")
     val.add_argument("--layers", type=int, nargs="+", help="target layers (default: the bank's middle res layer)")
-    val.add_argument("--methods", nargs="+", default=[m for m in METHODS if m != "pearson"], choices=list(METHODS))
+    val.add_argument("--methods", nargs="+", default=[m for m in METHODS if m != "pearson"], choices=list(METHODS),
+                     help="matching methods to validate (default: all but pearson, which reads training tokens)")
     val.add_argument("--r", type=float, nargs="+", default=[0.0], help="rescaling factor(s); the first is the main")
     val.add_argument("--loss-samples", type=int, default=0, help="interventions per text with the LM-loss change")
     val.add_argument("--out", default=VALIDATE_OUT,
@@ -400,7 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
     steer.add_argument("--positions", default="all", choices=["all", "prompt", "generated"],
                        help="which tokens are steered: all, the prompt's or the generated ones (default: all)")
     steer.add_argument("--prompt", default="I think", help="prompt (default: 'I think')")
-    steer.add_argument("--max-new-tokens", type=int, default=36)
+    steer.add_argument("--max-new-tokens", type=int, default=36, help="tokens per generation (default: 36)")
     steer.add_argument("--samples", type=int, default=2, help="sampled generations (0: one greedy)")
     steer.add_argument("--seed", type=int, default=0, help="torch seed of the sampled generations (default: 0)")
     steer.set_defaults(func=_steer)

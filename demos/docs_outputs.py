@@ -3,15 +3,17 @@
     make docs-outputs          # runs `featureflow demo`, then this script
     .venv/bin/python demos/docs_outputs.py [RUN_DIR]   # RUN_DIR: default featureflow-out/demo
 
-It copies the demo run's summary and settings into ``docs/demo-run.json``, rewrites the
-README's demo block from it (between :data:`tl_featureflow.demo.README_MARKERS`) and
-rewrites docs/tracing.md's transcript of ``demos/trace_planted.py`` from a fresh run.
-``tests/test_docs.py`` checks all three against the current code.
+It copies the demo run's summary and settings, and what ``demos/trace_smollm2.py`` prints
+on the quick bank, into ``docs/demo-run.json``; rewrites the README's demo block from it
+(between :data:`tl_featureflow.demo.README_MARKERS`) and docs/tracing.md's transcripts of
+``demos/trace_smollm2.py`` and ``demos/trace_planted.py`` (from a fresh run).
+``tests/test_docs.py`` checks them against the json and the current code.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import io
 import json
 import re
@@ -24,7 +26,8 @@ from tl_featureflow.errors import FeatureFlowError
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN_FILE = ROOT / "docs" / "demo-run.json"
-TRANSCRIPT = "$ .venv/bin/python demos/trace_planted.py\n"
+PLANTED = ".venv/bin/python demos/trace_planted.py"       # checked against a fresh run by the tests
+SMOLLM2 = ".venv/bin/python demos/trace_smollm2.py"       # needs the quick bank: kept in RUN_FILE
 
 
 def demo_run(run_dir: Path) -> dict:
@@ -46,28 +49,44 @@ def with_readme_block(readme: str, run: dict) -> str:
     return f"{head}{start}\n{readme_block(run)}\n{end}{tail}"
 
 
-def with_transcript(doc: str, transcript: str) -> str:
-    """``doc`` with the fenced block that starts with :data:`TRANSCRIPT` holding ``transcript``."""
-    pattern = re.compile(r"```\n" + re.escape(TRANSCRIPT) + r".*?```", re.S)
-    if len(pattern.findall(doc)) != 1:
-        raise FeatureFlowError(f"docs/tracing.md must hold one block starting with {TRANSCRIPT.strip()!r}")
-    return pattern.sub(lambda _: f"```\n{TRANSCRIPT}{transcript.strip()}\n```", doc)
+def _pattern(command: str) -> re.Pattern[str]:
+    return re.compile(r"```\n" + re.escape(f"$ {command}\n") + r".*?```", re.S)
+
+
+def transcript_in(doc: str, command: str) -> str:
+    """The output printed under ``$ command`` in ``doc``'s fenced block (without that line)."""
+    found = _pattern(command).findall(doc)
+    if len(found) != 1:
+        raise FeatureFlowError(f"the doc must hold one block starting with '$ {command}', found {len(found)}")
+    return found[0].split("\n", 1)[1].rsplit("```", 1)[0].strip()
+
+
+def with_transcript(doc: str, command: str, transcript: str) -> str:
+    """``doc`` with the fenced block that starts with ``$ command`` holding ``transcript``."""
+    transcript_in(doc, command)                     # exactly one such block
+    return _pattern(command).sub(lambda _: f"```\n$ {command}\n{transcript.strip()}\n```", doc)
+
+
+def printed(script: str) -> str:
+    """What ``demos/<script>.py``'s ``main()`` prints."""
+    sys.path.insert(0, str(ROOT / "demos"))
+    module = importlib.import_module(script)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        module.main()
+    return out.getvalue().strip()
 
 
 def main(argv: list[str]) -> None:
     run = demo_run(Path(argv[0]) if argv else ROOT / "featureflow-out" / "demo")
-    atomic_write_text(RUN_FILE, json.dumps(run, indent=1) + "\n")
+    run["transcripts"] = {SMOLLM2: printed("trace_smollm2")}
+    atomic_write_text(RUN_FILE, json.dumps(run, indent=1, ensure_ascii=False) + "\n")
     readme = ROOT / "README.md"
     atomic_write_text(readme, with_readme_block(readme.read_text(), run))
-    sys.path.insert(0, str(ROOT / "demos"))
-    import trace_planted
-
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        trace_planted.main()
     tracing = ROOT / "docs" / "tracing.md"
-    atomic_write_text(tracing, with_transcript(tracing.read_text(), out.getvalue()))
-    print(f"wrote {RUN_FILE.relative_to(ROOT)}, README.md's demo block and docs/tracing.md's transcript")
+    doc = with_transcript(tracing.read_text(), PLANTED, printed("trace_planted"))
+    atomic_write_text(tracing, with_transcript(doc, SMOLLM2, run["transcripts"][SMOLLM2]))
+    print(f"wrote {RUN_FILE.relative_to(ROOT)}, README.md's demo block and docs/tracing.md's transcripts")
 
 
 if __name__ == "__main__":

@@ -161,7 +161,8 @@ def test_tracing_docs_print_what_trace_planted_prints():
                          text=True, check=True, cwd=ROOT).stdout
     assert _noise_free(out.strip()) == _noise_free(expected.strip()), "docs/tracing.md is stale: make docs-outputs"
     doc = (ROOT / "docs" / "tracing.md").read_text()
-    assert _noise_free(docs_outputs.with_transcript(doc, out)) == _noise_free(doc)    # the writer keeps the rest
+    rewritten = docs_outputs.with_transcript(doc, docs_outputs.PLANTED, out)
+    assert _noise_free(rewritten) == _noise_free(doc)                               # the writer keeps the rest
     assert _noise_free("att=[(2/att/2, 0.00)]") == _noise_free("att=[(2/att/1, -0.00)]")   # the one thing let go
 
 
@@ -181,6 +182,9 @@ def test_readme_demo_block_is_the_committed_run_of_todays_bank():
     assert (settings["bank_preset"], settings["training_version"]) == ("quick", TRAINING_VERSION), \
         "docs/demo-run.json is a run of an older bank: make docs-outputs"
     assert any(line.startswith("validation exhaustive") for line in run["summary"])
+    tracing = (ROOT / "docs" / "tracing.md").read_text()
+    assert docs_outputs.transcript_in(tracing, docs_outputs.SMOLLM2) == run["transcripts"][docs_outputs.SMOLLM2], \
+        "docs/tracing.md's SmolLM2 transcript is not the committed run's: make docs-outputs"
 
 
 def test_readme_writer_replaces_only_the_block():

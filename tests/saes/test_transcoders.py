@@ -211,6 +211,24 @@ def test_a_rescale_reads_the_input_hook_and_edits_hook_mlp_out(model, tokens):
     torch.testing.assert_close(spliced, expected, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("kind", ["plain", "skip"])
+def test_preflight_measures_a_transcoder_from_its_input_against_hook_mlp_out(model, tokens, kind):
+    from tl_featureflow.saes.preflight import preflight
+    from tl_featureflow.saes.quality import evaluate_bank
+
+    tc_bank, _ = _banks(kind, with_prev=False)
+    sae = tc_bank["mlp", LAYER]
+    _, cache = model.run_with_cache(tokens, names_filter=[IN_HOOK, OUT_HOOK])
+    y = cache[OUT_HOOK][:, 1:].flatten(0, 1).double()
+    recon = sae(cache[IN_HOOK][:, 1:]).detach().flatten(0, 1).double()        # a skip transcoder's W_skip path included
+    fvu = float(((y - recon) ** 2).sum() / ((y - y.mean(0)) ** 2).sum())
+    row = next(r for r in preflight(model, tc_bank, tokens, on_fail="ignore").rows if r.key == ("mlp", LAYER))
+    assert row.hook == OUT_HOOK and row.fvu == pytest.approx(fvu, rel=1e-4)
+    quality = next(q for q in evaluate_bank(model, tc_bank, tokens, loss_rows=2, progress=False).rows
+                   if q.site == "mlp")
+    assert quality.ce_spliced is not None and quality.ce_spliced != quality.ce_clean
+
+
 # ------------------------------------------------------------------------------ refusals
 def test_cross_layer_and_multi_layer_transcoders_are_refused():
     cross = _transcoder(hook="blocks.0.ln2.hook_normalized")                        # layer 0 in, layer 1 out

@@ -50,6 +50,7 @@ __all__ = [
     "sae_wrappers",
     "has_torch_hooks",
     "module_view",
+    "add_permanent_hook",
     "set_module_tensor",
     "wrap_instance_method",
     "bind_arguments",
@@ -107,6 +108,22 @@ def set_module_tensor(root: torch.nn.Module, name: str, value: torch.Tensor, kin
         raise ValueError(f"kind must be '_parameters' or '_buffers', got {kind!r}")
     module_name, _, leaf = name.rpartition(".")
     getattr(root.get_submodule(module_name), kind)[leaf] = value
+
+
+# -- TransformerLens: hook points ------------------------------------------------------------------
+def add_permanent_hook(point: Any, fn: Callable) -> Callable[[], None]:
+    """Add ``fn`` to TransformerLens HookPoint ``point`` as a permanent forward hook (kept by ``model.hooks()``
+    and ``reset_hooks()``); returns a function removing exactly that hook (TransformerLens can only remove
+    every permanent hook of a point at once). Reads the ``LensHandle`` that ``add_hook`` appends to ``fwd_hooks``."""
+    point.add_hook(fn, dir="fwd", is_permanent=True)
+    handle = point.fwd_hooks[-1]
+
+    def remove() -> None:
+        handle.hook.remove()
+        if handle in point.fwd_hooks:
+            point.fwd_hooks.remove(handle)
+
+    return remove
 
 
 # -- TransformerLens: generate ---------------------------------------------------------------------

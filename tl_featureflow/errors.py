@@ -12,6 +12,7 @@ __all__ = [
     "FeatureFlowError",
     "InvalidArgumentError",
     "BankError",
+    "TranscoderError",
     "ModelMismatchError",
     "UnknownFeatureError",
     "CacheError",
@@ -32,6 +33,11 @@ class InvalidArgumentError(FeatureFlowError, ValueError):
 
 class BankError(FeatureFlowError, ValueError):
     """An SAE bank is invalid: bad keys, mixed widths, NaN weights, wrong hooks."""
+
+
+class TranscoderError(BankError):
+    """A transcoder an SAEBank cannot serve: cross-layer, or hooks other than one layer's MLP input and
+    ``hook_mlp_out``."""
 
 
 class ModelMismatchError(FeatureFlowError, ValueError):

@@ -116,6 +116,15 @@ class _ExactSAEWrapper(_compat.SAEWrapper):
     edits the error in place and returns None (as TransformerLens allows).
     """
 
+    def __init__(self, sae: SAE, use_error_term: bool = False):
+        super().__init__(sae, use_error_term=use_error_term)
+        self._bank_input: Tensor | None = None   # a transcoder's input, kept by a hook at its input hook
+
+    def keep_input(self, x: Tensor, hook: Any) -> None:
+        """A hook for a transcoder's input hook: keeps the tensor its encoder reads at this splice, later
+        in the same forward (SAELens's own ``capture_input`` would switch to its inexact splice)."""
+        self._bank_input = x
+
     def _hooked(self) -> bool:
         points = [*self.sae.hook_dict.values(), self.hook_sae_error, self.hook_sae_output]
         return any(_has_hooks(p) for p in points)
@@ -123,10 +132,12 @@ class _ExactSAEWrapper(_compat.SAEWrapper):
     def forward(self, original_output: Tensor) -> Tensor:
         if _compat.wrapper_in_special_mode(self):
             return super().forward(original_output)
+        kept, self._bank_input = self._bank_input, None
         if not self._hooked():
             return original_output
         sae = self.sae
-        x = sites.sae_input(sae, original_output)           # hook_z: the heads flattened where the SAE wants it
+        # hook_z: the heads flattened where the SAE wants it; a transcoder reads its kept input
+        x = sites.sae_input(sae, original_output if kept is None else kept)
         sae_out = sae.decode(sae.encode(x))
         with _compat.disable_sae_hooks(sae):
             clean = sae.decode(sae.encode(x))
@@ -150,6 +161,7 @@ class FlowTransformer(HookedSAETransformer):
         super().__init__(*args, **kwargs)
         self._bank: SAEBank | None = None
         self._bank_wrappers: dict[str, _ExactSAEWrapper] = {}
+        self._bank_keepers: list[Any] = []     # removers of the transcoders' input hooks
         self.fast_path: fastpath.FastPath = fastpath.FastPath(enabled=False)
         self.use_fast_path(fast_path)
 
@@ -251,6 +263,9 @@ class FlowTransformer(HookedSAETransformer):
     def attach(self, bank: SAEBank) -> None:
         """Splice every SAE of ``bank`` in at its site's hook, with the error term on.
 
+        A transcoder is spliced at ``hook_mlp_out`` (:meth:`SAEBank.hook`); a permanent hook at its input
+        hook (:meth:`SAEBank.read_hook`, earlier in the block) keeps what its encoder reads.
+
         The model's outputs are unchanged (up to float rounding); the SAEs' hooks
         (``<site hook>.hook_sae_acts_post`` etc.) become addressable. Everything is
         checked before anything is changed.
@@ -268,25 +283,33 @@ class FlowTransformer(HookedSAETransformer):
         if taken:
             raise FeatureFlowError(f"other SAEs are attached at {taken}: remove them with reset_saes() first")
         added: dict[str, _ExactSAEWrapper] = {}
+        keepers: list[Any] = []
         try:
             for key, sae in bank.items():
                 name = bank.hook(key)
                 # What HookedSAETransformer.add_sae does, with the exact wrapper around a view.
-                added[name] = _ExactSAEWrapper(_view_at(sae, name), use_error_term=True)
+                added[name] = _ExactSAEWrapper(_view_at(sae, bank.read_hook(key)), use_error_term=True)
                 self._install(name, added[name])
+                if bank.read_hook(key) != name:     # a transcoder: its input is kept as the forward passes it
+                    keepers.append(_compat.add_permanent_hook(self.hook_dict[bank.read_hook(key)],
+                                                              added[name].keep_input))
             self.setup()
         except BaseException:
+            for remove in keepers:
+                remove()
             if added:
                 super().reset_saes(list(added))
             raise
-        self._bank, self._bank_wrappers = bank, added
+        self._bank, self._bank_wrappers, self._bank_keepers = bank, added, keepers
 
     def detach(self) -> None:
         """Remove the attached bank's SAEs, restoring the original hook points."""
         if self._bank is None:
             return
         names = [name for name in self._bank_wrappers if name in _compat.sae_wrappers(self)]
-        self._bank, self._bank_wrappers = None, {}
+        for remove in self._bank_keepers:
+            remove()
+        self._bank, self._bank_wrappers, self._bank_keepers = None, {}, []
         if names:
             super().reset_saes(names)
 

@@ -309,9 +309,10 @@ def test_from_pretrained_keys_a_list_of_ids_by_their_hooks(local_sae_lens_releas
     assert local_sae_lens_release[:2] == ["cfg.json", "cfg.json"] and "sae_weights.safetensors" in local_sae_lens_release
 
 
-def test_from_pretrained_refuses_transcoders_before_any_weights_download(local_gemma_scope):
-    with pytest.raises(ff.errors.BankError, match="transcoder"):
-        SAEBank.from_pretrained("gemma-scope-2b-pt-transcoders", ["layer_0/width_16k/average_l0_76"], progress=False)
+def test_from_pretrained_refuses_cross_layer_transcoders_before_any_weights_download(local_gemma_scope):
+    # single-layer transcoders serve the mlp site (tests/saes/test_transcoders.py); cross-layer ones are refused
+    with pytest.raises(ff.errors.TranscoderError, match="cross-layer transcoder"):
+        SAEBank.from_pretrained("mntss-gemma-2-2b-2.5m-clt-as-per-layer", ["layer_0"], progress=False)
     assert local_gemma_scope == []
     with pytest.raises(ff.errors.BankError, match=r"reads hook 'blocks\.3\.hook_mlp_out'.*not the \('res', 3\)"):
         SAEBank.from_pretrained({"res": "gemma-scope-2b-pt-mlp-canonical"}, "layer_{layer}/width_16k/canonical",

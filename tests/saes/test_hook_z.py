@@ -186,9 +186,9 @@ def test_z_saes_of_the_wrong_width_or_hook_are_refused(model):
         SAEBank({("att", 0): _z_sae(model, "hook_z")})                  # the z hook of another layer
     with pytest.raises(BankError, match="expected 'blocks.1.hook_resid_post'"):
         SAEBank({("res", LAYER): _z_sae(model, "hook_z")})               # hook_z is an att site only
-    transcoder = make_sae("mlp", LAYER, hook="blocks.1.ln2.hook_normalized")
+    transcoder = make_sae("mlp", LAYER, hook="blocks.0.ln2.hook_normalized")     # cross-layer: layer 0 in, 1 out
     transcoder.cfg.metadata.hook_name_out = "blocks.1.hook_mlp_out"
-    with pytest.raises(BankError, match="transcoder"):
+    with pytest.raises(BankError, match="cross-layer transcoder"):
         SAEBank({("mlp", LAYER): transcoder})
 
 

@@ -209,7 +209,8 @@ def _target_indices(targets: Sequence[int | str | FeatureRef], layer: int, d_sae
 @torch.no_grad()
 def model_activations(flow: Any, tokens: Tensor, layer: int, *, bank: SAEBank | None = None) -> dict[str, Tensor]:
     """The model's activations ``[seq, d_model]`` of one text at res(L-1), att(L), mlp(L) and res(L)
-    (and, for a ``bank`` whose att SAE reads ``attn.hook_z``, that hook's ``[seq, n_heads, d_head]`` as ``att_in``)."""
+    (and, for a ``bank`` whose att SAE reads ``attn.hook_z``, that hook's ``[seq, n_heads, d_head]`` as ``att_in``;
+    for one whose mlp SAE is a transcoder, its input hook's ``[seq, d_model]`` as ``mlp_in``)."""
     return layer_activations(flow, tokens, [layer], bank=bank)[layer]
 
 
@@ -219,8 +220,9 @@ def layer_activations(flow: Any, tokens: Tensor, layers: list[int], *,
     """:func:`model_activations` of several layers from one forward (up to the last of them)."""
     names = {layer: _names(layer) for layer in layers}
     for layer in layers:
-        if bank is not None and ("att", layer) in bank and bank.hook(("att", layer)) != hook_name("att", layer):
-            names[layer]["att_in"] = bank.hook(("att", layer))
+        for site in ("att", "mlp"):      # a z-SAE reads hook_z, a transcoder the MLP's input
+            if bank is not None and (site, layer) in bank and bank.read_hook((site, layer)) != hook_name(site, layer):
+                names[layer][f"{site}_in"] = bank.read_hook((site, layer))
     wanted = sorted({name for per_layer in names.values() for name in per_layer.values()})
     _, cache = flow.run_with_cache(tokens, names_filter=wanted, stop_at_layer=max(layers) + 1)
     return {layer: {part: cache[name][0] for part, name in per_layer.items()} for layer, per_layer in names.items()}
@@ -238,7 +240,7 @@ def split_at(bank: SAEBank, raw: dict[str, Tensor], layer: int, position: int,
     """:func:`split_from_activations` at one position of cached activations (:func:`model_activations`)."""
     keys = predecessor_keys(layer)
     saes = {site: bank[key] for site, key in keys.items() if key in bank}
-    inputs = {site: raw.get(f"{site}_in", raw[site])[position] for site in saes}    # a z-SAE reads hook_z
+    inputs = {site: raw.get(f"{site}_in", raw[site])[position] for site in saes}    # a z-SAE / transcoder's input
     acts = {site: sae.encode(sae_input(sae, inputs[site].to(sae.W_enc.dtype))) for site, sae in saes.items()}
     decoders = {site: bank.model_decoder(*keys[site]) for site in saes}
     res_sae = bank["res", layer]

@@ -34,7 +34,8 @@ from tl_featureflow.refs import Site, check_site, hook_name
 from tl_featureflow.saes.bank import SAEBank
 from tl_featureflow.saes.features import rescale_delta
 
-__all__ = ["Intervention", "rescale", "intervention_hooks", "intervened", "res_activations", "target_activations"]
+__all__ = ["Intervention", "rescale", "intervention_hooks", "input_keeper", "intervened", "res_activations",
+           "target_activations"]
 
 
 @dataclass(frozen=True)
@@ -63,10 +64,12 @@ def rescale(
     features: Sequence[int],
     positions: Sequence[int],
     r: float,
+    x: Float[Tensor, "batch pos d_in"] | None = None,
 ) -> Float[Tensor, "batch pos d_model"]:
     """``h + (r - 1) * a * v`` at ``positions`` for ``features`` (a new tensor; ``h`` is untouched).
 
-    ``r == 1`` returns ``h`` itself. Out-of-range features or positions raise.
+    ``a`` is read from ``h``, or from ``x`` when given (a transcoder: ``x`` its input, ``h`` its output,
+    both of the same forward). ``r == 1`` returns ``h`` itself. Out-of-range features or positions raise.
     """
     if r == 1:
         return h
@@ -77,23 +80,42 @@ def rescale(
         raise InvalidArgumentError(f"positions {list(positions)} out of range for a sequence of {seq} tokens")
     pos = torch.as_tensor(list(positions), device=h.device)
     sub = h[:, pos]                                               # [batch, n_pos, d_model]
-    delta = rescale_delta(sub, sae, list(features), r - 1.0)       # [batch, n_pos, d_model]
+    delta = rescale_delta(sub, sae, list(features), r - 1.0, x=None if x is None else x[:, pos])  # [batch, n_pos, d_model]
     out = h.clone()
     out[:, pos] = sub + delta.to(h.dtype)
     return out
 
 
 def intervention_hooks(bank: SAEBank, interventions: Sequence[Intervention]) -> list[tuple[str, Callable]]:
-    """TransformerLens forward hooks applying ``interventions`` (for ``model.hooks`` / ``run_with_hooks``)."""
+    """TransformerLens forward hooks applying ``interventions`` (for ``model.hooks`` / ``run_with_hooks``).
+
+    A transcoder's edit needs its input: a hook at its input hook keeps it (:func:`input_keeper`), and the
+    edit at ``hook_mlp_out``, later in the same forward, reads it.
+    """
     hooks = []
     for item in interventions:
         sae = bank[item.key]
+        keep, kept = input_keeper(bank, item.key)
+        hooks += keep
 
-        def hook(h: Tensor, hook: Any, item: Intervention = item, sae: Any = sae) -> Tensor:
-            return rescale(h, sae, item.features, item.positions, item.r)
+        def hook(h: Tensor, hook: Any, item: Intervention = item, sae: Any = sae, kept: dict = kept) -> Tensor:
+            return rescale(h, sae, item.features, item.positions, item.r, x=kept.pop("x", None))
 
         hooks.append((bank.hook(item.key), hook))
     return hooks
+
+
+def input_keeper(bank: SAEBank, key: tuple[Site, int]) -> tuple[list[tuple[str, Callable]], dict[str, Tensor]]:
+    """For a transcoder at ``key``: ``([(its input hook, a hook storing the tensor)], store)``, the tensor under
+    ``store["x"]`` until the edit at ``hook_mlp_out`` takes it; ``([], {})`` for any other SAE."""
+    store: dict[str, Tensor] = {}
+    if bank.read_hook(key) == bank.hook(key):
+        return [], store
+
+    def keep(x: Tensor, hook: Any) -> None:
+        store["x"] = x
+
+    return [(bank.read_hook(key), keep)], store
 
 
 @contextmanager
@@ -169,10 +191,16 @@ def _layer_local_rows(model: Any, bank: SAEBank, entering: Tensor, layer: int, p
     for site in ("mlp", "att"):
         rows = [(row, item) for row, items in enumerate(interventions) for item in items if item.site == site]
         if rows:
-            def hook(h: Tensor, hook: Any, rows: list = rows, sae: Any = bank[(site, layer)]) -> Tensor:
+            keep, kept = input_keeper(bank, (site, layer))          # a transcoder reads its input hook first
+            hooks += keep
+
+            def hook(h: Tensor, hook: Any, rows: list = rows, sae: Any = bank[(site, layer)],
+                     kept: dict = kept) -> Tensor:
+                x = kept.pop("x", None)
                 h = h.clone()
                 for row, item in rows:
-                    h[row:row + 1] = rescale(h[row:row + 1], sae, item.features, item.positions, item.r)
+                    h[row:row + 1] = rescale(h[row:row + 1], sae, item.features, item.positions, item.r,
+                                             x=None if x is None else x[row:row + 1])
                 return h
 
             hooks.append((bank.hook((site, layer)), hook))

@@ -3,9 +3,11 @@
 The bank is the input of everything else: matching reads its decoders, the
 model splices its SAEs in, validation and steering read and write its features.
 It accepts any SAELens SAE class (standard, JumpReLU, TopK, gated...) that reads and
-writes the ``d_model`` space of its site, and attention SAEs on ``attn.hook_z`` (Gemma
+writes the ``d_model`` space of its site, attention SAEs on ``attn.hook_z`` (Gemma
 Scope's), whose rows are mapped into ``d_model`` through the model's ``W_O``
-(:mod:`tl_featureflow.saes.sites`; such a bank needs the model: :meth:`SAEBank.bind`).
+(:mod:`tl_featureflow.saes.sites`; such a bank needs the model: :meth:`SAEBank.bind`), and
+single-layer transcoders at the mlp site (they read the MLP's input, :meth:`SAEBank.read_hook`,
+and write ``hook_mlp_out``, :meth:`SAEBank.hook`).
 
 >>> import tempfile
 >>> from tl_featureflow.synthetic import planted_chain_bank
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -41,7 +44,7 @@ from tl_featureflow._files import (
     write_manifest,
 )
 from tl_featureflow.checks import check_device
-from tl_featureflow.errors import BankError, CacheError, ModelMismatchError, UnknownFeatureError
+from tl_featureflow.errors import BankError, CacheError, ModelMismatchError, TranscoderError, UnknownFeatureError
 from tl_featureflow.refs import (
     SITES,
     FeatureRef,
@@ -76,10 +79,16 @@ def _check_key(key: object) -> Key:
         raise BankError(f"invalid bank key {key!r}: {exc}") from None
 
 
-def _refuse_transcoder(name: str | None, out: str | None, what: str) -> None:
-    if out is not None and out != name:
-        raise BankError(f"SAE {what} reads {name!r} and writes {out!r}: a transcoder (or a cross-layer "
-                        "transcoder); transcoders are not supported as a bank site yet")
+def _check_transcoder(key: Key, sae: SAE) -> None:
+    """A transcoder serves ``("mlp", L)`` when it reads layer L's MLP input and writes its ``hook_mlp_out``."""
+    meta = sae.cfg.metadata
+    if key[0] != "mlp":
+        raise TranscoderError(f"the SAE for {key} is a transcoder (reads {meta.hook_name!r}, writes "
+                              f"{meta.hook_name_out!r}): transcoders serve the mlp site only, as ('mlp', L)")
+    layer = sites.transcoder_layer(sae, f"for {key}")
+    if layer != key[1]:
+        raise TranscoderError(f"the transcoder for {key} reads {meta.hook_name!r} and writes "
+                              f"{meta.hook_name_out!r}: expected layer {key[1]}'s MLP input and output")
 
 
 def _check_sae(key: Key, sae: object) -> SAE:
@@ -88,8 +97,10 @@ def _check_sae(key: Key, sae: object) -> SAE:
     meta = sae.cfg.metadata
     name = meta.hook_name
     z = key[0] == "att" and sites.layer_of_z_hook(name) == key[1]
-    _refuse_transcoder(name, meta.hook_name_out, f"for {key}")
-    if name is not None and name not in hook_aliases(*key) and not z:
+    transcoder = sites.is_transcoder(sae)
+    if transcoder:
+        _check_transcoder(key, sae)
+    if name is not None and name not in hook_aliases(*key) and not z and not transcoder:
         also = f" or {sites.z_hook_name(key[1])!r}" if key[0] == "att" else ""
         raise BankError(
             f"SAE for {key} reads hook {name!r} (d_in {sae.cfg.d_in}): expected {hook_name(*key)!r}{also}. "
@@ -116,11 +127,14 @@ def _keyed_by_hook(saes: Sequence[object]) -> dict[Key, object]:
         if not isinstance(sae, SAE):
             raise BankError(f"SAE {i} of the list is a {type(sae).__name__}: expected a sae_lens.SAE")
         name = sae.cfg.metadata.hook_name
-        key = sites.key_of_sae_hook(name)
+        if sites.is_transcoder(sae):
+            sites.transcoder_layer(sae, f"{i} of the list")       # cross-layer or foreign hooks: refused by name
+        key = sites.key_of_sae_hook(name, sae.cfg.metadata.hook_name_out)
         if key is None:
             raise BankError(f"SAE {i} of the list reads hook {name!r}: its (site, layer) cannot be told from it; "
                             "expected blocks.L.hook_resid_post / hook_resid_pre / hook_mlp_out / hook_attn_out / "
-                            "attn.hook_z, or pass a mapping {(site, layer): sae}")
+                            "attn.hook_z (or a transcoder writing hook_mlp_out), or pass a mapping "
+                            "{(site, layer): sae}")
         if key in keyed:
             raise BankError(f"SAEs {list(keyed).index(key)} and {i} of the list both read {key} ({name!r})")
         keyed[key] = sae
@@ -162,6 +176,7 @@ class SAEBank(Mapping[Key, SAE]):
         self._mapped: dict[Key, tuple[tuple[Any, ...], tuple[Tensor, Tensor]]] = {}   # z-SAEs' (W, b) in d_model
         self._model: Any = None          # set by bind(): the model whose W_O maps the z-SAEs
         self._z_keys = [key for key, sae in self._saes.items() if sites.is_z(sae)]
+        self._transcoder_keys = [key for key, sae in self._saes.items() if sites.is_transcoder(sae)]
 
     # -- mapping -----------------------------------------------------------------------------
     def __getitem__(self, key: Key) -> SAE:
@@ -187,8 +202,9 @@ class SAEBank(Mapping[Key, SAE]):
         """A short text of what the bank holds, e.g. ``res, mlp at layers 3-5 (6 SAEs)``."""
         layers = self.layers
         span = f"{layers[0]}-{layers[-1]}" if len(layers) > 1 else str(layers[0])
-        z = len(self.z_keys)
-        return f"{', '.join(self.sites)} at layers {span} ({len(self)} SAEs{f'; {z} att on attn.hook_z' if z else ''})"
+        z, tc = len(self.z_keys), len(self.transcoder_keys)
+        notes = ([f"{z} att on attn.hook_z"] if z else []) + ([f"{tc} mlp transcoders"] if tc else [])
+        return f"{', '.join(self.sites)} at layers {span} ({len(self)} SAEs{'; ' + ', '.join(notes) if notes else ''})"
 
     # -- shape facts ---------------------------------------------------------------------------
     @property
@@ -210,11 +226,23 @@ class SAEBank(Mapping[Key, SAE]):
         """Keys whose SAE reads ``attn.hook_z`` (mapped into ``d_model`` through ``W_O``)."""
         return list(self._z_keys)
 
+    @property
+    def transcoder_keys(self) -> list[Key]:
+        """Keys whose SAE is a transcoder: it reads the MLP's input (:meth:`read_hook`), writes ``hook_mlp_out``."""
+        return list(self._transcoder_keys)
+
     def hook(self, key: Key) -> str:
-        """The hook the SAE of ``key`` reads and where its features are edited: its site's hook
-        (:func:`~tl_featureflow.refs.hook_name`), or ``blocks.L.attn.hook_z`` for a z-SAE."""
+        """Where the features of ``key`` are edited and its SAE is spliced (its ``hook_sae_acts_post`` lives
+        under it): its site's hook (:func:`~tl_featureflow.refs.hook_name`; ``hook_mlp_out`` for a
+        transcoder), or ``blocks.L.attn.hook_z`` for a z-SAE. For all but transcoders also :meth:`read_hook`."""
         self[key]                                         # an unknown key raises, naming what the bank has
         return sites.z_hook_name(key[1]) if key in self._z_keys else hook_name(*key)
+
+    def read_hook(self, key: Key) -> str:
+        """Where the encoder of ``key`` reads its input: a transcoder's input hook (``cfg.metadata.hook_name``,
+        e.g. ``blocks.L.ln2.hook_normalized``), else :meth:`hook`. It fires before :meth:`hook` in a forward."""
+        sae = self[key]
+        return sae.cfg.metadata.hook_name if key in self._transcoder_keys else self.hook(key)
 
     @property
     def model(self) -> Any:
@@ -226,8 +254,11 @@ class SAEBank(Mapping[Key, SAE]):
         has no z-SAE or is bound to ``model`` already (a new bank of the same SAE objects otherwise).
 
         Raises:
-            ModelMismatchError: a z-SAE's ``d_in`` is not the model's ``n_heads * d_head``.
+            ModelMismatchError: a z-SAE's ``d_in`` is not the model's ``n_heads * d_head``, or the model
+                lacks (or does not run) a transcoder's input hook.
         """
+        for key in self._transcoder_keys:
+            sites.check_transcoder_hooks(model, key, self.read_hook(key))
         if not self._z_keys or self._model is model:
             return self
         width = model.cfg.n_heads * model.cfg.d_head
@@ -471,8 +502,10 @@ class SAEBank(Mapping[Key, SAE]):
           ``blocks.L.attn.hook_z`` is ``("att", L)``), so GPT-2's ``res-jb`` loads as it is.
 
         Every SAE's config is read first (SAELens's ``load_sae_config_from_huggingface``: no weights)
-        and its hook checked, so a release this bank cannot hold (transcoders, another site) is
-        refused before any weights download.
+        and its hooks checked, so a release this bank cannot hold (cross-layer transcoders, another
+        site) is refused before any weights download. Single-layer transcoders (Gemma Scope's,
+        ``blocks.L.ln2.hook_normalized`` to ``blocks.L.hook_mlp_out``) serve the mlp site; with a
+        list of ids they are keyed ``("mlp", L)`` by their output hook.
 
         Example:
             >>> bank = SAEBank.from_pretrained(                      # doctest: +SKIP
@@ -509,6 +542,7 @@ class SAEBank(Mapping[Key, SAE]):
             raise BankError("from_pretrained: no SAE ids given")
         keys: list[Key] = []
         for release, this_id, key in jobs:       # configs only: refuse before any weights
+            _refuse_cross_layer_release(release, this_id, f"release={release!r} sae_id={this_id!r}")
             try:
                 cfg = load_sae_config_from_huggingface(release, this_id, device=str(device))
             except Exception as exc:
@@ -535,14 +569,41 @@ def _key_of_config(cfg: Mapping[str, Any], key: Key | None, what: str) -> Key:
     """The bank key of an SAE from its SAELens config dict (checked against ``key`` when one is asked for)."""
     meta = cfg.get("metadata") or {}
     name = cfg.get("hook_name") or meta.get("hook_name")
-    _refuse_transcoder(name, cfg.get("hook_name_out") or meta.get("hook_name_out"), what)
-    found = sites.key_of_sae_hook(name)
+    out = cfg.get("hook_name_out") or meta.get("hook_name_out")
+    if out is not None and out != name:                  # a transcoder: one layer's MLP input to its hook_mlp_out
+        sites.check_transcoder_config(name, out, what, d_in=cfg.get("d_in"), d_out=cfg.get("d_out"),
+                                      hooks_out=cfg.get("hook_names_out") or meta.get("hook_names_out"))
+    found = sites.key_of_sae_hook(name, out)
     if key is None:
         if found is None:
             raise BankError(f"SAE {what} reads hook {name!r}: its (site, layer) cannot be told from it; expected "
                             "blocks.L.hook_resid_post / hook_resid_pre / hook_mlp_out / hook_attn_out / attn.hook_z")
         return found
     if name is not None and found != key:
-        raise BankError(f"SAE {what} reads hook {name!r}, which is {found or 'no site of a bank'}, not the {key} "
-                        "it was asked for")
+        writes = f" and writes {out!r}" if out is not None and out != name else ""
+        raise BankError(f"SAE {what} reads hook {name!r}{writes}, which is {found or 'no site of a bank'}, not the "
+                        f"{key} it was asked for")
     return key
+
+
+_CLT_RE = re.compile(r"(^|[^a-z])clt([^a-z]|$)")
+#: SAELens loaders that turn a cross-layer transcoder into a single-layer one by summing its decoders over the
+#: layers they write: fine for reading activations, wrong for editing them (an SAEBank refuses them).
+_CLT_LOADERS = ("mntss_clt_layer_transcoder",)
+
+
+def _refuse_cross_layer_release(release: str, sae_id: str, what: str) -> None:
+    """Refuse SAELens releases of cross-layer transcoders (from SAELens's offline directory, before any download):
+    SAELens loads them as single-layer transcoders whose decoder is the sum of the layers they write, which
+    their configs do not say."""
+    from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
+
+    info = get_pretrained_saes_directory().get(release)
+    if info is None:
+        return
+    folder = str(info.saes_map.get(sae_id, ""))
+    if info.conversion_func in _CLT_LOADERS or _CLT_RE.search(folder.lower()) or _CLT_RE.search(release.lower()):
+        raise TranscoderError(
+            f"SAE {what} is a cross-layer transcoder (SAELens loads it as one layer by summing the decoders of "
+            "every layer it writes): an SAEBank serves single-layer transcoders only, one layer's MLP input to "
+            "the same layer's hook_mlp_out")

@@ -37,19 +37,23 @@ def rescale_delta(
     features: Sequence[int] | Tensor,
     factors: Float[Tensor, "*batch n_feat"] | float,
     W: Float[Tensor, "n_feat d_model"] | None = None,
+    x: Tensor | None = None,
 ) -> Float[Tensor, "*batch d_in"]:
     """``sum_f factors[..., f] * a_f(h) * v_f`` in float32: with ``factors = r - 1``, the rescale edit.
 
     ``a_f(h)`` is feature ``f``'s activation read by ``sae``'s own encoder (no gradient),
     ``v_f`` its raw decoder row (pass ``W = W_dec[features]`` to reuse a gathered copy).
     ``factors`` broadcasts against ``[*batch, n_feat]``. For a z-SAE ``h`` is its hook's tensor
-    ``[*batch, n_heads, d_head]`` and so is the result.
+    ``[*batch, n_heads, d_head]`` and so is the result. For a transcoder ``h`` is its output
+    (``hook_mlp_out``) and ``x`` the encoder's input from the same forward (its input hook, same positions):
+    the activations are read from ``x``, the edit is made on ``h``.
     """
     from tl_featureflow.saes.sites import sae_input
 
     index = torch.as_tensor(features, device=h.device, dtype=torch.long)
     with torch.no_grad():
-        acts = sae.encode(sae_input(sae, h.to(sae.W_dec.dtype)))[..., index].float()   # [*batch, n_feat]
+        source = h if x is None else x
+        acts = sae.encode(sae_input(sae, source.to(sae.W_dec.dtype)))[..., index].float()   # [*batch, n_feat]
     if W is None:
         W = sae.W_dec.detach()[index.to(sae.W_dec.device)]
     return ((acts * factors) @ W.to(h.device, torch.float32)).reshape(h.shape)   # hook_z: back to heads

@@ -156,18 +156,22 @@ def evaluate_bank(
 
     device = next(model.parameters()).device
     names = {key: bank.hook(key) for key in bank}                   # a z-SAE reads (and is measured on) hook_z
+    reads = {key: bank.read_hook(key) for key in bank}               # a transcoder reads the MLP's input
     stats = {key: {"sse": 0.0, "sum": torch.zeros(sae.cfg.d_in, dtype=torch.float64),
                    "sumsq": 0.0, "n": 0, "l0": 0.0,
                    "fired": torch.zeros(bank.d_sae(*key), dtype=torch.bool)} for key, sae in bank.items()}
     stop = max(bank.layers) + 1
     for start in tqdm(range(0, tokens.shape[0], batch_size), desc="evaluating SAEs", disable=not progress):
         batch = tokens[start:start + batch_size].to(device)
-        _, cache = model.run_with_cache(batch, names_filter=list(names.values()), stop_at_layer=stop)
+        _, cache = model.run_with_cache(batch, names_filter=sorted({*names.values(), *reads.values()}),
+                                        stop_at_layer=stop)
         for key, sae in bank.items():
             h = cache[names[key]][:, 1:].to(sae.W_dec.dtype)
-            acts = sae.encode(sites.sae_input(sae, h)).flatten(0, 1)
+            h_in = cache[reads[key]][:, 1:].to(sae.W_dec.dtype)
+            acts = sae.encode(sites.sae_input(sae, h_in)).flatten(0, 1)
             x = h.flatten(2).flatten(0, 1)
-            recon = sae.decode(acts).reshape(x.shape)
+            # a transcoder's reconstruction is its whole forward (a skip transcoder adds x @ W_skip.T)
+            recon = (sae(h_in) if reads[key] != names[key] else sae.decode(acts)).reshape(x.shape)
             s = stats[key]
             s["sse"] += float(((x - recon) ** 2).double().sum())
             s["sum"] += x.double().sum(0).cpu()
@@ -189,11 +193,16 @@ def evaluate_bank(
         clean = float(_ce(clean_logits, loss_tokens))
         for row in tqdm(rows, desc="loss recovered", disable=not progress):
             sae = bank[row.site, row.layer]
+            kept: dict[str, Tensor] = {}
 
-            def splice(act: Tensor, hook: Any, sae: Any = sae) -> Tensor:
+            def keep(act: Tensor, hook: Any, kept: dict = kept) -> None:
+                kept["x"] = act
+
+            def splice(act: Tensor, hook: Any, sae: Any = sae, kept: dict = kept) -> Tensor:
                 out = act.clone()
                 inner = act[:, 1:]
-                out[:, 1:] = sae(sites.sae_input(sae, inner.to(sae.W_dec.dtype))).reshape(inner.shape).to(act.dtype)
+                source = kept.pop("x", act)[:, 1:]          # a transcoder's input, else the site's own tensor
+                out[:, 1:] = sae(sites.sae_input(sae, source.to(sae.W_dec.dtype))).reshape(inner.shape).to(act.dtype)
                 return out
 
             def zero(act: Tensor, hook: Any) -> Tensor:
@@ -203,8 +212,10 @@ def evaluate_bank(
 
             name, start = names[(row.site, row.layer)], resid[starts[row.layer]]
             ce = {}
+            read = reads[(row.site, row.layer)]
             for label, edit in (("spliced", splice), ("zero", zero)):
-                logits = model.run_with_hooks(start, start_at_layer=row.layer, fwd_hooks=[(name, edit)])
+                hooks = [(name, edit)] if read == name else [(read, keep), (name, edit)]
+                logits = model.run_with_hooks(start, start_at_layer=row.layer, fwd_hooks=hooks)
                 ce[label] = float(_ce(logits, loss_tokens))
             row.ce_clean, row.ce_spliced, row.ce_zero = clean, ce["spliced"], ce["zero"]
             row.loss_recovered = (ce["zero"] - ce["spliced"]) / (ce["zero"] - clean) if ce["zero"] != clean else None

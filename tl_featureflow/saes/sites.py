@@ -24,6 +24,21 @@ themselves (they take ``[..., n_heads, d_head]``), others take the flat ``[..., 
 >>> sae = make_sae("att", 0, d_in=4, hook="blocks.0.attn.hook_z")
 >>> is_z(sae), sae_input(sae, torch.zeros(2, 5, 2, 2)).shape       # 2 heads of d_head 2, flattened
 (True, torch.Size([2, 5, 4]))
+
+Transcoders (SAELens's ``Transcoder``, ``SkipTranscoder``, their JumpReLU kinds) serve the ``mlp``
+site: one reads the MLP's input at layer L (``cfg.metadata.hook_name``, one of
+:data:`TRANSCODER_INPUTS`) and writes ``blocks.L.hook_mlp_out`` (``cfg.metadata.hook_name_out``).
+Its decoder rows are in ``mlp_out`` space already, so matching reads them as they are; its
+activations come from its encoder on its input hook, and edits go to ``hook_mlp_out``
+(:func:`transcoder_layer` checks both hooks). Every input hook fires before ``hook_mlp_out`` in
+the same block, so an edit at the output can use activations read at the input in the same forward.
+A skip transcoder's ``W_skip`` path is linear in the input and carries no feature: it counts with
+the reconstruction error. Cross-layer transcoders are refused: their features write several layers.
+
+>>> tc = make_sae("mlp", 2, hook="blocks.2.ln2.hook_normalized")
+>>> tc.cfg.metadata.hook_name_out = "blocks.2.hook_mlp_out"
+>>> is_transcoder(tc), transcoder_layer(tc, "tc")
+(True, 2)
 """
 
 from __future__ import annotations
@@ -35,11 +50,12 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from tl_featureflow.errors import ModelMismatchError
-from tl_featureflow.refs import Key, site_of_hook
+from tl_featureflow.errors import ModelMismatchError, TranscoderError
+from tl_featureflow.refs import Key, hook_name, site_of_hook
 
 __all__ = ["Z_SUFFIX", "z_hook_name", "layer_of_z_hook", "key_of_sae_hook", "is_z", "sae_input", "z_write_map",
-           "z_map_tensors"]
+           "z_map_tensors", "TRANSCODER_INPUTS", "is_transcoder", "transcoder_layer", "check_transcoder_config",
+           "check_transcoder_hooks"]
 
 Z_SUFFIX = "attn.hook_z"
 _Z_RE = re.compile(r"^blocks\.(\d+)\.attn\.hook_z$")
@@ -56,12 +72,85 @@ def layer_of_z_hook(name: str | None) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def key_of_sae_hook(name: str | None) -> Key | None:
-    """The bank key of an SAE that reads hook ``name``: its site's (:func:`~tl_featureflow.refs.site_of_hook`),
-    ``("att", L)`` for ``blocks.L.attn.hook_z``, or None."""
+def key_of_sae_hook(name: str | None, out: str | None = None) -> Key | None:
+    """The bank key of an SAE that reads hook ``name`` (and writes ``out``): its site's
+    (:func:`~tl_featureflow.refs.site_of_hook`), ``("att", L)`` for ``blocks.L.attn.hook_z``,
+    ``("mlp", L)`` for a transcoder writing ``blocks.L.hook_mlp_out``, or None."""
+    if out is not None and out != name:
+        found = site_of_hook(out)
+        return found if found is not None and found[0] == "mlp" else None
     found = site_of_hook(name) if name else None
     layer = layer_of_z_hook(name)
     return ("att", layer) if found is None and layer is not None else found
+
+
+#: Where a transcoder of layer L may read the MLP's input: ``blocks.L.<one of these>``. All fire before
+#: ``blocks.L.hook_mlp_out`` (``hook_mlp_in`` only when ``cfg.use_hook_mlp_in``; ``mlp.hook_in`` is the
+#: hook SAELens's ``HookedSAETransformer`` adds to every MLP).
+TRANSCODER_INPUTS: tuple[str, ...] = ("ln2.hook_normalized", "hook_resid_mid", "hook_mlp_in", "mlp.hook_in")
+_BLOCK_RE = re.compile(r"^blocks\.(\d+)\.(.+)$")
+
+
+def _layer_of(name: str | None) -> int | None:
+    match = _BLOCK_RE.match(name or "")
+    return int(match.group(1)) if match else None
+
+
+def is_transcoder(sae: Any) -> bool:
+    """Whether ``sae`` writes another hook than it reads (``cfg.metadata.hook_name_out``): a transcoder."""
+    meta = sae.cfg.metadata
+    return meta.hook_name_out is not None and meta.hook_name_out != meta.hook_name
+
+
+def transcoder_layer(sae: Any, what: str) -> int:
+    """The layer L of a single-layer MLP transcoder: it reads ``blocks.L.<TRANSCODER_INPUTS>`` and writes
+    ``blocks.L.hook_mlp_out`` with one ``[d_sae, d_model]`` decoder of ``d_out == d_in``.
+
+    Raises:
+        TranscoderError: naming ``what`` (the SAE) and what was expected, for a cross-layer or
+            multi-layer transcoder, hooks we do not serve, or an output width unlike its input's.
+    """
+    meta, cfg = sae.cfg.metadata, sae.cfg
+    W_dec = getattr(sae, "W_dec", None)
+    return check_transcoder_config(meta.hook_name, meta.hook_name_out, what, d_in=cfg.d_in,
+                                   d_out=getattr(cfg, "d_out", cfg.d_in),
+                                   decoder_shape=tuple(W_dec.shape) if W_dec is not None else None,
+                                   hooks_out=getattr(meta, "hook_names_out", None))
+
+
+def check_transcoder_config(name: str | None, out: str | None, what: str, *, d_in: int | None = None,
+                            d_out: int | None = None, decoder_shape: tuple[int, ...] | None = None,
+                            hooks_out: Any = None) -> int:
+    """:func:`transcoder_layer` from config facts alone (SAELens config dicts are read before any weights)."""
+    layer, out_layer = _layer_of(name), _layer_of(out)
+    several = bool(hooks_out) or (decoder_shape is not None and len(decoder_shape) != 2)
+    if several or (layer is not None and out_layer is not None and layer != out_layer):
+        shape = f" (decoder of shape {decoder_shape})" if decoder_shape is not None and len(decoder_shape) != 2 else ""
+        raise TranscoderError(
+            f"transcoder {what} reads {name!r} and writes {out!r}{shape}: a cross-layer transcoder, whose "
+            "features write several layers; an SAEBank serves single-layer transcoders only (one layer's MLP "
+            "input to the same layer's hook_mlp_out)")
+    if layer is None or name not in [f"blocks.{layer}.{suffix}" for suffix in TRANSCODER_INPUTS] \
+            or out != hook_name("mlp", layer):
+        raise TranscoderError(
+            f"transcoder {what} reads {name!r} and writes {out!r}: an SAEBank serves transcoders at the mlp site "
+            f"only, reading blocks.L.{{{', '.join(TRANSCODER_INPUTS)}}} and writing blocks.L.hook_mlp_out")
+    if d_in is not None and d_out is not None and d_out != d_in:
+        raise TranscoderError(f"transcoder {what} maps d_in {d_in} to d_out {d_out}: expected a transcoder from "
+                              "the MLP's input to its output, both d_model wide")
+    return layer
+
+
+def check_transcoder_hooks(model: Any, key: Key, read: str) -> None:
+    """Raise ModelMismatchError unless ``model`` has (and fires) the input hook ``read`` of the transcoder at
+    ``key``: ``hook_mlp_in`` fires only with ``cfg.use_hook_mlp_in``; ``mlp.hook_in`` is SAELens's."""
+    if read.endswith(".hook_mlp_in") and not getattr(model.cfg, "use_hook_mlp_in", False):
+        raise ModelMismatchError(f"the transcoder at {key} reads {read!r}, which this model only runs with "
+                                 "model.set_use_hook_mlp_in(True)")
+    if read not in model.hook_dict:
+        extra = " (a hook of SAELens's HookedSAETransformer: wrap the model with FlowTransformer.from_hooked)" \
+            if read.endswith("mlp.hook_in") else ""
+        raise ModelMismatchError(f"the model has no hook {read!r} for the transcoder at {key}{extra}")
 
 
 def is_z(sae: Any) -> bool:

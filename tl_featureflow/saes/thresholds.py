@@ -44,7 +44,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from tl_featureflow.checks import check_int
-from tl_featureflow.errors import InvalidArgumentError
+from tl_featureflow.errors import InvalidArgumentError, TranscoderError
 
 __all__ = ["cut_thresholds", "squared_error_change", "ThresholdCalibration", "calibrate_thresholds",
            "calibrate_bank", "THRESHOLD_FLOOR"]
@@ -325,6 +325,10 @@ def calibrate_bank(
     from tl_featureflow.saes.stream import ActivationStream
 
     n_tokens = check_int(n_tokens, "n_tokens", low=1)
+    if bank.transcoder_keys:
+        raise TranscoderError(f"per-feature thresholds are calibrated on what an SAE reads and reconstructs, one "
+                              f"tensor; the transcoders at {bank.transcoder_keys} read one and write another: "
+                              "calibrate a bank without them")
     keys = sorted(bank, key=lambda key: (key[1], key[0]))
     per_key = n_tokens * max(sae.cfg.d_in for sae in bank.values()) * 4
     group_size = max(1, max_bytes // per_key)

@@ -54,6 +54,7 @@ thread its own model).
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import threading
@@ -322,7 +323,15 @@ class Steerer:
         for edit in self._edits:
             by_hook.setdefault((edit.key, self._edit_hook(edit)), []).append(edit)
         ordered = sorted(by_hook.items(), key=lambda kv: (kv[0][0][1], kv[0][0][0], kv[0][1]))  # by layer, site
-        hooks = [(name, self._make_hook(key, edits)) for (key, name), edits in ordered]
+        hooks = []
+        for (key, name), edits in ordered:
+            store: dict[str, Tensor] | None = None
+            if self.bank is not None and any(e.op == "rescale" for e in edits) \
+                    and self.bank.read_hook(key) != self.bank.hook(key):
+                # a transcoder: its encoder reads its input hook, earlier in the same forward, kept here
+                store = {}
+                hooks.append((self._hook_name(key, self.bank.read_hook(key)), functools.partial(_keep, store)))
+            hooks.append((name, self._make_hook(key, edits, store)))
         if hooks and self.positions != "all":
             hooks.insert(0, (_COUNTER_HOOK, self._count_positions))
         return hooks
@@ -445,7 +454,8 @@ class Steerer:
 
     def _edit_hook(self, edit: _Edit) -> str:
         """Adds go to the site's hook (in ``d_model``); rescales read the SAE's own encoder at the SAE's
-        own hook (``attn.hook_z`` for a z-SAE, where the rescale of ``a * v`` is exact)."""
+        own hook (``attn.hook_z`` for a z-SAE, where the rescale of ``a * v`` is exact; a transcoder's edit
+        is at ``hook_mlp_out``, its activations read from its input hook in the same forward)."""
         if edit.op == "rescale" and self.bank is not None:
             return self._hook_name(edit.key, self.bank.hook(edit.key))
         return self._hook_name(edit.key)
@@ -480,7 +490,8 @@ class Steerer:
         keep = absolute < gen.prompt_len if self.positions == "prompt" else absolute >= gen.prompt_len
         return keep.nonzero().squeeze(-1)
 
-    def _make_hook(self, key: tuple[Site, int], edits: list[_Edit]) -> Callable:
+    def _make_hook(self, key: tuple[Site, int], edits: list[_Edit], store: dict[str, Tensor] | None = None
+                   ) -> Callable:
         adds = [e for e in edits if e.op == "add"]
         rescales = [e for e in edits if e.op == "rescale"]
         sae = self.bank[key] if rescales else None  # type: ignore[index]
@@ -493,6 +504,7 @@ class Steerer:
                       if per_row else None)                                                  # [batch, d_model]
 
         def hook(h: Tensor, hook: Any) -> Tensor:
+            kept = store.pop("x", None) if store is not None else None    # a transcoder's input, this forward's
             batch = h.shape[0]
             idx = self._steered_positions(h.shape[1], h.device)
             if idx is not None and idx.numel() == 0:
@@ -506,7 +518,8 @@ class Steerer:
                 delta = delta.expand(batch, sub.shape[1], h.shape[-1])
             if rescales:
                 factors = torch.stack([_rows(e.coef, batch, key).to(h.device) - 1.0 for e in rescales], -1)
-                change = rescale_delta(sub, sae, feats, factors[:, None, :], W)
+                x = kept if kept is None or idx is None else kept[:, idx]
+                change = rescale_delta(sub, sae, feats, factors[:, None, :], W, x=x)
                 delta = change if delta is None else delta + change
             steered = sub + delta.to(h.dtype)
             if idx is None:
@@ -516,6 +529,11 @@ class Steerer:
             return out
 
         return hook
+
+
+def _keep(store: dict[str, Tensor], x: Tensor, hook: Any) -> None:
+    """Keep a transcoder's input (``store["x"]``) for the rescale at its output hook, later in the forward."""
+    store["x"] = x
 
 
 def _wrap_generate(model: Any, stack: ExitStack) -> None:

@@ -92,7 +92,7 @@ def _by_hand(model, bank, tokens, features, position, r) -> torch.Tensor:
 # ------------------------------------------------------------------------------ the bank
 def test_a_transcoder_serves_the_mlp_site_and_matches_like_its_twin(model):
     tc_bank, twin_bank = _banks()
-    assert tc_bank.transcoder_keys == [("mlp", LAYER)] and "1 mlp transcoders" in tc_bank.describe()
+    assert tc_bank.transcoder_keys == [("mlp", LAYER)] and "1 mlp transcoder)" in tc_bank.describe()
     assert (tc_bank.read_hook(("mlp", LAYER)), tc_bank.hook(("mlp", LAYER))) == (IN_HOOK, OUT_HOOK)
     assert tc_bank.read_hook(("res", LAYER)) == tc_bank.hook(("res", LAYER)) == RES_HOOK
     assert torch.equal(tc_bank.decoder("mlp", LAYER), twin_bank.decoder("mlp", LAYER))    # no model needed

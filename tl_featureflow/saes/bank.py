@@ -203,7 +203,8 @@ class SAEBank(Mapping[Key, SAE]):
         layers = self.layers
         span = f"{layers[0]}-{layers[-1]}" if len(layers) > 1 else str(layers[0])
         z, tc = len(self.z_keys), len(self.transcoder_keys)
-        notes = ([f"{z} att on attn.hook_z"] if z else []) + ([f"{tc} mlp transcoders"] if tc else [])
+        notes = [f"{z} att on attn.hook_z"] if z else []
+        notes += [f"{tc} mlp transcoder{'s' if tc > 1 else ''}"] if tc else []
         return f"{', '.join(self.sites)} at layers {span} ({len(self)} SAEs{'; ' + ', '.join(notes) if notes else ''})"
 
     # -- shape facts ---------------------------------------------------------------------------

@@ -13,6 +13,16 @@ def test_help_is_fast_and_lists_the_demo():
     assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.strip() == "False"
 
 
+def test_python_dash_m_is_the_featureflow_command():
+    """``python -m tl_featureflow`` (what ``torchrun -m tl_featureflow`` runs) is the CLI: same help, same exit codes."""
+    out = subprocess.run([sys.executable, "-m", "tl_featureflow", "--help"], capture_output=True, text=True,
+                         check=True, timeout=60)
+    assert out.stdout.startswith("usage: featureflow") and "validate" in out.stdout
+    bad = subprocess.run([sys.executable, "-m", "tl_featureflow", "map", "--k", "x"], capture_output=True, text=True,
+                         timeout=60)
+    assert bad.returncode == 2 and "--k" in bad.stderr
+
+
 def test_demo_arguments_parse():
     args = build_parser().parse_args(["demo", "--max-new-tokens", "3", "--device", "cpu"])
     assert args.max_new_tokens == 3 and args.device == "cpu"

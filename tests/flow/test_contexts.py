@@ -210,3 +210,59 @@ def test_memory_stays_bounded_on_a_stream_larger_than_memory_allows_for_its_acti
     assert n_tokens == 2048 * 63 and n_tokens * 8192 * 4 > 2500 * 2**20
     assert fits == 0, "the memory limit did not bite: all activations would have fit"
     assert fired > 4000                                     # the pass saw real activations
+
+
+# -- shards of the texts, merged (issue 25) -------------------------------------------------------------
+@pytest.fixture
+def tied_corpus():
+    """Nine rows, two of them repeated: every activation of row 6 (8) equals row 2's (1's) exactly."""
+    corpus = torch.randint(0, D_VOCAB, (9, 10), generator=torch.Generator().manual_seed(3))
+    corpus[6], corpus[8] = corpus[2], corpus[1]
+    return corpus
+
+
+def _tables_equal(a: TopContexts, b: TopContexts) -> dict[str, bool]:
+    return {name: all(torch.equal(getattr(a, name)[k], getattr(b, name)[k]) for k in b.values)
+            for name in TopContexts._TABLES}
+
+
+@pytest.mark.parametrize("cuts", [[0, 4, 9], [0, 2, 6, 9], [0, 3, 5, 9]], ids=["2 shards", "3 shards", "3 unaligned"])
+def test_merged_shards_equal_one_pass_over_all_rows(tiny_model, bank_factory, tied_corpus, cuts):
+    bank = bank_factory(layers=[0, 2])
+    settings = dict(n=N, batch_size=2, left=LEFT, right=RIGHT, progress=False)
+    whole = collect_top_contexts(tiny_model, bank, tied_corpus, **settings)
+    ties = sum(int(((v[:, 1:] == v[:, :-1]) & (v[:, 1:] > 0)).sum()) for v in whole.values.values())
+    assert ties > 10                                   # the repeated rows put equal activations among the top contexts
+    parts = [collect_top_contexts(tiny_model, bank, tied_corpus[a:b], first_doc=a, **settings)
+             for a, b in zip(cuts, cuts[1:], strict=False)]
+    assert parts[1].meta["first_doc"] == cuts[1] and int(parts[1].doc[("res", 0)].max()) >= cuts[1]
+    merged = TopContexts.merge(parts, meta=whole.meta)
+    assert _tables_equal(merged, whole) == {name: True for name in TopContexts._TABLES}
+    assert (merged.n_tokens, merged.meta, merged.n, merged.left, merged.right) == \
+        (whole.n_tokens, whole.meta, whole.n, whole.left, whole.right)
+    assert TopContexts.merge(parts[::-1], meta=whole.meta).doc[("res", 2)].equal(whole.doc[("res", 2)])  # any order
+    assert TopContexts.merge(parts).meta["tokens"] is None           # a shard's digest is not the whole's
+
+
+def test_equal_activations_are_kept_in_text_order(tiny_model, bank_factory, tied_corpus):
+    """Rows 2 and 6 are the same text: where both make a feature's top contexts at one position, row 2 comes first."""
+    bank = bank_factory(sites=["res"], layers=[0])
+    contexts = collect_top_contexts(tiny_model, bank, tied_corpus, n=8, batch_size=3, progress=False)
+    values, doc, pos = contexts.values[("res", 0)], contexts.doc[("res", 0)], contexts.pos[("res", 0)]
+    seen = 0
+    for f in range(values.shape[0]):
+        for a in range(values.shape[1] - 1):
+            if values[f, a] > 0 and values[f, a] == values[f, a + 1]:
+                assert (int(doc[f, a]), int(pos[f, a])) < (int(doc[f, a + 1]), int(pos[f, a + 1])), (f, a)
+                seen += 1
+    assert seen > 5
+
+
+def test_merge_refuses_tables_of_other_settings(tiny_model, bank_factory, tied_corpus):
+    bank = bank_factory(sites=["res"], layers=[0])
+    a = collect_top_contexts(tiny_model, bank, tied_corpus[:4], n=3, progress=False)
+    b = collect_top_contexts(tiny_model, bank, tied_corpus[4:], n=4, first_doc=4, progress=False)
+    with pytest.raises(ff.InvalidArgumentError, match=r"part 1 .* differs from part 0 in \['meta', 'n', 'shapes'\]"):
+        TopContexts.merge([a, b])
+    with pytest.raises(ff.InvalidArgumentError, match="non-empty list of TopContexts"):
+        TopContexts.merge([])

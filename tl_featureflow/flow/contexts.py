@@ -31,7 +31,7 @@ import hashlib
 import json
 import warnings
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -57,7 +57,7 @@ from tl_featureflow.refs import FeatureRef, Key, Site
 from tl_featureflow.saes.bank import SAEBank
 from tl_featureflow.saes.stream import token_batches
 
-__all__ = ["TopContexts", "Example", "collect_top_contexts", "feature_contexts", "HIST_EDGES",
+__all__ = ["TopContexts", "Example", "collect_top_contexts", "feature_contexts", "contexts_meta", "HIST_EDGES",
            "DEFAULT_CONTEXT_ROWS"]
 
 _MANIFEST = "contexts.json"
@@ -216,6 +216,60 @@ class TopContexts:
         within = (q * total - before) / max(float(counts[b]), 1.0)
         return 10 ** (_LOG_LO + _LOG_STEP * (b + within))
 
+    # -- merging -------------------------------------------------------------------------------------
+    @classmethod
+    def merge(cls, parts: Sequence[TopContexts], *, meta: dict[str, Any] | None = None) -> TopContexts:
+        """The table of all the parts' rows together, from tables of shards of them (what ranks that each
+        read some rows of one text send back).
+
+        Each part is :func:`collect_top_contexts` over some rows of the same text, numbered as in the
+        whole (``first_doc``), with the same SAEs and settings; no row in two parts. The top contexts
+        are ranked again by (activation descending, doc, position), the order one pass keeps them in;
+        histograms and token counts add up. The result equals one pass over all the rows exactly
+        (same activations: shards cut at multiples of the pass's ``batch_size`` see the same batches),
+        except ``act_sum``, float64 sums added in another order (equal to about 1e-15, relative).
+
+        ``meta``: the whole pass's (:func:`contexts_meta` of the SAEs and all the rows); by default the
+        first part's, without its shard's token digest and ``first_doc``.
+        """
+        parts = list(parts)
+        if not parts or not all(isinstance(p, TopContexts) for p in parts):
+            raise InvalidArgumentError(f"TopContexts.merge needs a non-empty list of TopContexts, got "
+                                       f"{[type(p).__name__ for p in parts] or 'none'}")
+        first = parts[0]
+
+        def settings(part: TopContexts) -> dict[str, Any]:
+            shapes = {key: tuple(v.shape) for key, v in part.values.items()}
+            other = {k: v for k, v in part.meta.items() if k not in ("tokens", "first_doc")}
+            return {"n": part.n, "left": part.left, "right": part.right, "shapes": shapes, "meta": other}
+
+        expected = settings(first)
+        for i, part in enumerate(parts[1:], start=1):
+            found = settings(part)
+            if found != expected:
+                differ = sorted(k for k in expected if found[k] != expected[k])
+                raise InvalidArgumentError(f"part {i} of the merge differs from part 0 in {differ}: expected "
+                                           "tables of the same SAEs and settings, over other rows of one text")
+        tables: dict[str, dict[Key, Tensor]] = {name: {} for name in cls._TABLES}
+        for key in first.values:
+            values = torch.cat([p.values[key] for p in parts], dim=1)          # [d_sae, parts * n]
+            doc = torch.cat([p.doc[key] for p in parts], dim=1)
+            pos = torch.cat([p.pos[key] for p in parts], dim=1)
+            order = pos.argsort(dim=1, stable=True)                           # lexicographic: the last key first
+            order = order.gather(1, doc.gather(1, order).argsort(dim=1, stable=True))
+            order = order.gather(1, values.gather(1, order).argsort(dim=1, descending=True, stable=True))
+            keep = order[:, :first.n]                                         # blank slots (0, doc -1) sort last
+            tables["values"][key] = values.gather(1, keep)
+            tables["doc"][key], tables["pos"][key] = doc.gather(1, keep), pos.gather(1, keep)
+            for name in ("window_tokens", "window_acts"):
+                tables[name][key] = _take(torch.cat([getattr(p, name)[key] for p in parts], dim=1), keep)
+            tables["hist"][key] = sum((p.hist[key] for p in parts[1:]), parts[0].hist[key].clone())
+            tables["act_sum"][key] = sum((p.act_sum[key] for p in parts[1:]), parts[0].act_sum[key].clone())
+        if meta is None:
+            meta = {k: v for k, v in first.meta.items() if k != "first_doc"} | {"tokens": None}
+        return cls(first.n, first.left, first.right, **tables, n_tokens=sum(p.n_tokens for p in parts),
+                   meta=dict(meta))
+
     # -- saving --------------------------------------------------------------------------------------
     _TABLES = ("values", "doc", "pos", "window_tokens", "window_acts", "hist", "act_sum")
 
@@ -286,8 +340,7 @@ class _Running:
         self.hist += torch.bincount(feats * _N_BINS + bins, minlength=d_sae * _N_BINS)
         self.act_sum += scored.double().sum(0)
         m = min(self.n, scored.shape[0])
-        top_values, top_rows = scored.topk(m, dim=0)                        # [m, d_sae]
-        top_values, top_rows = top_values.T, top_rows.T                     # [d_sae, m]
+        top_values, top_rows = _ordered_topk(scored.T, m)                   # [d_sae, m]; ties: earlier row first
         docs, positions = top_rows // (p - offset), top_rows % (p - offset) + offset
         span = torch.arange(-left, right + 1)
         padded_acts = torch.nn.functional.pad(acts, (0, 0, left, right))    # [b, p + left + right, d_sae]
@@ -297,9 +350,8 @@ class _Running:
         window_acts = padded_acts[docs[..., None], at, feature]
         window_tokens = padded_tokens[docs[..., None], at]
         where = torch.stack([docs + first_doc, positions], dim=-1)
-        values = torch.cat([self.values, top_values], dim=1)
-        keep = values.topk(min(self.n, values.shape[1]), dim=1).indices     # [d_sae, n]
-        self.values = values.gather(1, keep)
+        values = torch.cat([self.values, top_values], dim=1)                # kept (earlier texts) first
+        self.values, keep = _ordered_topk(values, min(self.n, values.shape[1]))   # [d_sae, n]
         self.where = _take(torch.cat([self.where, where], dim=1), keep)
         self.window_tokens = _take(torch.cat([self.window_tokens, window_tokens], dim=1), keep)
         self.window_acts = _take(torch.cat([self.window_acts, window_acts], dim=1), keep)
@@ -307,6 +359,26 @@ class _Running:
 
 def _take(table: Tensor, keep: Int[Tensor, "d k"]) -> Tensor:
     return table.gather(1, keep[..., None].expand(-1, -1, table.shape[-1]))
+
+
+def _ordered_topk(values: Float[Tensor, "d m"], k: int) -> tuple[Float[Tensor, "d k"], Int[Tensor, "d k"]]:
+    """``values.topk(k, dim=1)``, with equal positive values in column order (the lower column first).
+
+    The order a top context is kept in is then a function of the texts alone: (activation
+    descending, then doc, then position), whatever the batches or shards the texts came in (so
+    :meth:`TopContexts.merge` of shards equals one pass). ``torch.topk``'s own tie order is
+    unspecified; k+1 values show every tie that could matter, and only the rows with a tie
+    among positive values (rare with float activations; zeros are blank slots) are redone
+    with a stable sort.
+    """
+    top_values, top_index = values.topk(min(k + 1, values.shape[1]), dim=1)
+    tied = ((top_values[:, 1:] == top_values[:, :-1]) & (top_values[:, 1:] > 0)).any(dim=1)
+    top_values, top_index = top_values[:, :k], top_index[:, :k]
+    if bool(tied.any()):
+        rows = tied.nonzero().squeeze(1)
+        sorted_values, sorted_index = torch.sort(values[rows], dim=1, descending=True, stable=True)
+        top_values[rows], top_index[rows] = sorted_values[:, :k], sorted_index[:, :k]
+    return top_values, top_index
 
 
 @torch.no_grad()
@@ -325,6 +397,7 @@ def collect_top_contexts(
     path: str | Path | None = None,
     device: torch.device | str | None = None,
     progress: bool = True,
+    first_doc: int = 0,
 ) -> TopContexts:
     """One pass over ``tokens`` keeping each feature's ``n`` strongest contexts and its histogram.
 
@@ -338,19 +411,24 @@ def collect_top_contexts(
         path: a cache folder: loaded when it holds contexts of the same bank, tokens and
             settings, else computed and written there (a stream has no digest: not cached).
         device: where the model runs (default: where its weights are).
+        first_doc: the number of the first row in ``doc`` (a shard of a larger text's rows numbers
+            them as the whole text does, so that :meth:`TopContexts.merge` of the shards equals one pass).
+
+    Ties (equal activations) are kept in text order, earlier row and position first.
     """
     from tqdm.auto import tqdm
 
     from tl_featureflow.model import FlowTransformer
 
     check_int(n, "n", low=1), check_int(batch_size, "batch_size", low=1)
-    check_int(left, "left"), check_int(right, "right")
+    check_int(left, "left"), check_int(right, "right"), check_int(first_doc, "first_doc")
     chosen = bank.select(sites=sites, layers=layers)
     is_tensor = isinstance(tokens, Tensor)
     if is_tensor:
         check_tokens(tokens, model.cfg.d_vocab, n_ctx=model.cfg.n_ctx)
-    meta = {"bank_fingerprint": chosen.fingerprint(), "tokens": tensor_digest(tokens) if is_tensor else None,
-            "n": n, "left": left, "right": right, "skip_first": skip_first, "keys": [list(k) for k in chosen]}
+    meta = contexts_meta(chosen, tokens if is_tensor else None, n=n, left=left, right=right, skip_first=skip_first)
+    if first_doc:
+        meta["first_doc"] = first_doc
     if path is not None and is_tensor:
         cached = _load_matching(Path(path), meta)
         if cached is not None:
@@ -360,7 +438,7 @@ def collect_top_contexts(
     offset = 1 if skip_first else 0
     state = {key: _Running(sae.cfg.d_sae, n, left + 1 + right) for key, sae in chosen.items()}
     total = -(-tokens.shape[0] // batch_size) if is_tensor else None
-    n_docs = n_tokens = 0
+    n_docs, n_tokens = first_doc, 0
     for batch in tqdm(token_batches(tokens, batch_size), total=total, desc="feature contexts", unit="batch",
                       disable=not progress):
         if not is_tensor:
@@ -378,6 +456,14 @@ def collect_top_contexts(
     if path is not None and is_tensor:
         result.save(path)
     return result
+
+
+def contexts_meta(bank: SAEBank, tokens: Tensor | None, *, n: int, left: int, right: int,
+                  skip_first: bool) -> dict[str, Any]:
+    """The ``meta`` of :func:`collect_top_contexts` over ``tokens`` (None: a stream, no digest) with ``bank``
+    (already restricted to the SAEs read): what a cached or merged table must agree with."""
+    return {"bank_fingerprint": bank.fingerprint(), "tokens": tensor_digest(tokens) if tokens is not None else None,
+            "n": n, "left": left, "right": right, "skip_first": skip_first, "keys": [list(k) for k in bank]}
 
 
 def _finish(state: dict[Key, _Running], n: int, left: int, right: int, n_tokens: int,

@@ -27,7 +27,35 @@ from tl_featureflow.flow.methods import METHODS
 from tl_featureflow.refs import Site
 from tl_featureflow.saes.bank import SAEBank
 
-__all__ = ["validate", "METHODS"]
+__all__ = ["validate", "text_generator", "METHODS"]
+
+#: The step between the seeds of consecutive texts (2^64 / golden ratio, SplitMix64's increment): text 0 keeps
+#: the run's seed, the others' seeds lie far apart.
+_TEXT_SEED_STEP = 0x9E3779B97F4A7C15
+
+
+def text_generator(seed: int, text: int) -> torch.Generator:
+    """The generator of one text's random draws in :func:`validate` (its positions, targets and loss samples).
+
+    Seeded from the run's ``seed`` and the text's index in the whole input (text 0 gets ``seed``
+    itself), never from the draws of the texts before it: a text gets the same draws whichever
+    texts are validated with it, so shards of the texts validated apart (ranks of a distributed
+    run) and merged give the rows of one run.
+    """
+    return torch.Generator().manual_seed((seed + text * _TEXT_SEED_STEP) % 2**64)
+
+
+def _texts(texts: Sequence[int] | None, n_texts: int) -> list[int]:
+    """The indices of the texts to validate: all by default, else distinct, increasing and in range."""
+    if texts is None:
+        return list(range(n_texts))
+    if isinstance(texts, (str, bytes)) or not isinstance(texts, Sequence):
+        raise InvalidArgumentError(f"texts={texts!r}: expected a sequence of text indices, e.g. range(4, 8)")
+    chosen = [check_int(t, "text", low=0, high=n_texts - 1, context=f" (in texts; there are {n_texts} texts)")
+              for t in texts]
+    if any(b <= a for a, b in zip(chosen, chosen[1:], strict=False)):
+        raise InvalidArgumentError(f"texts={list(texts)!r}: expected distinct indices in increasing order")
+    return chosen
 
 
 
@@ -59,6 +87,7 @@ def validate(
     loss_samples: int = 0,
     pearson: Mapping[tuple[int, Site], Tensor] | None = None,
     alive: Mapping[Any, Tensor] | None = None,
+    texts: Sequence[int] | None = None,
     progress: bool = True,
 ) -> Any:
     """The paper's deactivation experiment (method section 5), layer-local and batched.
@@ -93,6 +122,12 @@ def validate(
 
     ``loss_samples`` interventions per text and layer (main ``r``, seeded) also get the
     relative change of the LM loss, ``(L_new - L_old) / L_old``, from a full forward.
+
+    Randomness is per text (:func:`text_generator`). ``texts``: validate only these rows of
+    ``tokens`` (their global indices, increasing; default all), as one shard of a larger run:
+    matches fitted on the texts (``pearson``) still read all of ``tokens``, and
+    :meth:`~tl_featureflow.causal.results.ValidationReport.merge` of the shards' reports is the
+    report of all the texts, row for row.
     """
     from tqdm.auto import tqdm
 
@@ -103,9 +138,10 @@ def validate(
                              ("batch_rows", batch_rows, 1), ("loss_samples", loss_samples, 0), ("seed", seed, 0)):
         check_int(value, name, low=low)
     layers = list(layers)
+    chosen_texts = _texts(texts, int(tokens.shape[0]))
     flow = FlowTransformer.from_hooked(model)
     run = _Experiment(tracer, flow, list(layers), list(methods), rs, list(sweep_methods), max_targets, batch_rows,
-                      loss_samples, torch.Generator().manual_seed(seed))
+                      loss_samples, text_generator(seed, 0))
     live: dict[Any, Tensor] = {}
     run.matches = {(layer, m): _method_matches(tracer, layer, m, seed, alive, live) for layer in layers for m in methods}
     all_feats = None
@@ -120,14 +156,20 @@ def validate(
         _, all_feats = flow.run_with_features(tokens, bank=run.needed, return_logits=False)
         run.fit_matches(all_feats, fitted)
     rows: list[Any] = []
-    for t in tqdm(range(tokens.shape[0]), desc="validating", unit="text", disable=not progress):
-        text = tokens[t:t + 1]
-        feats = run.text_features(text, all_feats, t)
-        raw = layer_activations(flow, text, layers, bank=run.bank)    # one pass: every layer's stream and sites, read by all steps
-        n_pos = min(positions_per_text, text.shape[1] - 1)
-        positions = (1 + torch.randperm(text.shape[1] - 1, generator=run.gen)[:n_pos]).tolist()
-        for layer in layers:
-            rows += run.layer_rows(t, text, feats, raw[layer], layer, positions)
+    for t in tqdm(chosen_texts, desc="validating", unit="text", disable=not progress):
+        try:
+            text = tokens[t:t + 1]
+            run.gen = text_generator(seed, t)
+            feats = run.text_features(text, all_feats, t)
+            raw = layer_activations(flow, text, layers, bank=run.bank)    # one pass: every layer's stream and sites
+            n_pos = min(positions_per_text, text.shape[1] - 1)
+            positions = (1 + torch.randperm(text.shape[1] - 1, generator=run.gen)[:n_pos]).tolist()
+            for layer in layers:
+                rows += run.layer_rows(t, text, feats, raw[layer], layer, positions)
+        except Exception as exc:
+            if hasattr(exc, "add_note"):           # Python 3.11+: the traceback (and a distributed run's error) says where
+                exc.add_note(f"while validating text {t} (of {tokens.shape[0]})")
+            raise
     bank = tracer.bank
     meta = {"layers": list(layers), "methods": list(methods), "r": rs[0], "r_values": rs,
             "sweep_methods": list(sweep_methods), "loss_samples": loss_samples,
@@ -138,6 +180,8 @@ def validate(
              else {"source": "validation texts", "n_tokens": int(tokens.shape[0] * (tokens.shape[1] - 1))})}
     if alive is not None:
         meta["dead_top1"] = _dead_top1(tracer, layers, alive)
+    if texts is not None and chosen_texts != list(range(int(tokens.shape[0]))):
+        meta["texts"] = chosen_texts            # a shard: ValidationReport.merge drops it
     from tl_featureflow.causal.results import ValidationReport
 
     return ValidationReport(rows, run.counts, meta, attributions=run.attributions)

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from tl_featureflow._files import atomic_write_text, check_header, header, read_json
+from tl_featureflow.errors import InvalidArgumentError
 
 __all__ = ["ACTIVATION_GROUPS", "TABLE1_METHODS", "PAPER_TABLE1", "group_name", "ValidationRow",
            "ValidationReport"]
@@ -26,6 +28,10 @@ PAPER_TABLE1: dict[str, dict[str, float]] = {
 }
 _SINGLE_SITE = ("RES", "MLP", "ATT")
 _SCHEMA = 2
+
+
+def _shape(counts: dict[str, dict[str, dict[str, int]]]) -> dict[str, dict[str, list[str]]]:
+    return {layer: {method: sorted(groups) for method, groups in methods.items()} for layer, methods in counts.items()}
 
 
 def group_name(active_sites: set[str]) -> str:
@@ -73,6 +79,50 @@ class ValidationReport:
         methods = sorted({r.method for r in self.rows})
         return (f"ValidationReport({len(self.rows)} rows, {self.meta.get('n_texts', '?')} texts, layers "
                 f"{self.meta.get('layers', '?')}, methods {methods}; .summary() or .table1() to read it)")
+
+    @classmethod
+    def merge(cls, reports: Sequence[ValidationReport]) -> ValidationReport:
+        """The report of one run from the reports of its shards (``validate(..., texts=shard)`` of the same
+        tracer, tokens and settings, each on other texts): what the ranks of a distributed run send back.
+
+        Rows and attributions come in text order (a text's own in the order its run made them),
+        group counts add up, and the meta is the run's (without the shard's ``texts``). Since every
+        text draws from a generator of its own (:func:`~tl_featureflow.causal.experiment.text_generator`),
+        this equals validating all the texts in one process, row for row.
+
+        >>> row = lambda text: ValidationRow(text, 1, "2/res/0", "top1", "RES", 1.0, 0.0, 0.0)
+        >>> a = ValidationReport([row(1)], {"2": {"top1": {"RES": 1}}}, {"seed": 0, "texts": [1]})
+        >>> b = ValidationReport([row(0)], {"2": {"top1": {"RES": 2}}}, {"seed": 0, "texts": [0]})
+        >>> merged = ValidationReport.merge([a, b])
+        >>> [r.text for r in merged.rows], merged.group_counts, merged.meta
+        ([0, 1], {'2': {'top1': {'RES': 3}}}, {'seed': 0})
+        """
+        reports = list(reports)
+        if not reports or not all(isinstance(r, ValidationReport) for r in reports):
+            raise InvalidArgumentError(f"ValidationReport.merge needs a non-empty list of ValidationReports, got "
+                                       f"{[type(r).__name__ for r in reports] or 'none'}")
+        meta = {k: v for k, v in reports[0].meta.items() if k != "texts"}
+        seen: dict[int, int] = {}
+        for i, report in enumerate(reports):
+            other = {k: v for k, v in report.meta.items() if k != "texts"}
+            if other != meta:
+                differ = sorted(k for k in set(other) | set(meta) if other.get(k) != meta.get(k))
+                raise InvalidArgumentError(f"report {i} of the merge is of another run than report 0 (its meta differs "
+                                           f"in {differ}): expected shards of one validate() call's texts")
+            for text in report.meta.get("texts", sorted({row.text for row in report.rows})):
+                if text in seen and seen[text] != i:
+                    raise InvalidArgumentError(f"text {text} is in reports {seen[text]} and {i} of the merge: "
+                                               "expected each text in one shard")
+                seen[text] = i
+            if _shape(report.group_counts) != _shape(reports[0].group_counts):
+                raise InvalidArgumentError(f"report {i}'s group counts have other layers, methods or groups than "
+                                           "report 0's: expected shards of one validate() call")
+        counts = {layer: {method: {group: sum(r.group_counts[layer][method][group] for r in reports) for group in groups}
+                          for method, groups in methods.items()}
+                  for layer, methods in reports[0].group_counts.items()}
+        rows = sorted((row for report in reports for row in report.rows), key=lambda row: row.text)   # stable
+        attributions = sorted((a for report in reports for a in report.attributions), key=lambda a: a["text"])
+        return cls(rows, counts, meta, attributions=attributions)
 
     def paper_targets(self) -> list[tuple[int, int, str]]:
         """The paper's Table-1 target set: ``(text, position, target)`` of every target whose top-1

@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -70,13 +72,39 @@ def _context_tokens(model: Any) -> Any:
     return _heldout_tokens(model, DEFAULT_CONTEXT_ROWS)
 
 
-def _setup(args: argparse.Namespace) -> tuple[Any, Any]:
+def _setup(args: argparse.Namespace, *, verbose: bool = True) -> tuple[Any, Any]:
     start = time.perf_counter()
     model = _load_model(args)
     bank = _load_bank(args, model)
-    print(f"model {model.cfg.model_name} ({model.cfg.n_layers} layers) and bank {bank.describe()} ready in "
-          f"{time.perf_counter() - start:.1f} s", flush=True)
+    if verbose:
+        print(f"model {model.cfg.model_name} ({model.cfg.n_layers} layers) and bank {bank.describe()} ready in "
+              f"{time.perf_counter() - start:.1f} s", flush=True)
     return model, bank
+
+
+@contextmanager
+def _ranks(args: argparse.Namespace) -> Iterator[Any]:
+    """This process's :class:`~tl_featureflow.distributed.Ranks`: with ``--distributed``, the process group
+    torchrun's environment describes (joined here, left on the way out; ``args.device`` becomes this
+    rank's device), else one process alone."""
+    from tl_featureflow import distributed
+
+    if not getattr(args, "distributed", False):
+        yield distributed.single(args.device)
+        return
+    ranks = distributed.init(args.device, timeout_s=args.dist_timeout)
+    args.device = str(ranks.device)
+    try:
+        yield ranks
+    finally:
+        distributed.shutdown(ranks)
+
+
+def _setup_ranks(args: argparse.Namespace, ranks: Any) -> tuple[Any, Any]:
+    """:func:`_setup` on every rank (rank 0 says so); a rank that cannot load them ends every rank."""
+    from tl_featureflow.distributed import all_ok
+
+    return all_ok(ranks, lambda: _setup(args, verbose=ranks.is_root), "loading the model and the bank")
 
 
 # -- subcommands -------------------------------------------------------------------------------------
@@ -143,10 +171,16 @@ def _trace(args: argparse.Namespace) -> int:
 
 
 def _map(args: argparse.Namespace) -> int:
+    from tl_featureflow.flow import sharded
     from tl_featureflow.flow.tracer import FlowTracer
 
-    model, bank = _setup(args)
-    fmap = FlowTracer(bank, model).flow_map(args.out, layers=args.layers, k=args.k)
+    with _ranks(args) as ranks:
+        model, bank = _setup_ranks(args, ranks)
+        tracer = FlowTracer(bank, model)
+        fmap = (sharded.flow_map(tracer, args.out, ranks, layers=args.layers, k=args.k) if args.distributed
+                else tracer.flow_map(args.out, layers=args.layers, k=args.k))
+    if fmap is None:              # a rank other than 0: rank 0 wrote the map and reports it
+        return 0
     print("layer | " + " | ".join(LABELS))
     for layer, counts in fmap.groups().items():
         print(f"{layer:>5} | " + " | ".join(f"{counts.get(g, 0):>10}" for g in LABELS))
@@ -187,17 +221,27 @@ def _validate_paper(args: argparse.Namespace, model: Any, bank: Any, tokens: Any
 
 
 def _validate(args: argparse.Namespace) -> int:
+    from tl_featureflow.causal import sharded
     from tl_featureflow.causal.experiment import validate
+    from tl_featureflow.errors import InvalidArgumentError
     from tl_featureflow.flow.tracer import FlowTracer
     from tl_featureflow.steer.seeds import seed_layer
 
-    model, bank = _setup(args)
-    tokens = _heldout_tokens(model, args.texts)
-    if args.paper:
-        return _validate_paper(args, model, bank, tokens)
-    layers = args.layers or [seed_layer(bank)]
-    report = validate(FlowTracer(bank, model), model, tokens, layers=layers, methods=args.methods, r=args.r,
-                      loss_samples=args.loss_samples, progress=True)
+    if args.paper and args.distributed:
+        raise InvalidArgumentError("validate --paper does not run --distributed yet: run it in one process, or "
+                                   "validate --distributed without --paper")
+    with _ranks(args) as ranks:
+        model, bank = _setup_ranks(args, ranks)
+        tokens = _heldout_tokens(model, args.texts)
+        if args.paper:
+            return _validate_paper(args, model, bank, tokens)
+        layers = args.layers or [seed_layer(bank)]
+        settings = dict(layers=layers, methods=args.methods, r=args.r, loss_samples=args.loss_samples, progress=True)
+        tracer = FlowTracer(bank, model)
+        report = (sharded.validate(tracer, model, tokens, ranks, **settings) if args.distributed
+                  else validate(tracer, model, tokens, **settings))
+    if report is None:            # a rank other than 0: rank 0 merged the report and saves it
+        return 0
     report.save(args.out)
     print("method | success rate | activation change | n")
     for method, row in report.summary().items():
@@ -266,6 +310,16 @@ def _common(p: argparse.ArgumentParser, *, bank: bool = True) -> None:
         p.add_argument("--train", action="store_true",
                        help="train the preset's bank first if it is not cached (without it, an untrained preset is "
                             "an error that says how to train it and what that costs)")
+
+
+def _distributed(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--distributed", action="store_true",
+                   help=f"share {what} out over the processes torchrun started (gloo on cpu, NCCL on cuda; rank 0 "
+                        f"writes the same output as one process): torchrun --nproc-per-node N -m tl_featureflow "
+                        f"{p.prog.split()[-1]} --distributed ...")
+    p.add_argument("--dist-timeout", type=float, default=600.0, metavar="SECONDS",
+                   help="with --distributed: how long a rank waits for the others before it ends the run with an "
+                        "error (a rank that died or hangs; default: 600)")
 
 
 def _feature(text: str) -> str:
@@ -348,19 +402,22 @@ def build_parser() -> argparse.ArgumentParser:
     fmap = sub.add_parser("map", help="predecessor scores and groups of every feature of every layer",
                           description="The flow map: every res feature's best matches in res(L-1), mlp(L), att(L), "
                           "saved layer by layer (an interrupted run resumes).",
-                          epilog="examples:\n  featureflow map\n  featureflow map --layers 13 14 --k 5 --out my-map",
+                          epilog="examples:\n  featureflow map\n  featureflow map --layers 13 14 --k 5 --out my-map\n"
+                          "  torchrun --nproc-per-node 2 -m tl_featureflow map --distributed  # layer pairs over 2 ranks",
                           formatter_class=raw)
     _common(fmap)
     fmap.add_argument("--layers", type=int, nargs="+", help="layers (default: every res layer of the bank)")
     fmap.add_argument("--k", type=int, default=1, help="matches kept per feature and site (default: 1)")
     fmap.add_argument("--out", default="featureflow-out/flowmap", help="folder (default: featureflow-out/flowmap)")
+    _distributed(fmap, "the layer pairs")
     fmap.set_defaults(func=_map)
 
     val = sub.add_parser("validate", help="the deactivation experiment on held-out text",
                          description="For active res features, rescale their matched predecessors at the same token "
                          "and read the feature again (method section 5).",
                          epilog="examples:\n  featureflow validate --texts 4\n  featureflow validate --paper --texts 12\n"
-                         "  featureflow validate --layers 13 15 17 --methods top1 random exhaustive --r 0 -1",
+                         "  featureflow validate --layers 13 15 17 --methods top1 random exhaustive --r 0 -1\n"
+                         "  torchrun --nproc-per-node 2 -m tl_featureflow validate --distributed --texts 8",
                          formatter_class=raw)
     _common(val)
     val.add_argument("--texts", type=int, default=4, help="held-out texts of 128 tokens (default: 4)")
@@ -377,6 +434,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "search, plus attribution; writes table1.md, validation.json and report.html")
     val.add_argument("--pearson-tokens", type=int, default=100_000,
                      help="training tokens for Pearson correlations with --paper (default: 100000, the paper's)")
+    _distributed(val, "the texts")
     val.set_defaults(func=_validate)
 
     steer = sub.add_parser("steer", help="generate with and without steering a feature (or its flow graph)",

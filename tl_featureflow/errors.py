@@ -17,6 +17,7 @@ __all__ = [
     "UnknownFeatureError",
     "CacheError",
     "MissingDependencyError",
+    "DistributedError",
 ]
 
 
@@ -57,3 +58,8 @@ class CacheError(FeatureFlowError, OSError):
 
 class MissingDependencyError(FeatureFlowError, ImportError):
     """An optional package is needed; the message says what to install and how."""
+
+
+class DistributedError(FeatureFlowError, RuntimeError):
+    """A distributed run cannot go on: a rank failed (the message names it, what it said and the text where
+    known), did not answer within the timeout, or the process is not under torchrun."""

@@ -184,6 +184,10 @@ class FlowTracer:
             self._matches[(src, dst, k)] = cached
         return cached
 
+    def forget_matches(self) -> None:
+        """Drop the cached matchings of :meth:`match` (work over every layer keeps memory flat)."""
+        self._matches.clear()
+
     def _res_ref(self, ref: FeatureRef | str) -> FeatureRef:
         ref = self.bank.check_ref(ref)
         if ref.site != "res":
@@ -238,13 +242,15 @@ class FlowTracer:
             self._rotations[d] = (q * torch.sign(torch.diagonal(r))).float().to(self.device)
         return self._rotations[d]
 
-    def chance_thresholds(self, layer: int, *, quantile: float = 0.99, n_probe: int = 1024) -> dict[Site, float]:
+    def chance_thresholds(self, layer: int, *, quantile: float = 0.99, n_probe: int = 1024,
+                          sites: Iterable[Site] | None = None) -> dict[Site, float]:
         """Per-site scores reached by chance: the ``quantile`` of s(P) for rotated targets.
 
         Up to ``n_probe`` res decoder rows of ``layer`` are turned by a fixed random
         rotation, which keeps their geometry but destroys any alignment with the
         predecessor SAEs, and matched like real features. A real s(P) above this
         level is more similar than unaligned decoders of the same shapes ever get.
+        ``sites``: only these predecessor sites (each site's level is computed on its own).
         """
         quantile = check_quantile(quantile)
         check_int(n_probe, "n_probe", low=1)
@@ -252,19 +258,24 @@ class FlowTracer:
         step = max(1, dst.shape[0] // n_probe)
         probe = dst[::step][:n_probe] @ self._rotation(dst.shape[1])
         out: dict[Site, float] = {}
+        wanted = None if sites is None else set(sites)
         for site, key in self.predecessor_keys(layer).items():
+            if wanted is not None and site not in wanted:
+                continue
             scores, _ = topk_cosine(probe, self._decoder(key), 1, chunk_size=self.chunk_size)
             out[site] = float(torch.quantile(scores[:, 0].double().cpu(), quantile))
         return out
 
-    def thresholds(self, layer: int, thresholds: Thresholds = "chance", *, quantile: float = 0.99) -> dict[Site, float]:
-        """Resolve a threshold spec for ``layer`` into one number per predecessor site."""
+    def thresholds(self, layer: int, thresholds: Thresholds = "chance", *, quantile: float = 0.99,
+                   sites: Iterable[Site] | None = None) -> dict[Site, float]:
+        """Resolve a threshold spec for ``layer`` into one number per predecessor site (or per site of ``sites``)."""
         self._key(("res", layer), "layer")
         quantile = check_quantile(quantile)
-        sites = list(self.predecessor_keys(layer))
+        wanted = None if sites is None else set(sites)
+        sites = [site for site in self.predecessor_keys(layer) if wanted is None or site in wanted]
         if isinstance(thresholds, str):
             if thresholds == "chance":
-                return self.chance_thresholds(layer, quantile=quantile)
+                return self.chance_thresholds(layer, quantile=quantile, sites=sites)
             if thresholds == "paper":
                 return {s: PAPER_THRESHOLDS[s] for s in sites}
             raise InvalidArgumentError(f"thresholds={thresholds!r}: expected 'chance', 'paper', a number or a site mapping")
@@ -398,6 +409,22 @@ class FlowTracer:
         """
         from tqdm.auto import tqdm
 
+        planned, meta = self.map_plan(layers, k=k, thresholds=thresholds, quantile=quantile)
+        writer = None if path is None else FlowMapWriter(path, planned, meta)   # resumes what is there
+        done: dict[int, LayerScores] = {} if writer is None else dict(writer.done)
+        thr: dict[int, dict[Site, float]] = {} if writer is None else dict(writer.thresholds)
+        for layer in tqdm([x for x in planned if x not in done], desc="flow map", unit="layer", disable=not progress):
+            done[layer] = self.scores(layer, k)
+            thr[layer] = self.thresholds(layer, thresholds, quantile=quantile)
+            if writer is not None:
+                writer.add(layer, done[layer], thr[layer])
+            self.forget_matches()  # a map holds its own copy; keep memory flat
+        return FlowMap({layer: done[layer] for layer in planned}, {layer: thr[layer] for layer in planned}, meta)
+
+    def map_plan(self, layers: Iterable[int] | None = None, *, k: int = 1, thresholds: Thresholds = "chance",
+                 quantile: float = 0.99) -> tuple[list[int], dict[str, Any]]:
+        """The layers :meth:`flow_map` computes (those with predecessor SAEs) and the settings it writes
+        with them (``meta``, what a resumed map must agree with); checks the layers."""
         res_layers = [layer for layer in self.bank.layers if ("res", layer) in self.bank]
         wanted = res_layers if layers is None else [check_layer(layer) for layer in layers]
         unknown = [layer for layer in wanted if layer not in res_layers]
@@ -412,13 +439,4 @@ class FlowTracer:
                  else {site: float(v) for site, v in sorted(thresholds.items())})
         meta = {"k": k, "bank_fingerprint": self.bank.fingerprint(), "bank": self.bank.describe(),
                 "threshold_method": method, "fixed_thresholds": fixed, "quantile": quantile, "planned": planned}
-        writer = None if path is None else FlowMapWriter(path, planned, meta)   # resumes what is there
-        done: dict[int, LayerScores] = {} if writer is None else dict(writer.done)
-        thr: dict[int, dict[Site, float]] = {} if writer is None else dict(writer.thresholds)
-        for layer in tqdm([x for x in planned if x not in done], desc="flow map", unit="layer", disable=not progress):
-            done[layer] = self.scores(layer, k)
-            thr[layer] = self.thresholds(layer, thresholds, quantile=quantile)
-            if writer is not None:
-                writer.add(layer, done[layer], thr[layer])
-            self._matches.clear()  # a map holds its own copy; keep memory flat
-        return FlowMap({layer: done[layer] for layer in planned}, {layer: thr[layer] for layer in planned}, meta)
+        return planned, meta

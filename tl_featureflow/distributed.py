@@ -50,7 +50,8 @@ ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 @dataclass(frozen=True)
 class Ranks:
     """This process's place in a run: its ``rank`` of ``world_size``, its ``local_rank`` on its machine, the
-    ``device`` it computes on, the group's ``backend`` (None: one process, no group) and ``timeout_s``."""
+    ``device`` it computes on, the group's ``backend`` (None: one process, no group), ``timeout_s``, and
+    whether the :func:`init` that made it ``joined`` the group (then :func:`shutdown` leaves it)."""
 
     rank: int
     world_size: int
@@ -58,6 +59,7 @@ class Ranks:
     device: torch.device = torch.device("cpu")
     backend: str | None = None
     timeout_s: float = DEFAULT_TIMEOUT_S
+    joined: bool = False
 
     @property
     def is_root(self) -> bool:
@@ -78,7 +80,8 @@ def single(device: torch.device | str = "cpu") -> Ranks:
 
 
 def init(device: torch.device | str = "cpu", *, timeout_s: float = DEFAULT_TIMEOUT_S) -> Ranks:
-    """Join the process group torchrun's environment describes (idempotent: a joined group is reused).
+    """Join the process group torchrun's environment describes (a group this process is already in is
+    reused, and left by whoever joined it).
 
     ``device``: ``"cpu"`` (backend gloo) or ``"cuda"`` (NCCL; each rank takes ``cuda:LOCAL_RANK``).
     ``timeout_s``: how long a rank waits at a collective for the others (a rank that died or
@@ -102,17 +105,19 @@ def init(device: torch.device | str = "cpu", *, timeout_s: float = DEFAULT_TIMEO
                                    f"{torch.cuda.device_count()} GPUs: use --nproc-per-node at most that")
         torch.cuda.set_device(local)
     where, backend = (torch.device("cuda", local), "nccl") if kind == "cuda" else (torch.device("cpu"), "gloo")
-    if not dist.is_initialized():
+    joined = not dist.is_initialized()
+    if joined:
         kwargs: dict[str, Any] = {"device_id": where} if kind == "cuda" else {}
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=float(timeout_s)), **kwargs)
-    return Ranks(dist.get_rank(), dist.get_world_size(), local, where, dist.get_backend(), float(timeout_s))
+    return Ranks(dist.get_rank(), dist.get_world_size(), local, where, dist.get_backend(), float(timeout_s), joined)
 
 
 def shutdown(ranks: Ranks) -> None:
-    """Leave the process group (what :func:`init` joined); nothing for a single process."""
+    """Leave the process group if :func:`init` joined it for ``ranks`` (a group joined before, by the caller,
+    stays theirs); nothing for a single process."""
     import torch.distributed as dist
 
-    if ranks.backend is not None and dist.is_initialized():
+    if ranks.joined and dist.is_initialized():
         dist.destroy_process_group()
 
 

@@ -3,7 +3,8 @@
 Scenarios (rank 0 writes the results under OUT; the test compares them with one process's):
 
 - ``equal``: the sharded flow map (OUT/flowmap), top contexts (OUT/contexts) and validation (OUT/validation.json)
-  through the Python API, then ``featureflow map --distributed`` (OUT/cli-map) through the CLI.
+  through the Python API, then ``featureflow validate --distributed`` (OUT/cli-validation.json) and
+  ``featureflow map --distributed`` (OUT/cli-map) through the CLI.
 - ``raise``: ``featureflow validate --distributed`` where rank 1 raises on text 3.
 - ``hang``: the same, where rank 1 hangs on text 3 (a rank that never answers) and the timeout is 5 s.
 
@@ -22,6 +23,8 @@ import torch
 VALIDATE = dict(layers=[1, 2], methods=["top1", "random", "pearson", "exhaustive_single", "attribution"],
                 r=[0.0, 0.5], loss_samples=1, seed=4)
 CONTEXTS = dict(n=4, batch_size=2, left=3, right=2)
+CLI_VALIDATE = ["--texts", "5", "--layers", "1", "2", "--methods", "top1", "exhaustive", "--r", "0", "-1",
+                "--loss-samples", "1"]
 
 
 def assets() -> dict:
@@ -79,9 +82,13 @@ def main(scenario: str, out: Path) -> int:
         if ranks.is_root:
             contexts.save(out / "contexts")
             report.save(out / "validation.json")
-        # the CLI joins the same group (and leaves it at the end)
-        return _cli(["map", "--distributed", "--bank", str(out / "planted-bank"), "--out", str(out / "cli-map")],
-                    a["model"], a["texts"])
+        # the CLI runs in the same group (which it leaves to the caller who joined it)
+        code = _cli(["validate", "--distributed", *CLI_VALIDATE, "--bank", str(out / "bank"),
+                     "--out", str(out / "cli-validation.json")], a["model"], a["texts"])
+        code = code or _cli(["map", "--distributed", "--bank", str(out / "planted-bank"), "--out",
+                             str(out / "cli-map")], a["model"], a["texts"])
+        distributed.shutdown(ranks)
+        return code
     _plant_failure(1, 3, hang=scenario == "hang")
     timeout = ["--dist-timeout", "5"] if scenario == "hang" else []
     return _cli(["validate", "--distributed", "--bank", str(out / "bank"), "--texts", "5", "--layers", "2",

@@ -57,6 +57,7 @@ def assets(one_thread):
 def equal_run(tmp_path_factory, assets):
     out = tmp_path_factory.mktemp("equal")
     assets["planted"].save(out / "planted-bank")
+    assets["bank"].save(out / "bank")
     proc, _ = _launch("equal", out)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return out
@@ -105,6 +106,17 @@ def test_the_cli_map_on_two_ranks_writes_what_one_process_does(equal_run, assets
     monkeypatch.setattr(cli, "_load_model", lambda args: assets["model"])
     assert cli.main(["map", "--bank", str(equal_run / "planted-bank"), "--out", str(tmp_path / "one")]) == 0
     assert _files(equal_run / "cli-map") == _files(tmp_path / "one")
+
+
+def test_the_cli_validation_on_two_ranks_saves_the_report_of_one_process(equal_run, assets, monkeypatch, tmp_path):
+    from tl_featureflow import cli
+
+    monkeypatch.setattr(cli, "_load_model", lambda args: assets["model"])
+    monkeypatch.setattr(cli, "_heldout_tokens", lambda model, n: assets["texts"][:n])
+    argv = ["validate", *worker.CLI_VALIDATE, "--bank", str(equal_run / "bank"), "--out", str(tmp_path / "one.json")]
+    assert cli.main(argv) == 0
+    one, two = ValidationReport.load(tmp_path / "one.json"), ValidationReport.load(equal_run / "cli-validation.json")
+    assert len(one.rows) > 50 and two.rows == one.rows and two.meta == one.meta and two.group_counts == one.group_counts
 
 
 def test_sharded_top_contexts_equal_one_pass(equal_run, assets):

@@ -150,6 +150,7 @@ def _calls(model, bank, tracer, tokens, graph, fmap, tmp):
                                 {"layer": [-1, 99], "quantile": QUANTILE}),
         "FlowTracer.trace": (lambda **kw: tracer.trace("2/res/1", **kw), {"t_res": COSINE, "t_module": COSINE}),
         "FlowTracer.flow_map": (lambda **kw: tracer.flow_map(progress=False, **kw), {"k": K, "quantile": QUANTILE}),
+        "FlowTracer.map_plan": (lambda **kw: tracer.map_plan(**kw), {"k": K, "quantile": QUANTILE}),
         "FlowMap.chain_lengths": (lambda **kw: fmap.chain_lengths(**kw), {"t_res": COSINE}),
         "FlowMap.classify": (lambda **kw: fmap.classify(**kw), {"layer": [-1, 99]}),
         "FlowGraph.refs_up_to": (lambda **kw: graph.refs_up_to(**kw), {"layer": [-1]}),

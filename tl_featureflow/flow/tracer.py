@@ -424,7 +424,9 @@ class FlowTracer:
     def map_plan(self, layers: Iterable[int] | None = None, *, k: int = 1, thresholds: Thresholds = "chance",
                  quantile: float = 0.99) -> tuple[list[int], dict[str, Any]]:
         """The layers :meth:`flow_map` computes (those with predecessor SAEs) and the settings it writes
-        with them (``meta``, what a resumed map must agree with); checks the layers."""
+        with them (``meta``, what a resumed map must agree with); checks the layers, ``k`` and ``quantile``."""
+        check_int(k, "k", low=1)
+        check_quantile(quantile)
         res_layers = [layer for layer in self.bank.layers if ("res", layer) in self.bank]
         wanted = res_layers if layers is None else [check_layer(layer) for layer in layers]
         unknown = [layer for layer in wanted if layer not in res_layers]

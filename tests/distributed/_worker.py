@@ -7,6 +7,8 @@ Scenarios (rank 0 writes the results under OUT; the test compares them with one 
   ``featureflow map --distributed`` (OUT/cli-map) through the CLI.
 - ``raise``: ``featureflow validate --distributed`` where rank 1 raises on text 3.
 - ``hang``: the same, where rank 1 hangs on text 3 (a rank that never answers) and the timeout is 5 s.
+- ``raise-map``: ``featureflow map --distributed`` where rank 1 raises on the pair att(2) -> res(2), in the second
+  round of pairs (after layer 1 was written).
 
 The assets are built the same way in every process (:func:`assets`), and by the test for its reference.
 """
@@ -66,6 +68,22 @@ def _plant_failure(rank: int, text: int, hang: bool) -> None:
     experiment._Experiment.layer_rows = failing
 
 
+def _plant_map_failure(rank: int, site: str, layer: int) -> None:
+    """Rank ``rank`` raises when it matches ``site(layer) -> res(layer)``."""
+    from tl_featureflow.flow.tracer import FlowTracer
+
+    if int(os.environ["RANK"]) != rank:
+        return
+    match = FlowTracer.match
+
+    def failing(self, src, dst, k=1):
+        if tuple(src) == (site, layer):
+            raise RuntimeError(f"planted failure on rank {rank}")
+        return match(self, src, dst, k)
+
+    FlowTracer.match = failing
+
+
 def main(scenario: str, out: Path) -> int:
     from tl_featureflow import distributed
     from tl_featureflow.causal import sharded as causal_sharded
@@ -89,6 +107,10 @@ def main(scenario: str, out: Path) -> int:
                              str(out / "cli-map")], a["model"], a["texts"])
         distributed.shutdown(ranks)
         return code
+    if scenario == "raise-map":
+        _plant_map_failure(1, "att", 2)
+        return _cli(["map", "--distributed", "--bank", str(out / "planted-bank"), "--out", str(out / "cli-map")],
+                    a["model"], a["texts"])
     _plant_failure(1, 3, hang=scenario == "hang")
     timeout = ["--dist-timeout", "5"] if scenario == "hang" else []
     return _cli(["validate", "--distributed", "--bank", str(out / "bank"), "--texts", "5", "--layers", "2",

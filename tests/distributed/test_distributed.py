@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -154,3 +155,33 @@ def test_a_rank_that_fails_ends_every_rank_with_an_error_naming_it(tmp_path, ass
         said = "featureflow: error: rank 0 of 2: the other ranks did not answer within 5 s while validating its texts"
         assert said in proc.stderr, proc.stderr[-3000:]
         assert seconds < 120                         # torchrun then stops rank 1: no one waits for its 300 s
+
+
+def test_a_rank_that_fails_in_the_flow_map_keeps_the_layers_written_and_a_rerun_resumes(tmp_path, assets, monkeypatch):
+    assets["planted"].save(tmp_path / "planted-bank")
+    proc, _ = _launch("raise-map", tmp_path)
+    said = ("featureflow: error: rank 1 of 2 failed while matching layer pairs [(2, 'mlp'), (2, 'att')]: RuntimeError: "
+            "planted failure on rank 1 (while matching att(2) -> res(2))")
+    assert proc.returncode != 0 and proc.stderr.count(said) == 2, proc.stderr[-3000:]
+    index = json.loads((tmp_path / "cli-map" / "map.json").read_text())
+    assert list(index["layers"]) == ["1"] and index["planned_layers"] == [1, 2, 3]     # round 1 finished layer 1
+    from tl_featureflow import cli
+    from tl_featureflow.flow import sharded
+
+    calls = []
+    pair = sharded._pair
+    monkeypatch.setattr(sharded, "_pair", lambda tracer, p, *a: calls.append(p) or pair(tracer, p, *a))
+    monkeypatch.setattr(cli, "_load_model", lambda args: assets["model"])
+    monkeypatch.setattr(cli, "_ranks", lambda args: _single_ranks())
+    argv = ["map", "--distributed", "--bank", str(tmp_path / "planted-bank"), "--out", str(tmp_path / "cli-map")]
+    assert cli.main(argv) == 0                                                    # the rerun, here on one rank
+    assert calls == [(2, "res"), (2, "mlp"), (2, "att"), (3, "res")]
+    assert cli.main(["map", "--bank", str(tmp_path / "planted-bank"), "--out", str(tmp_path / "one")]) == 0
+    assert _files(tmp_path / "cli-map") == _files(tmp_path / "one")
+
+
+@contextmanager
+def _single_ranks():
+    from tl_featureflow.distributed import single
+
+    yield single()

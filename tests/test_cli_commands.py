@@ -17,11 +17,16 @@ def test_trace_writes_the_graph_and_figure(tiny_cli, capsys, run_cli):
     assert code == 0 and "flow graph of 1/res/3" in out
     graph = FlowGraph.load("featureflow-out/graphs/1-res-3.json")
     assert str(graph.seed) == "1/res/3" and Path("flow.html").stat().st_size > 1_000_000
+    assert graph.meta["method"] == "cosine"
+    code, out, _ = run_cli(["trace", "1/res/3", *tiny_cli, "--method", "permutation", "--out", "perm.json"], capsys)
+    assert code == 0 and FlowGraph.load("perm.json").meta["method"] == "permutation"
 
 
 def test_map_and_validate(tiny_cli, capsys, run_cli):
     code, out, _ = run_cli(["map", *tiny_cli, "--out", "fmap"], capsys)
     assert code == 0 and "translated" in out and Path("fmap/map.json").is_file()
+    code, out, _ = run_cli(["map", *tiny_cli, "--out", "pmap", "--method", "permutation"], capsys)
+    assert code == 0 and ff.FlowMap.load("pmap").meta["method"] == "permutation"
     code, out, _ = run_cli(["validate", *tiny_cli, "--texts", "2", "--layers", "2", "--methods", "top1", "random",
                             "--out", "val.json"], capsys)
     assert code == 0 and "top1 |" in out
@@ -91,6 +96,7 @@ def test_demo_then_report(tiny_cli, capsys, run_cli):
     (["trace", "not-a-feature"], 2, "cannot parse feature 'not-a-feature'"),
     (["trace", "1/res/999"], 1, "1/res/999"),
     (["steer", "1/res/3", "--op", "multiply"], 2, "invalid choice: 'multiply'"),
+    (["trace", "1/res/3", "--method", "pearson"], 2, "invalid choice: 'pearson'"),
     (["validate", "--texts", "many"], 2, "invalid int value: 'many'"),
     (["report", "no-such-dir"], 1, "no run folder at no-such-dir"),
 ])

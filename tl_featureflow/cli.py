@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 # Vocabulary from its homes (light modules: no torch, no SAELens), never retyped here.
-from tl_featureflow.flow.methods import METHODS
+from tl_featureflow.flow.methods import METHODS, data_free_names
 from tl_featureflow.refs import LABELS, SITES
 from tl_featureflow.saes.presets import PRESETS, preset_cost
 
@@ -152,7 +152,8 @@ def _trace(args: argparse.Namespace) -> int:
 
     model, bank = _setup(args)
     tracer = FlowTracer(bank, model, contexts=feature_contexts(model, bank, _context_tokens(model)))
-    graph = tracer.trace(args.feature, t_res=args.t_res, t_module=args.t_module, direction=args.direction)
+    graph = tracer.trace(args.feature, t_res=args.t_res, t_module=args.t_module, direction=args.direction,
+                         method=args.method)
     out = Path(args.out or f"featureflow-out/graphs/{str(graph.seed).replace('/', '-')}.json")
     graph.save(out)
     print(f"flow graph of {graph.seed}: {len(graph.nodes)} features, {len(graph.edges)} edges, "
@@ -177,8 +178,8 @@ def _map(args: argparse.Namespace) -> int:
     with _ranks(args) as ranks:
         model, bank = _setup_ranks(args, ranks)
         tracer = FlowTracer(bank, model)
-        fmap = (sharded.flow_map(tracer, args.out, ranks, layers=args.layers, k=args.k) if args.distributed
-                else tracer.flow_map(args.out, layers=args.layers, k=args.k))
+        fmap = (sharded.flow_map(tracer, args.out, ranks, layers=args.layers, k=args.k, method=args.method)
+                if args.distributed else tracer.flow_map(args.out, layers=args.layers, k=args.k, method=args.method))
     if fmap is None:              # a rank other than 0: rank 0 wrote the map and reports it
         return 0
     print("layer | " + " | ".join(LABELS))
@@ -322,6 +323,12 @@ def _distributed(p: argparse.ArgumentParser, what: str) -> None:
                         "error (a rank that died or hangs; default: 600)")
 
 
+def _method(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--method", choices=data_free_names(),
+                   help="a data-free matching method picks the matches (e.g. permutation: SAE Match's one-to-one "
+                        "assignment); default: the decoder cosine's top-k")
+
+
 def _feature(text: str) -> str:
     """argparse type of a feature argument: checked before anything loads (a bad one fails at once)."""
     from tl_featureflow.errors import FeatureFlowError
@@ -395,6 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
     trace.add_argument("--t-module", type=float, default=0.15, help="MLP/attention node threshold (default: 0.15)")
     trace.add_argument("--direction", default="both", choices=["backward", "forward", "both"],
                        help="follow the residual chain backward, forward or both ways from the seed (default: both)")
+    _method(trace)
     trace.add_argument("--out", help="graph JSON (default: featureflow-out/graphs/<feature>.json)")
     trace.add_argument("--html", help="also write the flow graph figure to this HTML file")
     trace.set_defaults(func=_trace)
@@ -408,6 +416,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(fmap)
     fmap.add_argument("--layers", type=int, nargs="+", help="layers (default: every res layer of the bank)")
     fmap.add_argument("--k", type=int, default=1, help="matches kept per feature and site (default: 1)")
+    _method(fmap)
     fmap.add_argument("--out", default="featureflow-out/flowmap", help="folder (default: featureflow-out/flowmap)")
     _distributed(fmap, "the layer pairs")
     fmap.set_defaults(func=_map)

@@ -142,6 +142,8 @@ def _calls(model, bank, tracer, tokens, graph, fmap, tmp):
         "FlowTracer.successors": (lambda **kw: tracer.successors("1/res/1", **kw), {"k": K}),
         "FlowTracer.predecessors": (lambda **kw: tracer.predecessors("2/res/1", **kw), {"k": K + [10_000]}),
         "FlowTracer.scores": (lambda **kw: tracer.scores(**{"layer": 2, **kw}), {"layer": [-1, 99], "k": K}),
+        "FlowTracer.pair_scores": (lambda **kw: tracer.pair_scores(**{"layer": 2, "site": "res", **kw}),
+                                   {"layer": [-1, 99], "k": K}),
         "FlowTracer.chance_thresholds": (lambda **kw: tracer.chance_thresholds(**{"layer": 2, **kw}),
                                          {"layer": [-1, 99], "quantile": QUANTILE, "n_probe": [0, -1]}),
         "FlowTracer.thresholds": (lambda **kw: tracer.thresholds(**{"layer": 2, **kw}),

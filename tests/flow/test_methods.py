@@ -90,3 +90,66 @@ def test_every_builtin_method_is_registered_once_with_what_it_needs():
     assert needs == {"top1": "decoders", "top5": "decoders", "random": "decoders", "permutation": "decoders",
                      "pearson": "activations", "exhaustive": "search", "exhaustive_single": "search",
                      "attribution": "attribution"}
+
+
+# -- tracing and the flow map through the registry -------------------------------------------------------------
+def _two_layer_bank():
+    """res(0) = [a, b], res(1) = [f0, f1] with cos(f0, a) = 0.9, cos(f1, a) = 0.8, cos(f1, b) = 0.6, cos(f0, b) = 0:
+    the cosine's top-1 sends both f0 and f1 to a (many-to-one); SAE Match's permutation (the assignment of
+    largest total cosine, 1.5 against 0.8) sends f0 -> a and f1 -> b."""
+    from tl_featureflow.synthetic import sae_from_decoder
+
+    E = torch.eye(16)
+    res0 = torch.stack([E[0], E[1]])
+    res1 = torch.stack([0.9 * E[0] + 0.19 ** 0.5 * E[2], 0.8 * E[0] + 0.6 * E[1]])
+    return ff.SAEBank({("res", 0): sae_from_decoder("res", 0, res0), ("res", 1): sae_from_decoder("res", 1, res1)})
+
+
+def test_trace_takes_a_data_free_method_from_the_registry():
+    tracer = ff.FlowTracer(_two_layer_bank(), contexts=None)
+    edges = lambda graph: sorted((str(e.src), str(e.dst), round(e.score, 4)) for e in graph.edges)  # noqa: E731
+    # backward: cosine top-1 (the default, and "top1") against the permutation
+    assert edges(tracer.trace("1/res/1", direction="backward")) == [("0/res/0", "1/res/1", 0.8)]
+    assert edges(tracer.trace("1/res/1", direction="backward", method="top1")) == [("0/res/0", "1/res/1", 0.8)]
+    assert edges(tracer.trace("1/res/1", direction="backward", method="permutation")) == [("0/res/1", "1/res/1", 0.6)]
+    # forward from b: the cosine's argmax in res(1) is f1; no res(1) feature names b its top-1; the permutation does
+    assert edges(tracer.trace("0/res/1", direction="forward")) == [("0/res/1", "1/res/1", 0.6)]
+    assert edges(tracer.trace("0/res/1", direction="forward", method="top1")) == []
+    assert edges(tracer.trace("0/res/1", direction="forward", method="permutation")) == [("0/res/1", "1/res/1", 0.6)]
+    graph = tracer.trace("0/res/1", method="permutation")
+    assert graph.meta["method"] == "permutation" and tracer.trace("0/res/1").meta["method"] == "cosine"
+    assert ff.FlowGraph.from_dict(graph.to_dict()).meta["method"] == "permutation"
+    # the scores: a method's pair cosines; top1's equal the cosine top-1's
+    assert tracer.scores(1, method="permutation").indices["res"][:, 0].tolist() == [0, 1]
+    assert torch.allclose(tracer.scores(1, method="permutation").scores["res"][:, 0], torch.tensor([0.9, 0.6]))
+    plain, top1 = tracer.scores(1), tracer.scores(1, method="top1")
+    assert torch.equal(plain.indices["res"], top1.indices["res"])
+    assert torch.allclose(plain.scores["res"], top1.scores["res"], atol=1e-6)
+
+
+def test_a_registered_method_traces_classifies_and_maps(toy_method, tmp_path):
+    bank = random_bank(range(4), d_sae=48, d_model=64, arch="jumprelu")
+    tracer = ff.FlowTracer(bank, contexts=None)
+    graph = tracer.trace("2/res/5", method="lowest", t_res=-1.0, t_module=-1.0, direction="backward")
+    for edge in graph.edges:                  # every edge is the lowest-cosine pair, scored by its cosine
+        src, dst = edge.src, edge.dst
+        cos = bank.decoder(dst.site, dst.layer)[dst.index] @ bank.decoder(src.site, src.layer).T
+        assert src.index == int(cos.argmin()) and edge.score == pytest.approx(float(cos.min()), abs=1e-5)
+    assert graph.span == (0, 2) and len(graph.edges) == 2 + 2 * 3            # res chain + mlp/att at layers 0-2
+    assert (tracer.classify(2, 0.5, method="lowest").scores.s("res") < 0).all()      # lowest cosines are negative
+    fmap = tracer.flow_map(tmp_path / "map", method="lowest", progress=False)
+    assert torch.equal(fmap[2].indices["att"], tracer.scores(2, method="lowest").indices["att"])
+    assert ff.FlowMap.load(tmp_path / "map").meta["method"] == "lowest"
+    with pytest.raises(ff.FeatureFlowError, match="another bank or settings"):   # a cosine map is not resumed
+        tracer.flow_map(tmp_path / "map", progress=False)
+
+
+def test_tracing_refuses_a_method_that_needs_text():
+    tracer = ff.FlowTracer(planted_chain_bank()[0], contexts=None)
+    for call in (lambda: tracer.trace("2/res/1", method="pearson"), lambda: tracer.scores(2, method="exhaustive"),
+                 lambda: tracer.flow_map(method="attribution", progress=False)):
+        with pytest.raises(ff.InvalidArgumentError, match=r"needs .*tracing and the flow map take a data-free method "
+                                                          r"\(\['top1', 'top5', 'random', 'permutation'"):
+            call()
+    with pytest.raises(ff.InvalidArgumentError, match="unknown matching method 'nope'"):
+        tracer.trace("2/res/1", method="nope")

@@ -146,11 +146,11 @@ def test_flow_map_summaries_round_trip_and_resume(planted, tmp_path, monkeypatch
     original = FlowTracer.scores
     calls = []
 
-    def flaky(self, layer, k=1):
+    def flaky(self, layer, k=1, **kwargs):
         calls.append(layer)
         if layer == 2 and len(calls) == 2:
             raise KeyboardInterrupt
-        return original(self, layer, k)
+        return original(self, layer, k, **kwargs)
 
     monkeypatch.setattr(FlowTracer, "scores", flaky)
     with pytest.raises(KeyboardInterrupt):

@@ -44,7 +44,7 @@ from tl_featureflow.refs import Site
 if TYPE_CHECKING:   # torch is imported where a method runs: `featureflow --help` lists methods without it
     from torch import Tensor
 
-__all__ = ["MatchingMethod", "MatchContext", "register", "unregister", "get", "names", "METHODS"]
+__all__ = ["MatchingMethod", "MatchContext", "register", "unregister", "get", "names", "data_free_names", "METHODS"]
 
 Needs = Literal["decoders", "activations", "search", "attribution"]
 Key = tuple[Site, int]
@@ -124,6 +124,15 @@ def get(name: str) -> MatchingMethod:
 def names() -> tuple[str, ...]:
     """Every registered method's name, the built-in ones first."""
     return tuple(_REGISTRY)
+
+
+def data_free_names() -> tuple[str, ...]:
+    """The registered methods that need only decoders: those tracing and the flow map take.
+
+    >>> data_free_names()[:4]
+    ('top1', 'top5', 'random', 'permutation')
+    """
+    return tuple(name for name, method in _REGISTRY.items() if method.needs == "decoders")
 
 
 # -- the built-in data-free methods ------------------------------------------------------------------------------

@@ -42,20 +42,21 @@ Pair = tuple[int, Site]                          # (layer of the res features, p
 PairResult = tuple[Tensor, Tensor, float]         # scores [d_sae, k], indices [d_sae, k], the site's threshold
 
 
-def _pair(tracer: FlowTracer, pair: Pair | None, k: int, thresholds: Thresholds, quantile: float) -> PairResult | None:
+def _pair(tracer: FlowTracer, pair: Pair | None, k: int, thresholds: Thresholds, quantile: float,
+          method: str | None = None) -> PairResult | None:
     """One layer pair's top-k matches and threshold, on the CPU (None: no pair for this rank this round)."""
     if pair is None:
         return None
     layer, site = pair
     try:
-        matching = tracer.match(tracer.predecessor_keys(layer)[site], ("res", layer), k)
+        scores, indices = tracer.pair_scores(layer, site, k, method=method)
         threshold = tracer.thresholds(layer, thresholds, quantile=quantile, sites=[site])[site]
     except Exception as exc:
         note(exc, f"while matching {site}({layer - 1 if site == 'res' else layer}) -> res({layer})")
         raise
     finally:
         tracer.forget_matches()
-    return matching.scores.cpu(), matching.indices.cpu(), threshold
+    return scores.cpu(), indices.cpu(), threshold
 
 
 def flow_map(
@@ -68,6 +69,7 @@ def flow_map(
     thresholds: Thresholds = "chance",
     quantile: float = 0.99,
     progress: bool = True,
+    method: str | None = None,
 ) -> FlowMap | None:
     """``tracer.flow_map(path, ...)`` computed by every rank of ``ranks``, each its share of the layer pairs.
 
@@ -80,7 +82,8 @@ def flow_map(
     from tqdm.auto import tqdm
 
     layers = None if layers is None else list(layers)
-    planned, meta = all_ok(ranks, lambda: tracer.map_plan(layers, k=k, thresholds=thresholds, quantile=quantile),
+    planned, meta = all_ok(ranks, lambda: tracer.map_plan(layers, k=k, thresholds=thresholds, quantile=quantile,
+                                                             method=method),
                            "planning the flow map")
     opened: dict[str, FlowMapWriter] = {}
 
@@ -101,7 +104,7 @@ def flow_map(
     for start in range(0, len(pairs), world):
         round_pairs = pairs[start:start + world]
         mine = round_pairs[ranks.rank] if ranks.rank < len(round_pairs) else None
-        results = gather_to_root(ranks, lambda mine=mine: _pair(tracer, mine, k, thresholds, quantile),
+        results = gather_to_root(ranks, lambda mine=mine: _pair(tracer, mine, k, thresholds, quantile, method),
                                  f"matching layer pairs {round_pairs}")
         if results is not None:
             for (layer, site), result in zip(round_pairs, results, strict=False):   # one result per pair

@@ -112,6 +112,18 @@ class Predecessors(Mapping[Site, list[tuple[FeatureRef, float]]]):
         return f"Predecessors({self.target}: {parts})"
 
 
+def _data_free(method: str) -> Any:
+    """The registered data-free method ``method`` (its ``MatchingMethod``); others are an error saying why."""
+    from tl_featureflow.flow import methods
+
+    spec = methods.get(method)
+    if spec.needs != "decoders" or spec.table is None:
+        raise InvalidArgumentError(f"method={method!r} needs {spec.needs}, not only decoders: tracing and the flow "
+                                   f"map take a data-free method ({list(methods.data_free_names())}); validate() "
+                                   "runs the others")
+    return spec
+
+
 class FlowTracer:
     """Data-free feature flow over an :class:`SAEBank`.
 
@@ -154,6 +166,7 @@ class FlowTracer:
         self.chunk_size = None if chunk_size is None else check_int(chunk_size, "chunk_size", low=1)
         self.labels = FeatureLabels(bank, model, contexts)   # node labels: top contexts, logit lens
         self._matches: dict[tuple[Key, Key, int], Matching] = {}
+        self._method_contexts: dict[str, Any] = {}          # a data-free method's MatchContext, per method
         self._rotations: dict[int, Tensor] = {}
 
     # -- building blocks -------------------------------------------------------------------------
@@ -185,8 +198,42 @@ class FlowTracer:
         return cached
 
     def forget_matches(self) -> None:
-        """Drop the cached matchings of :meth:`match` (work over every layer keeps memory flat)."""
+        """Drop the cached matchings of :meth:`match` and of data-free methods (keeps memory flat)."""
         self._matches.clear()
+        self._method_contexts.clear()
+
+    def pair_scores(self, layer: int, site: Site, k: int = 1, *, method: str | None = None
+                    ) -> tuple[Float[Tensor, "d_res k"], Int[Tensor, "d_res k"]]:
+        """Every res(``layer``) feature's top-``k`` matches at one predecessor ``site``: scores, indices.
+
+        ``method=None`` is the decoder cosine's top-``k`` (:meth:`match`). Any other name is a
+        data-free method of :mod:`tl_featureflow.flow.methods` (``needs="decoders"``: ``"top1"``,
+        ``"permutation"``, ``"random"``, one registered by a user...): its table picks the indices,
+        and a pair's score is the cosine of its two decoder rows, so thresholds keep their meaning
+        (a pair a method picks never scores above the top-1 cosine). A method's "no match" (index
+        -1) scores ``-inf``.
+        """
+        dst = self._key(("res", layer), "layer")
+        keys = self.predecessor_keys(layer)
+        if site not in keys:
+            raise UnknownFeatureError(f"res({layer}) has no {site} predecessor SAE in the bank: it has {sorted(keys)}")
+        if method is None:
+            matching = self.match(keys[site], dst, k)
+            return matching.scores, matching.indices
+        from tl_featureflow.flow.methods import MatchContext
+
+        spec = _data_free(method)
+        check_int(k, "k", low=1)
+        context = self._method_contexts.setdefault(method, MatchContext(self))
+        indices = torch.as_tensor(spec.table(context, layer, site, keys[site])).to(self.device).long()
+        if indices.ndim != 2 or indices.shape[0] != self.bank.d_sae(*dst) or indices.shape[1] < k:
+            raise InvalidArgumentError(f"method {method!r} gave a table of shape {tuple(indices.shape)} for "
+                                       f"res({layer}) <- {site}: expected [{self.bank.d_sae(*dst)}, >= k={k}]")
+        indices = indices[:, :k]
+        target, source = self._decoder(dst), self._decoder(keys[site])
+        columns = [(target * source[indices[:, j].clamp_min(0)]).sum(-1) for j in range(k)]
+        scores = torch.stack(columns, dim=1).masked_fill(indices < 0, float("-inf"))
+        return scores, indices
 
     def _res_ref(self, ref: FeatureRef | str) -> FeatureRef:
         ref = self.bank.check_ref(ref)
@@ -227,11 +274,12 @@ class FlowTracer:
             by_site[site] = self._top(vector, key, k)
         return Predecessors(ref, by_site)
 
-    def scores(self, layer: int, k: int = 1) -> LayerScores:
-        """Top-``k`` predecessor scores and indices of every res feature of ``layer`` at once."""
-        dst = self._key(("res", layer), "layer")
-        matches = {site: self.match(key, dst, k) for site, key in self.predecessor_keys(layer).items()}
-        return LayerScores(layer, {s: m.scores for s, m in matches.items()}, {s: m.indices for s, m in matches.items()})
+    def scores(self, layer: int, k: int = 1, *, method: str | None = None) -> LayerScores:
+        """Top-``k`` predecessor scores and indices of every res feature of ``layer`` at once
+        (``method``: a data-free matching method, see :meth:`pair_scores`)."""
+        self._key(("res", layer), "layer")
+        pairs = {site: self.pair_scores(layer, site, k, method=method) for site in self.predecessor_keys(layer)}
+        return LayerScores(layer, {s: p[0] for s, p in pairs.items()}, {s: p[1] for s, p in pairs.items()})
 
     # -- thresholds and groups -------------------------------------------------------------------
     def _rotation(self, d: int) -> Tensor:
@@ -288,7 +336,8 @@ class FlowTracer:
             return {s: float(thresholds[s]) for s in sites}
         raise InvalidArgumentError(f"thresholds={thresholds!r}: expected 'chance', 'paper', a number or a site mapping")
 
-    def classify(self, layer: int, thresholds: Thresholds = "chance", *, quantile: float = 0.99) -> Classification:
+    def classify(self, layer: int, thresholds: Thresholds = "chance", *, quantile: float = 0.99,
+                 method: str | None = None) -> Classification:
         """Label every res feature of ``layer`` translated / processed / newborn / unexplained.
 
         Args:
@@ -297,18 +346,47 @@ class FlowTracer:
                 layer and site. ``"paper"``: the paper's trace thresholds (res 0.5,
                 mlp/att 0.15). A number, or a ``{site: number}`` mapping: fixed values.
 
-        The thresholds used come back in ``Classification.thresholds``.
+        ``method``: a data-free matching method picks each feature's predecessors (see
+        :meth:`pair_scores`); ``"chance"`` stays the top-1 cosine's chance level, a conservative
+        bar since no pair scores above its target's top-1 cosine. The thresholds used come back
+        in ``Classification.thresholds``.
         """
         used = self.thresholds(layer, thresholds, quantile=quantile)
-        scores = self.scores(layer)
+        scores = self.scores(layer, method=method)
         method = thresholds if isinstance(thresholds, str) else "fixed"
         if method == "chance":
             method = f"chance (q={quantile})"
         return Classification(layer, classify_scores(scores, used), used, method, scores)
 
     # -- graphs ----------------------------------------------------------------------------------
-    def _res_node(self, ref: FeatureRef, role: str, labels: bool) -> tuple[FlowNode, Predecessors]:
-        preds = self.predecessors(ref)
+    def _method_predecessors(self, ref: FeatureRef, method: str, tables: dict[int, LayerScores]) -> Predecessors:
+        """``ref``'s top-1 predecessor per site as ``method`` picks them (``tables``: this trace's layers)."""
+        if ref.layer not in tables:
+            tables[ref.layer] = self.scores(ref.layer, method=method)
+        table, by_site = tables[ref.layer], {}
+        for site, key in self.predecessor_keys(ref.layer).items():
+            index, score = int(table.indices[site][ref.index, 0]), float(table.scores[site][ref.index, 0])
+            by_site[site] = [] if index < 0 else [(FeatureRef(key[1], key[0], index), score)]
+        return Predecessors(ref, by_site)
+
+    def _method_successor(self, ref: FeatureRef, method: str, tables: dict[int, LayerScores]
+                          ) -> tuple[FeatureRef, float] | None:
+        """The res(L+1) feature whose ``method`` predecessor in res(L) is ``ref``, the best scoring if several."""
+        layer = ref.layer + 1
+        if layer not in tables:
+            tables[layer] = self.scores(layer, method=method)
+        table = tables[layer]
+        if "res" not in table.indices:
+            return None
+        mine = (table.indices["res"][:, 0] == ref.index).nonzero().squeeze(1)
+        if len(mine) == 0:
+            return None
+        best = mine[table.scores["res"][mine, 0].argmax()]
+        return FeatureRef(layer, "res", int(best)), float(table.scores["res"][best, 0])
+
+    def _res_node(self, ref: FeatureRef, role: str, labels: bool, method: str | None = None,
+                  tables: dict[int, LayerScores] | None = None) -> tuple[FlowNode, Predecessors]:
+        preds = self.predecessors(ref) if method is None else self._method_predecessors(ref, method, tables or {})
         label, lens = self.labels.node_labels(ref) if labels else (None, None)
         node = FlowNode(ref, role, preds.s("res"), preds.s("mlp"), preds.s("att"), label, lens)  # type: ignore[arg-type]
         return node, preds
@@ -321,6 +399,7 @@ class FlowTracer:
         t_module: float = 0.15,
         direction: Literal["backward", "forward", "both"] = "both",
         labels: bool | None = None,
+        method: str | None = None,
     ) -> FlowGraph:
         """The flow graph of one res feature (method section 4).
 
@@ -331,17 +410,28 @@ class FlowTracer:
         while that cosine >= ``t_res``. Every res node of the chain gets its mlp(L)
         and att(L) top-1 predecessors as side nodes when their score >= ``t_module``.
         ``labels`` (default: when the tracer has a model) adds logit-lens labels.
+
+        ``method``: a data-free matching method of :mod:`tl_featureflow.flow.methods` picks the
+        predecessors instead of the cosine's top-1 (``"permutation"``: SAE Match's one-to-one
+        assignment, or a method you registered); an edge's score is still its decoders' cosine.
+        Forward, the successor is the res(L+1) feature whose predecessor the method says f is
+        (the best scoring if several; none ends the chain). ``method="top1"`` gives the default's
+        graph backward; forward it keeps only successors that name f as their top-1.
         """
         seed = self._res_ref(ref)
         t_res, t_module = check_cosine(t_res, "t_res"), check_cosine(t_module, "t_module")
         if direction not in ("backward", "forward", "both"):
             raise InvalidArgumentError(f"direction={direction!r}: expected 'backward', 'forward' or 'both'")
         labels = (self.model is not None or self.labels.given()) if labels is None else labels
+        if method is not None:
+            _data_free(method)
         nodes: dict[FeatureRef, FlowNode] = {}
         edges: list[FlowEdge] = []
 
+        tables: dict[int, LayerScores] = {}        # the method's table of each layer this trace reads
+
         def visit(ref: FeatureRef, role: str) -> Predecessors:
-            node, preds = self._res_node(ref, role, labels)
+            node, preds = self._res_node(ref, role, labels, method, tables)
             nodes[ref] = node
             for site in ("mlp", "att"):
                 for module_ref, score in preds.get(site, [])[:1]:
@@ -363,15 +453,23 @@ class FlowTracer:
         if direction in ("forward", "both"):
             current = seed
             while ("res", current.layer + 1) in self.bank:
-                vector = self._decoder(current.key)[current.index]
-                successor, score = self._top(vector, ("res", current.layer + 1), 1)[0]
+                if method is None:
+                    vector = self._decoder(current.key)[current.index]
+                    successor, score = self._top(vector, ("res", current.layer + 1), 1)[0]
+                else:
+                    found = self._method_successor(current, method, tables)
+                    if found is None:
+                        break
+                    successor, score = found
                 if score < t_res:
                     break
                 edges.append(FlowEdge(current, successor, score))
                 visit(successor, "chain")
                 current, l_end = successor, successor.layer
         return FlowGraph(seed, list(nodes.values()), edges, (l_start, l_end), t_res, t_module, direction,
-                         meta={"bank": self.bank.describe(), "forward_rule": "argmax cosine in res(L+1)"})
+                         meta={"bank": self.bank.describe(), "method": method or "cosine",
+                               "forward_rule": "argmax cosine in res(L+1)" if method is None
+                               else f"the res(L+1) feature whose {method} predecessor it is"})
 
     # -- causal validation -----------------------------------------------------------------------
     def validate(self, tokens: Tensor, *, layers: Iterable[int], model: Any | None = None, **kwargs: Any) -> Any:
@@ -400,21 +498,23 @@ class FlowTracer:
         thresholds: Thresholds = "chance",
         quantile: float = 0.99,
         progress: bool = True,
+        method: str | None = None,
     ) -> FlowMap:
         """Predecessor scores of every res feature of every layer, with thresholds per layer.
 
         With ``path``, each layer is written to disk as soon as it is computed, and a
         later call with the same bank and settings resumes from the layers already
         there (a different bank or settings at ``path`` is refused, never overwritten).
+        ``method``: a data-free matching method picks the matches (see :meth:`pair_scores`).
         """
         from tqdm.auto import tqdm
 
-        planned, meta = self.map_plan(layers, k=k, thresholds=thresholds, quantile=quantile)
+        planned, meta = self.map_plan(layers, k=k, thresholds=thresholds, quantile=quantile, method=method)
         writer = None if path is None else FlowMapWriter(path, planned, meta)   # resumes what is there
         done: dict[int, LayerScores] = {} if writer is None else dict(writer.done)
         thr: dict[int, dict[Site, float]] = {} if writer is None else dict(writer.thresholds)
         for layer in tqdm([x for x in planned if x not in done], desc="flow map", unit="layer", disable=not progress):
-            done[layer] = self.scores(layer, k)
+            done[layer] = self.scores(layer, k, method=method)
             thr[layer] = self.thresholds(layer, thresholds, quantile=quantile)
             if writer is not None:
                 writer.add(layer, done[layer], thr[layer])
@@ -422,11 +522,14 @@ class FlowTracer:
         return FlowMap({layer: done[layer] for layer in planned}, {layer: thr[layer] for layer in planned}, meta)
 
     def map_plan(self, layers: Iterable[int] | None = None, *, k: int = 1, thresholds: Thresholds = "chance",
-                 quantile: float = 0.99) -> tuple[list[int], dict[str, Any]]:
+                 quantile: float = 0.99, method: str | None = None) -> tuple[list[int], dict[str, Any]]:
         """The layers :meth:`flow_map` computes (those with predecessor SAEs) and the settings it writes
-        with them (``meta``, what a resumed map must agree with); checks the layers, ``k`` and ``quantile``."""
+        with them (``meta``, what a resumed map must agree with); checks the layers, ``k``, ``quantile``
+        and ``method``."""
         check_int(k, "k", low=1)
         check_quantile(quantile)
+        if method is not None:
+            _data_free(method)
         res_layers = [layer for layer in self.bank.layers if ("res", layer) in self.bank]
         wanted = res_layers if layers is None else [check_layer(layer) for layer in layers]
         unknown = [layer for layer in wanted if layer not in res_layers]
@@ -435,10 +538,13 @@ class FlowTracer:
         planned = [layer for layer in wanted if self.predecessor_keys(layer)]
         if not planned:
             raise BankError(f"no layer of {wanted} has predecessor SAEs (res(L-1), mlp(L) or att(L))")
-        method = thresholds if isinstance(thresholds, str) else "fixed"
+        threshold_method = thresholds if isinstance(thresholds, str) else "fixed"
         # fixed thresholds are part of what a map means: a resume with others is refused (issue 24 #7)
         fixed = (None if isinstance(thresholds, str) else float(thresholds) if isinstance(thresholds, (int, float))
                  else {site: float(v) for site, v in sorted(thresholds.items())})
         meta = {"k": k, "bank_fingerprint": self.bank.fingerprint(), "bank": self.bank.describe(),
-                "threshold_method": method, "fixed_thresholds": fixed, "quantile": quantile, "planned": planned}
+                "threshold_method": threshold_method, "fixed_thresholds": fixed, "quantile": quantile,
+                "planned": planned}
+        if method is not None:       # absent for the cosine: maps written before methods existed still resume
+            meta["method"] = method
         return planned, meta

@@ -50,7 +50,7 @@ def with_readme_block(readme: str, run: dict) -> str:
 
 
 def _pattern(command: str) -> re.Pattern[str]:
-    return re.compile(r"```\n" + re.escape(f"$ {command}\n") + r".*?```", re.S)
+    return re.compile(r"```\n" + re.escape(f"$ {command}\n") + r"(.*?)```", re.S)
 
 
 def transcript_in(doc: str, command: str) -> str:
@@ -58,7 +58,7 @@ def transcript_in(doc: str, command: str) -> str:
     found = _pattern(command).findall(doc)
     if len(found) != 1:
         raise FeatureFlowError(f"the doc must hold one block starting with '$ {command}', found {len(found)}")
-    return found[0].split("\n", 1)[1].rsplit("```", 1)[0].strip()
+    return found[0].strip()
 
 
 def with_transcript(doc: str, command: str, transcript: str) -> str:

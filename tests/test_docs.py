@@ -163,6 +163,7 @@ def test_tracing_docs_print_what_trace_planted_prints():
     doc = (ROOT / "docs" / "tracing.md").read_text()
     rewritten = docs_outputs.with_transcript(doc, docs_outputs.PLANTED, out)
     assert _noise_free(rewritten) == _noise_free(doc)                               # the writer keeps the rest
+    assert docs_outputs.transcript_in(rewritten, docs_outputs.PLANTED) == out.strip()    # and reads back what it wrote
     assert _noise_free("att=[(2/att/2, 0.00)]") == _noise_free("att=[(2/att/1, -0.00)]")   # the one thing let go
 
 

@@ -359,11 +359,15 @@ class FlowTracer:
         return Classification(layer, classify_scores(scores, used), used, method, scores)
 
     # -- graphs ----------------------------------------------------------------------------------
+    def _method_table(self, layer: int, method: str, tables: dict[int, LayerScores]) -> LayerScores:
+        """``method``'s scores of ``layer``, computed once per trace (``tables``)."""
+        if layer not in tables:
+            tables[layer] = self.scores(layer, method=method)
+        return tables[layer]
+
     def _method_predecessors(self, ref: FeatureRef, method: str, tables: dict[int, LayerScores]) -> Predecessors:
         """``ref``'s top-1 predecessor per site as ``method`` picks them (``tables``: this trace's layers)."""
-        if ref.layer not in tables:
-            tables[ref.layer] = self.scores(ref.layer, method=method)
-        table, by_site = tables[ref.layer], {}
+        table, by_site = self._method_table(ref.layer, method, tables), {}
         for site, key in self.predecessor_keys(ref.layer).items():
             index, score = int(table.indices[site][ref.index, 0]), float(table.scores[site][ref.index, 0])
             by_site[site] = [] if index < 0 else [(FeatureRef(key[1], key[0], index), score)]
@@ -373,9 +377,7 @@ class FlowTracer:
                           ) -> tuple[FeatureRef, float] | None:
         """The res(L+1) feature whose ``method`` predecessor in res(L) is ``ref``, the best scoring if several."""
         layer = ref.layer + 1
-        if layer not in tables:
-            tables[layer] = self.scores(layer, method=method)
-        table = tables[layer]
+        table = self._method_table(layer, method, tables)
         if "res" not in table.indices:
             return None
         mine = (table.indices["res"][:, 0] == ref.index).nonzero().squeeze(1)

@@ -15,7 +15,7 @@ PACKAGE = Path(tl_featureflow.__file__).parent
 # Lower rank = lower layer; a module may import modules of its own or a lower rank only.
 RANKS = {
     "errors": 0, "checks": 0, "refs": 0, "_files": 0, "_compat": 0, "_lazy": 0, "distributed": 0,
-    "saes": 1, "fastpath": 1, "model": 2, "synthetic": 2, "embedded": 3, "rundir": 3,
+    "saes": 1, "fastpath": 1, "backend": 1, "model": 2, "synthetic": 2, "embedded": 3, "rundir": 3,
     "flow": 4, "steer": 5, "causal": 5, "viz": 7, "cli": 8, "demo": 8, "__init__": 9, "__main__": 9,
 }
 # Sibling wings that must not import each other (steer and causal are both built on flow).
@@ -54,7 +54,7 @@ def test_the_tree_shows_the_wings():
     wings = {p.name for p in PACKAGE.iterdir() if p.is_dir() and (p / "__init__.py").is_file()}
     assert wings == {"saes", "flow", "causal", "steer", "viz"}
     top = sorted(p.stem for p in PACKAGE.glob("*.py") if p.name != "__main__.py")   # `python -m`'s shim
-    assert len(top) <= 15, f"top-level modules should stay few, got {top}"
+    assert len(top) <= 16, f"top-level modules should stay few, got {top}"
     assert len((PACKAGE / "__init__.py").read_text().splitlines()) < 200
 
 
@@ -144,3 +144,56 @@ def test_the_public_api_is_a_short_tested_list_and_the_wings_are_namespaces():
     assert "cards" in dir(tl_featureflow.flow) and "steerer" in dir(tl_featureflow.steer)
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         tl_featureflow.flow.nope  # noqa: B018
+
+
+# ---------------------------------------------------------------------------- the model seam (backend.py)
+# The modules that may reach a TransformerLens model's internals directly: the seam itself, the model and
+# its fast path, and the one seam for private APIs.
+MODEL_INSIDE = {"backend", "model", "fastpath", "_compat"}
+# Not migrated yet (known exceptions, the SAE-training side): saes.stream streams activations with
+# `run_with_cache(..., stop_at_layer=)` (saes.training and saes.thresholds hand it `stop_at_layer=`),
+# saes.quality also takes the logits of a cached run and reruns from a layer for the spliced loss, and
+# saes.sites reads `model.blocks[L]` to see which hooks a block runs (transcoder reads).
+NOT_MIGRATED = {"saes.sites", "saes.stream", "saes.training", "saes.thresholds", "saes.quality"}
+_MODEL_CALLS = {"run_with_hooks", "run_with_cache", "generate", "to_tokens"}
+_LAYER_KEYWORDS = {"stop_at_layer", "start_at_layer"}
+
+
+def _is_backend(node: ast.AST) -> bool:
+    """``backend``, ``self.backend`` or ``backend_of(...)``: a call on these goes through the seam."""
+    if isinstance(node, ast.Call):
+        return isinstance(node.func, ast.Name) and node.func.id == "backend_of"
+    if isinstance(node, ast.Attribute):
+        return "backend" in node.attr
+    return isinstance(node, ast.Name) and "backend" in node.id
+
+
+def _model_reaches(path: Path) -> list[str]:
+    """Where a module reaches the model's internals: ``.blocks[``, ``.W_U``, ``.ln_final``, a forward with
+    ``stop_at_layer=``/``start_at_layer=``, or ``.run_with_hooks/.run_with_cache/.generate/.to_tokens(`` and
+    ``.hooks(fwd_hooks=`` on anything that is not a backend."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        where = f"{path.name}:{getattr(node, 'lineno', '?')}"
+        if isinstance(node, ast.Subscript) and isinstance(node.value, ast.Attribute) and node.value.attr == "blocks":
+            found.append(f"{where} .blocks[")
+        elif isinstance(node, ast.Attribute) and node.attr in {"W_U", "ln_final"}:
+            found.append(f"{where} .{node.attr}")
+        elif isinstance(node, ast.Call):
+            receiver = node.func.value if isinstance(node.func, ast.Attribute) else None
+            if receiver is not None and _is_backend(receiver):
+                continue
+            keywords = {k.arg for k in node.keywords}
+            if keywords & _LAYER_KEYWORDS:
+                found.append(f"{where} {sorted(keywords & _LAYER_KEYWORDS)}")
+            elif isinstance(node.func, ast.Attribute) and (
+                    node.func.attr in _MODEL_CALLS or (node.func.attr == "hooks" and "fwd_hooks" in keywords)):
+                found.append(f"{where} .{node.func.attr}(")
+    return found
+
+
+def test_the_wings_reach_the_model_through_the_backend():
+    reaching = {name: hits for name, path in _modules().items()
+                if name not in MODEL_INSIDE | NOT_MIGRATED and (hits := _model_reaches(path))}
+    assert reaching == {}, "reach the model through tl_featureflow.backend (backend_of(model).…)"
+    assert all(_model_reaches(_modules()[name]) for name in NOT_MIGRATED), "migrated: drop it from NOT_MIGRATED"

@@ -254,6 +254,7 @@ def _validate(args: argparse.Namespace) -> int:
 def _steer(args: argparse.Namespace) -> int:
     import torch
 
+    from tl_featureflow.backend import backend_of
     from tl_featureflow.flow.tracer import FlowTracer
     from tl_featureflow.steer.steerer import Steerer
     from tl_featureflow.steer.sweeps import SweepSettings, format_seconds, generation_seconds
@@ -276,15 +277,16 @@ def _steer(args: argparse.Namespace) -> int:
                   verbose=True)       # TransformerLens's own bar over the new tokens
     rows = max(args.samples, 1)
     prompts = [args.prompt] * rows
-    cost = generation_seconds(model, model.to_tokens(args.prompt).shape[-1], rows,
+    backend = backend_of(model)
+    cost = generation_seconds(model, backend.tokenize(args.prompt).shape[-1], rows,
                               SweepSettings(max_new_tokens=args.max_new_tokens, batch_size=rows))
     print(f"generating {rows} unsteered and {rows} steered continuations of {args.max_new_tokens} tokens, "
           f"about {format_seconds(2 * cost)}", flush=True)
     torch.manual_seed(args.seed)
-    baseline = model.generate(prompts, **kwargs)
+    baseline = backend.generate(prompts, **kwargs)
     torch.manual_seed(args.seed)
     with steerer:
-        steered = model.generate(prompts, **kwargs)
+        steered = backend.generate(prompts, **kwargs)
     baseline = [baseline] if isinstance(baseline, str) else baseline
     steered = [steered] if isinstance(steered, str) else steered
     for i, (a, b) in enumerate(zip(baseline, steered, strict=False)):

@@ -38,6 +38,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from tl_featureflow.backend import backend_of
 from tl_featureflow.checks import check_tokens
 from tl_featureflow.errors import BankError, InvalidArgumentError, UnknownFeatureError
 from tl_featureflow.refs import FeatureRef, Site, hook_name, predecessor_keys, resid_pre_hook
@@ -174,7 +175,8 @@ def split_preactivations(model: Any, bank: SAEBank, tokens: Int[Tensor, "1 seq"]
     """
     from tl_featureflow.model import FlowTransformer
 
-    check_tokens(tokens, model.cfg.d_vocab, n_ctx=model.cfg.n_ctx)
+    backend = backend_of(model)
+    check_tokens(tokens, backend.d_vocab, n_ctx=backend.n_ctx)
     if tokens.shape[0] != 1:
         raise InvalidArgumentError(f"split_preactivations takes one text [1, seq], got shape {tuple(tokens.shape)}")
     if not 0 <= position < tokens.shape[1]:
@@ -224,7 +226,7 @@ def layer_activations(flow: Any, tokens: Tensor, layers: list[int], *,
             if bank is not None and (site, layer) in bank and bank.read_hook((site, layer)) != hook_name(site, layer):
                 names[layer][f"{site}_in"] = bank.read_hook((site, layer))
     wanted = sorted({name for per_layer in names.values() for name in per_layer.values()})
-    _, cache = flow.run_with_cache(tokens, names_filter=wanted, stop_at_layer=max(layers) + 1)
+    cache = backend_of(flow).run_with_cache(tokens, wanted, stop_at_layer=max(layers) + 1)
     return {layer: {part: cache[name][0] for part, name in per_layer.items()} for layer, per_layer in names.items()}
 
 

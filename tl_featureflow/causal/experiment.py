@@ -18,6 +18,7 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
+from tl_featureflow.backend import backend_of
 from tl_featureflow.causal.attribution import layer_activations
 from tl_featureflow.causal.interventions import Intervention, intervened, res_activations, target_activations
 from tl_featureflow.checks import check_int, check_number, check_tokens
@@ -218,7 +219,8 @@ def _check_arguments(tracer: Any, model: Any, tokens: Tensor, layers: Sequence[i
         raise InvalidArgumentError(f"layers={layers!r}: expected a non-empty list of layer indices, e.g. [14]")
     for layer in layers:
         check_int(layer, "layer", context=f" (in layers={list(layers)!r})")
-    check_tokens(tokens, model.cfg.d_vocab, n_ctx=model.cfg.n_ctx, min_pos=2)
+    backend = backend_of(model)
+    check_tokens(tokens, backend.d_vocab, n_ctx=backend.n_ctx, min_pos=2)
     for layer in layers:
         if ("res", layer) not in tracer.bank or not tracer.predecessor_keys(layer):
             raise BankError(f"layer {layer} needs a res SAE and at least one predecessor SAE: "

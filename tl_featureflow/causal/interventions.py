@@ -28,6 +28,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from tl_featureflow.backend import ModelBackend, backend_of
 from tl_featureflow.checks import check_tokens
 from tl_featureflow.errors import InvalidArgumentError
 from tl_featureflow.refs import Site, check_site, hook_name
@@ -121,7 +122,7 @@ def input_keeper(bank: SAEBank, key: tuple[Site, int]) -> tuple[list[tuple[str, 
 @contextmanager
 def intervened(model: Any, bank: SAEBank, interventions: Sequence[Intervention]) -> Iterator[Any]:
     """``with intervened(model, bank, [...]): model(tokens)``; hooks are always removed."""
-    with model.hooks(fwd_hooks=intervention_hooks(bank, interventions)):
+    with backend_of(model).hooks(intervention_hooks(bank, interventions)):
         yield model
 
 
@@ -156,29 +157,30 @@ def res_activations(
                 raise InvalidArgumentError(
                     f"intervention at {item.key} cannot reach res({layer}) through layer {layer} alone: "
                     f"expected one of {sorted(allowed)}")
-    if entering is None and check_tokens(tokens, model.cfg.d_vocab, n_ctx=model.cfg.n_ctx).shape[0] != 1:
+    backend = backend_of(model)
+    if entering is None and check_tokens(tokens, backend.d_vocab, n_ctx=backend.n_ctx).shape[0] != 1:
         raise InvalidArgumentError(f"tokens must be one text [1, pos], got shape {tuple(tokens.shape)}")
-    if entering is not None and tuple(entering.shape) != (1, tokens.shape[-1], model.cfg.d_model):
+    if entering is not None and tuple(entering.shape) != (1, tokens.shape[-1], backend.d_model):
         raise InvalidArgumentError(f"entering has shape {tuple(entering.shape)}: expected the stream entering layer "
-                                   f"{layer} of the text, (1, {tokens.shape[-1]}, {model.cfg.d_model})")
+                                   f"{layer} of the text, (1, {tokens.shape[-1]}, {backend.d_model})")
     target_sae = bank[("res", layer)]
     out_name = hook_name("res", layer)
     if not layer_local:
         picked_rows = []
         for pos, items in zip(positions, interventions, strict=False):
             with intervened(model, bank, items):
-                _, cache = model.run_with_cache(tokens, names_filter=[out_name], stop_at_layer=layer + 1)
+                cache = backend.run_with_cache(tokens, [out_name], stop_at_layer=layer + 1)
             picked_rows.append(cache[out_name][0, pos])
         return target_sae.encode(torch.stack(picked_rows).to(target_sae.W_dec.dtype))
 
     if entering is None:
-        entering = model(tokens, stop_at_layer=layer)   # the stream entering layer L, computed once
-    out = [_layer_local_rows(model, bank, entering, layer, positions[i:i + chunk_rows], interventions[i:i + chunk_rows])
+        entering = backend.resid_entering(tokens, layer)   # the stream entering layer L, computed once
+    out = [_layer_local_rows(backend, bank, entering, layer, positions[i:i + chunk_rows], interventions[i:i + chunk_rows])
            for i in range(0, len(positions), chunk_rows)]
     return torch.cat(out) if out else torch.zeros(0, target_sae.cfg.d_sae)
 
 
-def _layer_local_rows(model: Any, bank: SAEBank, entering: Tensor, layer: int, positions: Sequence[int],
+def _layer_local_rows(model: ModelBackend, bank: SAEBank, entering: Tensor, layer: int, positions: Sequence[int],
                       interventions: Sequence[Sequence[Intervention]]) -> Tensor:
     """One batch of rows through layer ``layer`` alone (see :func:`res_activations`)."""
     n = len(positions)
@@ -204,8 +206,8 @@ def _layer_local_rows(model: Any, bank: SAEBank, entering: Tensor, layer: int, p
                 return h
 
             hooks.append((bank.hook((site, layer)), hook))
-    with model.hooks(fwd_hooks=hooks):
-        resid_out = model(resid, start_at_layer=layer, stop_at_layer=layer + 1)
+    with model.hooks(hooks):
+        resid_out = model.run_from_layer(resid, layer, layer + 1)
     pos = torch.tensor(list(positions), device=resid_out.device)
     picked = resid_out[torch.arange(n, device=resid_out.device), pos]     # [n, d_model]
     target_sae = bank[("res", layer)]

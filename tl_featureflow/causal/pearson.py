@@ -31,6 +31,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from tl_featureflow._files import atomic_directory, cache_root, entry_lock, read_manifest, tensor_digest, write_manifest
+from tl_featureflow.backend import backend_of
 from tl_featureflow.checks import check_tokens
 from tl_featureflow.errors import BankError, CacheError, InvalidArgumentError
 from tl_featureflow.refs import Site, predecessor_keys
@@ -90,8 +91,9 @@ def training_rows(model: Any, n_tokens: int, *, progress: bool = True) -> Int[Te
     tokens after position 0 (the default stream of :func:`pearson_matches`)."""
     from tl_featureflow.saes.corpus import load_corpus
 
-    rows = load_corpus(model.tokenizer, "train", progress=progress).tokens
-    rows = rows[:, : getattr(model.cfg, "n_ctx", rows.shape[1])]
+    backend = backend_of(model)
+    rows = load_corpus(backend.tokenizer, "train", progress=progress).tokens
+    rows = rows[:, : backend.n_ctx if backend.n_ctx is not None else rows.shape[1]]
     return rows[: -(-n_tokens // (rows.shape[1] - 1))]
 
 
@@ -139,7 +141,7 @@ def pearson_matches(
     meta: dict[str, Any] = {"source": source, "bank_fingerprint": bank.fingerprint(), "layers": list(layers)}
     folder = None
     if cache and isinstance(tokens, Tensor):
-        check_tokens(tokens, model.cfg.d_vocab, n_ctx=model.cfg.n_ctx)
+        check_tokens(tokens, backend_of(model).d_vocab, n_ctx=backend_of(model).n_ctx)
         meta["tokens"] = tensor_digest(tokens)
         identity = {k: meta[k] for k in _IDENTITY}           # what the result depends on (not its name)
         key = hashlib.sha256(json.dumps({**identity, "source": "given tokens"}, sort_keys=True).encode()).hexdigest()[:16]
@@ -158,7 +160,7 @@ def pearson_matches(
         total = -(-tokens.shape[0] // batch_size) if isinstance(tokens, Tensor) else None
         for batch in tqdm(token_batches(tokens, batch_size), total=total, desc="pearson", unit="batch",
                           disable=not progress):
-            check_tokens(batch, model.cfg.d_vocab, n_ctx=model.cfg.n_ctx, min_pos=2)
+            check_tokens(batch, backend_of(model).d_vocab, n_ctx=backend_of(model).n_ctx, min_pos=2)
             _, feats = flow.run_with_features(batch.to(device), bank=needed, return_logits=False)
             flat = {k: feats[k][:, 1:].reshape(-1, feats[k].shape[-1]).cpu() for k in keys}
             for (layer, site), s in sums.items():

@@ -51,6 +51,7 @@ from tl_featureflow._files import (
     tensor_digest,
     write_manifest,
 )
+from tl_featureflow.backend import backend_of
 from tl_featureflow.checks import check_int, check_tokens
 from tl_featureflow.errors import CacheError, InvalidArgumentError, UnknownFeatureError
 from tl_featureflow.refs import FeatureRef, Key, Site
@@ -531,12 +532,13 @@ def feature_contexts(
     """
     check_int(n, "n", low=1), check_int(rows, "rows", low=1), check_int(batch_size, "batch_size", low=1)
     if tokens is None:
-        if getattr(model, "tokenizer", None) is None:
+        backend = backend_of(model)
+        if backend.tokenizer is None:
             raise InvalidArgumentError("feature_contexts needs token ids (tokens=...) for a model without a tokenizer")
         from tl_featureflow.saes.corpus import load_corpus
 
-        tokens = load_corpus(model.tokenizer, "heldout", progress=progress).tokens[:rows]
-        tokens = tokens[:, : getattr(model.cfg, "n_ctx", tokens.shape[1])]
+        tokens = load_corpus(backend.tokenizer, "heldout", progress=progress).tokens[:rows]
+        tokens = tokens[:, : backend.n_ctx if backend.n_ctx is not None else tokens.shape[1]]
     if not cache:
         return collect_top_contexts(model, bank, tokens, n=n, batch_size=batch_size, device=device, progress=progress)
     folder = contexts_dir(bank, tokens, n=n)

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from tl_featureflow.backend import backend_of
 from tl_featureflow.errors import FeatureFlowError, InvalidArgumentError
 from tl_featureflow.refs import FeatureRef
 from tl_featureflow.saes.bank import SAEBank
@@ -105,10 +106,10 @@ class FeatureLabels:
         if key not in self._null:
             if self.model is None:
                 raise FeatureFlowError("the logit lens needs a model: FlowTracer(bank, model)")
-            W_U = self.model.W_U
+            backend = backend_of(self.model)
             g = torch.Generator().manual_seed(seed)
-            directions = torch.randn(n, W_U.shape[0], generator=g).to(W_U.device, W_U.dtype)
-            self._null[key] = float(torch.quantile(_top_z(self._scaled(directions) @ W_U).float(), quantile))
+            directions = torch.randn(n, backend.d_model, generator=g)
+            self._null[key] = float(torch.quantile(_top_z(backend.unembed(directions)).float(), quantile))
         return self._null[key]
 
     def lens_is_signal(self, ref: FeatureRef | str) -> bool:
@@ -116,14 +117,8 @@ class FeatureLabels:
         above :meth:`lens_null`): the report shows the lens only where it does."""
         return self.lens_z(ref) > self.lens_null()
 
-    def _scaled(self, direction: torch.Tensor) -> torch.Tensor:
-        ln_w = getattr(getattr(self.model, "ln_final", None), "w", None)
-        return direction * ln_w if ln_w is not None else direction
-
     def _lens_logits(self, ref: FeatureRef) -> torch.Tensor:
-        W_U = self.model.W_U
-        direction = self.bank.decoder(*ref.key, dtype=torch.float32)[ref.index].to(W_U.device, W_U.dtype)
-        return self._scaled(direction) @ W_U
+        return backend_of(self.model).unembed(self.bank.decoder(*ref.key, dtype=torch.float32)[ref.index])
 
     def lens_label(self, ref: FeatureRef | str, k: int = 5) -> str:
         """The top ``k`` logit-lens tokens as one line (the second line of a feature's label)."""

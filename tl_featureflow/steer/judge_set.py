@@ -17,6 +17,7 @@ import random
 from collections.abc import Sequence
 from typing import Any
 
+from tl_featureflow.backend import backend_of
 from tl_featureflow.errors import InvalidArgumentError
 
 __all__ = ["ON_TOPIC", "broken_versions", "auc", "judge_auc"]
@@ -101,7 +102,7 @@ def judge_auc(judge: Any, *, themes: dict[str, str] | None = None) -> dict[str, 
     if getattr(judge, "model", None) is not None:
         fluent = [s for texts in ON_TOPIC.values() for s in texts]
         broken = [b for s in fluent for b in broken_versions(s)]
-        tokenizer = judge.model.tokenizer
+        tokenizer = backend_of(judge.model).tokenizer
 
         bos = torch.tensor([[tokenizer.bos_token_id]])
 

@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from tl_featureflow.backend import backend_of
 from tl_featureflow.errors import InvalidArgumentError
 from tl_featureflow.refs import FeatureRef
 from tl_featureflow.saes.bank import SAEBank
@@ -85,9 +86,9 @@ def probe_seeds(
     if prompt_tokens is not None:
         ids = torch.as_tensor(prompt_tokens).reshape(1, -1).to(model.cfg.device)
     else:
-        if model.tokenizer is None:
+        if backend_of(model).tokenizer is None:
             raise InvalidArgumentError("a text prompt needs a model with a tokenizer: pass prompt_tokens= instead")
-        ids = model.to_tokens(prompt).to(model.cfg.device)
+        ids = backend_of(model).tokenize(prompt).to(model.cfg.device)
     edits = [{}] * samples + [{ref: float(strength)} for ref in refs for _ in range(samples)]
     out = generate_rows(model, bank, ids, edits, settings, scale=scale, contexts=contexts, progress=progress,
                         desc="seed probe")

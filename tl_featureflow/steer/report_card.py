@@ -51,6 +51,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from tl_featureflow._files import atomic_write_json, check_header, header, read_json
+from tl_featureflow.backend import backend_of
 from tl_featureflow.errors import CacheError, FeatureFlowError, InvalidArgumentError, UnknownFeatureError
 from tl_featureflow.refs import FeatureRef
 from tl_featureflow.saes.bank import SAEBank
@@ -320,7 +321,7 @@ def steering_report_card(
         if theme not in THEMES:
             raise InvalidArgumentError(f"unknown theme {theme!r}: expected one of {sorted(THEMES)} or a Theme")
         theme = THEMES[theme]
-    if model.tokenizer is None:
+    if backend_of(model).tokenizer is None:
         raise InvalidArgumentError("a report card needs a model with a tokenizer (it compares text prompts)")
     unknown = sorted(set(overrides) - {f.name for f in fields(CardSettings)})
     if unknown:
@@ -335,8 +336,8 @@ def steering_report_card(
         raise UnknownFeatureError(f"none of the layers {settings.layers} is in the flow graph of {graph.seed} "
                                   f"(its layers: {graph_layers})")
     start = time.perf_counter()
-    prompts = [model.to_tokens(settings.prompt)] + [_chat(model, p) for p in settings.neutral_prompts]
-    asked = [model.to_tokens(PROMPTING_PREFIX.format(concept=theme.name) + settings.prompt)]
+    prompts = [backend_of(model).tokenize(settings.prompt)] + [_chat(model, p) for p in settings.neutral_prompts]
+    asked = [backend_of(model).tokenize(PROMPTING_PREFIX.format(concept=theme.name) + settings.prompt)]
     asked += [_chat(model, p + PROMPTING_SUFFIX.format(concept=theme.name)) for p in settings.neutral_prompts]
     gen = settings.sweep()
     calls = 0
@@ -432,12 +433,12 @@ def _edits(method: Method, graph: Any, layer: int | None, strength: float | None
 
 def _chat(model: Any, instruction: str) -> Tensor:
     """An instruction as the model's chat prompt (plain text when the tokenizer has no template)."""
-    tok = model.tokenizer
+    tok = backend_of(model).tokenizer
     if getattr(tok, "chat_template", None):
         text = tok.apply_chat_template([{"role": "user", "content": instruction}], tokenize=False,
                                        add_generation_prompt=True)
         return torch.tensor([tok(text, add_special_tokens=False)["input_ids"]])
-    return model.to_tokens(instruction)
+    return backend_of(model).tokenize(instruction)
 
 
 def _unsteered_texts(blocks: list[dict[str, Any]]) -> list[str]:
@@ -452,7 +453,7 @@ def _score(model: Any, judge: Any, topic: str, prompt: Tensor, rows: list[tuple[
     unsteered rows of this prompt (``neutral_reference``: more unsteered texts for the concept's anchor)."""
     tokens = [t for t, _ in rows]
     texts = [t for _, t in rows]
-    ppl = perplexity_of_rows(model, prompt.cpu(), tokens, model.tokenizer.eos_token_id)
+    ppl = perplexity_of_rows(model, prompt.cpu(), tokens, backend_of(model).tokenizer.eos_token_id)
     base = [i for i, u in enumerate(unsteered) if u]
     if not base:
         raise FeatureFlowError("scoring needs unsteered rows of the same prompt")

@@ -69,6 +69,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from tl_featureflow import _compat
+from tl_featureflow.backend import backend_of
 from tl_featureflow.checks import check_device, check_int, check_number
 from tl_featureflow.errors import FeatureFlowError, InvalidArgumentError, ModelMismatchError, UnknownFeatureError
 from tl_featureflow.refs import FeatureRef, Site, check_layer, check_site, hook_name
@@ -462,10 +463,10 @@ class Steerer:
 
     def _hook_name(self, key: tuple[Site, int], name: str | None = None) -> str:
         name = name or hook_name(*key)
-        if name in self.model.hook_dict:
+        if backend_of(self.model).has_hook(name):
             return name
         spliced = f"{name}.hook_sae_output"     # an SAE is spliced in there: steer its output
-        if spliced in self.model.hook_dict:
+        if backend_of(self.model).has_hook(spliced):
             return spliced
         raise UnknownFeatureError(f"the model has no hook {name!r} for {key}")
 

@@ -31,6 +31,7 @@ import torch
 from tqdm.auto import tqdm
 
 from tl_featureflow._files import atomic_write_json, check_header, header, read_json
+from tl_featureflow.backend import backend_of
 from tl_featureflow.checks import check_tokens
 from tl_featureflow.errors import CacheError, FeatureFlowError, InvalidArgumentError, UnknownFeatureError
 from tl_featureflow.refs import FeatureRef
@@ -356,7 +357,8 @@ def generate_rows(
         raise InvalidArgumentError(f"a prompt of {prompt_ids.shape[-1]} tokens plus max_new_tokens="
                                    f"{settings.max_new_tokens} does not fit the model's context of {model.cfg.n_ctx} "
                                    "tokens: shorten the prompt or ask for fewer tokens")
-    stop_token = model.tokenizer.eos_token_id if model.tokenizer is not None else None
+    backend = backend_of(model)
+    stop_token = backend.tokenizer.eos_token_id if backend.tokenizer is not None else None
     size = settings.batch_size if settings.batched else 1
     chunks = [list(edits[i:i + size]) for i in range(0, len(edits), size)]
     neutral = 0.0 if settings.op == "add" else 1.0
@@ -374,13 +376,14 @@ def generate_rows(
             getattr(steerer, settings.op)(ref, values if settings.batched else values[0])
         torch.manual_seed(settings.seed + seed_offset + i)
         with steerer:
-            out = model.generate(prompt_ids.expand(len(chunk), -1), max_new_tokens=settings.max_new_tokens,
-                                 do_sample=settings.do_sample, top_p=settings.top_p,
-                                 temperature=settings.temperature, stop_at_eos=stop_token is not None, verbose=False)
+            out = backend.generate(prompt_ids.expand(len(chunk), -1), max_new_tokens=settings.max_new_tokens,
+                                   do_sample=settings.do_sample, top_p=settings.top_p,
+                                   temperature=settings.temperature, stop_at_eos=stop_token is not None,
+                                   verbose=False)
         for tokens in out[:, prompt_ids.shape[1]:].tolist():
             if stop_token is not None and stop_token in tokens:
                 tokens = tokens[:tokens.index(stop_token) + 1]
-            text = model.tokenizer.decode(tokens, skip_special_tokens=True) if model.tokenizer is not None else ""
+            text = backend.tokenizer.decode(tokens, skip_special_tokens=True) if backend.tokenizer is not None else ""
             out_rows.append((tokens, text))
     return GeneratedRows(out_rows, stop_token, len(chunks))
 
@@ -398,7 +401,7 @@ def generation_seconds(model: Any, prompt_len: int, n_rows: int, settings: Sweep
     calls = -(-n_rows // size)
     probe = torch.zeros((size, prompt_len), dtype=torch.long, device=model.cfg.device)
     start = time.perf_counter()
-    model.generate(probe, max_new_tokens=2, do_sample=False, stop_at_eos=False, verbose=False)
+    backend_of(model).generate(probe, max_new_tokens=2, do_sample=False, stop_at_eos=False, verbose=False)
     step = (time.perf_counter() - start) / 2
     return calls * settings.max_new_tokens * step
 
@@ -420,8 +423,8 @@ def _prompt_tokens(model: Any, settings: SweepSettings, prompt_tokens: torch.Ten
         ids = check_tokens(torch.as_tensor(prompt_tokens).reshape(1, -1), model.cfg.d_vocab, name="prompt_tokens")
     elif settings.prompt is None:
         raise InvalidArgumentError("a sweep needs a prompt: a text in settings.prompt or prompt_tokens=")
-    elif model.tokenizer is None:
+    elif backend_of(model).tokenizer is None:
         raise InvalidArgumentError("a text prompt needs a model with a tokenizer: pass prompt_tokens= instead")
     else:
-        ids = model.to_tokens(settings.prompt)
+        ids = backend_of(model).tokenize(settings.prompt)
     return ids.to(model.cfg.device)

@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from tl_featureflow.backend import backend_of
 from tl_featureflow.errors import InvalidArgumentError, UnknownFeatureError
 from tl_featureflow.refs import FeatureRef, Site
 from tl_featureflow.saes.bank import SAEBank
@@ -102,7 +103,7 @@ def feature_activations(model: object, bank: SAEBank, texts: Sequence[str], site
     flow = FlowTransformer.from_hooked(model)  # type: ignore[arg-type]
     rows = []
     for text in texts:
-        tokens = flow.to_tokens(text).to(device or flow.cfg.device)
+        tokens = backend_of(flow).tokenize(text).to(device or flow.cfg.device)
         _, feats = flow.run_with_features(tokens, sites=[site], layers=[layer], bank=bank, return_logits=False)
         rows.append(feats[site, layer][0, 1:].float().cpu())
     return rows

@@ -18,7 +18,10 @@ tl_featureflow.errors.InvalidArgumentError: tokens hold ids [99] outside the voc
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+import functools
+from collections.abc import Callable
+from dataclasses import fields
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from tl_featureflow.errors import FeatureFlowError, InvalidArgumentError
 
@@ -26,7 +29,38 @@ if TYPE_CHECKING:  # torch loads lazily: refs (and the CLI's --help) import this
     from jaxtyping import Int
     from torch import Tensor
 
-__all__ = ["check_int", "check_tokens"]
+__all__ = ["check_int", "check_tokens", "takes_settings"]
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def takes_settings(cls: type) -> Callable[[_F], _F]:
+    """Let a function with many keyword options take them as one frozen settings dataclass too.
+
+    The decorated function declares ``settings: cls | None = None`` (keyword-only) beside its
+    keywords, which keep working unchanged. With ``settings=``, every field of ``cls`` not passed
+    as a keyword is taken from it; **a keyword passed explicitly overrides the settings' field**
+    (as :func:`~tl_featureflow.steer.sweeps.steering_sweep`'s keywords override its
+    ``SweepSettings``). Something other than a ``cls`` as ``settings`` is an
+    :class:`~tl_featureflow.errors.InvalidArgumentError`.
+    """
+    names = [f.name for f in fields(cls)]
+
+    def decorate(fn: _F) -> _F:
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            settings = kwargs.get("settings")
+            if settings is not None:
+                if not isinstance(settings, cls):
+                    raise InvalidArgumentError(
+                        f"{fn.__name__}(settings={settings!r}): expected a {cls.__name__} or None")
+                for name in names:
+                    kwargs.setdefault(name, getattr(settings, name))
+            return fn(*args, **kwargs)
+
+        return wrapper  # type: ignore[return-value]
+
+    return decorate
 
 
 def check_int(value: object, name: str, *, low: int = 0, high: int | None = None,

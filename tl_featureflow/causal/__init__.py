@@ -6,4 +6,4 @@
 
 from tl_featureflow._lazy import submodule_getattr
 
-__getattr__, __dir__ = submodule_getattr(__name__)
+__getattr__, __dir__ = submodule_getattr(__name__, {"ValidationSettings": "experiment"})

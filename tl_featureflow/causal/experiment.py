@@ -11,8 +11,8 @@ docs/performance.md.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import torch
 from jaxtyping import Int
@@ -21,14 +21,20 @@ from torch import Tensor
 from tl_featureflow.backend import backend_of
 from tl_featureflow.causal.attribution import layer_activations
 from tl_featureflow.causal.interventions import Intervention, intervened, res_activations, target_activations
-from tl_featureflow.checks import check_int, check_number, check_tokens
+from tl_featureflow.checks import check_int, check_number, check_tokens, takes_settings
 from tl_featureflow.errors import BankError, InvalidArgumentError
 from tl_featureflow.flow import methods as registry
 from tl_featureflow.flow.methods import METHODS
 from tl_featureflow.refs import Site
 from tl_featureflow.saes.bank import SAEBank
 
-__all__ = ["validate", "text_generator", "METHODS"]
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
+
+    from tl_featureflow.causal.results import ValidationReport
+    from tl_featureflow.flow.tracer import FlowTracer
+
+__all__ = ["validate", "ValidationSettings", "text_generator", "METHODS"]
 
 #: The step between the seeds of consecutive texts (2^64 / golden ratio, SplitMix64's increment): text 0 keeps
 #: the run's seed, the others' seeds lie far apart.
@@ -59,6 +65,57 @@ def _texts(texts: Sequence[int] | None, n_texts: int) -> list[int]:
     return chosen
 
 
+@dataclass(frozen=True)
+class ValidationSettings:
+    """The options of one :func:`validate` run, as one value (``validate(..., settings=s)``).
+
+    Which layers, texts and precomputed matches to use stay arguments of the call: they belong
+    to the bank and data at hand. A keyword passed to :func:`validate` beside ``settings``
+    overrides that field. Fields are checked here, each error naming its field.
+
+    >>> s = ValidationSettings(methods=("top1", "random"), r=(0.0, 0.5), max_targets=10)
+    >>> s.r, s.positions_per_text
+    ((0.0, 0.5), 5)
+    >>> ValidationSettings(max_targets=0)
+    Traceback (most recent call last):
+    ...
+    tl_featureflow.errors.InvalidArgumentError: max_targets=0 is out of range: expected an int >= 1
+    """
+
+    methods: tuple[str, ...] = tuple(METHODS)
+    r: float | tuple[float, ...] = 0.0
+    positions_per_text: int = 5
+    max_targets: int = 25
+    seed: int = 0
+    batch_rows: int = 16
+    sweep_methods: tuple[str, ...] = ("top1",)
+    loss_samples: int = 0
+
+    def __post_init__(self) -> None:
+        known = registry.names()
+        for name in ("methods", "sweep_methods"):
+            value = getattr(self, name)
+            if isinstance(value, str) or not isinstance(value, Sequence) or (name == "methods" and not value):
+                raise InvalidArgumentError(f"{name}={value!r}: expected a non-empty list of some of {known}")
+            bad = [m for m in value if m not in known]
+            if bad:
+                raise InvalidArgumentError(f"{name}={value!r} holds unknown matching methods {bad}: "
+                                           f"expected some of {known}")
+            object.__setattr__(self, name, tuple(value))
+        if isinstance(self.r, Sequence) and not isinstance(self.r, str):
+            rs = tuple(check_number(x, "r", context=f" (in r={list(self.r)!r})") for x in self.r)
+            if not rs:
+                raise InvalidArgumentError("r=() is empty: expected a number or a non-empty list of numbers")
+            object.__setattr__(self, "r", rs)
+        else:
+            object.__setattr__(self, "r", check_number(self.r, "r"))
+        for name, low in (("positions_per_text", 1), ("max_targets", 1), ("batch_rows", 1), ("loss_samples", 0),
+                          ("seed", 0)):
+            check_int(getattr(self, name), name, low=low)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
 
 def _method_matches(tracer: Any, layer: int, method: str, seed: int, alive: Mapping[Any, Tensor] | None = None,
                     cache: dict[Any, Tensor] | None = None) -> dict[Site, Tensor]:
@@ -71,12 +128,14 @@ def _method_matches(tracer: Any, layer: int, method: str, seed: int, alive: Mapp
     return {site: chosen.table(context, layer, site, key) for site, key in tracer.predecessor_keys(layer).items()}
 
 
+@takes_settings(ValidationSettings)
 @torch.no_grad()
 def validate(
-    tracer: Any,
-    model: Any,
+    tracer: FlowTracer,
+    model: HookedTransformer,
     tokens: Int[Tensor, "n_texts pos"],
     *,
+    settings: ValidationSettings | None = None,
     layers: Sequence[int],
     methods: Sequence[str] = METHODS,
     r: float | Sequence[float] = 0.0,
@@ -90,8 +149,11 @@ def validate(
     alive: Mapping[Any, Tensor] | None = None,
     texts: Sequence[int] | None = None,
     progress: bool = True,
-) -> Any:
+) -> ValidationReport:
     """The paper's deactivation experiment (method section 5), layer-local and batched.
+
+    ``settings`` (a :class:`ValidationSettings`) gives the options from ``methods`` to
+    ``loss_samples`` as one value; a keyword passed beside it overrides its field.
 
     For each text, ``positions_per_text`` random non-BOS positions; at each, up to
     ``max_targets`` active res(L) features (seeded). For every target and method, its

@@ -8,4 +8,4 @@ the flow graph, AxBench-style).
 
 from tl_featureflow._lazy import submodule_getattr
 
-__getattr__, __dir__ = submodule_getattr(__name__)
+__getattr__, __dir__ = submodule_getattr(__name__, {"ProbeSettings": "probe", "ThemeSettings": "themes"})

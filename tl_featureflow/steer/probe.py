@@ -20,18 +20,58 @@ on unsteered samples of the same prompt), the measure the steering itself is jud
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from tl_featureflow.backend import backend_of
+from tl_featureflow.checks import check_int, check_number, takes_settings
 from tl_featureflow.errors import InvalidArgumentError
 from tl_featureflow.refs import FeatureRef
 from tl_featureflow.saes.bank import SAEBank
 from tl_featureflow.steer.sweeps import SweepSettings, generate_rows
 
-__all__ = ["SeedProbe", "probe_seeds"]
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
+
+__all__ = ["SeedProbe", "ProbeSettings", "probe_seeds"]
+
+
+@dataclass(frozen=True)
+class ProbeSettings:
+    """The options of one :func:`probe_seeds` run, as one value (``probe_seeds(..., settings=s)``).
+
+    A keyword passed to :func:`probe_seeds` beside ``settings`` overrides that field; a
+    ``scale`` mapping (``ref -> typical activation``) is passed as the keyword. Fields are
+    checked here, each error naming its field.
+
+    >>> ProbeSettings(strength=8.0, samples=2).samples
+    2
+    >>> ProbeSettings(samples=0)
+    Traceback (most recent call last):
+    ...
+    tl_featureflow.errors.InvalidArgumentError: samples=0 is out of range: expected an int >= 1
+    """
+
+    strength: float = 4.0
+    samples: int = 4
+    scale: str = "typical"
+    prompt: str = "I think"
+    max_new_tokens: int = 24
+    seed: int = 0
+    batch_size: int = 32
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "strength", check_number(self.strength, "strength"))
+        for name, low in (("samples", 1), ("max_new_tokens", 1), ("seed", 0), ("batch_size", 1)):
+            check_int(getattr(self, name), name, low=low)
+        for name in ("scale", "prompt"):
+            if not isinstance(getattr(self, name), str):
+                raise InvalidArgumentError(f"{name}={getattr(self, name)!r}: expected a str")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -45,12 +85,14 @@ class SeedProbe:
     samples: int
 
 
+@takes_settings(ProbeSettings)
 def probe_seeds(
-    model: Any,
+    model: HookedTransformer,
     bank: SAEBank,
     candidates: Sequence[FeatureRef | str | Any],
     topic: str,
     *,
+    settings: ProbeSettings | None = None,
     judge: Any,
     strength: float = 4.0,
     samples: int = 4,
@@ -73,6 +115,8 @@ def probe_seeds(
     texts as the on-topic anchor when given) and scores every row behavioural x coherence.
     ``score_fn(texts, topic)`` replaces the judge (tests, a hosted judge); coherence is
     then 1. The paper's sampling (top_p 0.7, T 1.27), fixed ``seed``; best first.
+    ``settings`` (a :class:`ProbeSettings`) gives ``strength`` to ``batch_size`` as one
+    value; a keyword passed beside it overrides its field.
     """
     if samples < 1:
         raise InvalidArgumentError(f"samples must be >= 1, got {samples}")

@@ -20,18 +20,61 @@ On the embedded model (needs its tokenizer)::
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
-from typing import Any
+from dataclasses import asdict, dataclass, replace
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from tl_featureflow.backend import backend_of
+from tl_featureflow.checks import check_int, check_number, takes_settings
 from tl_featureflow.errors import InvalidArgumentError, UnknownFeatureError
 from tl_featureflow.refs import FeatureRef, Site
 from tl_featureflow.saes.bank import SAEBank
 from tl_featureflow.steer.judge import NEUTRAL_TEXTS
 
-__all__ = ["Theme", "THEMES", "ThemeFeature", "theme_features", "feature_activations"]
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
+
+__all__ = ["Theme", "THEMES", "ThemeFeature", "ThemeSettings", "theme_features", "feature_activations"]
+
+
+@dataclass(frozen=True)
+class ThemeSettings:
+    """The options of :func:`theme_features`, as one value (``theme_features(..., settings=s)``).
+
+    Which layer to read stays an argument of the call. A keyword passed beside ``settings``
+    overrides that field. Fields are checked here, each error naming its field.
+
+    >>> ThemeSettings(k=3, min_share=0.25).k
+    3
+    >>> ThemeSettings(min_share=2.0)
+    Traceback (most recent call last):
+    ...
+    tl_featureflow.errors.InvalidArgumentError: min_share=2.0 is out of range: expected a finite real number >= 0 <= 1
+    """
+
+    site: Site = "res"
+    k: int = 5
+    neutral: tuple[str, ...] = tuple(NEUTRAL_TEXTS)
+    min_share: float = 0.5
+    max_neutral_ratio: float = 0.2
+    pool: int = 3
+    n_contexts: int = 3
+
+    def __post_init__(self) -> None:
+        if self.site not in ("res", "mlp", "att"):
+            raise InvalidArgumentError(f"site={self.site!r}: expected 'res', 'mlp' or 'att'")
+        if isinstance(self.neutral, str) or not isinstance(self.neutral, Sequence) or not self.neutral:
+            raise InvalidArgumentError(f"neutral={self.neutral!r}: expected a non-empty list of texts")
+        object.__setattr__(self, "neutral", tuple(self.neutral))
+        object.__setattr__(self, "min_share", check_number(self.min_share, "min_share", low=0, high=1))
+        object.__setattr__(self, "max_neutral_ratio",
+                           check_number(self.max_neutral_ratio, "max_neutral_ratio", low=0))
+        for name, low in (("k", 1), ("pool", 1), ("n_contexts", 0)):
+            check_int(getattr(self, name), name, low=low)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -109,11 +152,13 @@ def feature_activations(model: object, bank: SAEBank, texts: Sequence[str], site
     return rows
 
 
+@takes_settings(ThemeSettings)
 def theme_features(
-    model: object,
+    model: HookedTransformer,
     bank: SAEBank,
     texts: Sequence[str],
     *,
+    settings: ThemeSettings | None = None,
     layer: int,
     site: Site = "res",
     k: int = 5,
@@ -140,6 +185,10 @@ def theme_features(
     ranked by ``on_theme``, the judge's mean similarity of their contexts with the topic:
     a feature that separates the example texts yet fires on off-topic text elsewhere
     ranks below one whose contexts are on theme.
+
+    ``settings`` (a :class:`ThemeSettings`) gives ``site``, ``k``, ``neutral``, ``min_share``,
+    ``max_neutral_ratio``, ``pool`` and ``n_contexts`` as one value; a keyword passed beside it
+    overrides its field.
     """
     if not texts:
         raise InvalidArgumentError("theme_features needs at least one theme text")

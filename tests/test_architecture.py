@@ -197,3 +197,27 @@ def test_the_wings_reach_the_model_through_the_backend():
                 if name not in MODEL_INSIDE | NOT_MIGRATED and (hits := _model_reaches(path))}
     assert reaching == {}, "reach the model through tl_featureflow.backend (backend_of(model).…)"
     assert all(_model_reaches(_modules()[name]) for name in NOT_MIGRATED), "migrated: drop it from NOT_MIGRATED"
+
+
+def _bare_raises(path: Path) -> list[int]:
+    """Lines that raise the base ``FeatureFlowError`` itself (a subclass says what kind of failure it is)."""
+    return [node.lineno for node in ast.walk(ast.parse(path.read_text()))
+            if isinstance(node, ast.Raise) and isinstance(node.exc, ast.Call)
+            and isinstance(node.exc.func, ast.Name) and node.exc.func.id == "FeatureFlowError"]
+
+
+def test_raises_use_a_specific_error_class(tmp_path):
+    bare = {name: lines for name, path in _modules().items() if (lines := _bare_raises(path))}
+    assert bare == {}, "raise the subclass that fits (errors.py: InvalidArgumentError, StateError, BankError, ...)"
+    planted = tmp_path / "m.py"
+    planted.write_text("def f():\n    raise FeatureFlowError('x')\n")
+    assert _bare_raises(planted) == [2]
+
+
+def test_state_errors_say_what_to_call_first():
+    from tl_featureflow.errors import StateError
+    from tl_featureflow.steer.judge import OfflineJudge
+
+    with pytest.raises(StateError, match="calibrate"):
+        OfflineJudge().behavioural(["a"])
+    assert issubclass(StateError, RuntimeError) and issubclass(StateError, tl_featureflow.FeatureFlowError)

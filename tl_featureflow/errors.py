@@ -18,6 +18,7 @@ __all__ = [
     "CacheError",
     "MissingDependencyError",
     "DistributedError",
+    "StateError",
 ]
 
 
@@ -63,3 +64,8 @@ class MissingDependencyError(FeatureFlowError, ImportError):
 class DistributedError(FeatureFlowError, RuntimeError):
     """A distributed run cannot go on: a rank failed (the message names it, what it said and the text where
     known), did not answer within the timeout, or the process is not under torchrun."""
+
+
+class StateError(FeatureFlowError, RuntimeError):
+    """A call made before the object is ready for it, or while it is busy: a judge not calibrated, a Steerer
+    already active or entered in another thread, a bank already attached. The message says what to call first."""

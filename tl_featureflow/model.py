@@ -38,7 +38,12 @@ from transformer_lens import HookedTransformer
 
 from tl_featureflow import _compat, fastpath
 from tl_featureflow.checks import check_int, check_tokens
-from tl_featureflow.errors import FeatureFlowError, InvalidArgumentError, ModelMismatchError, UnknownFeatureError
+from tl_featureflow.errors import (
+    InvalidArgumentError,
+    ModelMismatchError,
+    StateError,
+    UnknownFeatureError,
+)
 from tl_featureflow.refs import FeatureRef, Key, Site
 from tl_featureflow.saes import sites
 from tl_featureflow.saes.bank import SAEBank
@@ -203,7 +208,7 @@ class FlowTransformer(HookedSAETransformer):
         if not isinstance(model, HookedTransformer):
             raise InvalidArgumentError(f"from_hooked needs a transformer_lens.HookedTransformer, got {type(model).__name__}")
         if isinstance(model, HookedSAETransformer) and model.acts_to_saes:
-            raise FeatureFlowError(
+            raise StateError(
                 f"the model has SAEs attached at {sorted(model.acts_to_saes)}: call model.reset_saes() first"
             )
         cfg = copy.deepcopy(model.cfg)
@@ -218,7 +223,7 @@ class FlowTransformer(HookedSAETransformer):
             ("_buffers", dict(model.named_buffers()), dict(new.named_buffers())),
         ):
             if set(theirs) != set(ours):
-                raise FeatureFlowError(
+                raise ModelMismatchError(
                     f"cannot wrap {type(model).__name__}: its {kind.strip('_')} differ from a "
                     f"HookedTransformer of the same cfg ({sorted(set(theirs) ^ set(ours))[:5]})"
                 )
@@ -276,12 +281,12 @@ class FlowTransformer(HookedSAETransformer):
                 model's, or an SAE's device/dtype differs from its layer's.
         """
         if self._bank is not None:
-            raise FeatureFlowError(f"a bank is already attached ({self._bank.describe()}): call detach() first")
+            raise StateError(f"a bank is already attached ({self._bank.describe()}): call detach() first")
         self.check_bank(bank)
         wrappers = _compat.sae_wrappers(self)
         taken = [bank.hook(key) for key in bank if bank.hook(key) in wrappers]
         if taken:
-            raise FeatureFlowError(f"other SAEs are attached at {taken}: remove them with reset_saes() first")
+            raise StateError(f"other SAEs are attached at {taken}: remove them with reset_saes() first")
         added: dict[str, _ExactSAEWrapper] = {}
         keepers: list[Any] = []
         try:
@@ -415,14 +420,14 @@ class FlowTransformer(HookedSAETransformer):
             ``(logits, FeatureCache)``, activations ``[batch, pos, d_sae]`` per SAE.
         """
         if bank is not None and self._bank is not None and bank is not self._bank:
-            raise FeatureFlowError("another bank is attached: detach() it or call without bank=")
+            raise StateError("another bank is attached: detach() it or call without bank=")
         if self._bank is not None and not self._bank_intact():
-            raise FeatureFlowError(
+            raise StateError(
                 "the attached bank's SAEs were replaced with add_sae(): detach() and attach(bank) again, "
                 "or use model.saes(...) for a temporary swap")
         source = self._bank if self._bank is not None else bank
         if source is None:
-            raise FeatureFlowError("no SAE bank: attach(bank) first or pass bank=")
+            raise StateError("no SAE bank: attach(bank) first or pass bank=")
         if isinstance(tokens, Tensor):
             check_tokens(tokens, self.cfg.d_vocab, n_ctx=self.cfg.n_ctx)
         chosen = source.select(sites=sites, layers=layers)

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from tl_featureflow.backend import backend_of
-from tl_featureflow.errors import FeatureFlowError, InvalidArgumentError
+from tl_featureflow.errors import InvalidArgumentError
 from tl_featureflow.refs import FeatureRef
 from tl_featureflow.saes.bank import SAEBank
 
@@ -80,7 +80,7 @@ class FeatureLabels:
         it would on its way to the unembedding.
         """
         if self.model is None:
-            raise FeatureFlowError("logit_lens needs a model: FlowTracer(bank, model)")
+            raise InvalidArgumentError("logit_lens needs a model: FlowTracer(bank, model)")
         ref = self.bank.check_ref(ref)
         values, ids = self._lens_logits(ref).topk(k, largest=not suppressed)
         tokenizer = getattr(self.model, "tokenizer", None)
@@ -105,7 +105,7 @@ class FeatureLabels:
         key = (n, quantile, seed)
         if key not in self._null:
             if self.model is None:
-                raise FeatureFlowError("the logit lens needs a model: FlowTracer(bank, model)")
+                raise InvalidArgumentError("the logit lens needs a model: FlowTracer(bank, model)")
             backend = backend_of(self.model)
             g = torch.Generator().manual_seed(seed)
             directions = torch.randn(n, backend.d_model, generator=g)

@@ -24,7 +24,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from tl_featureflow.checks import check_int
-from tl_featureflow.errors import FeatureFlowError, InvalidArgumentError
+from tl_featureflow.errors import BankError, InvalidArgumentError
 from tl_featureflow.saes.features import unit_rows
 
 __all__ = [
@@ -189,5 +189,5 @@ def fold_jumprelu_threshold(sae, *, check: bool = True, atol: float = 1e-4):  # 
         before, after = sae(probe), folded(probe)
         err = (before - after).abs().max().item() / before.abs().max().clamp_min(1e-12).item()
         if err > atol:
-            raise FeatureFlowError(f"folding changed the SAE's output (relative error {err:.2e} > {atol})")
+            raise BankError(f"folding changed the SAE's output (relative error {err:.2e} > {atol})")
     return folded

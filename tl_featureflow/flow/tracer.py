@@ -31,7 +31,6 @@ from torch import Tensor
 from tl_featureflow.checks import check_cosine, check_device, check_int, check_quantile
 from tl_featureflow.errors import (
     BankError,
-    FeatureFlowError,
     InvalidArgumentError,
     ModelMismatchError,
     UnknownFeatureError,
@@ -483,7 +482,7 @@ class FlowTracer:
 
         model = model if model is not None else self.model
         if model is None:
-            raise FeatureFlowError("validate needs a model: FlowTracer(bank, model) or validate(..., model=)")
+            raise InvalidArgumentError("validate needs a model: FlowTracer(bank, model) or validate(..., model=)")
         return validate(self, model, tokens, layers=layers, **kwargs)
 
     # -- the full map ----------------------------------------------------------------------------

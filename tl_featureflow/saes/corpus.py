@@ -237,7 +237,7 @@ def _tokenise(tokenizer: Any, split: str, sources: tuple[str, ...], context_size
         row_sources.extend([i] * len(source_rows))
         counts[source] = {"documents": len(docs), "rows": len(source_rows)}
     if not rows:
-        raise FeatureFlowError(f"the {split} corpus is empty for sources {sources}")
+        raise InvalidArgumentError(f"the {split} corpus is empty for sources {sources}")
     perm = torch.randperm(len(rows), generator=gen)
     tokens = torch.tensor(rows, dtype=torch.int64)[perm]
     source_ids = torch.tensor(row_sources, dtype=torch.int64)[perm]

@@ -41,7 +41,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from tl_featureflow.errors import FeatureFlowError, InvalidArgumentError, MissingDependencyError
+from tl_featureflow.errors import InvalidArgumentError, MissingDependencyError, StateError
 
 __all__ = ["SentenceEmbedder", "OfflineJudge", "Calibration", "repetition", "distinct_ngrams", "perplexity",
            "perplexity_of_rows",
@@ -252,7 +252,7 @@ class OfflineJudge:
 
     def _calibrated(self) -> Calibration:
         if self.calibration is None:
-            raise FeatureFlowError("call judge.calibrate(...) first")
+            raise StateError("call judge.calibrate(...) first")
         return self.calibration
 
     def behavioural(self, texts: Sequence[str]) -> Float[Tensor, " n"]:
@@ -261,7 +261,7 @@ class OfflineJudge:
         if self._behavioural is not None:
             scores = torch.as_tensor([float(s) for s in self._behavioural(list(texts), cal.topic)])
             if scores.shape != (len(texts),) or not torch.isfinite(scores).all():
-                raise FeatureFlowError(f"the behavioural judge returned {scores.tolist()!r}: expected one finite "
+                raise InvalidArgumentError(f"the behavioural judge returned {scores.tolist()!r}: expected one finite "
                                        f"score per text ({len(texts)})")
             return scores.clamp(0, 1)
         sim = self.similarity(texts, cal.topic)
@@ -274,7 +274,7 @@ class OfflineJudge:
         if len(ppl) != len(tokens):
             raise InvalidArgumentError(f"{len(ppl)} perplexities for {len(tokens)} generations")
         if math.isnan(cal.ppl_ref):
-            raise FeatureFlowError("coherence needs reference perplexities: calibrate(..., reference_ppl=...)")
+            raise StateError("coherence needs reference perplexities: calibrate(..., reference_ppl=...)")
         c_ppl = (1 - torch.log(ppl / cal.ppl_ref) / math.log(self.ppl_tolerance)).clamp(0, 1)
         distinct = torch.tensor([distinct_ngrams(list(t)) for t in tokens])
         c_rep = (distinct / cal.distinct_ref).clamp(0, 1)

@@ -52,7 +52,7 @@ from tqdm.auto import tqdm
 
 from tl_featureflow._files import atomic_write_json, check_header, header, read_json
 from tl_featureflow.backend import backend_of
-from tl_featureflow.errors import CacheError, FeatureFlowError, InvalidArgumentError, UnknownFeatureError
+from tl_featureflow.errors import CacheError, InvalidArgumentError, UnknownFeatureError
 from tl_featureflow.refs import FeatureRef
 from tl_featureflow.saes.bank import SAEBank
 from tl_featureflow.steer.judge import perplexity_of_rows
@@ -456,7 +456,7 @@ def _score(model: Any, judge: Any, topic: str, prompt: Tensor, rows: list[tuple[
     ppl = perplexity_of_rows(model, prompt.cpu(), tokens, backend_of(model).tokenizer.eos_token_id)
     base = [i for i, u in enumerate(unsteered) if u]
     if not base:
-        raise FeatureFlowError("scoring needs unsteered rows of the same prompt")
+        raise InvalidArgumentError("scoring needs unsteered rows of the same prompt")
     off = [texts[i] for i in base] + list(neutral_reference or [])
     judge.calibrate(topic, off_topic=off, on_topic=on_topic or None, reference_ppl=ppl[base],
                     reference_tokens=[tokens[i] for i in base])

@@ -71,7 +71,12 @@ from torch import Tensor
 from tl_featureflow import _compat
 from tl_featureflow.backend import backend_of
 from tl_featureflow.checks import check_device, check_int, check_number
-from tl_featureflow.errors import FeatureFlowError, InvalidArgumentError, ModelMismatchError, UnknownFeatureError
+from tl_featureflow.errors import (
+    InvalidArgumentError,
+    ModelMismatchError,
+    StateError,
+    UnknownFeatureError,
+)
 from tl_featureflow.refs import FeatureRef, Site, check_layer, check_site, hook_name
 from tl_featureflow.saes.bank import SAEBank
 from tl_featureflow.saes.features import rescale_delta
@@ -343,7 +348,7 @@ class Steerer:
         active = _ACTIVE.setdefault(self.model, [])
         foreign = [s for s in active if s._state.thread != me]
         if foreign:
-            raise FeatureFlowError(f"{foreign[0]!r} is active on this model in another thread: a model's hooks are "
+            raise StateError(f"{foreign[0]!r} is active on this model in another thread: a model's hooks are "
                                    "shared by every thread, so its forwards would be steered by both; steer from one "
                                    "thread, or give each thread its own model")
         level = next(_LEVELS)
@@ -380,7 +385,7 @@ class Steerer:
         """``fn``, refusing to run in a thread other than the one that entered this Steerer."""
         def hook(h: Tensor, hook: Any) -> Any:
             if threading.get_ident() != self._state.thread:
-                raise FeatureFlowError(f"{self!r} was entered in another thread: this forward ran through its "
+                raise StateError(f"{self!r} was entered in another thread: this forward ran through its "
                                        "hooks (a model's hooks are shared by every thread); steer from one thread, "
                                        "or give each thread its own model")
             return fn(h, hook)
@@ -397,11 +402,11 @@ class Steerer:
     # -- internals -----------------------------------------------------------------------------
     def _check_inactive(self, what: str) -> None:
         if self._state.stack is not None:
-            raise FeatureFlowError(f"cannot {what} a Steerer that is already active (exit its `with` block first)")
+            raise StateError(f"cannot {what} a Steerer that is already active (exit its `with` block first)")
 
     def _ref(self, ref: FeatureRef | str) -> FeatureRef:
         if self.bank is None:
-            raise FeatureFlowError(f"steering feature {ref} needs the SAE bank: Steerer(model, bank)")
+            raise InvalidArgumentError(f"steering feature {ref} needs the SAE bank: Steerer(model, bank)")
         ref = self.bank.check_ref(ref)
         if ref.layer >= self.model.cfg.n_layers:
             raise UnknownFeatureError(f"feature {ref}: the model has only {self.model.cfg.n_layers} layers")
@@ -449,7 +454,7 @@ class Steerer:
             self.contexts = feature_contexts(self.model, self.bank)  # type: ignore[arg-type]
         value = typical_activation(self.contexts, ref)
         if value <= 0:
-            raise FeatureFlowError(f"scale='typical': {ref} never fired on the {self.contexts.n_tokens} tokens its "
+            raise InvalidArgumentError(f"scale='typical': {ref} never fired on the {self.contexts.n_tokens} tokens its "
                                    "contexts were read from, so it has no typical activation; use another scale")
         return value
 

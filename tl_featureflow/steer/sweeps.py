@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from tl_featureflow._files import atomic_write_json, check_header, header, read_json
 from tl_featureflow.backend import backend_of
 from tl_featureflow.checks import check_tokens
-from tl_featureflow.errors import CacheError, FeatureFlowError, InvalidArgumentError, UnknownFeatureError
+from tl_featureflow.errors import CacheError, InvalidArgumentError, StateError, UnknownFeatureError
 from tl_featureflow.refs import FeatureRef
 from tl_featureflow.saes.bank import SAEBank
 from tl_featureflow.steer.judge import NEUTRAL_TEXTS, OfflineJudge, perplexity_of_rows
@@ -166,7 +166,7 @@ class SteeringSweep:
         """
         base = self.baseline()
         if not base:
-            raise FeatureFlowError("scoring a sweep needs its baseline rows: run steering_sweep(..., baseline=True)")
+            raise StateError("scoring a sweep needs its baseline rows: run steering_sweep(..., baseline=True)")
         model = judge.model
         if model is None:
             raise InvalidArgumentError("scoring a sweep needs the judge's language model: OfflineJudge(model)")
@@ -194,7 +194,7 @@ class SteeringSweep:
         sums: dict[SweepSetting, list[float]] = {}
         for row in self.rows:
             if metric not in row.scores:
-                raise FeatureFlowError(f"rows have no {metric!r} score: call sweep.score(judge, topic) first")
+                raise StateError(f"rows have no {metric!r} score: call sweep.score(judge, topic) first")
             sums.setdefault(row.setting, []).append(row.scores[metric])
         return {k: sum(v) / len(v) for k, v in sums.items()}
 
@@ -202,7 +202,7 @@ class SteeringSweep:
         """The setting with the highest mean ``metric`` (optionally within one mode)."""
         table = {k: v for k, v in self.summary(metric).items() if k.mode != "baseline" and mode in (None, k.mode)}
         if not table:
-            raise FeatureFlowError(f"no steered settings{f' with mode {mode!r}' if mode else ''} in this sweep")
+            raise InvalidArgumentError(f"no steered settings{f' with mode {mode!r}' if mode else ''} in this sweep")
         return max(table.items(), key=lambda kv: kv[1])
 
     def to_pandas(self):  # type: ignore[no-untyped-def]

@@ -57,6 +57,7 @@ from tl_featureflow.refs import (
 )
 from tl_featureflow.saes import sites
 from tl_featureflow.saes.features import unit_rows
+from tl_featureflow.saes.lazy import DEFAULT_KEEP, LazySAEs
 
 __all__ = ["SAEBank", "BANK_SCHEMA_VERSION", "INDEX_FILE"]
 
@@ -120,6 +121,13 @@ def _check_sae(key: Key, sae: object) -> SAE:
     return sae
 
 
+def _sae_digest(key: Key, sae: SAE) -> bytes:
+    """One SAE's part of :meth:`SAEBank.fingerprint`: its key, decoder shape and sum, a strided sample."""
+    W = sae.W_dec.detach()
+    sample = W.flatten()[:: max(1, W.numel() // 65536)].float().cpu().numpy().tobytes()
+    return f"{key}{tuple(W.shape)}{float(W.double().sum()):.12e}".encode() + sample
+
+
 def _keyed_by_hook(saes: Sequence[object]) -> dict[Key, object]:
     """``{(site, layer): sae}`` from each SAE's hook (``blocks.{L+1}.hook_resid_pre`` is ``("res", L)``)."""
     keyed: dict[Key, object] = {}
@@ -156,6 +164,10 @@ class SAEBank(Mapping[Key, SAE]):
     """
 
     def __init__(self, saes: Mapping[Key, SAE] | Sequence[SAE], *, metadata: Mapping[str, Any] | None = None):
+        self._lazy = saes if isinstance(saes, LazySAEs) else None     # SAEBank.load(..., lazy=True); checked there
+        if self._lazy is not None:
+            self._init_state(self._lazy, metadata)
+            return
         if isinstance(saes, Sequence) and not isinstance(saes, str):
             saes = _keyed_by_hook(saes)
         if not isinstance(saes, Mapping) or len(saes) == 0:
@@ -170,13 +182,38 @@ class SAEBank(Mapping[Key, SAE]):
         if len(set(widths.values())) > 1:
             raise BankError(f"SAEs of one bank must share d_in (= the model's d_model), got {widths}")
         order = sorted(checked, key=lambda k: (k[1], SITES.index(k[0])))
-        self._saes: dict[Key, SAE] = {k: checked[k] for k in order}
+        self._init_state({k: checked[k] for k in order}, metadata)
+
+    def _init_state(self, saes: Mapping[Key, SAE], metadata: Mapping[str, Any] | None) -> None:
+        self._saes: Mapping[Key, SAE] = saes
         self.metadata: dict[str, Any] = dict(metadata or {})
         self._decoders: dict[Key, tuple[tuple[Any, ...], Tensor]] = {}
         self._mapped: dict[Key, tuple[tuple[Any, ...], tuple[Tensor, Tensor]]] = {}   # z-SAEs' (W, b) in d_model
         self._model: Any = None          # set by bind(): the model whose W_O maps the z-SAEs
-        self._z_keys = [key for key, sae in self._saes.items() if sites.is_z(sae)]
-        self._transcoder_keys = [key for key, sae in self._saes.items() if sites.is_transcoder(sae)]
+        lazy = self._lazy
+        self._z_keys = [key for key in saes if (lazy.is_z(key) if lazy is not None else sites.is_z(saes[key]))]
+        self._transcoder_keys = [key for key in saes
+                                 if (lazy.is_transcoder(key) if lazy is not None else sites.is_transcoder(saes[key]))]
+
+    def _cfg(self, key: Key) -> Any:
+        """The config of the SAE at ``key`` (a lazy bank's without loading it)."""
+        if self._lazy is None:
+            return self[key].cfg
+        self._known(key)
+        return self._lazy.cfg(key)
+
+    def _known(self, key: Key) -> None:
+        """Raise for a key the bank does not have (naming what it has), without loading a lazy bank's SAE."""
+        if self._lazy is None or isinstance(key, tuple) and len(key) == 2 and isinstance(key[1], bool):
+            self[key]
+        elif key not in self._lazy:
+            raise UnknownFeatureError(f"no SAE for {key!r} in this bank: it has {self.describe()}")
+
+    @property
+    def saes(self) -> Mapping[Key, SAE]:
+        """The SAEs by key: a dict, or for a lazy bank its :class:`~tl_featureflow.saes.lazy.LazySAEs`
+        (``loads``, ``resident``, ``peak``)."""
+        return self._saes
 
     # -- mapping -----------------------------------------------------------------------------
     def __getitem__(self, key: Key) -> SAE:
@@ -188,6 +225,14 @@ class SAEBank(Mapping[Key, SAE]):
             raise UnknownFeatureError(
                 f"no SAE for {key!r} in this bank: it has {self.describe()}"
             ) from None
+
+    def __contains__(self, key: object) -> bool:       # Mapping's would load a lazy bank's SAE
+        if isinstance(key, tuple) and len(key) == 2 and isinstance(key[1], bool):
+            return False
+        try:
+            return key in self._saes
+        except TypeError:                                # an unhashable key
+            return False
 
     def __iter__(self) -> Iterator[Key]:
         return iter(self._saes)
@@ -214,9 +259,9 @@ class SAEBank(Mapping[Key, SAE]):
 
         A bank of z-SAEs only takes it from the model it is bound to (:meth:`bind`).
         """
-        for key, sae in self._saes.items():
+        for key in self._saes:
             if key not in self._z_keys:
-                return sae.cfg.d_in
+                return self._cfg(key).d_in
         if self._model is None:
             raise BankError("a bank of attn.hook_z SAEs only knows d_model from its model: bank.bind(model)")
         return int(self._model.cfg.d_model)
@@ -236,14 +281,14 @@ class SAEBank(Mapping[Key, SAE]):
         """Where the features of ``key`` are edited and its SAE is spliced (its ``hook_sae_acts_post`` lives
         under it): its site's hook (:func:`~tl_featureflow.refs.hook_name`; ``hook_mlp_out`` for a
         transcoder), or ``blocks.L.attn.hook_z`` for a z-SAE. For all but transcoders also :meth:`read_hook`."""
-        self[key]                                         # an unknown key raises, naming what the bank has
+        self._known(key)                                  # an unknown key raises, naming what the bank has
         return sites.z_hook_name(key[1]) if key in self._z_keys else hook_name(*key)
 
     def read_hook(self, key: Key) -> str:
         """Where the encoder of ``key`` reads its input: a transcoder's input hook (``cfg.metadata.hook_name``,
         e.g. ``blocks.L.ln2.hook_normalized``), else :meth:`hook`. It fires before :meth:`hook` in a forward."""
-        sae = self[key]
-        return sae.cfg.metadata.hook_name if key in self._transcoder_keys else self.hook(key)
+        cfg = self._cfg(key)
+        return cfg.metadata.hook_name if key in self._transcoder_keys else self.hook(key)
 
     @property
     def model(self) -> Any:
@@ -264,9 +309,9 @@ class SAEBank(Mapping[Key, SAE]):
             return self
         width = model.cfg.n_heads * model.cfg.d_head
         for key in self.z_keys:
-            if self[key].cfg.d_in != width:
+            if self._cfg(key).d_in != width:
                 raise ModelMismatchError(
-                    f"the SAE at {key} reads attn.hook_z with d_in {self[key].cfg.d_in}, but the model's hook_z has "
+                    f"the SAE at {key} reads attn.hook_z with d_in {self._cfg(key).d_in}, but the model's hook_z has "
                     f"n_heads * d_head = {model.cfg.n_heads} * {model.cfg.d_head} = {width}")
             if key[1] >= model.cfg.n_layers:
                 raise ModelMismatchError(f"the SAE at {key} is past the model's {model.cfg.n_layers} layers")
@@ -297,7 +342,15 @@ class SAEBank(Mapping[Key, SAE]):
             W_O, b_O = sites.z_write_map(self._bound((site, layer)), layer, device=W_dec.device)
             cached = (stamp, (W_dec @ W_O.to(W_dec.dtype), b_dec @ W_O.to(W_dec.dtype) + b_O.to(W_dec.dtype)))
             self._mapped[(site, layer)] = cached
+            self._forget_released()
         return cached[1]
+
+    def _forget_released(self) -> None:
+        """A lazy bank keeps derived decoders only of the SAEs in memory (memory stays ~``keep`` SAEs)."""
+        if self._lazy is not None:
+            for cache in (self._decoders, self._mapped):
+                for key in [k for k in cache if not self._lazy.is_resident(k)]:
+                    del cache[key]
 
     def _stamp(self, key: Key) -> tuple[Any, ...]:
         """Changes whenever the SAE's decoder rows in ``d_model`` may have: ``W_dec``, and for a z-SAE the
@@ -320,12 +373,12 @@ class SAEBank(Mapping[Key, SAE]):
 
     def d_sae(self, site: Site, layer: int) -> int:
         """Number of features of the SAE at ``(site, layer)``."""
-        return self[(site, layer)].cfg.d_sae
+        return self._cfg((site, layer)).d_sae
 
     def check_ref(self, ref: FeatureRef | str) -> FeatureRef:
         """Parse ``ref`` and check that the bank has its SAE and feature index."""
         ref = FeatureRef.parse(ref)
-        d_sae = self[ref.key].cfg.d_sae
+        d_sae = self._cfg(ref.key).d_sae
         if ref.index >= d_sae:
             raise UnknownFeatureError(f"feature {ref} does not exist: the SAE at {ref.key} has d_sae {d_sae}")
         return ref
@@ -339,7 +392,8 @@ class SAEBank(Mapping[Key, SAE]):
             raise UnknownFeatureError(
                 f"no SAE at sites {sorted(site_set)} and layers {sorted(layer_set)}: the bank has {self.describe()}"
             )
-        chosen = SAEBank({k: self._saes[k] for k in keys}, metadata=self.metadata)
+        chosen = SAEBank(self._lazy.restricted(keys) if self._lazy is not None else {k: self._saes[k] for k in keys},
+                         metadata=self.metadata)
         return chosen.bind(self._model) if self._model is not None else chosen
 
     # -- decoders ------------------------------------------------------------------------------
@@ -369,13 +423,18 @@ class SAEBank(Mapping[Key, SAE]):
             if cached is None or cached[0] != stamp:
                 cached = (stamp, unit_rows(self.model_decoder(site, layer)[0]).to(sae.W_dec.dtype))
                 self._decoders[(site, layer)] = cached
+                self._forget_released()
             W = cached[1]
         return W.to(device=device or W.device, dtype=dtype or W.dtype)
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> SAEBank:
-        """Move every SAE in place (like ``nn.Module.to``) and return the bank."""
-        for sae in self._saes.values():
-            sae.to(device=device, dtype=dtype)
+        """Move every SAE in place (like ``nn.Module.to``) and return the bank (a lazy bank: those in memory,
+        and every later load)."""
+        if self._lazy is not None:
+            self._lazy.move(device, dtype)
+        else:
+            for sae in self._saes.values():
+                sae.to(device=device, dtype=dtype)
         self._decoders.clear()
         self._mapped.clear()
         return self
@@ -387,11 +446,8 @@ class SAEBank(Mapping[Key, SAE]):
         record it, so a cache made with other SAEs is never reused.
         """
         digest = hashlib.sha256()
-        for key, sae in self._saes.items():
-            W = sae.W_dec.detach()
-            sample = W.flatten()[:: max(1, W.numel() // 65536)].float().cpu().numpy().tobytes()
-            digest.update(f"{key}{tuple(W.shape)}{float(W.double().sum()):.12e}".encode())
-            digest.update(sample)
+        for key in self._saes:
+            digest.update(self._lazy.digest(key) if self._lazy is not None else _sae_digest(key, self._saes[key]))
             if key in self._z_keys and self._model is not None:   # the mapped directions depend on the model's W_O
                 W_O = sites.z_write_map(self._model, key[1])[0]
                 digest.update(f"W_O{float(W_O.double().sum()):.12e}".encode())
@@ -445,11 +501,17 @@ class SAEBank(Mapping[Key, SAE]):
         device: torch.device | str = "cpu",
         dtype: torch.dtype | str | None = None,
         verify: bool = True,
+        lazy: bool = False,
+        keep: int = DEFAULT_KEEP,
     ) -> SAEBank:
         """Load a bank saved by :meth:`save`, bit-exact.
 
         Checks the schema version and (``verify=True``) every file's SHA-256 first:
         a partial or corrupt bank raises :class:`~tl_featureflow.errors.CacheError`.
+
+        ``lazy=True`` opens a bank too big for memory (:mod:`tl_featureflow.saes.lazy`): its SAEs are read
+        when a computation needs them, at most ``keep`` at a time, so a flow map or a validation holds
+        about one layer's SAEs. Opening reads every SAE once, in turn, to check it and learn its config.
         """
         device = check_device(device)       # "cuda" without a GPU read as a corrupt bank
         path = Path(path)
@@ -461,21 +523,33 @@ class SAEBank(Mapping[Key, SAE]):
         dtype_name = str(dtype).removeprefix("torch.") if dtype is not None else None
         if not isinstance(index.get("metadata", {}), dict):
             raise CacheError(f"{path / INDEX_FILE}: its metadata is a {type(index['metadata']).__name__}, expected a mapping")
-        saes = {}
+        entries: dict[Key, dict[str, Any]] = {}
         for entry in index["saes"]:
             key = (entry["site"], entry["layer"])
-            if key in saes:
+            if key in entries:
                 raise CacheError(f"{path / INDEX_FILE} lists the SAE for {key} twice")
+            entries[key] = entry
+
+        def load_one(key: Key, folder: Path, device: torch.device | str, dtype_name: str | None) -> SAE:
             try:
-                sae = SAE.load_from_disk(path / entry["folder"], device=str(device), dtype=dtype_name)
+                sae = SAE.load_from_disk(folder, device=str(device), dtype=dtype_name)
             except Exception as exc:  # SAELens raises many types on a bad folder
-                raise CacheError(f"could not load the SAE for {key} from {path / entry['folder']}: {exc}") from exc
+                raise CacheError(f"could not load the SAE for {key} from {folder}: {exc}") from exc
             found = {"architecture": sae.cfg.architecture(), "d_sae": sae.cfg.d_sae}
-            wrong = {name: value for name, value in found.items() if entry.get(name, value) != value}
+            wrong = {name: value for name, value in found.items() if entries[key].get(name, value) != value}
             if wrong:
                 raise CacheError(f"{path / INDEX_FILE} says the SAE for {key} has "
-                                 f"{ {name: entry[name] for name in wrong} }, its folder holds {wrong}")
-            saes[key] = sae
+                                 f"{ {name: entries[key][name] for name in wrong} }, its folder holds {wrong}")
+            return _check_sae(key, sae) if lazy else sae      # an eager bank checks them all when it is built
+
+        folders = {key: path / entries[key]["folder"] for key in entries}
+        if lazy:
+            order = sorted((_check_key(key) for key in folders), key=lambda k: (k[1], SITES.index(k[0])))
+            folders = {key: folders[key] for key in order}
+            saes: Mapping[Key, SAE] = LazySAEs.open(folders, keep=keep, device=device, dtype=dtype_name,
+                                                    load=load_one, digest=_sae_digest)
+        else:
+            saes = {key: load_one(key, folder, device, dtype_name) for key, folder in folders.items()}
         bank = cls(saes, metadata=index.get("metadata"))
         if index.get("d_model") is not None and len(bank.z_keys) < len(bank) and index["d_model"] != bank.d_model:
             raise CacheError(f"{path / INDEX_FILE} says d_model={index['d_model']}, its SAEs read d_in={bank.d_model}")

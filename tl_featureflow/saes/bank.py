@@ -27,7 +27,7 @@ import json
 import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from jaxtyping import Float
@@ -57,6 +57,9 @@ from tl_featureflow.refs import (
 )
 from tl_featureflow.saes import sites
 from tl_featureflow.saes.features import unit_rows
+
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
 
 __all__ = ["SAEBank", "BANK_SCHEMA_VERSION", "INDEX_FILE"]
 
@@ -174,7 +177,7 @@ class SAEBank(Mapping[Key, SAE]):
         self.metadata: dict[str, Any] = dict(metadata or {})
         self._decoders: dict[Key, tuple[tuple[Any, ...], Tensor]] = {}
         self._mapped: dict[Key, tuple[tuple[Any, ...], tuple[Tensor, Tensor]]] = {}   # z-SAEs' (W, b) in d_model
-        self._model: Any = None          # set by bind(): the model whose W_O maps the z-SAEs
+        self._model: HookedTransformer | None = None   # set by bind(): the model whose W_O maps the z-SAEs
         self._z_keys = [key for key, sae in self._saes.items() if sites.is_z(sae)]
         self._transcoder_keys = [key for key, sae in self._saes.items() if sites.is_transcoder(sae)]
 
@@ -246,11 +249,11 @@ class SAEBank(Mapping[Key, SAE]):
         return sae.cfg.metadata.hook_name if key in self._transcoder_keys else self.hook(key)
 
     @property
-    def model(self) -> Any:
+    def model(self) -> HookedTransformer | None:
         """The model this bank is bound to (:meth:`bind`), or None."""
         return self._model
 
-    def bind(self, model: Any) -> SAEBank:
+    def bind(self, model: HookedTransformer) -> SAEBank:
         """This bank with ``model``'s ``W_O`` mapping its z-SAEs into ``d_model``; the same bank when it
         has no z-SAE or is bound to ``model`` already (a new bank of the same SAE objects otherwise).
 
@@ -274,7 +277,7 @@ class SAEBank(Mapping[Key, SAE]):
         bound._model = model
         return bound
 
-    def _bound(self, key: Key) -> Any:
+    def _bound(self, key: Key) -> HookedTransformer:
         """The bound model, which the z-SAE at ``key`` needs."""
         if self._model is None:
             raise BankError(

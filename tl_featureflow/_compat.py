@@ -36,11 +36,14 @@ import functools
 import inspect
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from sae_lens.analysis.hooked_sae_transformer import _SAEWrapper, set_deep_attr
 from sae_lens.saes.sae import _disable_hooks
+
+if TYPE_CHECKING:
+    from sae_lens import HookedSAETransformer
 
 __all__ = [
     "SAEWrapper",
@@ -79,7 +82,7 @@ def wrapper_in_special_mode(wrapper: Any) -> bool:
     return wrapper._captured_input is not None or wrapper._token_mask is not None
 
 
-def sae_wrappers(model: Any) -> dict[str, Any]:
+def sae_wrappers(model: HookedSAETransformer) -> dict[str, Any]:
     """The live ``hook name -> wrapper`` dict of a HookedSAETransformer (mutations are seen by it)."""
     return model._acts_to_saes
 

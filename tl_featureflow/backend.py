@@ -23,12 +23,15 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from jaxtyping import Float, Int
 from torch import Tensor
 
 from tl_featureflow.refs import Site, hook_name
+
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
 
 __all__ = ["ModelBackend", "TLBackend", "backend_of", "Hooks"]
 
@@ -40,7 +43,7 @@ Hooks = Sequence[tuple[str, Callable[..., Any]]]
 class ModelBackend(Protocol):
     """What the package needs from a model. Hook names are strings built by :mod:`tl_featureflow.refs`."""
 
-    model: Any
+    model: Any   # Any on purpose: whatever model a backend adapts (a HookedTransformer, a TransformerBridge, ...)
     """The wrapped model (for what is not part of the seam, such as an SAE bank's ``bind``)."""
 
     @property
@@ -105,7 +108,7 @@ class ModelBackend(Protocol):
 class TLBackend:
     """:class:`ModelBackend` over a TransformerLens ``HookedTransformer``: plain pass-throughs, no copies."""
 
-    def __init__(self, model: Any):
+    def __init__(self, model: HookedTransformer):
         self.model = model
 
     def __repr__(self) -> str:
@@ -168,7 +171,7 @@ class TLBackend:
         return (direction * ln_w if ln_w is not None else direction) @ W_U
 
 
-def backend_of(model: Any) -> ModelBackend:
+def backend_of(model: HookedTransformer | ModelBackend) -> ModelBackend:
     """``model`` itself if it is a :class:`ModelBackend`, else a :class:`TLBackend` over it."""
     if isinstance(model, ModelBackend):
         return model

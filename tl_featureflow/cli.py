@@ -14,12 +14,18 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 # Vocabulary from its homes (light modules: no torch, no SAELens), never retyped here.
 from tl_featureflow.flow.methods import METHODS, data_free_names
 from tl_featureflow.refs import LABELS, SITES
 from tl_featureflow.saes.presets import PRESETS, preset_cost
+
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
+
+    from tl_featureflow.model import FlowTransformer
+    from tl_featureflow.saes.bank import SAEBank
 
 VALIDATE_OUT = "featureflow-out/validation.json"
 
@@ -32,13 +38,13 @@ class _Parser(argparse.ArgumentParser):
 
 
 # -- loading (tests replace these two) -------------------------------------------------------------
-def _load_model(args: argparse.Namespace) -> Any:
+def _load_model(args: argparse.Namespace) -> FlowTransformer:
     from tl_featureflow.embedded import load_embedded_model
 
     return load_embedded_model(device=args.device)
 
 
-def _load_bank(args: argparse.Namespace, model: Any) -> Any:
+def _load_bank(args: argparse.Namespace, model: HookedTransformer) -> SAEBank:
     if getattr(args, "bank", None):
         from tl_featureflow.saes.bank import SAEBank
 
@@ -59,20 +65,20 @@ def _load_bank(args: argparse.Namespace, model: Any) -> Any:
     return load_embedded_bank(preset, model=model, device=args.device)
 
 
-def _heldout_tokens(model: Any, n: int) -> Any:
+def _heldout_tokens(model: HookedTransformer, n: int) -> Any:
     from tl_featureflow.saes.corpus import load_corpus
 
     return load_corpus(model.tokenizer, "heldout", progress=True).tokens[:n]
 
 
-def _context_tokens(model: Any) -> Any:
+def _context_tokens(model: HookedTransformer) -> Any:
     """The held-out rows features are labelled by (their top contexts)."""
     from tl_featureflow.flow.contexts import DEFAULT_CONTEXT_ROWS
 
     return _heldout_tokens(model, DEFAULT_CONTEXT_ROWS)
 
 
-def _setup(args: argparse.Namespace, *, verbose: bool = True) -> tuple[Any, Any]:
+def _setup(args: argparse.Namespace, *, verbose: bool = True) -> tuple[FlowTransformer, SAEBank]:
     start = time.perf_counter()
     model = _load_model(args)
     bank = _load_bank(args, model)
@@ -100,7 +106,7 @@ def _ranks(args: argparse.Namespace) -> Iterator[Any]:
         distributed.shutdown(ranks)
 
 
-def _setup_ranks(args: argparse.Namespace, ranks: Any) -> tuple[Any, Any]:
+def _setup_ranks(args: argparse.Namespace, ranks: Any) -> tuple[FlowTransformer, SAEBank]:
     """:func:`_setup` on every rank (rank 0 says so); a rank that cannot load them ends every rank."""
     from tl_featureflow.distributed import all_ok
 
@@ -189,14 +195,14 @@ def _map(args: argparse.Namespace) -> int:
     return 0
 
 
-def _train_tokens(model: Any, n_tokens: int) -> Any:
+def _train_tokens(model: HookedTransformer, n_tokens: int) -> Any:
     """Training-split rows holding about ``n_tokens`` tokens (for Pearson correlations)."""
     from tl_featureflow.causal.pearson import training_rows
 
     return training_rows(model, n_tokens)
 
 
-def _validate_paper(args: argparse.Namespace, model: Any, bank: Any, tokens: Any) -> int:
+def _validate_paper(args: argparse.Namespace, model: HookedTransformer, bank: SAEBank, tokens: Any) -> int:
     from tl_featureflow._files import atomic_write_text
     from tl_featureflow.causal.protocol import run_paper_protocol, table1_markdown
     from tl_featureflow.flow.contexts import feature_contexts

@@ -16,7 +16,7 @@ import time
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -24,6 +24,9 @@ from tl_featureflow.errors import FeatureFlowError, InvalidArgumentError
 from tl_featureflow.rundir import RunDir
 from tl_featureflow.saes.bank import SAEBank
 from tl_featureflow.steer.seeds import pick_seed, seed_layer
+
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
 
 __all__ = ["run_demo", "readme_block", "README_MARKERS"]
 
@@ -37,7 +40,7 @@ def _fingerprint(*parts: Any) -> str:
 
 
 def run_demo(
-    model: Any,
+    model: HookedTransformer,
     bank: SAEBank,
     out: str | Path,
     *,
@@ -113,7 +116,7 @@ def run_demo(
     return path
 
 
-def _trace_seeds(model: Any, bank: SAEBank, tracer: Any, themes: Sequence[str], layer: int, out: RunDir,
+def _trace_seeds(model: HookedTransformer, bank: SAEBank, tracer: Any, themes: Sequence[str], layer: int, out: RunDir,
                  say: Callable[[str], None], judge: Any,
                  progress: bool) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
     """A seed feature per theme (re-ranked by a steering probe) and its flow graph (saved under ``out/graphs``)."""
@@ -141,8 +144,8 @@ def _cards(tracer: Any, graphs: dict[str, Any], out: RunDir) -> None:
     save_cards(build_cards(refs, tracer), out.cards)
 
 
-def _validation(model: Any, bank: SAEBank, tracer: Any, texts: torch.Tensor, layers: list[int], out: RunDir,
-                say: Callable[[str], None], log: Callable[[str], None], progress: bool) -> bool:
+def _validation(model: HookedTransformer, bank: SAEBank, tracer: Any, texts: torch.Tensor, layers: list[int],
+                out: RunDir, say: Callable[[str], None], log: Callable[[str], None], progress: bool) -> bool:
     """The deactivation experiment on held-out text, reused from ``out`` when bank, texts and layers match
     (then True)."""
     from tl_featureflow.causal.experiment import validate
@@ -207,7 +210,7 @@ def _steering_scale(graphs: dict[str, Any], contexts: Any, bank: SAEBank) -> str
     return "threshold" if all(getattr(sae, "threshold", None) is not None for sae in bank.values()) else "unit"
 
 
-def _steering(model: Any, bank: SAEBank, graphs: dict[str, Any], judge: Any | None, prompt: str,
+def _steering(model: HookedTransformer, bank: SAEBank, graphs: dict[str, Any], judge: Any | None, prompt: str,
               strengths: Sequence[float], samples: int, max_new_tokens: int, scale: str, contexts: Any, out: RunDir,
               say: Callable[[str], None], progress: bool) -> None:
     """Promote each theme along its flow graph, score with the offline judge, save the sweeps; then a

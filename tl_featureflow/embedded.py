@@ -21,7 +21,7 @@ import json
 import logging
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -35,6 +35,9 @@ from tl_featureflow._files import (
 )
 from tl_featureflow.errors import CacheError, InvalidArgumentError, MissingDependencyError
 from tl_featureflow.model import FlowTransformer
+
+if TYPE_CHECKING:
+    from tl_featureflow.saes.bank import SAEBank
 
 __all__ = [
     "EMBEDDED_MODEL_NAME",
@@ -285,7 +288,7 @@ def load_embedded_bank(
     model: FlowTransformer | None = None,
     train: bool = True,
     device: torch.device | str = "cpu",
-) -> Any:
+) -> SAEBank:
     """The embedded model's SAE bank for ``preset``, trained here on first use.
 
     The bank is read from :func:`embedded_bank_dir`. When it is missing and ``train`` is

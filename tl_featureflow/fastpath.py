@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -54,6 +54,9 @@ from torch import Tensor
 
 from tl_featureflow import _compat
 from tl_featureflow.errors import InvalidArgumentError
+
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
 
 __all__ = ["FastPath", "Mode", "enable", "disable"]
 
@@ -207,7 +210,7 @@ def _attention_unsupported(attn: Any) -> str | None:
     return ", ".join(reasons) or None
 
 
-def enable(model: Any, mode: Mode = "views") -> FastPath:
+def enable(model: HookedTransformer, mode: Mode = "views") -> FastPath:
     """Route ``model``'s gated MLPs, attention Q/K/V and unembedding through the fast forwards.
 
     Only ``model``'s own modules change (instance attributes; the classes are untouched).
@@ -255,7 +258,7 @@ def enable(model: Any, mode: Mode = "views") -> FastPath:
     return report
 
 
-def disable(model: Any) -> FastPath:
+def disable(model: HookedTransformer) -> FastPath:
     """Give every component back TransformerLens's own forward."""
     from transformer_lens.components.mlps.gated_mlp import GatedMLP
 

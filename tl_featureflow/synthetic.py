@@ -43,6 +43,8 @@ if TYPE_CHECKING:
     from transformer_lens import HookedTransformerConfig
     from transformers import PreTrainedTokenizerBase
 
+    from tl_featureflow.model import FlowTransformer
+
 __all__ = ["sae_from_decoder", "planted_chain_bank", "random_bank", "PlantedTruth", "tiny_model",
            "tiny_cfg", "make_sae", "make_bank", "byte_tokenizer", "ARCHITECTURES", "D_MODEL", "N_LAYERS", "D_VOCAB"]
 
@@ -132,7 +134,7 @@ def random_bank(layers: range | list[int], sites: tuple[Site, ...] = ("res", "ml
 
 
 def tiny_model(*, n_layers: int = 4, d_model: int = 64, d_vocab: int = 100, seed: int = 0, gated: bool = False,
-               device: torch.device | str = "cpu") -> Any:
+               device: torch.device | str = "cpu") -> FlowTransformer:
     """A small random :class:`~tl_featureflow.model.FlowTransformer` without a tokenizer (token ids in,
     ``0..d_vocab-1``): the model of runnable examples; its shapes fit :func:`planted_chain_bank`.
 

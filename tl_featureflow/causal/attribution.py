@@ -32,7 +32,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from jaxtyping import Float, Int
@@ -44,6 +44,9 @@ from tl_featureflow.errors import BankError, InvalidArgumentError, UnknownFeatur
 from tl_featureflow.refs import FeatureRef, Site, hook_name, predecessor_keys, resid_pre_hook
 from tl_featureflow.saes.bank import SAEBank
 from tl_featureflow.saes.sites import sae_input
+
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
 
 __all__ = ["PreactivationSplit", "split_preactivations", "split_from_activations", "PREDECESSOR_SITES"]
 
@@ -166,8 +169,8 @@ def split_from_activations(
 
 
 @torch.no_grad()
-def split_preactivations(model: Any, bank: SAEBank, tokens: Int[Tensor, "1 seq"], *, layer: int, position: int,
-                         targets: Sequence[int | str | FeatureRef]) -> PreactivationSplit:
+def split_preactivations(model: HookedTransformer, bank: SAEBank, tokens: Int[Tensor, "1 seq"], *, layer: int,
+                         position: int, targets: Sequence[int | str | FeatureRef]) -> PreactivationSplit:
     """Split the pre-activations of ``targets`` (res(``layer``) features) at ``position`` of one text.
 
     One forward up to ``layer`` with the activations cached; the bank's SAEs at res(L-1),

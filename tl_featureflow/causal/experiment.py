@@ -18,7 +18,7 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from tl_featureflow.backend import backend_of
+from tl_featureflow.backend import ModelBackend, backend_of
 from tl_featureflow.causal.attribution import layer_activations
 from tl_featureflow.causal.interventions import Intervention, intervened, res_activations, target_activations
 from tl_featureflow.checks import check_int, check_number, check_tokens, takes_settings
@@ -262,8 +262,8 @@ def _dead_top1(tracer: Any, layers: Sequence[int], alive: Mapping[Any, Tensor]) 
     return out
 
 
-def _check_arguments(tracer: Any, model: Any, tokens: Tensor, layers: Sequence[int], methods: Sequence[str],
-                     r: float | Sequence[float]) -> list[float]:
+def _check_arguments(tracer: Any, model: HookedTransformer | ModelBackend, tokens: Tensor, layers: Sequence[int],
+                     methods: Sequence[str], r: float | Sequence[float]) -> list[float]:
     """Everything :func:`validate` needs checked before it runs; returns the r values (main first)."""
     if isinstance(r, Sequence) and not isinstance(r, str):
         rs = [check_number(x, "r", context=f" (in r={list(r)!r})") for x in r]

@@ -22,7 +22,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from jaxtyping import Float, Int
@@ -34,6 +34,9 @@ from tl_featureflow.errors import InvalidArgumentError
 from tl_featureflow.refs import Site, check_site, hook_name
 from tl_featureflow.saes.bank import SAEBank
 from tl_featureflow.saes.features import rescale_delta
+
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
 
 __all__ = ["Intervention", "rescale", "intervention_hooks", "input_keeper", "intervened", "res_activations",
            "target_activations"]
@@ -120,7 +123,8 @@ def input_keeper(bank: SAEBank, key: tuple[Site, int]) -> tuple[list[tuple[str, 
 
 
 @contextmanager
-def intervened(model: Any, bank: SAEBank, interventions: Sequence[Intervention]) -> Iterator[Any]:
+def intervened(model: HookedTransformer | ModelBackend, bank: SAEBank,
+               interventions: Sequence[Intervention]) -> Iterator[Any]:
     """``with intervened(model, bank, [...]): model(tokens)``; hooks are always removed."""
     with backend_of(model).hooks(intervention_hooks(bank, interventions)):
         yield model
@@ -128,7 +132,7 @@ def intervened(model: Any, bank: SAEBank, interventions: Sequence[Intervention])
 
 @torch.no_grad()
 def res_activations(
-    model: Any,
+    model: HookedTransformer | ModelBackend,
     bank: SAEBank,
     tokens: Int[Tensor, "1 pos"],
     layer: int,
@@ -215,7 +219,7 @@ def _layer_local_rows(model: ModelBackend, bank: SAEBank, entering: Tensor, laye
 
 
 def target_activations(
-    model: Any,
+    model: HookedTransformer | ModelBackend,
     bank: SAEBank,
     tokens: Int[Tensor, "1 pos"],
     layer: int,

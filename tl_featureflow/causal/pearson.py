@@ -24,19 +24,22 @@ import hashlib
 import json
 from collections.abc import Iterable, Sequence
 from contextlib import nullcontext
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
 from tl_featureflow._files import atomic_directory, cache_root, entry_lock, read_manifest, tensor_digest, write_manifest
-from tl_featureflow.backend import backend_of
+from tl_featureflow.backend import ModelBackend, backend_of
 from tl_featureflow.checks import check_tokens
 from tl_featureflow.errors import BankError, CacheError, InvalidArgumentError
 from tl_featureflow.refs import Site, predecessor_keys
 from tl_featureflow.saes.bank import SAEBank
 from tl_featureflow.saes.stream import token_batches
+
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
 
 __all__ = ["PearsonMatches", "pearson_matches", "training_rows", "correlation_argmax", "DEFAULT_PEARSON_TOKENS"]
 
@@ -86,7 +89,8 @@ def correlation_argmax(n: int, x: Tensor, xx: Tensor, y: Tensor, yy: Tensor, xy:
     return best[:, None]
 
 
-def training_rows(model: Any, n_tokens: int, *, progress: bool = True) -> Int[Tensor, "rows seq"]:
+def training_rows(model: HookedTransformer | ModelBackend, n_tokens: int, *,
+                  progress: bool = True) -> Int[Tensor, "rows seq"]:
     """The offline corpus's training-split rows (cut to the model's ``n_ctx``) holding about ``n_tokens``
     tokens after position 0 (the default stream of :func:`pearson_matches`)."""
     from tl_featureflow.saes.corpus import load_corpus
@@ -99,7 +103,7 @@ def training_rows(model: Any, n_tokens: int, *, progress: bool = True) -> Int[Te
 
 @torch.no_grad()
 def pearson_matches(
-    model: Any,
+    model: HookedTransformer,
     bank: SAEBank,
     layers: Sequence[int],
     *,

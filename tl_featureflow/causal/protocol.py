@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import statistics
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import Tensor
 
@@ -23,6 +23,9 @@ from tl_featureflow.causal.results import PAPER_TABLE1, TABLE1_METHODS, Validati
 from tl_featureflow.errors import BankError
 from tl_featureflow.saes.bank import SAEBank
 from tl_featureflow.saes.presets import table1_layers
+
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
 
 __all__ = ["paper_layers", "run_paper_protocol", "table1_markdown", "attribution_summary", "PAPER_METHODS",
            "PAPER_R"]
@@ -44,7 +47,7 @@ def paper_layers(n_layers: int, bank: SAEBank) -> list[int]:
 
 
 def run_paper_protocol(
-    model: Any,
+    model: HookedTransformer,
     bank: SAEBank,
     tokens: Tensor,
     *,

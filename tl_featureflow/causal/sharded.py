@@ -20,7 +20,7 @@ True
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from jaxtyping import Int
 from torch import Tensor
@@ -30,11 +30,14 @@ from tl_featureflow.causal.results import ValidationReport
 from tl_featureflow.distributed import Ranks, gather_to_root, shard_range
 from tl_featureflow.errors import InvalidArgumentError
 
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
+
 __all__ = ["validate"]
 
 
-def validate(tracer: Any, model: Any, tokens: Int[Tensor, "n_texts pos"], ranks: Ranks, *, layers: Sequence[int],
-             progress: bool = True, **kwargs: Any) -> ValidationReport | None:
+def validate(tracer: Any, model: HookedTransformer, tokens: Int[Tensor, "n_texts pos"], ranks: Ranks, *,
+             layers: Sequence[int], progress: bool = True, **kwargs: Any) -> ValidationReport | None:
     """:func:`~tl_featureflow.causal.experiment.validate` of ``tokens`` over the ranks (same arguments); rank 0
     returns the merged report, the others None. A rank that fails ends every rank with a
     :class:`~tl_featureflow.errors.DistributedError` naming it and the text it failed on."""

@@ -22,13 +22,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tl_featureflow._files import atomic_write_json, check_header, header, read_json
 from tl_featureflow.errors import CacheError, InvalidArgumentError
 from tl_featureflow.flow.contexts import TopContexts, collect_top_contexts
 from tl_featureflow.refs import FeatureRef
 from tl_featureflow.saes.bank import SAEBank
+
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
 
 __all__ = ["FeatureCard", "CardContext", "build_card", "build_cards", "save_cards", "load_cards"]
 _SCHEMA = 1
@@ -122,7 +125,7 @@ def _neighbours(tracer: Any, ref: FeatureRef, k: int) -> tuple[dict[str, list[Li
 def build_card(
     ref: FeatureRef | str,
     *,
-    model: Any = None,
+    model: HookedTransformer | None = None,
     bank: SAEBank | None = None,
     tokens: Any = None,
     contexts: TopContexts | None = None,

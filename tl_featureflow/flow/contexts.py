@@ -34,7 +34,7 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 from jaxtyping import Float, Int
@@ -57,6 +57,9 @@ from tl_featureflow.errors import CacheError, InvalidArgumentError, UnknownFeatu
 from tl_featureflow.refs import FeatureRef, Key, Site
 from tl_featureflow.saes.bank import SAEBank
 from tl_featureflow.saes.stream import token_batches
+
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
 
 __all__ = ["TopContexts", "Example", "collect_top_contexts", "feature_contexts", "contexts_meta", "HIST_EDGES",
            "DEFAULT_CONTEXT_ROWS"]
@@ -384,7 +387,7 @@ def _ordered_topk(values: Float[Tensor, "d m"], k: int) -> tuple[Float[Tensor, "
 
 @torch.no_grad()
 def collect_top_contexts(
-    model: Any,
+    model: HookedTransformer,
     bank: SAEBank,
     tokens: Int[Tensor, "n_doc seq"] | Iterable[Int[Tensor, "batch seq"]],
     *,
@@ -510,7 +513,7 @@ def contexts_dir(bank: SAEBank, tokens: Tensor, **settings: Any) -> Path:
 
 
 def feature_contexts(
-    model: Any,
+    model: HookedTransformer,
     bank: SAEBank,
     tokens: Int[Tensor, "n_doc seq"] | None = None,
     *,

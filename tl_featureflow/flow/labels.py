@@ -15,7 +15,7 @@ explicit call (made by the first label that needs it), which computes the bank's
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -23,6 +23,9 @@ from tl_featureflow.backend import backend_of
 from tl_featureflow.errors import InvalidArgumentError
 from tl_featureflow.refs import FeatureRef
 from tl_featureflow.saes.bank import SAEBank
+
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
 
 __all__ = ["FeatureLabels"]
 
@@ -43,7 +46,7 @@ class FeatureLabels:
             :meth:`contexts` when a label first needs them, if the model has a tokenizer) or None.
     """
 
-    def __init__(self, bank: SAEBank, model: Any | None = None, contexts: Any | None = "auto"):
+    def __init__(self, bank: SAEBank, model: HookedTransformer | None = None, contexts: Any | None = "auto"):
         self.bank = bank
         self.model = model
         self._null: dict[tuple[int, float, int], float] = {}

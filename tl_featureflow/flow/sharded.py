@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 from jaxtyping import Int
@@ -35,6 +35,9 @@ from tl_featureflow.flow.origins import LayerScores
 from tl_featureflow.flow.tracer import FlowTracer, Thresholds
 from tl_featureflow.refs import Site
 from tl_featureflow.saes.bank import SAEBank
+
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
 
 __all__ = ["flow_map", "top_contexts"]
 
@@ -129,7 +132,7 @@ def flow_map(
 
 
 def top_contexts(
-    model: Any,
+    model: HookedTransformer,
     bank: SAEBank,
     tokens: Int[Tensor, "n_doc seq"],
     ranks: Ranks,

@@ -22,7 +22,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from jaxtyping import Float, Int
@@ -42,6 +42,9 @@ from tl_featureflow.flow.matching import topk_cosine
 from tl_featureflow.flow.origins import Classification, LayerScores, classify_scores
 from tl_featureflow.refs import FeatureRef, Key, Site, check_layer, check_site, predecessor_keys
 from tl_featureflow.saes.bank import SAEBank
+
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
 
 __all__ = ["FlowTracer", "Matching", "Predecessors", "PAPER_THRESHOLDS"]
 
@@ -143,7 +146,7 @@ class FlowTracer:
     def __init__(
         self,
         bank: SAEBank,
-        model: Any | None = None,
+        model: HookedTransformer | None = None,
         *,
         device: torch.device | str | None = None,
         chunk_size: int | None = None,
@@ -473,7 +476,8 @@ class FlowTracer:
                                else f"the res(L+1) feature whose {method} predecessor it is"})
 
     # -- causal validation -----------------------------------------------------------------------
-    def validate(self, tokens: Tensor, *, layers: Iterable[int], model: Any | None = None, **kwargs: Any) -> Any:
+    def validate(self, tokens: Tensor, *, layers: Iterable[int], model: HookedTransformer | None = None,
+                 **kwargs: Any) -> Any:
         """The deactivation experiment: see :func:`tl_featureflow.causal.experiment.validate`.
 
         Uses the tracer's model unless ``model`` is given. Returns a ``ValidationReport``.

@@ -27,7 +27,7 @@ import json
 import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from jaxtyping import Float
@@ -58,6 +58,9 @@ from tl_featureflow.refs import (
 from tl_featureflow.saes import sites
 from tl_featureflow.saes.features import unit_rows
 from tl_featureflow.saes.lazy import DEFAULT_KEEP, LazySAEs
+
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
 
 __all__ = ["SAEBank", "BANK_SCHEMA_VERSION", "INDEX_FILE"]
 
@@ -189,7 +192,7 @@ class SAEBank(Mapping[Key, SAE]):
         self.metadata: dict[str, Any] = dict(metadata or {})
         self._decoders: dict[Key, tuple[tuple[Any, ...], Tensor]] = {}
         self._mapped: dict[Key, tuple[tuple[Any, ...], tuple[Tensor, Tensor]]] = {}   # z-SAEs' (W, b) in d_model
-        self._model: Any = None          # set by bind(): the model whose W_O maps the z-SAEs
+        self._model: HookedTransformer | None = None   # set by bind(): the model whose W_O maps the z-SAEs
         lazy = self._lazy
         self._z_keys = [key for key in saes if (lazy.is_z(key) if lazy is not None else sites.is_z(saes[key]))]
         self._transcoder_keys = [key for key in saes
@@ -291,11 +294,11 @@ class SAEBank(Mapping[Key, SAE]):
         return cfg.metadata.hook_name if key in self._transcoder_keys else self.hook(key)
 
     @property
-    def model(self) -> Any:
+    def model(self) -> HookedTransformer | None:
         """The model this bank is bound to (:meth:`bind`), or None."""
         return self._model
 
-    def bind(self, model: Any) -> SAEBank:
+    def bind(self, model: HookedTransformer) -> SAEBank:
         """This bank with ``model``'s ``W_O`` mapping its z-SAEs into ``d_model``; the same bank when it
         has no z-SAE or is bound to ``model`` already (a new bank of the same SAE objects otherwise).
 
@@ -319,7 +322,7 @@ class SAEBank(Mapping[Key, SAE]):
         bound._model = model
         return bound
 
-    def _bound(self, key: Key) -> Any:
+    def _bound(self, key: Key) -> HookedTransformer:
         """The bound model, which the z-SAE at ``key`` needs."""
         if self._model is None:
             raise BankError(

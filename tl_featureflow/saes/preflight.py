@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Literal
 
 from jaxtyping import Int
 from torch import Tensor
@@ -32,6 +32,9 @@ from tl_featureflow.checks import check_number, check_tokens
 from tl_featureflow.errors import InvalidArgumentError, ModelMismatchError
 from tl_featureflow.refs import Key
 from tl_featureflow.saes.bank import SAEBank
+
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
 
 __all__ = ["preflight", "Preflight", "PreflightRow", "PreflightWarning", "DEFAULT_MAX_FVU"]
 
@@ -77,7 +80,7 @@ class Preflight:
                 f"{self.max_fvu}; worst {worst.key} FVU {worst.fvu:.2f})")
 
 
-def _cause(model: Any, bank: SAEBank, key: Key) -> str:
+def _cause(model: HookedTransformer, bank: SAEBank, key: Key) -> str:
     """The likely reasons an SAE fails, from what the model and the SAE's config say."""
     causes = []
     cfg = model.cfg
@@ -98,7 +101,7 @@ def _cause(model: Any, bank: SAEBank, key: Key) -> str:
 
 
 def preflight(
-    model: Any,
+    model: HookedTransformer,
     bank: SAEBank,
     tokens: Int[Tensor, "batch pos"],
     *,

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from jaxtyping import Int
@@ -29,6 +29,9 @@ from torch import Tensor
 from tl_featureflow.refs import Site, resid_pre_hook
 from tl_featureflow.saes import sites
 from tl_featureflow.saes.bank import SAEBank
+
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
 
 __all__ = ["SAEQuality", "QualityReport", "evaluate_bank", "BankQualityWarning", "MATCHING_KNEE"]
 
@@ -138,7 +141,7 @@ def _ce(logits: Tensor, tokens: Tensor) -> Tensor:
 
 @torch.no_grad()
 def evaluate_bank(
-    model: Any,
+    model: HookedTransformer,
     bank: SAEBank,
     tokens: Int[Tensor, "n_rows ctx"],
     *,

@@ -44,7 +44,7 @@ the reconstruction error. Cross-layer transcoders are refused: their features wr
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from jaxtyping import Float
@@ -52,6 +52,9 @@ from torch import Tensor
 
 from tl_featureflow.errors import ModelMismatchError, TranscoderError
 from tl_featureflow.refs import Key, hook_name, site_of_hook
+
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
 
 __all__ = ["Z_SUFFIX", "z_hook_name", "layer_of_z_hook", "key_of_sae_hook", "is_z", "sae_input", "z_write_map",
            "z_map_tensors", "TRANSCODER_INPUTS", "is_transcoder", "transcoder_layer", "check_transcoder_config",
@@ -141,7 +144,7 @@ def check_transcoder_config(name: str | None, out: str | None, what: str, *, d_i
     return layer
 
 
-def check_transcoder_hooks(model: Any, key: Key, read: str) -> None:
+def check_transcoder_hooks(model: HookedTransformer, key: Key, read: str) -> None:
     """Raise ModelMismatchError unless ``model`` has (and fires) the input hook ``read`` of the transcoder at
     ``key``: ``hook_mlp_in`` fires only with ``cfg.use_hook_mlp_in``; ``mlp.hook_in`` is SAELens's."""
     if read.endswith(".hook_mlp_in") and not getattr(model.cfg, "use_hook_mlp_in", False):
@@ -169,7 +172,7 @@ def sae_input(sae: Any, x: Tensor) -> Tensor:
     return x
 
 
-def z_map_tensors(model: Any, layer: int, *, stamp: Any = None) -> tuple[Any, ...]:
+def z_map_tensors(model: HookedTransformer, layer: int, *, stamp: Any = None) -> tuple[Any, ...]:
     """The model tensors :func:`z_write_map` reads at ``layer`` (``W_O``, ``b_O``, a post-attention norm's
     weight), each passed through ``stamp`` when given (for caches that must see their edits)."""
     block = model.blocks[layer]
@@ -181,7 +184,7 @@ def z_map_tensors(model: Any, layer: int, *, stamp: Any = None) -> tuple[Any, ..
 
 
 def z_write_map(
-    model: Any, layer: int, *, device: torch.device | str | None = None
+    model: HookedTransformer, layer: int, *, device: torch.device | str | None = None
 ) -> tuple[Float[Tensor, "n_heads_d_head d_model"], Float[Tensor, " d_model"]]:
     """``(W, b)`` with ``attn_out = z_flat @ W + b`` at ``layer``: ``W_O`` flattened, and ``b_O``.
 

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 from jaxtyping import Int
 from torch import Tensor
 
 from tl_featureflow.errors import InvalidArgumentError
+
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
 
 __all__ = ["ActivationStream", "token_batches"]
 
@@ -32,7 +35,7 @@ class ActivationStream:
     shuffled with a seed of their own and cut into batches of ``batch_tokens``.
     """
 
-    def __init__(self, model: Any, tokens: Int[Tensor, "n_rows ctx"], hooks: Sequence[str], *,
+    def __init__(self, model: HookedTransformer, tokens: Int[Tensor, "n_rows ctx"], hooks: Sequence[str], *,
                  batch_tokens: int, chunk_rows: int, seed: int = 0, stop_at_layer: int | None = None):
         if tokens.shape[0] < chunk_rows:
             raise InvalidArgumentError(

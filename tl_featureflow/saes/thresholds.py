@@ -37,7 +37,7 @@ import copy
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from jaxtyping import Float, Int
@@ -45,6 +45,11 @@ from torch import Tensor
 
 from tl_featureflow.checks import check_int
 from tl_featureflow.errors import InvalidArgumentError, TranscoderError
+
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
+
+    from tl_featureflow.saes.bank import SAEBank
 
 __all__ = ["cut_thresholds", "squared_error_change", "ThresholdCalibration", "calibrate_thresholds",
            "calibrate_bank", "THRESHOLD_FLOOR"]
@@ -300,8 +305,8 @@ def calibrate_thresholds(
 
 
 def calibrate_bank(
-    model: Any,
-    bank: Any,
+    model: HookedTransformer,
+    bank: SAEBank,
     tokens: Int[Tensor, "n_rows ctx"],
     *,
     n_tokens: int = 16_384,
@@ -309,7 +314,7 @@ def calibrate_bank(
     max_bytes: int = 1 << 30,
     device: torch.device | str | None = None,
     progress: bool = True,
-) -> Any:
+) -> SAEBank:
     """A new :class:`~tl_featureflow.saes.bank.SAEBank` whose JumpReLU SAEs have per-feature thresholds.
 
     Each SAE is calibrated (:func:`calibrate_thresholds`) on ``n_tokens`` activations of

@@ -27,7 +27,7 @@ import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from jaxtyping import Int
@@ -43,12 +43,16 @@ from tl_featureflow.saes.bank import SAEBank
 from tl_featureflow.saes.presets import PRESETS, TRAINING_VERSION, Preset, preset_keys, preset_layers
 from tl_featureflow.saes.stream import ActivationStream
 
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
+
 __all__ = ["TRAINING_VERSION", "Preset", "PRESETS", "preset_layers", "ActivationStream", "train_bank", "checkpoints",
            "load_checkpoint_bank"]
 
 _COMPLETE = "complete.json"
 
-def _check_request(model: Any, sites: Sequence[str], layers: Sequence[int] | None, preset: Preset) -> list[Key]:
+def _check_request(model: HookedTransformer, sites: Sequence[str], layers: Sequence[int] | None,
+                   preset: Preset) -> list[Key]:
     """The ``(site, layer)`` keys to train: the preset's (``layers=None``) or every site x layer asked for."""
     bad_sites = [s for s in sites if s not in SITES]
     if bad_sites or not sites:
@@ -84,7 +88,7 @@ def _latest_checkpoint(folder: Path) -> Path | None:
 
 
 def train_bank(
-    model: Any,
+    model: HookedTransformer,
     *,
     sites: Sequence[Site] = SITES,
     layers: Sequence[int] | None = None,
@@ -207,7 +211,7 @@ def _resolve_preset(preset: str | Preset, training_tokens: int | None) -> Preset
     return resolved if training_tokens is None else replace(resolved, training_tokens=int(training_tokens))
 
 
-def _training_rows(model: Any, preset: Preset, tokens: Tensor | None, eval_tokens: Tensor | None,
+def _training_rows(model: HookedTransformer, preset: Preset, tokens: Tensor | None, eval_tokens: Tensor | None,
                    progress: bool) -> tuple[Tensor, Tensor | None, dict[str, Any]]:
     """Training rows, held-out rows and the corpus's identity (the offline corpus unless given)."""
     if tokens is not None:
@@ -313,8 +317,8 @@ def _to_inference(trained: dict[str, Any], names: dict[str, Key], out: Path | No
     return inference
 
 
-def _per_feature_thresholds(model: Any, inference: dict[Key, Any], tokens: Tensor, preset: Preset, seed: int,
-                            progress: bool) -> tuple[dict[Key, Any], dict[str, Any]]:
+def _per_feature_thresholds(model: HookedTransformer, inference: dict[Key, Any], tokens: Tensor, preset: Preset,
+                            seed: int, progress: bool) -> tuple[dict[Key, Any], dict[str, Any]]:
     """One JumpReLU threshold per feature (:mod:`~tl_featureflow.saes.thresholds`) unless the preset keeps SAELens's one."""
     if not preset.calibration_tokens:
         return inference, {"thresholds": {"method": "one per SAE (SAELens's BatchTopK conversion)"}}
@@ -325,7 +329,7 @@ def _per_feature_thresholds(model: Any, inference: dict[Key, Any], tokens: Tenso
     return dict(bank.items()), {"thresholds": bank.metadata["thresholds"]}
 
 
-def _quality(model: Any, inference: dict[Key, Any], eval_tokens: Tensor | None, preset: Preset, out: Path,
+def _quality(model: HookedTransformer, inference: dict[Key, Any], eval_tokens: Tensor | None, preset: Preset, out: Path,
              progress: bool) -> dict[str, Any] | None:
     """The quality report on held-out rows (None without them); flagged SAEs warn."""
     if eval_tokens is None:

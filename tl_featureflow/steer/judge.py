@@ -35,13 +35,16 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
 from tl_featureflow.errors import InvalidArgumentError, MissingDependencyError, StateError
+
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
 
 __all__ = ["SentenceEmbedder", "OfflineJudge", "Calibration", "repetition", "distinct_ngrams", "perplexity",
            "perplexity_of_rows",
@@ -124,7 +127,7 @@ def repetition(tokens: Sequence[int], n: int = 3) -> float:
 
 @torch.no_grad()
 def perplexity(
-    model: Any,
+    model: HookedTransformer,
     prompt: Int[Tensor, "1 p"],
     continuations: Int[Tensor, "rows t"],
     *,
@@ -153,7 +156,7 @@ def perplexity(
     return out
 
 
-def perplexity_of_rows(model: Any, prompt: Int[Tensor, "1 p"], rows: Sequence[Sequence[int]],
+def perplexity_of_rows(model: HookedTransformer, prompt: Int[Tensor, "1 p"], rows: Sequence[Sequence[int]],
                        stop_token: int | None = None) -> Float[Tensor, " rows"]:
     """:func:`perplexity` of continuations of different lengths (padded with ``stop_token``, ignored after it)."""
     length = max(len(r) for r in rows)
@@ -192,7 +195,7 @@ class OfflineJudge:
 
     def __init__(
         self,
-        model: Any | None = None,
+        model: HookedTransformer | None = None,
         *,
         embedder: SentenceEmbedder | None = None,
         behavioural: Callable[[list[str], str], Sequence[float]] | None = None,

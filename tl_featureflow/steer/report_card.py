@@ -43,7 +43,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from jaxtyping import Float
@@ -51,7 +51,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from tl_featureflow._files import atomic_write_json, check_header, header, read_json
-from tl_featureflow.backend import backend_of
+from tl_featureflow.backend import ModelBackend, backend_of
 from tl_featureflow.errors import CacheError, InvalidArgumentError, UnknownFeatureError
 from tl_featureflow.refs import FeatureRef
 from tl_featureflow.saes.bank import SAEBank
@@ -64,6 +64,9 @@ from tl_featureflow.steer.sweeps import (
     generation_seconds,
     settings_from_dict,
 )
+
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
 
 __all__ = ["Method", "PAPER_METHODS", "CardSettings", "CardRow", "ReportCard", "steering_report_card",
            "harmonic", "QUICK_SETTINGS", "NEUTRAL_PROMPTS", "REPORT_CARD_SCHEMA_VERSION"]
@@ -289,7 +292,7 @@ QUICK_SETTINGS = CardSettings(strengths=(4.0,), select_samples=1, samples=4, neu
 
 
 def steering_report_card(
-    model: Any,
+    model: HookedTransformer,
     bank: SAEBank,
     graph: Any,
     theme: Any,
@@ -431,7 +434,7 @@ def _edits(method: Method, graph: Any, layer: int | None, strength: float | None
                                                           mode=method.mode, up_to_layer=layer)}
 
 
-def _chat(model: Any, instruction: str) -> Tensor:
+def _chat(model: HookedTransformer | ModelBackend, instruction: str) -> Tensor:
     """An instruction as the model's chat prompt (plain text when the tokenizer has no template)."""
     tok = backend_of(model).tokenizer
     if getattr(tok, "chat_template", None):
@@ -446,7 +449,7 @@ def _unsteered_texts(blocks: list[dict[str, Any]]) -> list[str]:
             if p.method == "unsteered"]
 
 
-def _score(model: Any, judge: Any, topic: str, prompt: Tensor, rows: list[tuple[list[int], str]],
+def _score(model: HookedTransformer, judge: Any, topic: str, prompt: Tensor, rows: list[tuple[list[int], str]],
            unsteered: list[bool], on_topic: list[str], neutral_reference: list[str] | None = None,
            ) -> dict[str, Tensor]:
     """Concept, fluency, paper score and perplexity ratio of each row, the judge calibrated on the

@@ -7,7 +7,7 @@ features; :func:`seed_layer` is the res layer in the middle of a bank.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -15,6 +15,9 @@ from tl_featureflow.errors import BankError
 from tl_featureflow.refs import FeatureRef
 from tl_featureflow.saes.bank import SAEBank
 from tl_featureflow.steer.themes import feature_activations, theme_features
+
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
 
 __all__ = ["seed_layer", "pick_seed"]
 
@@ -27,7 +30,7 @@ def seed_layer(bank: SAEBank) -> int:
     return layers[(len(layers) - 1) // 2]
 
 
-def pick_seed(model: Any, bank: SAEBank, tracer: Any, theme: Any, layer: int, *, min_nodes: int = 3,
+def pick_seed(model: HookedTransformer, bank: SAEBank, tracer: Any, theme: Any, layer: int, *, min_nodes: int = 3,
               judge: Any = None, probe_samples: int = 0, probe_strength: float = 4.0,
               progress: bool = False) -> tuple[dict[str, Any], Any]:
     """The theme's best feature at ``layer`` whose flow graph has at least ``min_nodes`` features.

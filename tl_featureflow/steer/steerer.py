@@ -62,7 +62,7 @@ import weakref
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
-from typing import Any, Literal, get_args
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import torch
 from jaxtyping import Float
@@ -80,6 +80,9 @@ from tl_featureflow.errors import (
 from tl_featureflow.refs import FeatureRef, Site, check_layer, check_site, hook_name
 from tl_featureflow.saes.bank import SAEBank
 from tl_featureflow.saes.features import rescale_delta
+
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
 
 __all__ = ["Steerer", "Positions", "Schedule", "FlowMode", "Coefficient", "flow_coefficients", "POSITIONS", "SCALES",
            "typical_activation"]
@@ -217,7 +220,7 @@ class Steerer:
 
     def __init__(
         self,
-        model: Any,
+        model: HookedTransformer,
         bank: SAEBank | None = None,
         *,
         positions: Positions = "all",
@@ -542,7 +545,7 @@ def _keep(store: dict[str, Tensor], x: Tensor, hook: Any) -> None:
     store["x"] = x
 
 
-def _wrap_generate(model: Any, stack: ExitStack) -> None:
+def _wrap_generate(model: HookedTransformer, stack: ExitStack) -> None:
     """While Steerers that count positions are active, ``model.generate`` tells each of them that
     a generation starts and whether it uses the KV cache (TransformerLens's own default when not
     given). One wrapper per model, whatever the number of Steerers or the order they exit in."""

@@ -25,7 +25,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 from tqdm.auto import tqdm
@@ -38,6 +38,9 @@ from tl_featureflow.refs import FeatureRef
 from tl_featureflow.saes.bank import SAEBank
 from tl_featureflow.steer.judge import NEUTRAL_TEXTS, OfflineJudge, perplexity_of_rows
 from tl_featureflow.steer.steerer import Op, Positions, Schedule, Steerer, flow_coefficients
+
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
 
 __all__ = ["SweepSettings", "SweepSetting", "SweepRow", "SteeringSweep", "steering_sweep", "sweep_settings",
            "setting_coefficients", "generate_rows", "GeneratedRows", "generation_seconds", "format_seconds",
@@ -257,7 +260,7 @@ def sweep_settings(
 
 
 def steering_sweep(
-    model: Any,
+    model: HookedTransformer,
     bank: SAEBank,
     graph: Any,
     settings: SweepSettings | None = None,
@@ -330,7 +333,7 @@ class GeneratedRows:
 
 
 def generate_rows(
-    model: Any,
+    model: HookedTransformer,
     bank: SAEBank,
     prompt_ids: torch.Tensor,
     edits: Sequence[Mapping[FeatureRef, float]],
@@ -389,7 +392,7 @@ def generate_rows(
 
 
 @torch.no_grad()
-def generation_seconds(model: Any, prompt_len: int, n_rows: int, settings: SweepSettings) -> float:
+def generation_seconds(model: HookedTransformer, prompt_len: int, n_rows: int, settings: SweepSettings) -> float:
     """Seconds :func:`generate_rows` will take for ``n_rows`` rows, from timing two greedy steps now.
 
     A ``generate`` of a full batch for 2 new tokens is timed (it costs ~2/``max_new_tokens``
@@ -417,7 +420,8 @@ def format_seconds(seconds: float) -> str:
     return f"{seconds / 60:.1f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
 
 
-def _prompt_tokens(model: Any, settings: SweepSettings, prompt_tokens: torch.Tensor | None) -> torch.Tensor:
+def _prompt_tokens(model: HookedTransformer, settings: SweepSettings,
+                   prompt_tokens: torch.Tensor | None) -> torch.Tensor:
     """The prompt as ``[1, pos]`` token ids on the model's device."""
     if prompt_tokens is not None:
         ids = check_tokens(torch.as_tensor(prompt_tokens).reshape(1, -1), model.cfg.d_vocab, name="prompt_tokens")

@@ -19,13 +19,18 @@ from __future__ import annotations
 import html
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import plotly.graph_objects as go
 from plotly.colors import sample_colorscale
 
 from tl_featureflow._files import atomic_write_text
 from tl_featureflow.errors import InvalidArgumentError
+
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
+
+    from tl_featureflow.saes.bank import SAEBank
 
 __all__ = ["flow_graph", "flow_sankey", "score_distributions", "group_composition", "validation", "r_sweep",
            "steering", "feature_card", "chain_lengths", "write_html", "to_html", "SITE_COLORS", "LANES",
@@ -318,8 +323,8 @@ def steering(sweep: Any, metric: str = "score", *, title: str | None = None) -> 
     return fig if lines else _nothing_to_show(fig, "no steered settings in this sweep")
 
 
-def feature_card(card_or_ref: Any, *, model: Any = None, bank: Any = None, tokens: Any = None,
-                 contexts: Any = None, tracer: Any = None) -> Any:
+def feature_card(card_or_ref: Any, *, model: HookedTransformer | None = None, bank: SAEBank | None = None,
+                 tokens: Any = None, contexts: Any = None, tracer: Any = None) -> Any:
     """A feature's card (:class:`~tl_featureflow.viz.cards.CardView`): renders inline in a notebook,
     ``.save(path)`` writes one offline HTML page.
 

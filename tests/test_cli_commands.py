@@ -27,6 +27,12 @@ def test_map_and_validate(tiny_cli, capsys, run_cli):
     assert code == 0 and "translated" in out and Path("fmap/map.json").is_file()
     code, out, _ = run_cli(["map", *tiny_cli, "--out", "pmap", "--method", "permutation"], capsys)
     assert code == 0 and ff.FlowMap.load("pmap").meta["method"] == "permutation"
+    code, out, _ = run_cli(["map", *tiny_cli, "--lazy", "--out", "lazymap"], capsys)
+    assert code == 0 and ff.FlowMap.load("lazymap").layer_scores.keys() == ff.FlowMap.load("fmap").layer_scores.keys()
+    layer_files = sorted(Path("fmap").glob("*.safetensors"))
+    assert layer_files and all((Path("lazymap") / f.name).read_bytes() == f.read_bytes() for f in layer_files)
+    code, out, err = run_cli(["map", "--lazy", "--out", "x"], capsys)
+    assert code != 0 and "--bank DIR" in err
     code, out, _ = run_cli(["validate", *tiny_cli, "--texts", "2", "--layers", "2", "--methods", "top1", "random",
                             "--out", "val.json"], capsys)
     assert code == 0 and "top1 |" in out

@@ -48,12 +48,15 @@ def _load_bank(args: argparse.Namespace, model: HookedTransformer) -> SAEBank:
     if getattr(args, "bank", None):
         from tl_featureflow.saes.bank import SAEBank
 
-        bank = SAEBank.load(args.bank, device=args.device)
+        bank = SAEBank.load(args.bank, device=args.device, lazy=getattr(args, "lazy", False))
         if hasattr(model, "check_bank"):
             model.check_bank(bank)
         return bank
     from tl_featureflow.embedded import FLOW_PRESETS, best_cached_preset, embedded_bank_dir, load_embedded_bank
-    from tl_featureflow.errors import CacheError
+    from tl_featureflow.errors import CacheError, InvalidArgumentError
+
+    if getattr(args, "lazy", False):
+        raise InvalidArgumentError("--lazy opens a saved bank folder lazily: give it with --bank DIR")
 
     preset = args.preset
     if preset is None:   # the best bank already in the cache (the quick one when there is none)
@@ -316,6 +319,9 @@ def _common(p: argparse.ArgumentParser, *, bank: bool = True) -> None:
                        help="the embedded model's SAE bank (default: the cached one trained on the most tokens, "
                             "full > deep > quick; with validate --paper also the paper bank; else quick)")
         p.add_argument("--bank", help="a saved SAEBank folder instead of the embedded model's bank")
+        p.add_argument("--lazy", action="store_true",
+                       help="with --bank: read its SAEs from disk when needed, at most 4 in memory (a bank bigger "
+                            "than memory; SAEBank.load(path, lazy=True))")
         p.add_argument("--train", action="store_true",
                        help="train the preset's bank first if it is not cached (without it, an untrained preset is "
                             "an error that says how to train it and what that costs)")

@@ -8,7 +8,9 @@ first out, and what it needs about every SAE without its weights (config, whethe
 is opened. Every SAE is checked as an eager bank checks it, at that pass and at every later load.
 
 A lazy bank's SAEs are read-only: an SAE edited in place is dropped with its edit when it leaves
-memory and read again from disk (edit an eager bank, ``SAEBank.load(path)``, instead).
+memory and read again from disk (edit an eager bank, ``SAEBank.load(path)``, instead). Work that
+splices SAEs into the model (validation, ``run_with_features``) needs ``keep`` at least the SAEs it
+splices at once (a layer's four: the default); ``model.attach`` of a whole lazy bank holds every SAE.
 
 >>> import tempfile
 >>> from tl_featureflow.saes.bank import SAEBank

@@ -279,3 +279,20 @@ def test_running_never_swaps_the_hooks_of_the_users_sae(flow, tokens, monkeypatc
     assert seen and all(names == ["HookPoint", "HookPoint"] for names in seen)
     for sae in user_saes.values():
         assert sae.cfg.metadata.hook_name in ("blocks.1.hook_resid_pre", hook_name("mlp", 1))
+
+
+def test_train_and_eval_skip_only_when_every_module_is_in_that_mode_already(monkeypatch):
+    import torch
+
+    from tl_featureflow.synthetic import tiny_model
+
+    model = tiny_model()
+    model.eval()
+    writes = []
+    original = torch.nn.Module.train
+    monkeypatch.setattr(torch.nn.Module, "train", lambda self, mode=True: writes.append(mode) or original(self, mode))
+    assert model.eval() is model and writes == []                     # already in eval mode: nothing written
+    model.blocks[1].mlp.train()                                        # one submodule switched on its own
+    model.eval()
+    assert not any(module.training for module in model.modules())
+    assert model.train() is model and all(module.training for module in model.modules())

@@ -187,6 +187,17 @@ class FlowTransformer(HookedSAETransformer):
                           f"{', '.join(self.fast_path.fallback)}", stacklevel=2)
         return self
 
+    def train(self, mode: bool = True) -> FlowTransformer:
+        """``nn.Module.train``, a no-op when every module is in that mode already.
+
+        TransformerLens's ``generate`` calls ``eval()`` on every call, which sets the flag on each of
+        the model's modules (~2,900 on SmolLM2, hook points included) through ``nn.Module.__setattr__``;
+        reading the flags is cheaper than writing them (docs/performance.md, "Generation").
+        """
+        if isinstance(mode, bool) and all(module.training is mode for module in self.modules()):
+            return self
+        return super().train(mode)
+
     # -- construction --------------------------------------------------------------------------
     @classmethod
     def from_hooked(cls, model: HookedTransformer, *, fast_path: bool | fastpath.Mode | None = None) -> FlowTransformer:

@@ -33,7 +33,7 @@ def test_an_untrained_preset_is_an_error_that_says_how_to_train_it(monkeypatch, 
     monkeypatch.setattr(embedded, "_train_embedded_bank", lambda *a, **k: trained.append(a))
     assert cli.main(["trace", "14/res/249", "--preset", "paper"]) == 1
     err = capsys.readouterr().err
-    assert "'paper' bank of the embedded model is not trained yet (about an hour" in err
+    assert "'paper' bank of the embedded model is not trained yet (about 80 minutes" in err
     assert "featureflow train-saes --preset paper" in err and "--train" in err
     assert not trained
 

@@ -118,7 +118,7 @@ def preset_layers(preset: Preset, n_layers: int) -> list[int]:
 PRESET_COSTS: dict[str, str] = {
     "quick": "about 16 minutes on 2 CPU cores",
     "deep": "about 25 minutes on 2 CPU cores",
-    "paper": "about an hour on 2 CPU cores",
+    "paper": "about 80 minutes on 2 CPU cores",
     "full": "several hours on 2 CPU cores",
     "smoke": "about a minute",
     "tiny": "seconds",

@@ -241,9 +241,11 @@ class SAEBank(Mapping[Key, SAE]):
 
     def read_hook(self, key: Key) -> str:
         """Where the encoder of ``key`` reads its input: a transcoder's input hook (``cfg.metadata.hook_name``,
-        e.g. ``blocks.L.ln2.hook_normalized``), else :meth:`hook`. It fires before :meth:`hook` in a forward."""
+        e.g. ``blocks.L.ln2.hook_normalized``; Gemma Scope 2's ``hook_mlp_in`` is read where it was trained,
+        :func:`~tl_featureflow.saes.sites.transcoder_read_hook`), else :meth:`hook`. It fires before
+        :meth:`hook` in a forward."""
         sae = self[key]
-        return sae.cfg.metadata.hook_name if key in self._transcoder_keys else self.hook(key)
+        return sites.transcoder_read_hook(sae) if key in self._transcoder_keys else self.hook(key)
 
     @property
     def model(self) -> Any:

@@ -27,6 +27,7 @@ import json
 import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
+from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -289,9 +290,12 @@ class SAEBank(Mapping[Key, SAE]):
 
     def read_hook(self, key: Key) -> str:
         """Where the encoder of ``key`` reads its input: a transcoder's input hook (``cfg.metadata.hook_name``,
-        e.g. ``blocks.L.ln2.hook_normalized``), else :meth:`hook`. It fires before :meth:`hook` in a forward."""
-        cfg = self._cfg(key)
-        return cfg.metadata.hook_name if key in self._transcoder_keys else self.hook(key)
+        e.g. ``blocks.L.ln2.hook_normalized``; Gemma Scope 2's ``hook_mlp_in`` is read where it was trained,
+        :func:`~tl_featureflow.saes.sites.transcoder_read_hook`), else :meth:`hook`. It fires before
+        :meth:`hook` in a forward."""
+        if key not in self._transcoder_keys:
+            return self.hook(key)
+        return sites.transcoder_read_hook(SimpleNamespace(cfg=self._cfg(key)))   # reads only its cfg
 
     @property
     def model(self) -> HookedTransformer | None:

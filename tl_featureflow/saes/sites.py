@@ -57,8 +57,8 @@ if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
 
 __all__ = ["Z_SUFFIX", "z_hook_name", "layer_of_z_hook", "key_of_sae_hook", "is_z", "sae_input", "z_write_map",
-           "z_map_tensors", "TRANSCODER_INPUTS", "is_transcoder", "transcoder_layer", "check_transcoder_config",
-           "check_transcoder_hooks"]
+           "z_map_tensors", "TRANSCODER_INPUTS", "is_transcoder", "transcoder_layer", "transcoder_read_hook",
+           "check_transcoder_config", "check_transcoder_hooks"]
 
 Z_SUFFIX = "attn.hook_z"
 _Z_RE = re.compile(r"^blocks\.(\d+)\.attn\.hook_z$")
@@ -103,6 +103,31 @@ def is_transcoder(sae: Any) -> bool:
     """Whether ``sae`` writes another hook than it reads (``cfg.metadata.hook_name_out``): a transcoder."""
     meta = sae.cfg.metadata
     return meta.hook_name_out is not None and meta.hook_name_out != meta.hook_name
+
+
+def transcoder_read_hook(sae: Any) -> str:
+    """The TransformerLens hook whose tensor a transcoder's encoder was trained on.
+
+    Its ``cfg.metadata.hook_name``, except where SAELens names a hook whose tensor is not the one the
+    SAE read: Gemma Scope 2's transcoders (SAELens's ``gemma_3`` loader) say ``blocks.L.hook_mlp_in``
+    (TransformerLens's residual stream before ``ln2``) but were trained on HF's
+    ``model.layers.L.pre_feedforward_layernorm.output`` (their ``hf_hook_name``): the MLP's normalised
+    input, ``blocks.L.ln2.hook_normalized`` (that of an unfolded model: ``fold_ln=False`` keeps the
+    norm's weight in it). Read at ``hook_mlp_in`` they would see the un-normalised stream.
+
+    >>> from tl_featureflow.synthetic import make_sae
+    >>> tc = make_sae("mlp", 3, hook="blocks.3.hook_mlp_in")
+    >>> tc.cfg.metadata.hook_name_out = "blocks.3.hook_mlp_out"
+    >>> tc.cfg.metadata.hf_hook_name = "model.layers.3.pre_feedforward_layernorm.output"
+    >>> transcoder_read_hook(tc)
+    'blocks.3.ln2.hook_normalized'
+    """
+    meta = sae.cfg.metadata
+    layer = _layer_of(meta.hook_name)
+    if layer is not None and meta.hook_name == f"blocks.{layer}.hook_mlp_in" \
+            and meta.hf_hook_name == f"model.layers.{layer}.pre_feedforward_layernorm.output":
+        return f"blocks.{layer}.ln2.hook_normalized"
+    return meta.hook_name
 
 
 def transcoder_layer(sae: Any, what: str) -> int:

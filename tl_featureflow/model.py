@@ -44,7 +44,7 @@ from tl_featureflow.errors import (
     StateError,
     UnknownFeatureError,
 )
-from tl_featureflow.refs import FeatureRef, Key, Site
+from tl_featureflow.refs import FeatureRef, Key, Site, block_of
 from tl_featureflow.saes import sites
 from tl_featureflow.saes.bank import SAEBank
 
@@ -258,7 +258,7 @@ class FlowTransformer(HookedSAETransformer):
             name = bank.hook((site, layer))
             if name not in self.hook_dict and name not in _compat.sae_wrappers(self):
                 raise ModelMismatchError(f"the model has no hook {name!r} for the SAE at {(site, layer)}")
-            block_param = next(self.blocks[layer].parameters())
+            block_param = next(self.blocks[block_of(layer)].parameters())    # the embedding SAE: block 0
             if sae.W_dec.device != block_param.device or sae.W_dec.dtype != block_param.dtype:
                 raise ModelMismatchError(
                     f"the SAE at {(site, layer)} is {sae.W_dec.dtype} on {sae.W_dec.device} but layer {layer} "
@@ -432,7 +432,7 @@ class FlowTransformer(HookedSAETransformer):
             check_tokens(tokens, self.cfg.d_vocab, n_ctx=self.cfg.n_ctx)
         chosen = source.select(sites=sites, layers=layers)
         names = {f"{chosen.hook(key)}.hook_sae_acts_post": key for key in chosen}
-        stop = None if return_logits else max(chosen.layers) + 1
+        stop = None if return_logits else block_of(max(chosen.layers)) + 1
         with torch.no_grad():
             if self._bank is None:
                 with self.attached(chosen):

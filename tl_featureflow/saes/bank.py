@@ -46,6 +46,7 @@ from tl_featureflow._files import (
 from tl_featureflow.checks import check_device
 from tl_featureflow.errors import BankError, CacheError, ModelMismatchError, TranscoderError, UnknownFeatureError
 from tl_featureflow.refs import (
+    EMBED_LAYER,
     SITES,
     FeatureRef,
     Key,
@@ -74,7 +75,8 @@ def _check_key(key: object) -> Key:
         raise BankError(f"invalid bank key {key!r}: expected a (site, layer) tuple such as ('res', 12)")
     site, layer = key
     try:
-        return check_site(site), check_layer(layer)
+        site = check_site(site)
+        return site, check_layer(layer, site)
     except UnknownFeatureError as exc:
         raise BankError(f"invalid bank key {key!r}: {exc}") from None
 
@@ -121,7 +123,8 @@ def _check_sae(key: Key, sae: object) -> SAE:
 
 
 def _keyed_by_hook(saes: Sequence[object]) -> dict[Key, object]:
-    """``{(site, layer): sae}`` from each SAE's hook (``blocks.{L+1}.hook_resid_pre`` is ``("res", L)``)."""
+    """``{(site, layer): sae}`` from each SAE's hook (``blocks.{L+1}.hook_resid_pre`` is ``("res", L)``,
+    ``blocks.0.hook_resid_pre``, the embeddings, ``("res", -1)``)."""
     keyed: dict[Key, object] = {}
     for i, sae in enumerate(saes):
         if not isinstance(sae, SAE):
@@ -145,7 +148,10 @@ class SAEBank(Mapping[Key, SAE]):
     """A read-only mapping ``(site, layer) -> SAE`` with validated, shared ``d_model``.
 
     Args:
-        saes: the SAEs, keyed by ``(site, layer)`` with site in ``res``, ``mlp``, ``att``.
+        saes: the SAEs, keyed by ``(site, layer)`` with site in ``res``, ``mlp``, ``att``, or a list
+            of SAEs keyed by their hooks. ``("res", -1)`` is the embedding SAE: it reads
+            ``blocks.0.hook_resid_pre`` (the token and position embeddings) and is the res
+            predecessor of layer 0's features.
         metadata: JSON-serialisable facts about the bank (model, corpus, preset...),
             saved and loaded with it.
 
@@ -200,8 +206,10 @@ class SAEBank(Mapping[Key, SAE]):
 
     def describe(self) -> str:
         """A short text of what the bank holds, e.g. ``res, mlp at layers 3-5 (6 SAEs)``."""
-        layers = self.layers
-        span = f"{layers[0]}-{layers[-1]}" if len(layers) > 1 else str(layers[0])
+        layers = [layer for layer in self.layers if layer != EMBED_LAYER]
+        span = f"{layers[0]}-{layers[-1]}" if len(layers) > 1 else str(layers[0]) if layers else ""
+        if EMBED_LAYER in self.layers:
+            span = "-1 (embedding)" + (f", {span}" if span else "")
         z, tc = len(self.z_keys), len(self.transcoder_keys)
         notes = [f"{z} att on attn.hook_z"] if z else []
         notes += [f"{tc} mlp transcoder{'s' if tc > 1 else ''}"] if tc else []
@@ -309,7 +317,7 @@ class SAEBank(Mapping[Key, SAE]):
 
     @property
     def layers(self) -> list[int]:
-        """Layers that have at least one SAE, ascending."""
+        """Layers that have at least one SAE, ascending (-1 first: the embedding SAE, when there is one)."""
         return sorted({layer for _, layer in self._saes})
 
     @property
@@ -333,7 +341,7 @@ class SAEBank(Mapping[Key, SAE]):
     def select(self, sites: Iterable[Site] | None = None, layers: Iterable[int] | None = None) -> SAEBank:
         """A bank of the same SAE objects restricted to some sites and/or layers."""
         site_set = set(self.sites if sites is None else [check_site(s) for s in sites])
-        layer_set = set(self.layers if layers is None else [check_layer(layer) for layer in layers])
+        layer_set = set(self.layers if layers is None else [check_layer(layer, "res") for layer in layers])
         keys = [k for k in self._saes if k[0] in site_set and k[1] in layer_set]
         if not keys:
             raise UnknownFeatureError(
@@ -500,7 +508,8 @@ class SAEBank(Mapping[Key, SAE]):
           template per site), for ``layers``;
         - ``releases`` one release and ``sae_id`` a list of its SAE ids: each SAE's key comes from
           the hook its config names (``blocks.{L+1}.hook_resid_pre`` is ``("res", L)``,
-          ``blocks.L.attn.hook_z`` is ``("att", L)``), so GPT-2's ``res-jb`` loads as it is.
+          ``blocks.0.hook_resid_pre``, the embedding SAE, ``("res", -1)``, ``blocks.L.attn.hook_z`` is
+          ``("att", L)``), so GPT-2's ``res-jb`` loads as it is, its layer-0 SAE included.
 
         Every SAE's config is read first (SAELens's ``load_sae_config_from_huggingface``: no weights)
         and its hooks checked, so a release this bank cannot hold (cross-layer transcoders, another

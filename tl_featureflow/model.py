@@ -47,6 +47,7 @@ from tl_featureflow.errors import (
 from tl_featureflow.refs import FeatureRef, Key, Site, block_of
 from tl_featureflow.saes import sites
 from tl_featureflow.saes.bank import SAEBank
+from tl_featureflow.saes.preflight import preflight_on_load
 
 __all__ = ["FlowTransformer", "FeatureCache"]
 
@@ -265,8 +266,13 @@ class FlowTransformer(HookedSAETransformer):
                     f"of the model is {block_param.dtype} on {block_param.device}: use bank.to(device, dtype)"
                 )
 
-    def attach(self, bank: SAEBank) -> None:
+    def attach(self, bank: SAEBank, *, preflight: bool = True) -> None:
         """Splice every SAE of ``bank`` in at its site's hook, with the error term on.
+
+        A bank of SAELens releases (:meth:`SAEBank.from_pretrained`) is preflighted on its first
+        attach to this model: a :class:`~tl_featureflow.saes.preflight.PreflightWarning` names each
+        SAE that does not reconstruct its site here (:func:`~tl_featureflow.saes.preflight.preflight_on_load`;
+        ``preflight=False`` or ``TL_FEATUREFLOW_PREFLIGHT=0`` skip it).
 
         A transcoder is spliced at ``hook_mlp_out`` (:meth:`SAEBank.hook`); a permanent hook at its input
         hook (:meth:`SAEBank.read_hook`, earlier in the block) keeps what its encoder reads.
@@ -287,6 +293,7 @@ class FlowTransformer(HookedSAETransformer):
         taken = [bank.hook(key) for key in bank if bank.hook(key) in wrappers]
         if taken:
             raise StateError(f"other SAEs are attached at {taken}: remove them with reset_saes() first")
+        preflight_on_load(self, bank, enabled=preflight)      # before the splice: it measures the model's tensors
         added: dict[str, _ExactSAEWrapper] = {}
         keepers: list[Any] = []
         try:
@@ -368,9 +375,10 @@ class FlowTransformer(HookedSAETransformer):
             self.detach()
 
     @contextmanager
-    def attached(self, bank: SAEBank) -> Iterator[FlowTransformer]:
-        """``with model.attached(bank): ...`` attaches for the block and always detaches."""
-        self.attach(bank)
+    def attached(self, bank: SAEBank, *, preflight: bool = True) -> Iterator[FlowTransformer]:
+        """``with model.attached(bank): ...`` attaches for the block and always detaches (``preflight``: as
+        for :meth:`attach`)."""
+        self.attach(bank, preflight=preflight)
         try:
             yield self
         finally:
@@ -435,7 +443,7 @@ class FlowTransformer(HookedSAETransformer):
         stop = None if return_logits else block_of(max(chosen.layers)) + 1
         with torch.no_grad():
             if self._bank is None:
-                with self.attached(chosen):
+                with self.attached(chosen, preflight=False):    # a call's own splice: attach/FlowTracer/validate check
                     out, cache = self.run_with_cache(
                         tokens, names_filter=list(names), stop_at_layer=stop, **forward_kwargs
                     )

@@ -240,6 +240,9 @@ def local_gemma_scope(tmp_path, monkeypatch):
 
     monkeypatch.setattr(loaders, "hf_hub_download", fake_download)
     monkeypatch.setattr(sae_module, "get_config_overrides", lambda release, sae_id: {"d_in": d_in, "d_sae": d_sae})
+    # random weights reconstruct nothing: the automatic preflight on load would (rightly) warn; it has its own
+    # tests (tests/saes/test_preflight.py)
+    monkeypatch.setenv("TL_FEATUREFLOW_PREFLIGHT", "0")
     return served
 
 

@@ -43,6 +43,7 @@ from tl_featureflow.flow.matching import topk_cosine
 from tl_featureflow.flow.origins import Classification, LayerScores, classify_scores
 from tl_featureflow.refs import EMBED_LAYER, FeatureRef, Key, Site, check_layer, check_site, predecessor_keys
 from tl_featureflow.saes.bank import SAEBank
+from tl_featureflow.saes.preflight import preflight_on_load
 
 __all__ = ["FlowTracer", "Matching", "Predecessors", "PAPER_THRESHOLDS"]
 
@@ -139,6 +140,10 @@ class FlowTracer:
             corpus text, computed once per bank and cached, when the model has a tokenizer
             and a label is first needed), or None (logit-lens labels only). Labels live in
             ``tracer.labels`` (:class:`~tl_featureflow.flow.labels.FeatureLabels`).
+        preflight: with a model, a bank of SAELens releases (:meth:`SAEBank.from_pretrained`) is
+            checked on it the first time they meet (:func:`~tl_featureflow.saes.preflight.preflight_on_load`:
+            a :class:`~tl_featureflow.saes.preflight.PreflightWarning` per SAE that does not reconstruct
+            its site); ``False`` (or ``TL_FEATUREFLOW_PREFLIGHT=0``) skips it.
     """
 
     def __init__(
@@ -149,6 +154,7 @@ class FlowTracer:
         device: torch.device | str | None = None,
         chunk_size: int | None = None,
         contexts: Any | None = "auto",
+        preflight: bool = True,
     ):
         if not isinstance(bank, SAEBank):
             raise InvalidArgumentError(f"FlowTracer needs an SAEBank, got {type(bank).__name__}")
@@ -159,6 +165,7 @@ class FlowTracer:
                 raise ModelMismatchError(f"the bank's SAEs read d_in={bank.d_model} but the model has d_model={d_model}")
             if bank.layers[-1] >= n_layers:
                 raise ModelMismatchError(f"the bank has layers up to {bank.layers[-1]} but the model has {n_layers}")
+            preflight_on_load(model, bank, enabled=preflight)
         self.bank = bank
         self.model = model
         first = next(iter(bank.values()))

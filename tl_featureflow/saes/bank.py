@@ -59,10 +59,12 @@ from tl_featureflow.refs import (
 from tl_featureflow.saes import sites
 from tl_featureflow.saes.features import unit_rows
 
-__all__ = ["SAEBank", "BANK_SCHEMA_VERSION", "INDEX_FILE"]
+__all__ = ["SAEBank", "BANK_SCHEMA_VERSION", "INDEX_FILE", "PRETRAINED_SOURCE"]
 
 BANK_SCHEMA_VERSION = 1
 INDEX_FILE = "bank.json"
+#: ``metadata["source"]`` of a bank built by :meth:`SAEBank.from_pretrained` from SAELens releases.
+PRETRAINED_SOURCE = "sae_lens.from_pretrained"
 
 
 
@@ -526,6 +528,12 @@ class SAEBank(Mapping[Key, SAE]):
 
         Gemma Scope's attention SAEs read ``attn.hook_z``: they serve the att site through the
         model's ``W_O`` (:mod:`tl_featureflow.saes.sites`; the bank needs :meth:`bind`).
+
+        The bank is marked (``metadata["preflight"] = "on_load"``; ``metadata["sae_ids"]`` names each
+        key's release and id): when it first meets a model (``model.attach``, ``FlowTracer(bank, model)``,
+        ``validate``) a short preflight checks that each SAE reconstructs its site there, and warns
+        (:func:`tl_featureflow.saes.preflight.preflight_on_load`; off with ``preflight=False`` or
+        ``TL_FEATUREFLOW_PREFLIGHT=0``).
         """
         from sae_lens.loading.pretrained_sae_loaders import load_sae_config_from_huggingface
         from tqdm.auto import tqdm
@@ -569,10 +577,13 @@ class SAEBank(Mapping[Key, SAE]):
                 saes[key] = SAE.from_pretrained(release, this_id, device=str(device), dtype=dtype)
             except Exception as exc:
                 raise BankError(f"could not load SAE release={release!r} sae_id={this_id!r} for {key}: {exc}") from exc
-        return cls(saes, metadata={"source": "sae_lens.from_pretrained",
+        return cls(saes, metadata={"source": PRETRAINED_SOURCE,
                                    "releases": releases if isinstance(releases, str) else dict(releases),
                                    "sae_id": sae_id if isinstance(sae_id, str) else
-                                   (dict(sae_id) if isinstance(sae_id, Mapping) else list(sae_id))})
+                                   (dict(sae_id) if isinstance(sae_id, Mapping) else list(sae_id)),
+                                   "sae_ids": {f"{key[1]}/{key[0]}": [release, this_id]
+                                               for (release, this_id, _), key in zip(jobs, keys, strict=True)},
+                                   "preflight": "on_load"})
 
 
 def _key_of_config(cfg: Mapping[str, Any], key: Key | None, what: str) -> Key:

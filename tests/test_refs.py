@@ -23,13 +23,14 @@ def test_refs_are_frozen_hashable_and_ordered_along_the_forward_pass():
         refs[0].layer = 5  # type: ignore[misc]
 
 
-@pytest.mark.parametrize("bad", ["12/resid/4", "12/res", "a/res/1", "-1/res/1", "1/res/-2", "", "1/res/1/2"])
+@pytest.mark.parametrize("bad", ["12/resid/4", "12/res", "a/res/1", "-2/res/1", "-1/mlp/1", "1/res/-2", "", "1/res/1/2"])
 def test_parse_rejects_bad_text_naming_it(bad):
     with pytest.raises(ff.FeatureFlowError, match="expected"):
         FeatureRef.parse(bad)
 
 
-@pytest.mark.parametrize("kwargs", [dict(layer=-1, site="res", index=0), dict(layer=1, site="RES", index=0),
+@pytest.mark.parametrize("kwargs", [dict(layer=-2, site="res", index=0), dict(layer=-1, site="att", index=0),
+                                    dict(layer=1, site="RES", index=0),
                                     dict(layer=True, site="res", index=0), dict(layer=1, site="res", index=1.5)])
 def test_constructor_validates(kwargs):
     with pytest.raises(ff.FeatureFlowError):
@@ -53,5 +54,6 @@ def test_site_of_hook_inverts_hook_name():
         for layer in (0, 5):
             assert site_of_hook(hook_name(site, layer)) == (site, layer)
     assert site_of_hook("blocks.4.hook_resid_pre") == ("res", 3)
-    assert site_of_hook("blocks.0.hook_resid_pre") is None
+    assert site_of_hook("blocks.0.hook_resid_pre") == ("res", -1)          # the embedding SAE
+    assert hook_name("res", -1) == "blocks.0.hook_resid_pre" and hook_aliases("res", -1) == ("blocks.0.hook_resid_pre",)
     assert site_of_hook("blocks.4.attn.hook_z") is None

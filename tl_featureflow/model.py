@@ -44,9 +44,10 @@ from tl_featureflow.errors import (
     StateError,
     UnknownFeatureError,
 )
-from tl_featureflow.refs import FeatureRef, Key, Site
+from tl_featureflow.refs import FeatureRef, Key, Site, block_of
 from tl_featureflow.saes import sites
 from tl_featureflow.saes.bank import SAEBank
+from tl_featureflow.saes.preflight import preflight_on_load
 
 __all__ = ["FlowTransformer", "FeatureCache"]
 
@@ -269,15 +270,20 @@ class FlowTransformer(HookedSAETransformer):
             name = bank.hook((site, layer))
             if name not in self.hook_dict and name not in _compat.sae_wrappers(self):
                 raise ModelMismatchError(f"the model has no hook {name!r} for the SAE at {(site, layer)}")
-            block_param = next(self.blocks[layer].parameters())
+            block_param = next(self.blocks[block_of(layer)].parameters())    # the embedding SAE: block 0
             if sae.W_dec.device != block_param.device or sae.W_dec.dtype != block_param.dtype:
                 raise ModelMismatchError(
                     f"the SAE at {(site, layer)} is {sae.W_dec.dtype} on {sae.W_dec.device} but layer {layer} "
                     f"of the model is {block_param.dtype} on {block_param.device}: use bank.to(device, dtype)"
                 )
 
-    def attach(self, bank: SAEBank) -> None:
+    def attach(self, bank: SAEBank, *, preflight: bool = True) -> None:
         """Splice every SAE of ``bank`` in at its site's hook, with the error term on.
+
+        A bank of SAELens releases (:meth:`SAEBank.from_pretrained`) is preflighted on its first
+        attach to this model: a :class:`~tl_featureflow.saes.preflight.PreflightWarning` names each
+        SAE that does not reconstruct its site here (:func:`~tl_featureflow.saes.preflight.preflight_on_load`;
+        ``preflight=False`` or ``TL_FEATUREFLOW_PREFLIGHT=0`` skip it).
 
         A transcoder is spliced at ``hook_mlp_out`` (:meth:`SAEBank.hook`); a permanent hook at its input
         hook (:meth:`SAEBank.read_hook`, earlier in the block) keeps what its encoder reads.
@@ -298,6 +304,7 @@ class FlowTransformer(HookedSAETransformer):
         taken = [bank.hook(key) for key in bank if bank.hook(key) in wrappers]
         if taken:
             raise StateError(f"other SAEs are attached at {taken}: remove them with reset_saes() first")
+        preflight_on_load(self, bank, enabled=preflight)      # before the splice: it measures the model's tensors
         added: dict[str, _ExactSAEWrapper] = {}
         keepers: list[Any] = []
         try:
@@ -379,9 +386,10 @@ class FlowTransformer(HookedSAETransformer):
             self.detach()
 
     @contextmanager
-    def attached(self, bank: SAEBank) -> Iterator[FlowTransformer]:
-        """``with model.attached(bank): ...`` attaches for the block and always detaches."""
-        self.attach(bank)
+    def attached(self, bank: SAEBank, *, preflight: bool = True) -> Iterator[FlowTransformer]:
+        """``with model.attached(bank): ...`` attaches for the block and always detaches (``preflight``: as
+        for :meth:`attach`)."""
+        self.attach(bank, preflight=preflight)
         try:
             yield self
         finally:
@@ -443,10 +451,10 @@ class FlowTransformer(HookedSAETransformer):
             check_tokens(tokens, self.cfg.d_vocab, n_ctx=self.cfg.n_ctx)
         chosen = source.select(sites=sites, layers=layers)
         names = {f"{chosen.hook(key)}.hook_sae_acts_post": key for key in chosen}
-        stop = None if return_logits else max(chosen.layers) + 1
+        stop = None if return_logits else block_of(max(chosen.layers)) + 1
         with torch.no_grad():
             if self._bank is None:
-                with self.attached(chosen):
+                with self.attached(chosen, preflight=False):    # a call's own splice: attach/FlowTracer/validate check
                     out, cache = self.run_with_cache(
                         tokens, names_filter=list(names), stop_at_layer=stop, **forward_kwargs
                     )

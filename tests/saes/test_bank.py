@@ -36,7 +36,9 @@ def test_bank_accepts_res_sae_on_the_next_layers_resid_pre():
         ({}, "non-empty"),
         ({"res": make_sae()}, "expected a .site, layer. tuple"),
         ({("resid", 0): make_sae()}, "unknown site"),
-        ({("res", -1): make_sae()}, "non-negative int"),
+        ({("res", -2): make_sae()}, "non-negative int"),
+        ({("mlp", -1): make_sae()}, "res site only"),
+        ({("res", -1): make_sae()}, "reads hook 'blocks.0.hook_resid_post'.*expected 'blocks.0.hook_resid_pre'"),
         ({("res", True): make_sae()}, "non-negative int"),
         ({("res", 0): torch.nn.Linear(2, 2)}, "expected a sae_lens.SAE"),
         ({("res", 0): make_sae("res", 1)}, "reads hook 'blocks.1.hook_resid_post'.*expected 'blocks.0.hook_resid_post'"),
@@ -238,6 +240,9 @@ def local_gemma_scope(tmp_path, monkeypatch):
 
     monkeypatch.setattr(loaders, "hf_hub_download", fake_download)
     monkeypatch.setattr(sae_module, "get_config_overrides", lambda release, sae_id: {"d_in": d_in, "d_sae": d_sae})
+    # random weights reconstruct nothing: the automatic preflight on load would (rightly) warn; it has its own
+    # tests (tests/saes/test_preflight.py)
+    monkeypatch.setenv("TL_FEATUREFLOW_PREFLIGHT", "0")
     return served
 
 
@@ -304,6 +309,9 @@ def test_from_pretrained_keys_a_list_of_ids_by_their_hooks(local_sae_lens_releas
     bank = SAEBank.from_pretrained("gpt2-small-res-jb", ["blocks.1.hook_resid_pre", "blocks.3.hook_resid_pre"],
                                    progress=False)
     assert list(bank) == [("res", 0), ("res", 2)]
+    embedding = SAEBank.from_pretrained("gpt2-small-res-jb", ["blocks.0.hook_resid_pre", "blocks.1.hook_resid_pre"],
+                                        progress=False)          # the embedding SAE: layer 0's res predecessor
+    assert list(embedding) == [("res", -1), ("res", 0)]
     assert bank["res", 2].cfg.metadata.hook_name == "blocks.3.hook_resid_pre"
     # every config is read before the first weights
     assert local_sae_lens_release[:2] == ["cfg.json", "cfg.json"] and "sae_weights.safetensors" in local_sae_lens_release

@@ -70,6 +70,13 @@ LAYERS = [0, 1]                 # every suite's SAEs sit at layers 0 and 1 of 3
 POSITION = 5                    # where the deactivation is made
 
 
+@pytest.fixture(autouse=True)
+def _no_automatic_preflight(monkeypatch):
+    """These suites' SAEs have random weights: the automatic preflight of from_pretrained banks would rightly
+    warn on every one (tests/saes/test_preflight.py tests it)."""
+    monkeypatch.setenv("TL_FEATUREFLOW_PREFLIGHT", "0")
+
+
 # ------------------------------------------------------------------------------ the hub
 class LocalHub:
     """The Hugging Face hub, served from ``root/<repo_id>/<path>`` to SAELens's loaders.

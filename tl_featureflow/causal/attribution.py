@@ -41,7 +41,7 @@ from torch import Tensor
 from tl_featureflow.backend import backend_of
 from tl_featureflow.checks import check_tokens
 from tl_featureflow.errors import BankError, InvalidArgumentError, UnknownFeatureError
-from tl_featureflow.refs import FeatureRef, Site, hook_name, predecessor_keys, resid_pre_hook
+from tl_featureflow.refs import FeatureRef, Site, block_of, hook_name, predecessor_keys, resid_pre_hook
 from tl_featureflow.saes.bank import SAEBank
 from tl_featureflow.saes.sites import sae_input
 
@@ -229,7 +229,7 @@ def layer_activations(flow: Any, tokens: Tensor, layers: list[int], *,
             if bank is not None and (site, layer) in bank and bank.read_hook((site, layer)) != hook_name(site, layer):
                 names[layer][f"{site}_in"] = bank.read_hook((site, layer))
     wanted = sorted({name for per_layer in names.values() for name in per_layer.values()})
-    cache = backend_of(flow).run_with_cache(tokens, wanted, stop_at_layer=max(layers) + 1)
+    cache = backend_of(flow).run_with_cache(tokens, wanted, stop_at_layer=block_of(max(layers)) + 1)
     return {layer: {part: cache[name][0] for part, name in per_layer.items()} for layer, per_layer in names.items()}
 
 

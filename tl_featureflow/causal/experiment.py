@@ -27,6 +27,7 @@ from tl_featureflow.flow import methods as registry
 from tl_featureflow.flow.methods import METHODS
 from tl_featureflow.refs import Site
 from tl_featureflow.saes.bank import SAEBank
+from tl_featureflow.saes.preflight import preflight_on_load
 
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
@@ -149,6 +150,7 @@ def validate(
     alive: Mapping[Any, Tensor] | None = None,
     texts: Sequence[int] | None = None,
     progress: bool = True,
+    preflight: bool = True,
 ) -> ValidationReport:
     """The paper's deactivation experiment (method section 5), layer-local and batched.
 
@@ -191,12 +193,18 @@ def validate(
     matches fitted on the texts (``pearson``) still read all of ``tokens``, and
     :meth:`~tl_featureflow.causal.results.ValidationReport.merge` of the shards' reports is the
     report of all the texts, row for row.
+
+    ``preflight``: a bank of SAELens releases (:meth:`SAEBank.from_pretrained`) meeting ``model`` for
+    the first time is checked first (:func:`~tl_featureflow.saes.preflight.preflight_on_load`, a
+    warning per SAE that does not reconstruct its site); ``False`` (or ``TL_FEATUREFLOW_PREFLIGHT=0``)
+    skips it.
     """
     from tqdm.auto import tqdm
 
     from tl_featureflow.model import FlowTransformer
 
     rs = _check_arguments(tracer, model, tokens, layers, methods, r)
+    preflight_on_load(model, tracer.bank, enabled=preflight, stacklevel=5)
     for name, value, low in (("positions_per_text", positions_per_text, 1), ("max_targets", max_targets, 1),
                              ("batch_rows", batch_rows, 1), ("loss_samples", loss_samples, 0), ("seed", seed, 0)):
         check_int(value, name, low=low)

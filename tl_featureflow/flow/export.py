@@ -15,7 +15,9 @@ onto it like this:
   are data-free: no token position). Three sites share a layer, so the node's feature
   number is ``index * 3 + site_code`` (res 0, mlp 1, att 2), in ids
   ``"{layer}_{feature}_0"`` as circuit-tracer writes them; ``clerp`` (the viewer's label)
-  is ``"14/res/249"`` plus the node's own label;
+  is ``"14/res/249"`` plus the node's own label; a feature of the embedding SAE (layer -1)
+  keeps layer ``-1`` and gets the negative ``feature`` number ``-1 - feature_number``, so
+  that it collides with no feature of a real layer;
 - every edge is a link whose weight is its decoder cosine;
 - a graph from elsewhere (no ``tl_featureflow`` entries) reads back with its clicked node
   as seed, no scores, and NaN thresholds;
@@ -84,8 +86,9 @@ def to_neuronpedia(graph: dict[str, Any], *, slug: str | None = None, scan: str 
     for node in graph["nodes"]:
         ref = FeatureRef.parse(node["ref"])
         number = _feature_number(ref)
+        unique = _cantor(ref.layer, number) if ref.layer >= 0 else -1 - number     # the embedding SAE: negative
         nodes.append({
-            "node_id": _node_id(ref), "feature": _cantor(ref.layer, number), "layer": str(ref.layer),
+            "node_id": _node_id(ref), "feature": unique, "layer": str(ref.layer),
             "ctx_idx": 0, "feature_type": FEATURE_TYPE, "token_prob": 0.0, "is_target_logit": False,
             "run_idx": 0, "reverse_ctx_idx": 0, "jsNodeId": f"{ref.layer}_{number}-0",
             "clerp": str(ref) + (f": {node['label']}" if node.get("label") else ""),

@@ -157,7 +157,7 @@ class FlowGraph:
 
     def refs_up_to(self, layer: int) -> list[FeatureRef]:
         """Every node's feature at layers <= ``layer`` (for cumulative steering)."""
-        layer = check_layer(layer)
+        layer = check_layer(layer, "res")
         return [n.ref for n in self.nodes if n.ref.layer <= layer]
 
     # -- serialisation ---------------------------------------------------------------------------

@@ -3,7 +3,8 @@
 Matching reads only the bank's decoders. For a res feature f of layer L its
 predecessors are its most similar decoder rows in res(L-1), mlp(L) and att(L); the
 scores s(R), s(M), s(A) say whether f was carried over (translated), changed
-(processed) or created (newborn) by layer L.
+(processed) or created (newborn) by layer L. Layer 0's res predecessors come from the
+embedding SAE, ``("res", -1)`` on ``blocks.0.hook_resid_pre``, when the bank has one.
 
 >>> from tl_featureflow.synthetic import planted_chain_bank
 >>> bank, truth = planted_chain_bank()        # a chain 0/res/3 -> 1/res/7 -> 2/res/1 -> 3/res/5
@@ -40,8 +41,9 @@ from tl_featureflow.flow.graph import FlowEdge, FlowGraph, FlowNode
 from tl_featureflow.flow.labels import FeatureLabels
 from tl_featureflow.flow.matching import topk_cosine
 from tl_featureflow.flow.origins import Classification, LayerScores, classify_scores
-from tl_featureflow.refs import FeatureRef, Key, Site, check_layer, check_site, predecessor_keys
+from tl_featureflow.refs import EMBED_LAYER, FeatureRef, Key, Site, check_layer, check_site, predecessor_keys
 from tl_featureflow.saes.bank import SAEBank
+from tl_featureflow.saes.preflight import preflight_on_load
 
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
@@ -84,8 +86,8 @@ class Matching:
 class Predecessors(Mapping[Site, list[tuple[FeatureRef, float]]]):
     """Predecessors of a res feature: site -> ``[(FeatureRef, score), ...]``, best first.
 
-    ``res`` is res(L-1), ``mlp`` is mlp(L), ``att`` is att(L); sites the bank lacks
-    (and res at the first layer) are absent. ``preds.s("mlp")`` is s(M).
+    ``res`` is res(L-1) (for layer 0 the embedding SAE, res(-1), when the bank has one),
+    ``mlp`` is mlp(L), ``att`` is att(L); sites the bank lacks are absent. ``preds.s("mlp")`` is s(M).
     """
 
     target: FeatureRef
@@ -141,6 +143,10 @@ class FlowTracer:
             corpus text, computed once per bank and cached, when the model has a tokenizer
             and a label is first needed), or None (logit-lens labels only). Labels live in
             ``tracer.labels`` (:class:`~tl_featureflow.flow.labels.FeatureLabels`).
+        preflight: with a model, a bank of SAELens releases (:meth:`SAEBank.from_pretrained`) is
+            checked on it the first time they meet (:func:`~tl_featureflow.saes.preflight.preflight_on_load`:
+            a :class:`~tl_featureflow.saes.preflight.PreflightWarning` per SAE that does not reconstruct
+            its site); ``False`` (or ``TL_FEATUREFLOW_PREFLIGHT=0``) skips it.
     """
 
     def __init__(
@@ -151,6 +157,7 @@ class FlowTracer:
         device: torch.device | str | None = None,
         chunk_size: int | None = None,
         contexts: Any | None = "auto",
+        preflight: bool = True,
     ):
         if not isinstance(bank, SAEBank):
             raise InvalidArgumentError(f"FlowTracer needs an SAEBank, got {type(bank).__name__}")
@@ -161,6 +168,7 @@ class FlowTracer:
                 raise ModelMismatchError(f"the bank's SAEs read d_in={bank.d_model} but the model has d_model={d_model}")
             if bank.layers[-1] >= n_layers:
                 raise ModelMismatchError(f"the bank has layers up to {bank.layers[-1]} but the model has {n_layers}")
+            preflight_on_load(model, bank, enabled=preflight)
         self.bank = bank
         self.model = model
         first = next(iter(bank.values()))
@@ -175,7 +183,8 @@ class FlowTracer:
     def _key(self, key: tuple[Any, Any], what: str) -> Key:
         if not (isinstance(key, tuple) and len(key) == 2):
             raise InvalidArgumentError(f"{what} must be a (site, layer) tuple such as ('res', 3), got {key!r}")
-        site, layer = check_site(key[0]), check_layer(key[1])
+        site = check_site(key[0])
+        layer = check_layer(key[1], site)
         if (site, layer) not in self.bank:
             raise UnknownFeatureError(f"{what} {(site, layer)} is not in the bank: it has {self.bank.describe()}")
         return site, layer
@@ -184,8 +193,16 @@ class FlowTracer:
         return self.bank.decoder(*key, device=self.device, dtype=torch.float32)
 
     def predecessor_keys(self, layer: int) -> dict[Site, Key]:
-        """The SAEs that predecessors of res features at ``layer`` come from, by site."""
-        return {site: key for site, key in predecessor_keys(check_layer(layer)).items() if key in self.bank}
+        """The SAEs that predecessors of res features at ``layer`` come from, by site (layer 0's res
+        predecessor is the embedding SAE ``("res", -1)`` when the bank has one; layer -1 has none)."""
+        return {site: key for site, key in predecessor_keys(check_layer(layer, "res")).items() if key in self.bank}
+
+    def _target_layer(self, layer: int) -> Key:
+        """``("res", layer)`` of a layer whose res features get predecessor scores (not the embedding)."""
+        if layer == EMBED_LAYER and not isinstance(layer, bool):
+            raise InvalidArgumentError("layer -1 is the embedding SAE (blocks.0.hook_resid_pre): it has no "
+                                       "predecessors to score; it is the res predecessor of layer 0's features")
+        return self._key(("res", layer), "layer")
 
     def match(self, src: tuple[Site, int], dst: tuple[Site, int], k: int = 1) -> Matching:
         """For every feature of ``dst``, its top-``k`` features of ``src`` (cached)."""
@@ -215,7 +232,7 @@ class FlowTracer:
         (a pair a method picks never scores above the top-1 cosine). A method's "no match" (index
         -1) scores ``-inf``.
         """
-        dst = self._key(("res", layer), "layer")
+        dst = self._target_layer(layer)
         keys = self.predecessor_keys(layer)
         if site not in keys:
             raise UnknownFeatureError(f"res({layer}) has no {site} predecessor SAE in the bank: it has {sorted(keys)}")
@@ -279,7 +296,7 @@ class FlowTracer:
     def scores(self, layer: int, k: int = 1, *, method: str | None = None) -> LayerScores:
         """Top-``k`` predecessor scores and indices of every res feature of ``layer`` at once
         (``method``: a data-free matching method, see :meth:`pair_scores`)."""
-        self._key(("res", layer), "layer")
+        self._target_layer(layer)
         pairs = {site: self.pair_scores(layer, site, k, method=method) for site in self.predecessor_keys(layer)}
         return LayerScores(layer, {s: p[0] for s, p in pairs.items()}, {s: p[1] for s, p in pairs.items()})
 
@@ -304,7 +321,7 @@ class FlowTracer:
         """
         quantile = check_quantile(quantile)
         check_int(n_probe, "n_probe", low=1)
-        dst = self._decoder(self._key(("res", layer), "layer"))
+        dst = self._decoder(self._target_layer(layer))
         step = max(1, dst.shape[0] // n_probe)
         probe = dst[::step][:n_probe] @ self._rotation(dst.shape[1])
         out: dict[Site, float] = {}
@@ -319,7 +336,7 @@ class FlowTracer:
     def thresholds(self, layer: int, thresholds: Thresholds = "chance", *, quantile: float = 0.99,
                    sites: Iterable[Site] | None = None) -> dict[Site, float]:
         """Resolve a threshold spec for ``layer`` into one number per predecessor site (or per site of ``sites``)."""
-        self._key(("res", layer), "layer")
+        self._target_layer(layer)
         quantile = check_quantile(quantile)
         wanted = None if sites is None else set(sites)
         sites = [site for site in self.predecessor_keys(layer) if wanted is None or site in wanted]
@@ -536,7 +553,7 @@ class FlowTracer:
         if method is not None:
             _data_free(method)
         res_layers = [layer for layer in self.bank.layers if ("res", layer) in self.bank]
-        wanted = res_layers if layers is None else [check_layer(layer) for layer in layers]
+        wanted = res_layers if layers is None else [check_layer(layer, "res") for layer in layers]
         unknown = [layer for layer in wanted if layer not in res_layers]
         if unknown:
             raise UnknownFeatureError(f"layers {unknown} have no res SAE: the bank has {self.bank.describe()}")

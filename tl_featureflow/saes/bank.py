@@ -47,6 +47,7 @@ from tl_featureflow._files import (
 from tl_featureflow.checks import check_device
 from tl_featureflow.errors import BankError, CacheError, ModelMismatchError, TranscoderError, UnknownFeatureError
 from tl_featureflow.refs import (
+    EMBED_LAYER,
     SITES,
     FeatureRef,
     Key,
@@ -63,10 +64,12 @@ from tl_featureflow.saes.lazy import DEFAULT_KEEP, LazySAEs
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
 
-__all__ = ["SAEBank", "BANK_SCHEMA_VERSION", "INDEX_FILE"]
+__all__ = ["SAEBank", "BANK_SCHEMA_VERSION", "INDEX_FILE", "PRETRAINED_SOURCE"]
 
 BANK_SCHEMA_VERSION = 1
 INDEX_FILE = "bank.json"
+#: ``metadata["source"]`` of a bank built by :meth:`SAEBank.from_pretrained` from SAELens releases.
+PRETRAINED_SOURCE = "sae_lens.from_pretrained"
 
 
 
@@ -79,7 +82,8 @@ def _check_key(key: object) -> Key:
         raise BankError(f"invalid bank key {key!r}: expected a (site, layer) tuple such as ('res', 12)")
     site, layer = key
     try:
-        return check_site(site), check_layer(layer)
+        site = check_site(site)
+        return site, check_layer(layer, site)
     except UnknownFeatureError as exc:
         raise BankError(f"invalid bank key {key!r}: {exc}") from None
 
@@ -133,7 +137,8 @@ def _sae_digest(key: Key, sae: SAE) -> bytes:
 
 
 def _keyed_by_hook(saes: Sequence[object]) -> dict[Key, object]:
-    """``{(site, layer): sae}`` from each SAE's hook (``blocks.{L+1}.hook_resid_pre`` is ``("res", L)``)."""
+    """``{(site, layer): sae}`` from each SAE's hook (``blocks.{L+1}.hook_resid_pre`` is ``("res", L)``,
+    ``blocks.0.hook_resid_pre``, the embeddings, ``("res", -1)``)."""
     keyed: dict[Key, object] = {}
     for i, sae in enumerate(saes):
         if not isinstance(sae, SAE):
@@ -157,7 +162,10 @@ class SAEBank(Mapping[Key, SAE]):
     """A read-only mapping ``(site, layer) -> SAE`` with validated, shared ``d_model``.
 
     Args:
-        saes: the SAEs, keyed by ``(site, layer)`` with site in ``res``, ``mlp``, ``att``.
+        saes: the SAEs, keyed by ``(site, layer)`` with site in ``res``, ``mlp``, ``att``, or a list
+            of SAEs keyed by their hooks. ``("res", -1)`` is the embedding SAE: it reads
+            ``blocks.0.hook_resid_pre`` (the token and position embeddings) and is the res
+            predecessor of layer 0's features.
         metadata: JSON-serialisable facts about the bank (model, corpus, preset...),
             saved and loaded with it.
 
@@ -249,8 +257,10 @@ class SAEBank(Mapping[Key, SAE]):
 
     def describe(self) -> str:
         """A short text of what the bank holds, e.g. ``res, mlp at layers 3-5 (6 SAEs)``."""
-        layers = self.layers
-        span = f"{layers[0]}-{layers[-1]}" if len(layers) > 1 else str(layers[0])
+        layers = [layer for layer in self.layers if layer != EMBED_LAYER]
+        span = f"{layers[0]}-{layers[-1]}" if len(layers) > 1 else str(layers[0]) if layers else ""
+        if EMBED_LAYER in self.layers:
+            span = "-1 (embedding)" + (f", {span}" if span else "")
         z, tc = len(self.z_keys), len(self.transcoder_keys)
         notes = [f"{z} att on attn.hook_z"] if z else []
         notes += [f"{tc} mlp transcoder{'s' if tc > 1 else ''}"] if tc else []
@@ -369,7 +379,7 @@ class SAEBank(Mapping[Key, SAE]):
 
     @property
     def layers(self) -> list[int]:
-        """Layers that have at least one SAE, ascending."""
+        """Layers that have at least one SAE, ascending (-1 first: the embedding SAE, when there is one)."""
         return sorted({layer for _, layer in self._saes})
 
     @property
@@ -393,7 +403,7 @@ class SAEBank(Mapping[Key, SAE]):
     def select(self, sites: Iterable[Site] | None = None, layers: Iterable[int] | None = None) -> SAEBank:
         """A bank of the same SAE objects restricted to some sites and/or layers."""
         site_set = set(self.sites if sites is None else [check_site(s) for s in sites])
-        layer_set = set(self.layers if layers is None else [check_layer(layer) for layer in layers])
+        layer_set = set(self.layers if layers is None else [check_layer(layer, "res") for layer in layers])
         keys = [k for k in self._saes if k[0] in site_set and k[1] in layer_set]
         if not keys:
             raise UnknownFeatureError(
@@ -581,7 +591,8 @@ class SAEBank(Mapping[Key, SAE]):
           template per site), for ``layers``;
         - ``releases`` one release and ``sae_id`` a list of its SAE ids: each SAE's key comes from
           the hook its config names (``blocks.{L+1}.hook_resid_pre`` is ``("res", L)``,
-          ``blocks.L.attn.hook_z`` is ``("att", L)``), so GPT-2's ``res-jb`` loads as it is.
+          ``blocks.0.hook_resid_pre``, the embedding SAE, ``("res", -1)``, ``blocks.L.attn.hook_z`` is
+          ``("att", L)``), so GPT-2's ``res-jb`` loads as it is, its layer-0 SAE included.
 
         Every SAE's config is read first (SAELens's ``load_sae_config_from_huggingface``: no weights)
         and its hooks checked, so a release this bank cannot hold (cross-layer transcoders, another
@@ -598,6 +609,12 @@ class SAEBank(Mapping[Key, SAE]):
 
         Gemma Scope's attention SAEs read ``attn.hook_z``: they serve the att site through the
         model's ``W_O`` (:mod:`tl_featureflow.saes.sites`; the bank needs :meth:`bind`).
+
+        The bank is marked (``metadata["preflight"] = "on_load"``; ``metadata["sae_ids"]`` names each
+        key's release and id): when it first meets a model (``model.attach``, ``FlowTracer(bank, model)``,
+        ``validate``) a short preflight checks that each SAE reconstructs its site there, and warns
+        (:func:`tl_featureflow.saes.preflight.preflight_on_load`; off with ``preflight=False`` or
+        ``TL_FEATUREFLOW_PREFLIGHT=0``).
         """
         from sae_lens.loading.pretrained_sae_loaders import load_sae_config_from_huggingface
         from tqdm.auto import tqdm
@@ -641,10 +658,13 @@ class SAEBank(Mapping[Key, SAE]):
                 saes[key] = SAE.from_pretrained(release, this_id, device=str(device), dtype=dtype)
             except Exception as exc:
                 raise BankError(f"could not load SAE release={release!r} sae_id={this_id!r} for {key}: {exc}") from exc
-        return cls(saes, metadata={"source": "sae_lens.from_pretrained",
+        return cls(saes, metadata={"source": PRETRAINED_SOURCE,
                                    "releases": releases if isinstance(releases, str) else dict(releases),
                                    "sae_id": sae_id if isinstance(sae_id, str) else
-                                   (dict(sae_id) if isinstance(sae_id, Mapping) else list(sae_id))})
+                                   (dict(sae_id) if isinstance(sae_id, Mapping) else list(sae_id)),
+                                   "sae_ids": {f"{key[1]}/{key[0]}": [release, this_id]
+                                               for (release, this_id, _), key in zip(jobs, keys, strict=True)},
+                                   "preflight": "on_load"})
 
 
 def _key_of_config(cfg: Mapping[str, Any], key: Key | None, what: str) -> Key:

@@ -11,6 +11,17 @@ model must be loaded (``model_from_pretrained_kwargs``: ``fold_ln``, ``center_wr
 skipped; ``1 - explained variance``), and names each SAE past ``max_fvu`` with its FVU and the
 likely causes.
 
+It also runs by itself (:func:`preflight_on_load`) when a bank of SAELens releases
+(:meth:`SAEBank.from_pretrained <tl_featureflow.saes.bank.SAEBank.from_pretrained>`, which marks
+it: ``bank.metadata["preflight"] == "on_load"``, kept by ``select``, ``bind`` and save/load)
+first meets a model: ``model.attach(bank)``, ``FlowTracer(bank, model)``, ``validate(...)``. Once
+per SAE and model (the model's weights: wrappers sharing them count as one), on
+:data:`AUTO_PREFLIGHT_TOKENS` tokens of a short built-in text (random token ids from a fixed
+generator when the model has no tokenizer), it warns (:class:`PreflightWarning`) and never
+raises. Banks trained by this project or built from SAE objects are not checked (training
+measured them). Turn it off with ``preflight=False`` on those calls, or everywhere with the
+environment variable ``TL_FEATUREFLOW_PREFLIGHT=0``.
+
 >>> import torch
 >>> from tl_featureflow.synthetic import random_bank, tiny_model
 >>> model, bank = tiny_model(), random_bank([1], ("res",), d_model=64)
@@ -21,22 +32,28 @@ likely causes.
 
 from __future__ import annotations
 
+import math
+import os
 import warnings
+import weakref
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
+import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from tl_featureflow.checks import check_number, check_tokens
+from tl_featureflow.backend import backend_of
+from tl_featureflow.checks import check_int, check_number, check_tokens
 from tl_featureflow.errors import InvalidArgumentError, ModelMismatchError
 from tl_featureflow.refs import Key
-from tl_featureflow.saes.bank import SAEBank
+from tl_featureflow.saes.bank import PRETRAINED_SOURCE, SAEBank
 
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
 
-__all__ = ["preflight", "Preflight", "PreflightRow", "PreflightWarning", "DEFAULT_MAX_FVU"]
+__all__ = ["preflight", "Preflight", "PreflightRow", "PreflightWarning", "DEFAULT_MAX_FVU", "preflight_on_load",
+           "checks_on_load", "preflight_tokens", "PREFLIGHT_ENV", "AUTO_PREFLIGHT_TOKENS", "ON_LOAD"]
 
 #: FVU above which an SAE is taken not to read its site: trained SAEs of every suite we load sit well
 #: below (Gemma Scope: 0.05-0.4; this project's banks 0.06-0.5), a wrong tensor near or above 1.
@@ -47,6 +64,48 @@ class PreflightWarning(UserWarning):
     """An SAE of a bank does not reconstruct its site on this model (see :func:`preflight`)."""
 
 
+#: ``bank.metadata["preflight"]`` of a bank checked automatically when it first meets a model (set by
+#: ``SAEBank.from_pretrained``; set it on a bank of your own to have it checked, or to ``"off"`` to never).
+ON_LOAD = "on_load"
+#: The environment variable that turns the automatic preflight off everywhere: ``0``, ``false``, ``off`` or ``no``.
+PREFLIGHT_ENV = "TL_FEATUREFLOW_PREFLIGHT"
+#: How many tokens (past each row's first) the automatic preflight reads.
+AUTO_PREFLIGHT_TOKENS = 256
+
+#: The automatic preflight's text: plain prose of several registers, a few hundred tokens in any tokenizer.
+PREFLIGHT_TEXT = (
+    "The old lighthouse stood at the edge of the cliff for more than a century. Every night its keeper climbed "
+    "the narrow stairs, trimmed the wick and watched the beam sweep across the dark water. Ships that passed "
+    "the rocks owed their safety to that steady light, though few of their sailors ever knew his name.\n\n"
+    "In 1969, two astronauts walked on the surface of the Moon while a third orbited above them. They collected "
+    "rock samples, planted a flag and left footprints that may last for millions of years, since there is no "
+    "wind or rain to erase them.\n\n"
+    "To make a simple bread, mix 500 grams of flour with a teaspoon of salt, a packet of dried yeast and about "
+    "300 millilitres of warm water. Knead the dough for ten minutes, let it rise for an hour, shape it, and bake "
+    "it at 220 degrees Celsius until the crust is golden and sounds hollow when tapped.\n\n"
+    "def fibonacci(n):\n    a, b = 0, 1\n    for _ in range(n):\n        a, b = b, a + b\n    return a\n\n"
+    "The committee met on Tuesday to discuss the budget. After a long debate, members agreed to increase "
+    "funding for public libraries and to delay the new parking garage until next year. Critics said the "
+    "decision ignored the needs of commuters, while supporters praised it as an investment in education.\n\n"
+    "Water boils at a lower temperature on a mountain because the air pressure is lower there. Climbers who "
+    "cook pasta at high altitude often find that it takes much longer to soften than it would at sea level."
+)
+
+#: id(model's first weight) -> (a weak reference to it, the SAEs checked on it). Not a WeakKeyDictionary:
+#: its lookups compare keys with ``==``, which tensors answer elementwise.
+_CHECKED: dict[int, tuple[weakref.ref[Any], weakref.WeakSet[Any]]] = {}
+
+
+def _checked_on(owner: Any) -> weakref.WeakSet[Any]:
+    """The SAEs the automatic preflight has checked on ``owner`` (a model's first weight), kept while it lives."""
+    entry = _CHECKED.get(id(owner))
+    if entry is None or entry[0]() is not owner:
+        key = id(owner)
+        entry = (weakref.ref(owner, lambda _ref, key=key: _CHECKED.pop(key, None)), weakref.WeakSet())
+        _CHECKED[key] = entry
+    return entry[1]
+
+
 @dataclass(frozen=True)
 class PreflightRow:
     key: Key
@@ -54,6 +113,7 @@ class PreflightRow:
     fvu: float
     ok: bool
     cause: str = ""
+    name: str = ""          # the SAE's release and id, when the bank knows them (SAEBank.from_pretrained)
 
 
 @dataclass
@@ -70,7 +130,8 @@ class Preflight:
         return [row for row in self.rows if not row.ok]
 
     def message(self) -> str:
-        lines = [f"{row.key} on {row.hook}: FVU {row.fvu:.2f} > {self.max_fvu} ({row.cause})" for row in self.failed]
+        lines = [f"{row.name + ' at ' if row.name else ''}{row.key} on {row.hook}: FVU {row.fvu:.2f} > {self.max_fvu} "
+                 f"({row.cause})" for row in self.failed]
         return (f"{len(self.failed)} of {len(self.rows)} SAEs do not reconstruct their site on this model "
                 f"({self.n_tokens} tokens):\n  " + "\n  ".join(lines))
 
@@ -132,10 +193,95 @@ def preflight(
         key: Key = (q.site, q.layer)
         fvu = 1.0 - q.explained_variance
         ok = fvu <= max_fvu
-        rows.append(PreflightRow(key, bank.hook(key), fvu, ok, "" if ok else _cause(model, bank, key)))
+        rows.append(PreflightRow(key, bank.hook(key), fvu, ok, "" if ok else _cause(model, bank, key),
+                                 _sae_name(bank, key)))
     result = Preflight(rows, max_fvu, int(tokens.shape[0] * (tokens.shape[1] - 1)))
     if result.failed and on_fail == "raise":
         raise ModelMismatchError(result.message())
     if result.failed and on_fail == "warn":
         warnings.warn(result.message(), PreflightWarning, stacklevel=2)
+    return result
+
+
+def _sae_name(bank: SAEBank, key: Key) -> str:
+    """``release/sae_id`` of the SAE at ``key`` as ``SAEBank.from_pretrained`` recorded it, else ``""``."""
+    names = bank.metadata.get("sae_ids")
+    found = names.get(f"{key[1]}/{key[0]}") if isinstance(names, dict) else None
+    return f"SAE {found[0]!r} {found[1]!r}" if isinstance(found, (list, tuple)) and len(found) == 2 else ""
+
+
+def checks_on_load(bank: SAEBank) -> bool:
+    """Whether :func:`preflight_on_load` checks ``bank``: ``bank.metadata["preflight"] == "on_load"`` (what
+    ``SAEBank.from_pretrained`` sets), or, for banks saved before that mark existed, a bank of SAELens releases
+    (``metadata["source"]``). Banks trained here or built from SAE objects carry neither."""
+    mark = bank.metadata.get("preflight")
+    if mark is not None:
+        return mark == ON_LOAD
+    return bank.metadata.get("source") == PRETRAINED_SOURCE
+
+
+def _env_allows() -> bool:
+    return os.environ.get(PREFLIGHT_ENV, "1").strip().lower() not in ("0", "false", "off", "no")
+
+
+def preflight_tokens(model: Any, n_tokens: int = AUTO_PREFLIGHT_TOKENS, *, seed: int = 0
+                     ) -> tuple[Int[Tensor, "rows pos"], str]:
+    """The automatic preflight's tokens and where they come from: :data:`PREFLIGHT_TEXT` through the model's
+    tokenizer (rows of up to 64 tokens, each after a BOS when the tokenizer has one, the text cycled to reach
+    ``n_tokens``), or, without a usable tokenizer, random ids from a generator seeded with ``seed``.
+    Position 0 of each row is skipped by the FVU, so ``n_tokens`` count past it."""
+    check_int(n_tokens, "n_tokens", low=1)
+    backend = backend_of(model)
+    d_vocab, n_ctx = backend.d_vocab, backend.n_ctx or 65
+    body = max(1, min(64, n_ctx - 1))
+    n_rows = math.ceil(n_tokens / body)
+    tokenizer = backend.tokenizer
+    ids: list[int] = []
+    if tokenizer is not None:
+        try:
+            ids = list(tokenizer(PREFLIGHT_TEXT, add_special_tokens=False)["input_ids"])
+        except Exception:  # a tokenizer of another kind: fall back to random ids
+            ids = []
+    bos = getattr(tokenizer, "bos_token_id", None) if ids else None
+    if ids and max(ids) < d_vocab and (bos is None or bos < d_vocab):
+        stream = (ids * math.ceil(n_rows * body / len(ids)))[:n_rows * body]
+        rows = torch.tensor(stream, dtype=torch.long).view(n_rows, body)
+        first = torch.full((n_rows, 1), bos if bos is not None else ids[0], dtype=torch.long)
+        return torch.cat([first, rows], dim=1), f"{n_rows * body} tokens of built-in text"
+    generator = torch.Generator().manual_seed(seed)
+    return (torch.randint(0, d_vocab, (n_rows, body + 1), generator=generator),
+            f"{n_rows * body} random token ids (the model has no tokenizer)")
+
+
+def preflight_on_load(model: Any, bank: SAEBank, *, enabled: bool = True, stacklevel: int = 3) -> Preflight | None:
+    """The automatic preflight: :func:`preflight` of the SAEs of a bank marked for it (:func:`checks_on_load`)
+    that have not met this model yet, on :func:`preflight_tokens`, with a :class:`PreflightWarning` naming
+    each SAE past :data:`DEFAULT_MAX_FVU`, its FVU and the likely cause. Never raises on a bad SAE.
+
+    ``model.attach``, ``FlowTracer(bank, model)`` and ``validate`` call it; each SAE is checked once per
+    model (keyed by the model's first weight tensor, so wrappers sharing the weights count as one model).
+    Returns None when nothing was checked: ``enabled=False``, the environment variable
+    :data:`PREFLIGHT_ENV` set to ``0``, a bank not marked, every SAE checked already, or a model with SAEs
+    spliced in (their outputs would be measured, not the model's).
+    """
+    if not enabled or not _env_allows() or not checks_on_load(bank):
+        return None
+    if getattr(model, "acts_to_saes", None):
+        return None
+    owner = next(iter(model.parameters()), None) if hasattr(model, "parameters") else None
+    owner = owner if owner is not None else model
+    checked = _checked_on(owner)
+    todo = {key: sae for key, sae in bank.items() if sae not in checked}
+    if not todo:
+        return None
+    tokens, source = preflight_tokens(model)
+    result = preflight(model, SAEBank(todo, metadata=bank.metadata), tokens, on_fail="ignore")
+    checked.update(todo.values())
+    if result.failed:
+        warnings.warn(
+            f"automatic preflight on load (bank.metadata['preflight'] == {ON_LOAD!r}, as SAEBank.from_pretrained "
+            f"marks banks of SAELens releases) on {source}: {result.message()}\n"
+            f"Run saes.preflight.preflight(model, bank, tokens) on held-out text of your own for a firmer number; "
+            f"turn this check off with preflight=False or {PREFLIGHT_ENV}=0.",
+            PreflightWarning, stacklevel=stacklevel)
     return result

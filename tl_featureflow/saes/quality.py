@@ -26,7 +26,7 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from tl_featureflow.refs import Site, resid_pre_hook
+from tl_featureflow.refs import Site, block_of, resid_pre_hook
 from tl_featureflow.saes import sites
 from tl_featureflow.saes.bank import SAEBank
 
@@ -163,7 +163,7 @@ def evaluate_bank(
     stats = {key: {"sse": 0.0, "sum": torch.zeros(sae.cfg.d_in, dtype=torch.float64),
                    "sumsq": 0.0, "n": 0, "l0": 0.0,
                    "fired": torch.zeros(bank.d_sae(*key), dtype=torch.bool)} for key, sae in bank.items()}
-    stop = max(bank.layers) + 1
+    stop = block_of(max(bank.layers)) + 1
     for start in tqdm(range(0, tokens.shape[0], batch_size), desc="evaluating SAEs", disable=not progress):
         batch = tokens[start:start + batch_size].to(device)
         _, cache = model.run_with_cache(batch, names_filter=sorted({*names.values(), *reads.values()}),
@@ -191,7 +191,7 @@ def evaluate_bank(
         # Each SAE sits inside block L, so its effect on the loss needs only blocks L.. rerun,
         # from the cached residual stream entering layer L.
         loss_tokens = tokens[:loss_rows].to(device)
-        starts = {row.layer: resid_pre_hook(row.layer) for row in rows}
+        starts = {row.layer: resid_pre_hook(block_of(row.layer)) for row in rows}   # the embedding SAE: block 0
         clean_logits, resid = model.run_with_cache(loss_tokens, names_filter=list(starts.values()))
         clean = float(_ce(clean_logits, loss_tokens))
         for row in tqdm(rows, desc="loss recovered", disable=not progress):
@@ -218,7 +218,7 @@ def evaluate_bank(
             read = reads[(row.site, row.layer)]
             for label, edit in (("spliced", splice), ("zero", zero)):
                 hooks = [(name, edit)] if read == name else [(read, keep), (name, edit)]
-                logits = model.run_with_hooks(start, start_at_layer=row.layer, fwd_hooks=hooks)
+                logits = model.run_with_hooks(start, start_at_layer=block_of(row.layer), fwd_hooks=hooks)
                 ce[label] = float(_ce(logits, loss_tokens))
             row.ce_clean, row.ce_spliced, row.ce_zero = clean, ce["spliced"], ce["zero"]
             row.loss_recovered = (ce["zero"] - ce["spliced"]) / (ce["zero"] - clean) if ce["zero"] != clean else None

@@ -45,6 +45,7 @@ from torch import Tensor
 
 from tl_featureflow.checks import check_int
 from tl_featureflow.errors import InvalidArgumentError, TranscoderError
+from tl_featureflow.refs import block_of
 
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
@@ -347,7 +348,7 @@ def calibrate_bank(
             hooks = list(dict.fromkeys(bank.hook(key) for key in group))     # hook_z: heads flattened by the stream
             stream = ActivationStream(model, tokens, hooks, batch_tokens=batch_tokens,
                                       chunk_rows=chunk_rows, seed=seed,
-                                      stop_at_layer=max(layer for _, layer in group) + 1)
+                                      stop_at_layer=block_of(max(layer for _, layer in group)) + 1)
             batches = [stream.batch(i) for i in range(-(-n_tokens // batch_tokens))]
             for key in group:
                 x = torch.cat([b[bank.hook(key)] for b in batches])[:n_tokens]

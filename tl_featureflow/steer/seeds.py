@@ -23,8 +23,8 @@ __all__ = ["seed_layer", "pick_seed"]
 
 
 def seed_layer(bank: SAEBank) -> int:
-    """The res layer in the middle of the bank's span (the paper's seeds sit mid-model)."""
-    layers = [layer for layer in bank.layers if ("res", layer) in bank]
+    """The res layer in the middle of the bank's span (the paper's seeds sit mid-model; never the embedding)."""
+    layers = [layer for layer in bank.layers if ("res", layer) in bank and layer >= 0]
     if not layers:
         raise BankError(f"the bank has no res SAE: {bank.describe()}")
     return layers[(len(layers) - 1) // 2]

@@ -59,7 +59,7 @@ function ffRefOf(point) {
   var found = null;
   [point.customdata, point.label, point.text, point.hovertext].forEach(function (v) {
     if (!found && typeof v === 'string') {
-      var m = v.match(/\\d+\\/(res|mlp|att)\\/\\d+/);
+      var m = v.match(/-?\\d+\\/(res|mlp|att)\\/\\d+/);
       if (m) found = m[0];
     }
   });

@@ -266,7 +266,7 @@ def test_a_steerer_refuses_forwards_and_steerers_from_other_threads(tiny_model, 
         in_thread(lambda: tiny_model(tokens))
         in_thread(lambda: Steerer(tiny_model, bank, scale="unit").add("2/res/1", 1.0).__enter__())
         tiny_model(tokens)                                        # its own thread is fine
-    assert [type(e) for e in errors] == [ff.FeatureFlowError] * 2
+    assert [type(e) for e in errors] == [ff.errors.StateError] * 2
     assert "another thread" in str(errors[0]) and "another thread" in str(errors[1]) and not steerer.active
     assert leftover_hooks() == []
     in_thread(lambda: tiny_model(tokens))                         # nothing active: any thread may run the model

@@ -126,8 +126,8 @@ def _calls(model, bank, tracer, tokens, graph, fmap, tmp):
     """entry point -> (call taking the argument as a keyword, {argument: refused values beyond its type's})."""
     return {
         "FeatureRef": (lambda **kw: ff.FeatureRef(**{"layer": 2, "site": "res", "index": 1, **kw}),
-                       {"layer": [-1], "index": [-1]}),
-        "hook_name": (lambda **kw: ff.hook_name(**{"site": "res", "layer": 2, **kw}), {"layer": [-1]}),
+                       {"layer": [-2], "index": [-1]}),   # -1 is the embedding SAE's layer
+        "hook_name": (lambda **kw: ff.hook_name(**{"site": "res", "layer": 2, **kw}), {"layer": [-2]}),
         "load_embedded_model": (lambda **kw: ff.load_embedded_model(**kw), {"n_ctx": [0, -1]}),
         "train_bank": (lambda **kw: ff.train_bank(model, out=tmp / "bank", progress=False, **kw),
                        {"training_tokens": [0, -1], "seed": [-1]}),
@@ -136,7 +136,7 @@ def _calls(model, bank, tracer, tokens, graph, fmap, tmp):
         "SAEBank.model_decoder": (lambda **kw: bank.model_decoder(**{"site": "res", "layer": 2, **kw}),
                                   {"layer": [-1, 99]}),
         "FlowTracer": (lambda **kw: ff.FlowTracer(bank, model, contexts=None, **kw), {"chunk_size": [0, -1]}),
-        "FlowTracer.predecessor_keys": (lambda **kw: tracer.predecessor_keys(**kw), {"layer": [-1]}),
+        "FlowTracer.predecessor_keys": (lambda **kw: tracer.predecessor_keys(**kw), {"layer": [-2]}),
         "FlowTracer.match": (lambda **kw: tracer.match(("res", 1), ("res", 2), **kw), {"k": K + [10_000]}),
         "FlowTracer.similar": (lambda **kw: tracer.similar("2/res/1", ("res", 1), **kw), {"k": K}),
         "FlowTracer.successors": (lambda **kw: tracer.successors("1/res/1", **kw), {"k": K}),
@@ -155,7 +155,7 @@ def _calls(model, bank, tracer, tokens, graph, fmap, tmp):
         "FlowTracer.map_plan": (lambda **kw: tracer.map_plan(**kw), {"k": K, "quantile": QUANTILE}),
         "FlowMap.chain_lengths": (lambda **kw: fmap.chain_lengths(**kw), {"t_res": COSINE}),
         "FlowMap.classify": (lambda **kw: fmap.classify(**kw), {"layer": [-1, 99]}),
-        "FlowGraph.refs_up_to": (lambda **kw: graph.refs_up_to(**kw), {"layer": [-1]}),
+        "FlowGraph.refs_up_to": (lambda **kw: graph.refs_up_to(**kw), {"layer": [-2]}),
         "feature_contexts": (lambda **kw: ff.feature_contexts(model, bank, tokens, cache=False, progress=False, **kw),
                              {"n": [0, -1], "rows": [0, -1], "batch_size": [0, -1]}),
         "Steerer.add_direction": (lambda **kw: ff.Steerer(model, bank, scale="unit").add_direction(

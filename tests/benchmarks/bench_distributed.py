@@ -21,11 +21,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from _timing import child_result
 
 HERE = Path(__file__).resolve()
 ROOT = HERE.parents[2]
@@ -96,14 +97,8 @@ def _validation_assets(args: argparse.Namespace):  # type: ignore[no-untyped-def
 
 def _run(command: list[str], threads: int) -> tuple[float, float]:
     """``(work seconds, whole-command seconds)`` of one launch."""
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=str(ROOT))
-    start = time.perf_counter()
-    done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
-    whole = time.perf_counter() - start
-    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-    if done.returncode != 0 or not lines:
-        raise SystemExit(f"{' '.join(command)} failed ({done.returncode}):\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
-    return json.loads(lines[0].removeprefix("RESULT "))["work_s"], whole
+    result, whole = child_result(command, OMP_NUM_THREADS=str(threads))
+    return result["work_s"], whole
 
 
 def _cases(work: str, extra: list[str], folder: Path) -> dict[str, tuple[float, float, Path]]:

@@ -17,11 +17,12 @@ import argparse
 import json
 import os
 import resource
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from _timing import child_result
 
 HERE = Path(__file__).resolve()
 ROOT = HERE.parents[2]
@@ -47,12 +48,7 @@ def _child(args: argparse.Namespace) -> None:
 def _run(child: str, bank: Path, out: Path, map_layers: list[int]) -> dict:
     command = [sys.executable, str(HERE), "--child", child, "--bank", str(bank), "--out", str(out),
                "--map-layers", *map(str, map_layers)]
-    done = subprocess.run(command, capture_output=True, text=True, check=False, env=dict(os.environ,
-                                                                                            PYTHONPATH=str(ROOT)))
-    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-    if done.returncode != 0 or not lines:
-        raise SystemExit(f"{child} failed ({done.returncode}):\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
-    return json.loads(lines[0].removeprefix("RESULT "))
+    return child_result(command)[0]
 
 
 def main() -> None:

@@ -27,7 +27,6 @@ import json
 import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -129,6 +128,11 @@ def _check_sae(key: Key, sae: object) -> SAE:
     return sae
 
 
+def _bool_layer(key: object) -> bool:
+    """A key whose layer is a bool (``True == 1`` as a dict key): never a bank's."""
+    return isinstance(key, tuple) and len(key) == 2 and isinstance(key[1], bool)
+
+
 def _sae_digest(key: Key, sae: SAE) -> bytes:
     """One SAE's part of :meth:`SAEBank.fingerprint`: its key, decoder shape and sum, a strided sample."""
     W = sae.W_dec.detach()
@@ -216,7 +220,7 @@ class SAEBank(Mapping[Key, SAE]):
 
     def _known(self, key: Key) -> None:
         """Raise for a key the bank does not have (naming what it has), without loading a lazy bank's SAE."""
-        if self._lazy is None or isinstance(key, tuple) and len(key) == 2 and isinstance(key[1], bool):
+        if self._lazy is None or _bool_layer(key):
             self[key]
         elif key not in self._lazy:
             raise UnknownFeatureError(f"no SAE for {key!r} in this bank: it has {self.describe()}")
@@ -229,7 +233,7 @@ class SAEBank(Mapping[Key, SAE]):
 
     # -- mapping -----------------------------------------------------------------------------
     def __getitem__(self, key: Key) -> SAE:
-        if isinstance(key, tuple) and len(key) == 2 and isinstance(key[1], bool):     # True == 1 as a dict key
+        if _bool_layer(key):
             raise UnknownFeatureError(f"no SAE for {key!r}: its layer must be an int, not a bool")
         try:
             return self._saes[key]
@@ -239,7 +243,7 @@ class SAEBank(Mapping[Key, SAE]):
             ) from None
 
     def __contains__(self, key: object) -> bool:       # Mapping's would load a lazy bank's SAE
-        if isinstance(key, tuple) and len(key) == 2 and isinstance(key[1], bool):
+        if _bool_layer(key):
             return False
         try:
             return key in self._saes
@@ -305,7 +309,7 @@ class SAEBank(Mapping[Key, SAE]):
         :meth:`hook` in a forward."""
         if key not in self._transcoder_keys:
             return self.hook(key)
-        return sites.transcoder_read_hook(SimpleNamespace(cfg=self._cfg(key)))   # reads only its cfg
+        return sites.transcoder_read_hook(self._cfg(key))
 
     @property
     def model(self) -> HookedTransformer | None:

@@ -105,8 +105,8 @@ def is_transcoder(sae: Any) -> bool:
     return meta.hook_name_out is not None and meta.hook_name_out != meta.hook_name
 
 
-def transcoder_read_hook(sae: Any) -> str:
-    """The TransformerLens hook whose tensor a transcoder's encoder was trained on.
+def transcoder_read_hook(cfg: Any) -> str:
+    """The TransformerLens hook whose tensor a transcoder's encoder was trained on (from its ``cfg``).
 
     Its ``cfg.metadata.hook_name``, except where SAELens names a hook whose tensor is not the one the
     SAE read: Gemma Scope 2's transcoders (SAELens's ``gemma_3`` loader) say ``blocks.L.hook_mlp_in``
@@ -119,10 +119,10 @@ def transcoder_read_hook(sae: Any) -> str:
     >>> tc = make_sae("mlp", 3, hook="blocks.3.hook_mlp_in")
     >>> tc.cfg.metadata.hook_name_out = "blocks.3.hook_mlp_out"
     >>> tc.cfg.metadata.hf_hook_name = "model.layers.3.pre_feedforward_layernorm.output"
-    >>> transcoder_read_hook(tc)
+    >>> transcoder_read_hook(tc.cfg)
     'blocks.3.ln2.hook_normalized'
     """
-    meta = sae.cfg.metadata
+    meta = cfg.metadata
     layer = _layer_of(meta.hook_name)
     if layer is not None and meta.hook_name == f"blocks.{layer}.hook_mlp_in" \
             and meta.hf_hook_name == f"model.layers.{layer}.pre_feedforward_layernorm.output":

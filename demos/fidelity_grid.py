@@ -89,7 +89,7 @@ def train(args: argparse.Namespace) -> None:
             name = f"{variant}__{site}_{layer}"
             saes[name] = _new_sae(expansion, k, objective, model.cfg.d_model, hooks[name], "cpu")
     stream = ActivationStream(model, tokens, list(dict.fromkeys(hooks.values())), batch_tokens=preset.batch_tokens,
-                              chunk_rows=preset.chunk_rows, seed=args.seed, stop_at_layer=16)
+                              chunk_rows=preset.chunk_rows, seed=args.seed, last_block=15)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     trained, elapsed = training._fit(saes, hooks, stream, preset, model.cfg.d_model, out / "checkpoints", "cpu",

@@ -73,7 +73,7 @@ def train(args: argparse.Namespace) -> None:
     model = ff.load_embedded_model()
     tokens, eval_tokens, _ = training._training_rows(model, PRESET, None, None, True)
     stream = ActivationStream(model, tokens, [IN_HOOK, OUT_HOOK], batch_tokens=PRESET.batch_tokens,
-                              chunk_rows=PRESET.chunk_rows, seed=args.seed, stop_at_layer=LAYER + 1)
+                              chunk_rows=PRESET.chunk_rows, seed=args.seed, last_block=LAYER)
     d = model.cfg.d_model
     tc = BatchTopKTranscoder(d, int(PRESET.expansion * d), d, PRESET.k)
     optimizer = torch.optim.Adam(tc.parameters(), lr=PRESET.lr)

@@ -150,11 +150,6 @@ def test_the_public_api_is_a_short_tested_list_and_the_wings_are_namespaces():
 # The modules that may reach a TransformerLens model's internals directly: the seam itself, the model and
 # its fast path, and the one seam for private APIs.
 MODEL_INSIDE = {"backend", "model", "fastpath", "_compat"}
-# Not migrated yet (known exceptions, the SAE-training side): saes.stream streams activations with
-# `run_with_cache(..., stop_at_layer=)` (saes.training and saes.thresholds hand it `stop_at_layer=`),
-# saes.quality also takes the logits of a cached run and reruns from a layer for the spliced loss, and
-# saes.sites reads `model.blocks[L]` to see which hooks a block runs (transcoder reads).
-NOT_MIGRATED = {"saes.sites", "saes.stream", "saes.training", "saes.thresholds", "saes.quality"}
 _MODEL_CALLS = {"run_with_hooks", "run_with_cache", "generate", "to_tokens"}
 _LAYER_KEYWORDS = {"stop_at_layer", "start_at_layer"}
 
@@ -194,9 +189,8 @@ def _model_reaches(path: Path) -> list[str]:
 
 def test_the_wings_reach_the_model_through_the_backend():
     reaching = {name: hits for name, path in _modules().items()
-                if name not in MODEL_INSIDE | NOT_MIGRATED and (hits := _model_reaches(path))}
+                if name not in MODEL_INSIDE and (hits := _model_reaches(path))}
     assert reaching == {}, "reach the model through tl_featureflow.backend (backend_of(model).…)"
-    assert all(_model_reaches(_modules()[name]) for name in NOT_MIGRATED), "migrated: drop it from NOT_MIGRATED"
 
 
 def _bare_raises(path: Path) -> list[int]:

@@ -32,6 +32,39 @@ def test_tl_backend_passes_the_model_through(tiny_model):
     assert not backend.has_hook("blocks.0.no_such_hook")
 
 
+@pytest.mark.parametrize("sandwich", [False, True])
+def test_attention_out_is_the_models_own_w_o_b_o_and_post_norm(sandwich):
+    """``attention_out(L)`` hands over the block's own tensors (no copies); a post-attention norm's weight only
+    where the block has one (Gemma 2/3's ``ln1_post``): the ``hook_z`` -> ``hook_attn_out`` map of z-SAEs."""
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    cfg = HookedTransformerConfig(n_layers=2, d_model=16, d_head=4, n_heads=4, d_mlp=32, n_ctx=8, d_vocab=20,
+                                  act_fn="gelu", normalization_type="RMS",
+                                  use_normalization_before_and_after=sandwich, seed=0)
+    model = HookedTransformer(cfg)
+    W_O, b_O, weight = backend_of(model).attention_out(1)
+    assert W_O is model.blocks[1].attn.W_O and b_O is model.blocks[1].attn.b_O
+    assert W_O.shape == (4, 4, 16)
+    assert (weight is model.blocks[1].ln1_post.w) if sandwich else weight is None
+
+
+def test_the_sae_side_streams_activations_through_the_backend(tiny_model, monkeypatch):
+    """ActivationStream (SAE training, thresholds) runs its forwards through ``backend_of(model)``."""
+    from tl_featureflow.saes import stream as stream_module
+    from tl_featureflow.saes.stream import ActivationStream
+
+    recording = RecordingBackend(backend_of(tiny_model))
+    monkeypatch.setattr(stream_module, "backend_of", lambda model: recording)
+    rows = torch.randint(0, 64, (16, 9), generator=torch.Generator().manual_seed(2))
+    hooks = [hook_name("res", 1), hook_name("mlp", 1)]
+    batch = ActivationStream(tiny_model, rows, hooks, batch_tokens=32, chunk_rows=8, last_block=1).batch(0)
+    assert recording.calls == ["run_with_cache"] and set(batch) == set(hooks)
+    _, cache = tiny_model.run_with_cache(rows, names_filter=hooks, stop_at_layer=2)
+    every = cache[hooks[0]][:, 1:].flatten(0, 1)                   # the stream's rows are the model's, shuffled
+    assert batch[hooks[0]].shape == (32, tiny_model.cfg.d_model)
+    assert (batch[hooks[0]][:, None] - every[None]).abs().amax(-1).min(1).values.max() < 1e-6
+
+
 @torch.no_grad()
 def test_tl_backend_runs_equal_direct_tl_calls(tiny_model, toks):
     backend = backend_of(tiny_model)
@@ -123,6 +156,9 @@ class RecordingBackend:
 
     def unembed(self, direction):
         return self._call("unembed", direction)
+
+    def attention_out(self, layer):
+        return self._call("attention_out", layer)
 
 
 @torch.no_grad()

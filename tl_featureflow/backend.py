@@ -1,7 +1,7 @@
 """The model seam: what the package needs from a model, and its TransformerLens implementation.
 
 The wings reach the model through :class:`ModelBackend` (hook names per site, run with hooks,
-run from layer L, tokenize, generate, unembed), never through ``model.blocks``, ``stop_at_layer=``
+run from layer L, tokenize, generate, unembed, the attention's output map), never through ``model.blocks``, ``stop_at_layer=``
 or ``model.W_U`` directly (``tests/test_architecture.py`` checks it). :func:`backend_of` wraps a
 TransformerLens ``HookedTransformer`` (or :class:`~tl_featureflow.model.FlowTransformer`) in
 :class:`TLBackend`, a thin adapter that keeps no copies and never modifies the model; an object
@@ -104,6 +104,12 @@ class ModelBackend(Protocol):
         """Logits of a ``d_model`` direction through the final norm's weight and the unembedding (logit lens)."""
         ...
 
+    def attention_out(self, layer: int) -> tuple[Float[Tensor, "n_heads d_head d_model"], Float[Tensor, " d_model"],
+                                                 Float[Tensor, " d_model"] | None]:
+        """``(W_O, b_O, w)`` of layer ``layer``'s attention: what maps ``hook_z`` to ``hook_attn_out``, ``w`` the
+        weight of a norm between them (Gemma 2/3's post-attention RMSNorm) or None. The model's own tensors."""
+        ...
+
 
 class TLBackend:
     """:class:`ModelBackend` over a TransformerLens ``HookedTransformer``: plain pass-throughs, no copies."""
@@ -169,6 +175,10 @@ class TLBackend:
         direction = direction.to(W_U.device, W_U.dtype)
         ln_w = getattr(getattr(self.model, "ln_final", None), "w", None)
         return (direction * ln_w if ln_w is not None else direction) @ W_U
+
+    def attention_out(self, layer: int) -> tuple[Tensor, Tensor, Tensor | None]:
+        block = self.model.blocks[layer]
+        return block.attn.W_O, block.attn.b_O, getattr(getattr(block, "ln1_post", None), "w", None)
 
 
 def backend_of(model: HookedTransformer | ModelBackend) -> ModelBackend:

@@ -93,8 +93,8 @@ def test_a_partial_checkpoint_is_never_resumed_from(tmp_path):
 
 def test_activation_stream_is_a_pure_function_of_the_step(model, rows):
     hooks = ["blocks.0.hook_mlp_out", "blocks.1.hook_resid_post"]
-    a = ActivationStream(model, rows, hooks, batch_tokens=100, chunk_rows=16, seed=3, stop_at_layer=2)
-    b = ActivationStream(model, rows, hooks, batch_tokens=100, chunk_rows=16, seed=3, stop_at_layer=2)
+    a = ActivationStream(model, rows, hooks, batch_tokens=100, chunk_rows=16, seed=3, last_block=1)
+    b = ActivationStream(model, rows, hooks, batch_tokens=100, chunk_rows=16, seed=3, last_block=1)
     first = [a.batch(i) for i in range(12)]
     assert all(torch.equal(first[7][h], b.batch(7)[h]) for h in hooks)
     assert first[0][hooks[0]].shape == (100, 32)

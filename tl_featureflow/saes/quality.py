@@ -26,6 +26,7 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
+from tl_featureflow.backend import backend_of
 from tl_featureflow.refs import Site, block_of, resid_pre_hook
 from tl_featureflow.saes import sites
 from tl_featureflow.saes.bank import SAEBank
@@ -164,10 +165,10 @@ def evaluate_bank(
                    "sumsq": 0.0, "n": 0, "l0": 0.0,
                    "fired": torch.zeros(bank.d_sae(*key), dtype=torch.bool)} for key, sae in bank.items()}
     stop = block_of(max(bank.layers)) + 1
+    backend = backend_of(model)
     for start in tqdm(range(0, tokens.shape[0], batch_size), desc="evaluating SAEs", disable=not progress):
         batch = tokens[start:start + batch_size].to(device)
-        _, cache = model.run_with_cache(batch, names_filter=sorted({*names.values(), *reads.values()}),
-                                        stop_at_layer=stop)
+        cache = backend.run_with_cache(batch, sorted({*names.values(), *reads.values()}), stop_at_layer=stop)
         for key, sae in bank.items():
             h = cache[names[key]][:, 1:].to(sae.W_dec.dtype)
             h_in = cache[reads[key]][:, 1:].to(sae.W_dec.dtype)
@@ -192,7 +193,12 @@ def evaluate_bank(
         # from the cached residual stream entering layer L.
         loss_tokens = tokens[:loss_rows].to(device)
         starts = {row.layer: resid_pre_hook(block_of(row.layer)) for row in rows}   # the embedding SAE: block 0
-        clean_logits, resid = model.run_with_cache(loss_tokens, names_filter=list(starts.values()))
+        resid: dict[str, Tensor] = {}
+
+        def record(act: Tensor, hook: Any) -> None:
+            resid[hook.name] = act
+
+        clean_logits = backend.run_with_hooks(loss_tokens, [(name, record) for name in set(starts.values())])
         clean = float(_ce(clean_logits, loss_tokens))
         for row in tqdm(rows, desc="loss recovered", disable=not progress):
             sae = bank[row.site, row.layer]
@@ -218,7 +224,8 @@ def evaluate_bank(
             read = reads[(row.site, row.layer)]
             for label, edit in (("spliced", splice), ("zero", zero)):
                 hooks = [(name, edit)] if read == name else [(read, keep), (name, edit)]
-                logits = model.run_with_hooks(start, start_at_layer=block_of(row.layer), fwd_hooks=hooks)
+                with backend.hooks(hooks):
+                    logits = backend.run_from_layer(start, block_of(row.layer))
                 ce[label] = float(_ce(logits, loss_tokens))
             row.ce_clean, row.ce_spliced, row.ce_zero = clean, ce["spliced"], ce["zero"]
             row.loss_recovered = (ce["zero"] - ce["spliced"]) / (ce["zero"] - clean) if ce["zero"] != clean else None

@@ -50,6 +50,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from tl_featureflow.backend import backend_of
 from tl_featureflow.errors import ModelMismatchError, TranscoderError
 from tl_featureflow.refs import Key, hook_name, site_of_hook
 
@@ -200,11 +201,8 @@ def sae_input(sae: Any, x: Tensor) -> Tensor:
 def z_map_tensors(model: HookedTransformer, layer: int, *, stamp: Any = None) -> tuple[Any, ...]:
     """The model tensors :func:`z_write_map` reads at ``layer`` (``W_O``, ``b_O``, a post-attention norm's
     weight), each passed through ``stamp`` when given (for caches that must see their edits)."""
-    block = model.blocks[layer]
-    tensors = [block.attn.W_O, block.attn.b_O]
-    weight = getattr(getattr(block, "ln1_post", None), "w", None)
-    if weight is not None:
-        tensors.append(weight)
+    W_O, b_O, weight = backend_of(model).attention_out(layer)
+    tensors = [W_O, b_O] if weight is None else [W_O, b_O, weight]
     return tuple(stamp(t) if stamp is not None else t for t in tensors)
 
 

@@ -9,6 +9,7 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
+from tl_featureflow.backend import backend_of
 from tl_featureflow.errors import InvalidArgumentError
 
 if TYPE_CHECKING:
@@ -32,17 +33,18 @@ class ActivationStream:
     Batch ``i`` is a pure function of the token rows, the seed and ``i``: rows are
     visited in a seeded order per epoch, ``chunk_rows`` rows at a time; the chunk's
     tokens (position 0 skipped: BOS and attention-sink activations are outliers) are
-    shuffled with a seed of their own and cut into batches of ``batch_tokens``.
+    shuffled with a seed of their own and cut into batches of ``batch_tokens``. ``last_block``: the
+    deepest block whose hooks are read (the forward stops after it; None runs the whole model).
     """
 
     def __init__(self, model: HookedTransformer, tokens: Int[Tensor, "n_rows ctx"], hooks: Sequence[str], *,
-                 batch_tokens: int, chunk_rows: int, seed: int = 0, stop_at_layer: int | None = None):
+                 batch_tokens: int, chunk_rows: int, seed: int = 0, last_block: int | None = None):
         if tokens.shape[0] < chunk_rows:
             raise InvalidArgumentError(
                 f"the corpus has {tokens.shape[0]} rows but one chunk needs {chunk_rows}: use more text or a smaller chunk"
             )
         self.model, self.tokens, self.hooks = model, tokens, list(hooks)
-        self.batch_tokens, self.chunk_rows, self.seed, self.stop_at_layer = batch_tokens, chunk_rows, seed, stop_at_layer
+        self.batch_tokens, self.chunk_rows, self.seed, self.last_block = batch_tokens, chunk_rows, seed, last_block
         chunk_tokens = chunk_rows * (tokens.shape[1] - 1)
         self.batches_per_chunk = chunk_tokens // batch_tokens
         if self.batches_per_chunk < 1:
@@ -58,7 +60,8 @@ class ActivationStream:
         rows = self.tokens[order[within * self.chunk_rows:(within + 1) * self.chunk_rows]]
         device = next(self.model.parameters()).device
         with torch.no_grad():
-            _, cache = self.model.run_with_cache(rows.to(device), names_filter=self.hooks, stop_at_layer=self.stop_at_layer)
+            stop = None if self.last_block is None else self.last_block + 1
+            cache = backend_of(self.model).run_with_cache(rows.to(device), self.hooks, stop_at_layer=stop)
         shuffle = torch.randperm(rows.shape[0] * (rows.shape[1] - 1),
                                  generator=torch.Generator().manual_seed(self.seed * 7_919 + index))
         acts = {h: cache[h][:, 1:].flatten(2).flatten(0, 1)[shuffle.to(device)] for h in self.hooks}   # hook_z: heads flat

@@ -348,7 +348,7 @@ def calibrate_bank(
             hooks = list(dict.fromkeys(bank.hook(key) for key in group))     # hook_z: heads flattened by the stream
             stream = ActivationStream(model, tokens, hooks, batch_tokens=batch_tokens,
                                       chunk_rows=chunk_rows, seed=seed,
-                                      stop_at_layer=block_of(max(layer for _, layer in group)) + 1)
+                                      last_block=block_of(max(layer for _, layer in group)))
             batches = [stream.batch(i) for i in range(-(-n_tokens // batch_tokens))]
             for key in group:
                 x = torch.cat([b[bank.hook(key)] for b in batches])[:n_tokens]

@@ -37,7 +37,7 @@ from tl_featureflow import _compat
 from tl_featureflow._files import atomic_write_json, clean_debris, exclusive_lock, scratch_directory, tensor_digest
 from tl_featureflow.checks import check_int
 from tl_featureflow.errors import CacheError, InvalidArgumentError, ModelMismatchError
-from tl_featureflow.refs import SITES, Key, Site, check_layer, hook_name
+from tl_featureflow.refs import SITES, Key, Site, block_of, check_layer, hook_name
 from tl_featureflow.saes import fast_step
 from tl_featureflow.saes.bank import SAEBank
 from tl_featureflow.saes.presets import PRESETS, TRAINING_VERSION, Preset, preset_keys, preset_layers
@@ -140,7 +140,7 @@ def train_bank(
     }
     # checked before anything is written: a corpus too small for one chunk or batch
     stream = ActivationStream(model, tokens, list(dict.fromkeys(hooks.values())), batch_tokens=preset.batch_tokens,
-                              chunk_rows=preset.chunk_rows, seed=seed, stop_at_layer=max(layer for _, layer in keys) + 1)
+                              chunk_rows=preset.chunk_rows, seed=seed, last_block=block_of(max(layer for _, layer in keys)))
     out = Path(out)
     # one training per run folder: a second one into the same folder is refused, not run beside it (issue 24 #13)
     with exclusive_lock(out.parent / f".{out.name}.training.lock", f"a training into {out}"):

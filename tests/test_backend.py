@@ -160,6 +160,9 @@ class RecordingBackend:
     def attention_out(self, layer):
         return self._call("attention_out", layer)
 
+    def weight_processing(self):
+        return self._call("weight_processing")
+
 
 @torch.no_grad()
 @pytest.mark.parametrize("layer_local", [True, False])

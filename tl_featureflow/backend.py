@@ -110,6 +110,11 @@ class ModelBackend(Protocol):
         weight of a norm between them (Gemma 2/3's post-attention RMSNorm) or None. The model's own tensors."""
         ...
 
+    def weight_processing(self) -> dict[str, bool]:
+        """What the model's weights show of TransformerLens's ``from_pretrained`` processing, by the names of its
+        keyword arguments (``fold_ln``, ``center_writing_weights``): only those the weights can tell."""
+        ...
+
 
 class TLBackend:
     """:class:`ModelBackend` over a TransformerLens ``HookedTransformer``: plain pass-throughs, no copies."""
@@ -179,6 +184,21 @@ class TLBackend:
     def attention_out(self, layer: int) -> tuple[Tensor, Tensor, Tensor | None]:
         block = self.model.blocks[layer]
         return block.attn.W_O, block.attn.b_O, getattr(getattr(block, "ln1_post", None), "w", None)
+
+    def weight_processing(self) -> dict[str, bool]:
+        # fold_ln turns the norms into their weightless "Pre" kinds (LNPre, RMSPre); centring writing weights
+        # (LayerNorm models only: TransformerLens skips it for the rest) leaves every vector written into the
+        # residual stream with mean 0 over d_model: the embedding's rows and layer 0's W_O are enough to tell.
+        kind = str(getattr(self.model.cfg, "normalization_type", None) or "")
+        if not kind:
+            return {}
+        shown = {"fold_ln": kind.endswith("Pre")}
+        if kind.startswith("LN"):
+            W_E, W_O = self.model.W_E.detach(), self.attention_out(0)[0].detach()
+            shown["center_writing_weights"] = all(
+                bool(w.mean(-1).abs().max() <= 1e-5 * max(float(w.abs().max()), 1e-12) * w.shape[-1] ** 0.5)
+                for w in (W_E, W_O))
+        return shown
 
 
 def backend_of(model: HookedTransformer | ModelBackend) -> ModelBackend:

@@ -22,6 +22,7 @@ from tl_featureflow.saes.preflight import (
     checks_on_load,
     preflight,
     preflight_tokens,
+    weight_processing_mismatches,
 )
 from tl_featureflow.synthetic import D_MODEL, D_VOCAB, tiny_cfg
 
@@ -66,6 +67,42 @@ def test_the_likely_cause_names_the_release_loading_kwargs():
     assert "fold_ln=True" in result.failed[0].cause and "normalization_type='LN'" in result.failed[0].cause
     with pytest.raises(ff.errors.InvalidArgumentError, match="max_fvu"):
         preflight(model, SAEBank({("mlp", 1): wrong}), tokens, max_fvu=float("nan"))
+
+
+def test_a_release_trained_on_centred_weights_fails_on_an_uncentred_model_whatever_its_fvu():
+    """GPT-2 ``res-jb`` says ``center_writing_weights=True``: on a model whose writes are not centred, the SAE
+    fails the preflight even with FVU 0 (the planted exact SAE), naming the keyword; once the model is
+    processed as the release loads it, it passes."""
+    tokens = torch.randint(0, D_VOCAB, (2, 32), generator=torch.Generator().manual_seed(2))
+    model, sae = _model_and_sae(ff.hook_name("att", 1))
+    sae.cfg.metadata.model_from_pretrained_kwargs = {"center_writing_weights": True}
+    result = preflight(model, SAEBank({("att", 1): sae}), tokens, on_fail="ignore")
+    row = result.rows[0]
+    assert row.fvu < 1e-6 and not row.ok and row.cause == ""
+    assert "center_writing_weights=True, this model's weights show center_writing_weights=False" in row.processing[0]
+    with pytest.raises(ff.errors.ModelMismatchError, match=r"FVU 0\.00; its release loads the model with center_wr"):
+        preflight(model, SAEBank({("att", 1): sae}), tokens, on_fail="raise")
+    model.process_weights_(fold_ln=True, center_writing_weights=True, center_unembed=True)
+    assert ff.backend.backend_of(model).weight_processing() == {"fold_ln": True, "center_writing_weights": True}
+    assert weight_processing_mismatches(model, sae, ff.hook_name("att", 1)) == []
+
+
+def test_a_transcoder_trained_unfolded_is_flagged_on_a_folded_model_and_only_where_it_reads_a_norm():
+    """``fold_ln`` changes ``ln2.hook_normalized`` (a transcoder's input), not the residual stream: a release
+    that says ``fold_ln=False`` is flagged on a folded model for a normalized-input SAE only."""
+    from types import SimpleNamespace
+
+    model, _ = _model_and_sae(ff.hook_name("att", 1))
+    sae = SimpleNamespace(cfg=SimpleNamespace(metadata=SimpleNamespace(model_from_pretrained_kwargs={"fold_ln": False})))
+    normalized, resid = "blocks.1.ln2.hook_normalized", ff.hook_name("res", 1)
+    assert weight_processing_mismatches(model, sae, normalized) == []                # unprocessed: LN, not folded
+    model.process_weights_(fold_ln=True, center_writing_weights=False, center_unembed=False)
+    assert ff.backend.backend_of(model).weight_processing() == {"fold_ln": True, "center_writing_weights": False}
+    found = weight_processing_mismatches(model, sae, normalized)
+    assert len(found) == 1 and "fold_ln=False" in found[0] and "fold_ln=True" in found[0]
+    assert weight_processing_mismatches(model, sae, resid) == []                      # the stream itself: unchanged
+    sae.cfg.metadata.model_from_pretrained_kwargs = {}                                # the release says nothing
+    assert weight_processing_mismatches(model, sae, normalized) == []
 
 
 # ------------------------------------------------------------------------------ automatic preflight on load

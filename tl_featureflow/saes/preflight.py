@@ -52,7 +52,7 @@ from tl_featureflow.saes.bank import PRETRAINED_SOURCE, SAEBank
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
 
-__all__ = ["preflight", "Preflight", "PreflightRow", "PreflightWarning", "DEFAULT_MAX_FVU", "preflight_on_load",
+__all__ = ["preflight", "weight_processing_mismatches", "Preflight", "PreflightRow", "PreflightWarning", "DEFAULT_MAX_FVU", "preflight_on_load",
            "checks_on_load", "preflight_tokens", "PREFLIGHT_ENV", "AUTO_PREFLIGHT_TOKENS", "ON_LOAD"]
 
 #: FVU above which an SAE is taken not to read its site: trained SAEs of every suite we load sit well
@@ -114,6 +114,7 @@ class PreflightRow:
     ok: bool
     cause: str = ""
     name: str = ""          # the SAE's release and id, when the bank knows them (SAEBank.from_pretrained)
+    processing: tuple[str, ...] = ()   # how the model's weights differ from what the SAE's release loads
 
 
 @dataclass
@@ -130,9 +131,10 @@ class Preflight:
         return [row for row in self.rows if not row.ok]
 
     def message(self) -> str:
-        lines = [f"{row.name + ' at ' if row.name else ''}{row.key} on {row.hook}: FVU {row.fvu:.2f} > {self.max_fvu} "
-                 f"({row.cause})" for row in self.failed]
-        return (f"{len(self.failed)} of {len(self.rows)} SAEs do not reconstruct their site on this model "
+        lines = [f"{row.name + ' at ' if row.name else ''}{row.key} on {row.hook}: FVU {row.fvu:.2f}"
+                 + (f" > {self.max_fvu} ({row.cause})" if row.fvu > self.max_fvu else "")
+                 + "".join(f"; {p}" for p in row.processing) for row in self.failed]
+        return (f"{len(self.failed)} of {len(self.rows)} SAEs do not reconstruct their site or do not fit this model "
                 f"({self.n_tokens} tokens):\n  " + "\n  ".join(lines))
 
     def __repr__(self) -> str:
@@ -161,6 +163,38 @@ def _cause(model: HookedTransformer, bank: SAEBank, key: Key) -> str:
     return "; ".join(causes) or "the SAE reads another tensor or another model than this one"
 
 
+# ``model_from_pretrained_kwargs`` keys that change what an SAE reading ``hook`` sees, by the hook's kind:
+# folding a norm's weight changes ``ln*.hook_normalized`` (a transcoder's input); centring the writing
+# weights changes the residual stream and what the modules write into it (a norm's output is unchanged).
+def _affected(hook: str) -> set[str]:
+    if "hook_normalized" in hook:
+        return {"fold_ln"}
+    if hook.endswith(("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_mlp_out", "hook_attn_out")):
+        return {"center_writing_weights"}
+    return set()
+
+
+def weight_processing_mismatches(model: HookedTransformer, sae: Any, read_hook: str) -> list[str]:
+    """How ``model``'s weight processing differs from what ``sae``'s release says it was trained on.
+
+    SAELens releases name the processing in ``cfg.metadata.model_from_pretrained_kwargs`` (GPT-2
+    ``res-jb``: ``center_writing_weights=True``; transcoders: ``fold_ln=False``); the model's side comes
+    from its weights (:meth:`~tl_featureflow.backend.ModelBackend.weight_processing`). Only keys the
+    release states, the weights can tell, and that change the tensor the SAE reads are compared.
+
+    >>> from types import SimpleNamespace as NS
+    >>> from tl_featureflow.synthetic import tiny_model
+    >>> sae = NS(cfg=NS(metadata=NS(model_from_pretrained_kwargs={"fold_ln": False})))
+    >>> weight_processing_mismatches(tiny_model(), sae, "blocks.1.ln2.hook_normalized")   # tiny_model: RMS, unfolded
+    []
+    """
+    wanted = getattr(sae.cfg.metadata, "model_from_pretrained_kwargs", None) or {}
+    shown = backend_of(model).weight_processing()
+    return [f"its release loads the model with {name}={bool(wanted[name])}, this model's weights show "
+            f"{name}={shown[name]}: load it with HookedTransformer.from_pretrained(..., {name}={bool(wanted[name])})"
+            for name in sorted(_affected(read_hook) & set(wanted) & set(shown)) if bool(wanted[name]) != shown[name]]
+
+
 def preflight(
     model: HookedTransformer,
     bank: SAEBank,
@@ -172,8 +206,12 @@ def preflight(
 ) -> Preflight:
     """The FVU of every SAE of ``bank`` on ``tokens`` (a few hundred held-out tokens of real text, BOS first).
 
+    An SAE also fails when the model's weight processing differs from what its release says it was trained
+    on (:func:`weight_processing_mismatches`), whatever its FVU: a mean shift or a norm's weight can leave the
+    FVU low while the features read something else.
+
     Args:
-        on_fail: what to do when an SAE is past ``max_fvu``: a :class:`PreflightWarning` (default),
+        on_fail: what to do when an SAE fails: a :class:`PreflightWarning` (default),
             a :class:`~tl_featureflow.errors.ModelMismatchError` naming each SAE, its FVU and the
             likely cause, or nothing (read ``.failed``).
     """
@@ -192,9 +230,10 @@ def preflight(
     for q in report.rows:
         key: Key = (q.site, q.layer)
         fvu = 1.0 - q.explained_variance
-        ok = fvu <= max_fvu
-        rows.append(PreflightRow(key, bank.hook(key), fvu, ok, "" if ok else _cause(model, bank, key),
-                                 _sae_name(bank, key)))
+        processing = tuple(weight_processing_mismatches(model, bank[key], bank.read_hook(key)))
+        ok = fvu <= max_fvu and not processing
+        rows.append(PreflightRow(key, bank.hook(key), fvu, ok, "" if fvu <= max_fvu else _cause(model, bank, key),
+                                 _sae_name(bank, key), processing))
     result = Preflight(rows, max_fvu, int(tokens.shape[0] * (tokens.shape[1] - 1)))
     if result.failed and on_fail == "raise":
         raise ModelMismatchError(result.message())

@@ -9,6 +9,7 @@ Scenarios (rank 0 writes the results under OUT; the test compares them with one 
 - ``hang``: the same, where rank 1 hangs on text 3 (a rank that never answers) and the timeout is 5 s.
 - ``raise-map``: ``featureflow map --distributed`` where rank 1 raises on the pair att(2) -> res(2), in the second
   round of pairs (after layer 1 was written).
+- ``kill-map``: the same, where rank 1 is killed there by SIGKILL (no Python error, no goodbye).
 
 The assets are built the same way in every process (:func:`assets`), and by the test for its reference.
 """
@@ -16,6 +17,7 @@ The assets are built the same way in every process (:func:`assets`), and by the 
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -68,8 +70,8 @@ def _plant_failure(rank: int, text: int, hang: bool) -> None:
     experiment._Experiment.layer_rows = failing
 
 
-def _plant_map_failure(rank: int, site: str, layer: int) -> None:
-    """Rank ``rank`` raises when it matches ``site(layer) -> res(layer)``."""
+def _plant_map_failure(rank: int, site: str, layer: int, *, kill: bool = False) -> None:
+    """Rank ``rank`` raises (or, ``kill``, SIGKILLs itself) when it matches ``site(layer) -> res(layer)``."""
     from tl_featureflow.flow.tracer import FlowTracer
 
     if int(os.environ["RANK"]) != rank:
@@ -78,6 +80,8 @@ def _plant_map_failure(rank: int, site: str, layer: int) -> None:
 
     def failing(self, src, dst, k=1):
         if tuple(src) == (site, layer):
+            if kill:
+                os.kill(os.getpid(), signal.SIGKILL)
             raise RuntimeError(f"planted failure on rank {rank}")
         return match(self, src, dst, k)
 
@@ -107,8 +111,8 @@ def main(scenario: str, out: Path) -> int:
                              str(out / "cli-map")], a["model"], a["texts"])
         distributed.shutdown(ranks)
         return code
-    if scenario == "raise-map":
-        _plant_map_failure(1, "att", 2)
+    if scenario in ("raise-map", "kill-map"):
+        _plant_map_failure(1, "att", 2, kill=scenario == "kill-map")
         return _cli(["map", "--distributed", "--bank", str(out / "planted-bank"), "--out", str(out / "cli-map")],
                     a["model"], a["texts"])
     _plant_failure(1, 3, hang=scenario == "hang")

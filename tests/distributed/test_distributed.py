@@ -157,12 +157,22 @@ def test_a_rank_that_fails_ends_every_rank_with_an_error_naming_it(tmp_path, ass
         assert seconds < 120                         # torchrun then stops rank 1: no one waits for its 300 s
 
 
-def test_a_rank_that_fails_in_the_flow_map_keeps_the_layers_written_and_a_rerun_resumes(tmp_path, assets, monkeypatch):
+@pytest.mark.parametrize("scenario", ["raise-map", "kill-map"])
+def test_a_rank_that_fails_in_the_flow_map_keeps_the_layers_written_and_a_rerun_resumes(tmp_path, assets, monkeypatch,
+                                                                                       scenario):
+    """Rank 1 raises (``raise-map``) or is SIGKILLed (``kill-map``: no exception, no message from it) in the
+    second round of pairs: the run ends non-zero well within the timeout (torchrun stops rank 0, or gloo sees
+    the peer gone); layer 1, written before, is kept, and a rerun computes only what is missing, to the files
+    of one process."""
     assets["planted"].save(tmp_path / "planted-bank")
-    proc, _ = _launch("raise-map", tmp_path)
-    said = ("featureflow: error: rank 1 of 2 failed while matching layer pairs [(2, 'mlp'), (2, 'att')]: RuntimeError: "
-            "planted failure on rank 1 (while matching att(2) -> res(2))")
-    assert proc.returncode != 0 and proc.stderr.count(said) == 2, proc.stderr[-3000:]
+    proc, seconds = _launch(scenario, tmp_path)
+    assert proc.returncode != 0 and seconds < 120
+    if scenario == "raise-map":
+        said = ("featureflow: error: rank 1 of 2 failed while matching layer pairs [(2, 'mlp'), (2, 'att')]: "
+                "RuntimeError: planted failure on rank 1 (while matching att(2) -> res(2))")
+        assert proc.stderr.count(said) == 2, proc.stderr[-3000:]
+    else:
+        assert "Signal 9" in proc.stderr or "SIGKILL" in proc.stderr, proc.stderr[-3000:]
     index = json.loads((tmp_path / "cli-map" / "map.json").read_text())
     assert list(index["layers"]) == ["1"] and index["planned_layers"] == [1, 2, 3]     # round 1 finished layer 1
     from tl_featureflow import cli

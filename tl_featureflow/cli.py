@@ -205,7 +205,8 @@ def _train_tokens(model: HookedTransformer, n_tokens: int) -> Any:
     return training_rows(model, n_tokens)
 
 
-def _validate_paper(args: argparse.Namespace, model: HookedTransformer, bank: SAEBank, tokens: Any) -> int:
+def _validate_paper(args: argparse.Namespace, model: HookedTransformer, bank: SAEBank, tokens: Any,
+                    ranks: Any = None) -> int:
     from tl_featureflow._files import atomic_write_text
     from tl_featureflow.causal.protocol import run_paper_protocol, table1_markdown
     from tl_featureflow.flow.contexts import feature_contexts
@@ -213,11 +214,14 @@ def _validate_paper(args: argparse.Namespace, model: HookedTransformer, bank: SA
     from tl_featureflow.viz.html import report_from_dir
 
     out = RunDir(args.out if args.out != VALIDATE_OUT else "featureflow-out/table1")
-    contexts = feature_contexts(model, bank, _context_tokens(model))
+    root = ranks is None or ranks.is_root
+    contexts = feature_contexts(model, bank, _context_tokens(model), progress=root)   # cached: computed once
     alive = contexts.alive()
     report = run_paper_protocol(model, bank, tokens, layers=args.layers, alive=alive,
                                 pearson_tokens=_train_tokens(model, args.pearson_tokens),
-                                pearson_source="offline corpus, train split", progress=True)
+                                pearson_source="offline corpus, train split", progress=root, ranks=ranks)
+    if report is None:            # a rank other than 0: rank 0 merged the report and writes the run folder
+        return 0
     out.root.mkdir(parents=True, exist_ok=True)
     report.save(out.validation)
     command = "featureflow validate --paper " + " ".join(a for a in sys.argv[2:] if a != "--paper")
@@ -233,18 +237,14 @@ def _validate_paper(args: argparse.Namespace, model: HookedTransformer, bank: SA
 def _validate(args: argparse.Namespace) -> int:
     from tl_featureflow.causal import sharded
     from tl_featureflow.causal.experiment import validate
-    from tl_featureflow.errors import InvalidArgumentError
     from tl_featureflow.flow.tracer import FlowTracer
     from tl_featureflow.steer.seeds import seed_layer
 
-    if args.paper and args.distributed:
-        raise InvalidArgumentError("validate --paper does not run --distributed yet: run it in one process, or "
-                                   "validate --distributed without --paper")
     with _ranks(args) as ranks:
         model, bank = _setup_ranks(args, ranks)
         tokens = _heldout_tokens(model, args.texts)
         if args.paper:
-            return _validate_paper(args, model, bank, tokens)
+            return _validate_paper(args, model, bank, tokens, ranks if args.distributed else None)
         layers = args.layers or [seed_layer(bank)]
         settings = dict(layers=layers, methods=args.methods, r=args.r, loss_samples=args.loss_samples, progress=True)
         tracer = FlowTracer(bank, model)

@@ -9,7 +9,8 @@ Scenarios (rank 0 writes the results under OUT; the test compares them with one 
 - ``hang``: the same, where rank 1 hangs on text 3 (a rank that never answers) and the timeout is 5 s.
 - ``raise-map``: ``featureflow map --distributed`` where rank 1 raises on the pair att(2) -> res(2), in the second
   round of pairs (after layer 1 was written).
-- ``kill-map``: the same, where rank 1 is killed there by SIGKILL (no Python error, no goodbye).
+- ``paper``: ``featureflow validate --paper --distributed`` (OUT/paper), the cache in OUT/cache for both ranks.
+- ``kill-map``: the same as ``raise-map``, where rank 1 is killed there by SIGKILL (no Python error, no goodbye).
 
 The assets are built the same way in every process (:func:`assets`), and by the test for its reference.
 """
@@ -44,11 +45,16 @@ def assets() -> dict:
     return {"model": model, "planted": planted, "truth": truth, "bank": bank, "texts": texts}
 
 
+PAPER_ARGV = ["validate", "--paper", "--texts", "5", "--layers", "2"]
+
+
 def _cli(argv: list[str], model, texts) -> int:
     from tl_featureflow import cli
 
     cli._load_model = lambda args: model
     cli._heldout_tokens = lambda model, n: texts[:n]
+    cli._context_tokens = lambda model: texts              # the paper protocol's live features and Pearson rows
+    cli._train_tokens = lambda model, n: texts
     return cli.main(argv)
 
 
@@ -111,6 +117,10 @@ def main(scenario: str, out: Path) -> int:
                              str(out / "cli-map")], a["model"], a["texts"])
         distributed.shutdown(ranks)
         return code
+    if scenario == "paper":
+        os.environ["TL_FEATUREFLOW_CACHE"] = str(out / "cache")
+        return _cli(PAPER_ARGV + ["--distributed", "--bank", str(out / "bank"), "--out", str(out / "paper")],
+                    a["model"], a["texts"])
     if scenario in ("raise-map", "kill-map"):
         _plant_map_failure(1, "att", 2, kill=scenario == "kill-map")
         return _cli(["map", "--distributed", "--bank", str(out / "planted-bank"), "--out", str(out / "cli-map")],

@@ -140,6 +140,26 @@ def test_sharded_validation_equals_one_process_row_for_row(equal_run, assets):
     assert json.loads(merged.to_json()) == json.loads(one.to_json())
 
 
+def test_the_paper_protocol_on_two_ranks_writes_the_table_of_one_process(tmp_path, assets, monkeypatch):
+    """``validate --paper --distributed``: both ranks share one cache (live features and Pearson matches are
+    computed once, under its lock) and rank 0 writes the report and Table 1 of a one-process run."""
+    assets["bank"].save(tmp_path / "bank")
+    proc, _ = _launch("paper", tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    from tl_featureflow import cli
+
+    monkeypatch.setenv("TL_FEATUREFLOW_CACHE", str(tmp_path / "cache-one"))
+    for name in ("_load_model", "_heldout_tokens", "_context_tokens", "_train_tokens"):
+        monkeypatch.setattr(cli, name, getattr(cli, name))          # _cli patches them: undone after the test
+    assert worker._cli(worker.PAPER_ARGV + ["--bank", str(tmp_path / "bank"), "--out", str(tmp_path / "one")],
+                       assets["model"], assets["texts"]) == 0
+    two, one = (json.loads((tmp_path / name / "validation.json").read_text()) for name in ("paper", "one"))
+    assert two["rows"] and two == one
+    table = lambda name: [line for line in (tmp_path / name / "table1.md").read_text().splitlines()
+                          if "featureflow validate" not in line]
+    assert table("paper") == table("one")
+
+
 # -- failures end every rank -------------------------------------------------------------------------------
 @pytest.mark.parametrize("scenario", ["raise", "hang"])
 def test_a_rank_that_fails_ends_every_rank_with_an_error_naming_it(tmp_path, assets, scenario):

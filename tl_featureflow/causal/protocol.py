@@ -27,6 +27,8 @@ from tl_featureflow.saes.presets import table1_layers
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
 
+    from tl_featureflow.distributed import Ranks
+
 __all__ = ["paper_layers", "run_paper_protocol", "table1_markdown", "attribution_summary", "PAPER_METHODS",
            "PAPER_R"]
 
@@ -62,8 +64,14 @@ def run_paper_protocol(
     max_targets: int = 25,
     seed: int = 0,
     progress: bool = True,
-) -> ValidationReport:
+    ranks: Ranks | None = None,
+) -> ValidationReport | None:
     """Validate the paper's way (see the module docs); returns the report (``report.table1()``).
+
+    ``ranks`` (a torchrun process group, :func:`tl_featureflow.distributed.init`): the texts are shared
+    out over the ranks (:func:`tl_featureflow.causal.sharded.validate`); every rank reads the live
+    features and the Pearson matches (computed once, through the cache's lock, when they are cached) and
+    rank 0 returns the merged report, equal to one process's row for row; the other ranks return None.
 
     ``pearson_tokens``: how many training tokens the correlations are estimated on (default
     100K, the paper's), or the token rows themselves; ``alive``: live-feature masks (default: features that fired on the bank's cached
@@ -85,10 +93,17 @@ def run_paper_protocol(
     else:
         pearson = pearson_matches(model, bank, layers, n_tokens=pearson_tokens or DEFAULT_PEARSON_TOKENS,
                                   progress=progress)
-    report = validate(tracer, model, tokens, layers=layers, methods=PAPER_METHODS, r=list(r),
-                      positions_per_text=positions_per_text, max_targets=max_targets, seed=seed,
-                      sweep_methods=("top1", "exhaustive_single"), loss_samples=loss_samples, pearson=pearson,
-                      alive=alive, progress=progress)
+    settings = dict(layers=layers, methods=PAPER_METHODS, r=list(r), positions_per_text=positions_per_text,
+                    max_targets=max_targets, seed=seed, sweep_methods=("top1", "exhaustive_single"),
+                    loss_samples=loss_samples, pearson=pearson, alive=alive, progress=progress)
+    if ranks is None:
+        report = validate(tracer, model, tokens, **settings)
+    else:
+        from tl_featureflow.causal import sharded
+
+        report = sharded.validate(tracer, model, tokens, ranks, **settings)
+        if report is None:
+            return None
     report.meta["protocol"] = "paper (Table 1)"
     return report
 

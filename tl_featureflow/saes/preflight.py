@@ -36,6 +36,7 @@ import math
 import os
 import warnings
 import weakref
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -52,8 +53,8 @@ from tl_featureflow.saes.bank import PRETRAINED_SOURCE, SAEBank
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
 
-__all__ = ["preflight", "weight_processing_mismatches", "Preflight", "PreflightRow", "PreflightWarning", "DEFAULT_MAX_FVU", "preflight_on_load",
-           "checks_on_load", "preflight_tokens", "PREFLIGHT_ENV", "AUTO_PREFLIGHT_TOKENS", "ON_LOAD"]
+__all__ = ["preflight", "weight_processing_mismatches", "Preflight", "PreflightRow", "PreflightWarning",
+           "DEFAULT_MAX_FVU", "preflight_on_load", "checks_on_load", "preflight_tokens", "PREFLIGHT_ENV", "AUTO_PREFLIGHT_TOKENS", "ON_LOAD"]
 
 #: FVU above which an SAE is taken not to read its site: trained SAEs of every suite we load sit well
 #: below (Gemma Scope: 0.05-0.4; this project's banks 0.06-0.5), a wrong tensor near or above 1.
@@ -174,13 +175,15 @@ def _affected(hook: str) -> set[str]:
     return set()
 
 
-def weight_processing_mismatches(model: HookedTransformer, sae: Any, read_hook: str) -> list[str]:
+def weight_processing_mismatches(model: HookedTransformer, sae: Any, read_hook: str, *,
+                                 shown: Mapping[str, bool] | None = None) -> list[str]:
     """How ``model``'s weight processing differs from what ``sae``'s release says it was trained on.
 
     SAELens releases name the processing in ``cfg.metadata.model_from_pretrained_kwargs`` (GPT-2
     ``res-jb``: ``center_writing_weights=True``; transcoders: ``fold_ln=False``); the model's side comes
     from its weights (:meth:`~tl_featureflow.backend.ModelBackend.weight_processing`). Only keys the
     release states, the weights can tell, and that change the tensor the SAE reads are compared.
+    ``shown``: the model's side when already read (a bank's preflight reads it once for all its SAEs).
 
     >>> from types import SimpleNamespace as NS
     >>> from tl_featureflow.synthetic import tiny_model
@@ -189,7 +192,7 @@ def weight_processing_mismatches(model: HookedTransformer, sae: Any, read_hook: 
     []
     """
     wanted = getattr(sae.cfg.metadata, "model_from_pretrained_kwargs", None) or {}
-    shown = backend_of(model).weight_processing()
+    shown = backend_of(model).weight_processing() if shown is None else shown
     return [f"its release loads the model with {name}={bool(wanted[name])}, this model's weights show "
             f"{name}={shown[name]}: load it with HookedTransformer.from_pretrained(..., {name}={bool(wanted[name])})"
             for name in sorted(_affected(read_hook) & set(wanted) & set(shown)) if bool(wanted[name]) != shown[name]]
@@ -227,10 +230,11 @@ def preflight(
                                  f"(d_model {model.cfg.d_model}, {model.cfg.n_layers} layers)")
     report = evaluate_bank(model, bank, tokens, batch_size=batch_size, loss_rows=0, progress=False)
     rows = []
+    shown = backend_of(model).weight_processing()
     for q in report.rows:
         key: Key = (q.site, q.layer)
         fvu = 1.0 - q.explained_variance
-        processing = tuple(weight_processing_mismatches(model, bank[key], bank.read_hook(key)))
+        processing = tuple(weight_processing_mismatches(model, bank[key], bank.read_hook(key), shown=shown))
         ok = fvu <= max_fvu and not processing
         rows.append(PreflightRow(key, bank.hook(key), fvu, ok, "" if fvu <= max_fvu else _cause(model, bank, key),
                                  _sae_name(bank, key), processing))
